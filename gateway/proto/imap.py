@@ -1,0 +1,339 @@
+"""IMAP4 client-side wire format, sans I/O (RFC 3501/9051): command encoding, response parsing.
+
+Commands are built from typed parts so user input can only ever become an IMAP *string* (quoted
+or literal), never protocol text: a user name of ``a" LOGOUT`` or ``{5}`` is data, not a command.
+
+Responses are parsed incrementally. Literals up to ``stream_threshold`` octets are delivered
+inside their response; larger ones (message bodies) are handed out as ``LiteralBegin``,
+``LiteralChunk``..., ``LiteralEnd`` events as the bytes arrive, so a 50 MB message never has to
+sit in memory whole. The response line that contained it then carries a ``StreamedLiteral``
+placeholder where the literal was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+# --- values ------------------------------------------------------------------------------------
+
+
+class Atom(str):
+    """Protocol text (a keyword, number, flag or sequence set), as opposed to a string.
+
+    In commands an Atom is written verbatim, so it must never hold user input.
+    """
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedLiteral:
+    """Where a literal was, in a response whose literal was streamed out as chunk events."""
+
+    size: int
+
+
+Token = Union[Atom, bytes, None, StreamedLiteral, list["Token"]]
+
+
+# --- command encoding -----------------------------------------------------------------------
+
+# Characters that may appear in a quoted string (RFC 3501 QUOTED-CHAR, 7-bit, without CR/LF/NUL).
+_QUOTABLE = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x7f]*")
+
+
+class UnencodableError(ValueError):
+    """A value IMAP cannot carry at all (a NUL inside a string)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedCommand:
+    """A command split where a synchronizing literal makes the client wait for ``+``.
+
+    Send ``parts[0]``; for each later part wait for a continuation request first. With LITERAL+
+    there is only ever one part.
+    """
+
+    tag: str
+    parts: tuple[bytes, ...]
+
+
+CommandPart = Union[Atom, str, bytes, int, Sequence["CommandPart"]]
+
+
+def encode_string(value: str | bytes, *, literal_plus: bool = False) -> list[bytes]:
+    """An IMAP string: quoted when every octet allows it, otherwise a literal.
+
+    Returns one element for a quoted string; for a literal, two: the text up to and including the
+    ``{n}`` marker, and the literal data (a synchronizing literal must be sent separately).
+    """
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    if b"\0" in data:
+        raise UnencodableError("IMAP strings cannot contain NUL")
+    if _QUOTABLE.fullmatch(data):
+        return [b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"']
+    marker = b"{%d+}" % len(data) if literal_plus else b"{%d}" % len(data)
+    return [marker, data]
+
+
+def encode_command(tag: str, *parts: CommandPart, literal_plus: bool = False) -> EncodedCommand:
+    """Encode ``tag part part ...``; strings become IMAP strings, Atoms are written as they are."""
+    chunks: list[bytes] = [tag.encode("ascii")]
+    out: list[bytes] = []
+
+    def emit(part: CommandPart) -> None:
+        if isinstance(part, Atom):
+            if "\r" in part or "\n" in part:
+                raise UnencodableError("an Atom cannot span lines")
+            chunks.append(part.encode("ascii"))
+        elif isinstance(part, bool):
+            raise TypeError("bool is not an IMAP value")
+        elif isinstance(part, int):
+            chunks.append(b"%d" % part)
+        elif isinstance(part, (str, bytes)):
+            encoded = encode_string(part, literal_plus=literal_plus)
+            if len(encoded) == 1:
+                chunks.append(encoded[0])
+            elif literal_plus:
+                chunks.append(encoded[0] + b"\r\n" + encoded[1])
+            else:
+                chunks.append(encoded[0])
+                out.append(b" ".join(chunks) + b"\r\n")
+                chunks.clear()
+                chunks.append(encoded[1])
+                return
+        else:
+            # A parenthesized list: elements joined by spaces, no space after "(" or before ")".
+            chunks.append(b"(")
+            for i, item in enumerate(part):
+                before = len(chunks)
+                emit(item)
+                if i and len(chunks) > before:
+                    chunks[before] = b" " + chunks[before]
+            chunks.append(b")")
+            # Merge so the outer join puts no space inside the parentheses.
+            _merge_parenthesized(chunks)
+
+    for part in parts:
+        emit(part)
+    out.append(b" ".join(chunks) + b"\r\n")
+    return EncodedCommand(tag, tuple(out))
+
+
+def _merge_parenthesized(chunks: list[bytes]) -> None:
+    """Collapse the chunks from the last ``(`` to the final ``)`` into one chunk."""
+    depth = 0
+    for i in range(len(chunks) - 1, -1, -1):
+        if chunks[i] == b")":
+            depth += 1
+        elif chunks[i] == b"(":
+            depth -= 1
+            if depth == 0:
+                chunks[i:] = [b"".join(chunks[i:])]
+                return
+
+
+# --- response parsing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A status response: tagged completion, or untagged OK/NO/BAD/BYE/PREAUTH."""
+
+    tag: str  # "*" when untagged
+    kind: str  # OK, NO, BAD, BYE, PREAUTH
+    code: tuple[Token, ...] | None  # the [RESP-CODE args] as tokens, e.g. ("UIDVALIDITY", "42")
+    text: str
+
+    @property
+    def code_name(self) -> str | None:
+        return str(self.code[0]).upper() if self.code else None
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """An untagged data response, e.g. ``* 3 FETCH (...)`` as ``["3", "FETCH", [...]]``."""
+
+    tokens: list[Token]
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralBegin:
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralEnd:
+    pass
+
+
+Event = Status | Data | Continuation | LiteralBegin | LiteralChunk | LiteralEnd
+
+_STATUS_KINDS = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
+_LITERAL_AT_END = re.compile(rb"~?\{(\d+)\+?\}\Z")
+_TOKEN = re.compile(
+    rb' *(?:(\()|(\))|"((?:[^"\\\r\n]|\\.)*)"'
+    rb"|([^ ()\"\r\n\[\]{]+(?:\[[^\]\r\n]*\](?:<[0-9.]+>)?)?)"
+    rb"|(\[[^\]\r\n]*\]))"
+)
+_UNESCAPE = re.compile(rb"\\(.)")
+
+
+class ResponseError(ValueError):
+    """The server sent something that is not IMAP; the connection cannot be trusted further."""
+
+
+class ResponseParser:
+    # A response line without its literals; servers send far shorter ones (RFC 7162 suggests
+    # clients accept at least 8 KiB), but a 10,000-message SEARCH result is one long line.
+    max_line = 16 * 1024 * 1024
+
+    def __init__(self, stream_threshold: int = 64 * 1024) -> None:
+        self.stream_threshold = stream_threshold
+        self._buf = bytearray()
+        self._scan_from = 0
+        self._segments: list[bytes | StreamedLiteral] = []
+        self._inline_need = -1  # octets of an inline literal still to arrive whole
+        self._stream_left = 0
+        self._end_pending = False
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_event(self) -> Event | None:
+        buf = self._buf
+        while True:
+            if self._stream_left:
+                if not buf:
+                    return None
+                n = min(len(buf), self._stream_left)
+                chunk = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+                del buf[:n]
+                self._stream_left -= n
+                self._end_pending = self._stream_left == 0
+                return LiteralChunk(chunk)
+            if self._end_pending:
+                self._end_pending = False
+                return LiteralEnd()
+            if self._inline_need >= 0:
+                if len(buf) < self._inline_need:
+                    return None
+                self._segments.append(bytes(buf[: self._inline_need]))
+                del buf[: self._inline_need]
+                self._inline_need = -1
+                continue
+            end = buf.find(b"\r\n", self._scan_from)
+            if end < 0:
+                self._scan_from = max(0, len(buf) - 1)
+                if len(buf) > self.max_line:
+                    raise ResponseError("response line too long")
+                return None
+            text = bytes(buf[:end])
+            del buf[: end + 2]
+            self._scan_from = 0
+            m = _LITERAL_AT_END.search(text)
+            if m is None:
+                self._segments.append(text)
+                segments, self._segments = self._segments, []
+                return _parse_line(segments)
+            size = int(m.group(1))
+            self._segments.append(text[: m.start()])
+            if size > self.stream_threshold:
+                self._segments.append(StreamedLiteral(size))
+                self._stream_left = size
+                self._end_pending = size == 0
+                return LiteralBegin(size)
+            self._inline_need = size
+
+
+def _parse_line(segments: list[bytes | StreamedLiteral]) -> Event:
+    """Turn one response line into an event.
+
+    ``segments`` alternates text and literal values: text, literal, text, literal, ..., text.
+    """
+    first = segments[0]
+    assert isinstance(first, bytes)
+    if first.startswith(b"+"):
+        return Continuation(first[1:].strip().decode("utf-8", "replace"))
+    tag, _, rest = first.partition(b" ")
+    kind, _, after = rest.partition(b" ")
+    kind_s = kind.decode("ascii", "replace").upper()
+    if kind_s in _STATUS_KINDS and len(segments) == 1:
+        return _parse_status(tag.decode("ascii", "replace"), kind_s, after)
+    if tag != b"*":
+        if kind_s in _STATUS_KINDS:  # a tagged status with a literal in its text: keep the text
+            text = b"".join(s for s in segments[::2] if isinstance(s, bytes))
+            return _parse_status(tag.decode("ascii", "replace"), kind_s, text.partition(b" ")[2])
+        raise ResponseError(f"unexpected tagged response {first[:80]!r}")
+    return Data(_tokenize([rest, *segments[1:]]))
+
+
+def _parse_status(tag: str, kind: str, after: bytes) -> Status:
+    code: tuple[Token, ...] | None = None
+    if after.startswith(b"["):
+        close = after.find(b"]")
+        if close > 0:
+            code = tuple(_tokenize([after[1:close]]))
+            after = after[close + 1 :].lstrip(b" ")
+    return Status(tag, kind, code, after.decode("utf-8", "replace"))
+
+
+def _tokenize(segments: Sequence[bytes | StreamedLiteral]) -> list[Token]:
+    top: list[Token] = []
+    stack = [top]
+    for index, segment in enumerate(segments):
+        if index % 2:  # a literal value (even positions are text)
+            stack[-1].append(segment)
+            continue
+        assert isinstance(segment, bytes)
+        pos, end = 0, len(segment)
+        while pos < end:
+            m = _TOKEN.match(segment, pos)
+            if m is None:
+                if segment[pos:].strip(b" "):
+                    raise ResponseError(f"cannot parse response near {segment[pos : pos + 40]!r}")
+                break
+            pos = m.end()
+            if m.lastindex == 4:
+                atom = m.group(4)
+                stack[-1].append(None if atom == b"NIL" else Atom(atom.decode("utf-8", "replace")))
+            elif m.lastindex == 1:
+                inner: list[Token] = []
+                stack[-1].append(inner)
+                stack.append(inner)
+            elif m.lastindex == 2:
+                if len(stack) == 1:
+                    raise ResponseError("unbalanced ')' in response")
+                stack.pop()
+            elif m.lastindex == 3:
+                quoted = m.group(3)
+                stack[-1].append(_UNESCAPE.sub(rb"\1", quoted) if b"\\" in quoted else quoted)
+            else:
+                stack[-1].append(Atom(m.group(5).decode("utf-8", "replace")))
+    return top
+
+
+def fetch_items(tokens: list[Token]) -> tuple[int, dict[str, Token]]:
+    """``["3", "FETCH", ["UID", "7", ...]]`` → ``(3, {"UID": "7", ...})``, keys upper-cased."""
+    if len(tokens) < 3 or not isinstance(tokens[2], list):
+        raise ResponseError("malformed FETCH response")
+    items = tokens[2]
+    result: dict[str, Token] = {}
+    for i in range(0, len(items) - 1, 2):
+        key = items[i]
+        result[str(key).upper()] = items[i + 1]
+    seq = tokens[0]
+    return int(seq) if isinstance(seq, str) else 0, result

@@ -1,0 +1,469 @@
+"""The POP3 server conversation as a sans-IO state machine (RFC 1939, 2449, 2595, 3206, 5034).
+
+Bytes from the client go in through :meth:`Pop3Session.receive_data`; :meth:`next_action` hands
+out what the I/O layer must do: send bytes, authenticate, stream a message, apply the deletes,
+start TLS or close. While an action that needs the outside world is under way (a login, a
+download, the UPDATE) no further command is looked at, so pipelined commands (RFC 2449) are
+answered strictly in order. The I/O layer reports back through the ``*_done``/``*_failed``
+methods. Nothing here knows about sockets, Twisted or IMAP.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.maildrop.maildrop import Maildrop, MaildropError, MessageInfo
+
+# RFC 2449 section 4 caps a command line at 255 octets, but AUTH PLAIN initial responses of long
+# passwords exceed that (RFC 5034 lifts the limit for them); anything longer is not a real client.
+MAX_LINE = 8192
+# Failed logins allowed in one connection before it is closed, to slow password guessing.
+MAX_AUTH_FAILURES = 3
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "authorization"
+    TRANSACTION = "transaction"
+    UPDATE = "update"
+    CLOSED = "closed"
+
+
+# --- actions for the I/O layer ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Start TLS now; the ``+OK`` has already been queued as a Send before this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Check these credentials upstream; answer with ``login_done`` or ``login_failed``."""
+
+    username: str
+    password: str = ""  # never logged
+    mechanism: str = "USER"
+
+    def __repr__(self) -> str:
+        return f"Authenticate(username={self.username!r}, mechanism={self.mechanism!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieve:
+    """Stream message ``info`` (the ``+OK`` line is already sent): the body through a dot-stuffer,
+    then the terminator; ``top_lines`` is None for RETR. Answer with ``retrieve_done``; if the
+    download fails part way the only honest thing left is to drop the connection."""
+
+    number: int
+    info: MessageInfo
+    top_lines: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """Apply the session's deletes upstream (RFC 1939 UPDATE); answer with ``update_done``."""
+
+    deleted: tuple[MessageInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection once everything queued has been written."""
+
+
+Action = Send | StartTLS | Authenticate | Retrieve | Update | Close
+
+
+# --- errors the I/O layer reports back ---------------------------------------------------------
+
+
+class LoginError(Exception):
+    """A failed login, carrying the RFC 2449/3206 response code the client should see."""
+
+    code = "AUTH"
+    text = "Authentication failed"
+
+
+class BadCredentials(LoginError):
+    pass
+
+
+class UpstreamUnavailable(LoginError):
+    code = "SYS/TEMP"
+    text = "Mail server temporarily unavailable, try again later"
+
+
+class MailboxInUse(LoginError):
+    code = "IN-USE"
+    text = "Mailbox in use by another session of this device"
+
+
+class PlaintextDisallowed(LoginError):
+    text = "Plaintext authentication disallowed on insecure connections; use STLS or TLS"
+
+
+# --- the session --------------------------------------------------------------------------------
+
+
+class Pop3Session:
+    def __init__(
+        self,
+        *,
+        tls_active: bool,
+        stls_available: bool,
+        plaintext_allowed: bool,
+        implementation: str,
+        capabilities_extra: tuple[str, ...] = (),
+    ) -> None:
+        self.state = State.AUTHORIZATION
+        self.tls_active = tls_active
+        self._stls_available = stls_available
+        self._plaintext_allowed = plaintext_allowed
+        self._implementation = implementation
+        self._capabilities_extra = capabilities_extra
+        self._buffer = bytearray()
+        self._discarding = False  # inside an over-long line, dropping bytes up to its end
+        self._actions: deque[Action] = deque()
+        self._busy = False
+        self._user: str | None = None
+        self._auth_failures = 0
+        # A pending SASL exchange waits for the client's next line instead of a command.
+        self._continuation: Callable[[bytes], None] | None = None
+        self.maildrop: Maildrop | None = None
+        self._actions.append(Send(b"+OK popgate ready\r\n"))
+
+    # -- input ------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._buffer += data
+
+    def next_action(self) -> Action | None:
+        while not self._actions and not self._busy and self.state is not State.CLOSED:
+            line = self._next_line()
+            if line is None:
+                break
+            self._handle_line(line)
+        return self._actions.popleft() if self._actions else None
+
+    def _next_line(self) -> bytes | None:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_LINE:
+                    del self._buffer[:]
+                    if not self._discarding:
+                        self._discarding = True
+                        self._reply_err("Line too long")
+                return None
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if self._discarding:
+                self._discarding = False
+                continue
+            if len(line) > MAX_LINE:
+                self._reply_err("Line too long")
+                continue
+            return line[:-1] if line.endswith(b"\r") else line
+
+    # -- answers from the I/O layer -----------------------------------------------------------
+
+    def tls_started(self) -> None:
+        """TLS is up; RFC 2595: forget everything said before it (and anything pipelined)."""
+        self.tls_active = True
+        self._buffer.clear()
+        self._busy = False
+
+    def login_done(self, maildrop: Maildrop) -> None:
+        self.maildrop = maildrop
+        self.state = State.TRANSACTION
+        count, octets = maildrop.stat()
+        self._reply_ok(f"Logged in, {count} messages ({octets} octets)")
+        self._busy = False
+
+    def login_failed(self, error: LoginError) -> None:
+        self._user = None
+        self._reply_err(error.text, code=error.code)
+        self._busy = False
+        if isinstance(error, BadCredentials):
+            self._auth_failures += 1
+            if self._auth_failures >= MAX_AUTH_FAILURES:
+                self._close()
+
+    def retrieve_done(self) -> None:
+        self._busy = False
+
+    def update_done(self, problem: str | None = None) -> None:
+        """The UPDATE finished; ``problem`` names what was not done if it failed part way."""
+        if problem is None:
+            self._reply_ok("Bye")
+        else:
+            self._reply_err(f"Some deletes were not applied: {problem}", code="SYS/TEMP")
+        self._close()
+
+    def connection_lost(self) -> None:
+        """The client went away; nothing of the session's deletes is applied (RFC 1939)."""
+        self.state = State.CLOSED
+        self._actions.clear()
+
+    # -- command dispatch ------------------------------------------------------------------
+
+    def _handle_line(self, line: bytes) -> None:
+        if self._continuation is not None:
+            continuation, self._continuation = self._continuation, None
+            continuation(line)
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply_err("Command is not valid UTF-8")
+            return
+        keyword, _, rest = text.partition(" ")
+        handler = self._handlers.get((self.state, keyword.upper()))
+        if handler is None:
+            known = any(cmd == keyword.upper() for _, cmd in self._handlers)
+            self._reply_err("Command not valid in this state" if known else "Unknown command")
+            return
+        handler(self, rest)
+
+    # AUTHORIZATION ----------------------------------------------------------------------
+
+    def _capa(self, _arg: str) -> None:
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.state is State.AUTHORIZATION:
+            if self._auth_allowed:
+                caps += ["USER", "SASL PLAIN"]
+            if self._stls_available and not self.tls_active:
+                caps.append("STLS")
+        caps += self._capabilities_extra
+        caps.append(f"IMPLEMENTATION {self._implementation}")
+        self._reply_multiline("Capability list follows", caps)
+
+    @property
+    def _auth_allowed(self) -> bool:
+        return self.tls_active or self._plaintext_allowed
+
+    def _stls(self, _arg: str) -> None:
+        if self.tls_active:
+            self._reply_err("TLS already active")
+        elif not self._stls_available:
+            self._reply_err("STLS not available")
+        else:
+            self._reply_ok("Begin TLS negotiation")
+            self._user = None
+            self._actions.append(StartTLS())
+            self._busy = True
+
+    def _user_cmd(self, arg: str) -> None:
+        if not self._auth_allowed:
+            self._reply_err(PlaintextDisallowed.text, code="AUTH")
+        elif not arg:
+            self._reply_err("USER needs a user name")
+        else:
+            self._user = arg
+            self._reply_ok("Send your password")
+
+    def _pass_cmd(self, arg: str) -> None:
+        if self._user is None:
+            self._reply_err("Send USER first")
+            return
+        self._authenticate(self._user, arg, "USER")
+
+    def _auth(self, arg: str) -> None:
+        if not arg:
+            # Some clients (older Outlook among them) probe with a bare AUTH for the mechanisms.
+            self._reply_multiline("Supported mechanisms follow", ["PLAIN"])
+            return
+        mechanism, _, initial = arg.partition(" ")
+        if mechanism.upper() != "PLAIN":
+            self._reply_err("Unsupported authentication mechanism")
+            return
+        if not self._auth_allowed:
+            self._reply_err(PlaintextDisallowed.text, code="AUTH")
+            return
+        if initial:
+            self._sasl_plain(initial.encode("ascii", "replace"))
+        else:
+            self._actions.append(Send(b"+ \r\n"))
+            self._continuation = self._sasl_plain
+
+    def _sasl_plain(self, response: bytes) -> None:
+        if response.strip() == b"*":
+            self._reply_err("Authentication cancelled", code="AUTH")
+            return
+        if response.strip() == b"=":
+            response = b""
+        try:
+            decoded = base64.b64decode(response.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self._reply_err("Invalid base64 in authentication response", code="AUTH")
+            return
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            self._reply_err("Malformed PLAIN authentication response", code="AUTH")
+            return
+        try:
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            self._reply_err("Credentials are not valid UTF-8", code="AUTH")
+            return
+        if authzid and authzid != authcid:
+            self._reply_err("Acting as another user is not allowed", code="AUTH")
+            return
+        self._authenticate(authcid, password, "PLAIN")
+
+    def _authenticate(self, username: str, password: str, mechanism: str) -> None:
+        if not username:
+            self._reply_err("Empty user name", code="AUTH")
+            return
+        self._actions.append(Authenticate(username, password, mechanism))
+        self._busy = True
+
+    def _quit_authorization(self, _arg: str) -> None:
+        self._reply_ok("Bye")
+        self._close()
+
+    # TRANSACTION ------------------------------------------------------------------------
+
+    def _stat(self, arg: str) -> None:
+        if arg:
+            self._reply_err("STAT takes no arguments")
+            return
+        count, octets = self._drop.stat()
+        self._reply_ok(f"{count} {octets}")
+
+    def _list(self, arg: str) -> None:
+        self._scan_listing(arg, lambda info: str(info.size), "scan listing")
+
+    def _uidl(self, arg: str) -> None:
+        self._scan_listing(arg, lambda info: info.uidl, "unique-id listing")
+
+    def _scan_listing(self, arg: str, column: Callable[[MessageInfo], str], what: str) -> None:
+        drop = self._drop
+        if arg:
+            number = self._number(arg)
+            if number is None:
+                return
+            try:
+                info = drop.message(number)
+            except MaildropError as e:
+                self._reply_err(str(e))
+                return
+            self._reply_ok(f"{number} {column(info)}")
+            return
+        lines = [f"{n} {column(info)}" for n, info in drop.listing()]
+        self._reply_multiline(f"{len(lines)} messages, {what} follows", lines)
+
+    def _retr(self, arg: str) -> None:
+        number = self._number(arg)
+        if number is not None:
+            self._start_retrieve(number, None)
+
+    def _top(self, arg: str) -> None:
+        msg, _, lines = arg.partition(" ")
+        number = self._number(msg)
+        if number is None:
+            return
+        if not lines.isdigit() or not lines.isascii():
+            self._reply_err("TOP needs a message number and a line count")
+            return
+        self._start_retrieve(number, int(lines))
+
+    def _start_retrieve(self, number: int, top_lines: int | None) -> None:
+        try:
+            info = self._drop.message(number)
+        except MaildropError as e:
+            self._reply_err(str(e))
+            return
+        self._reply_ok(f"{info.size} octets")
+        self._actions.append(Retrieve(number, info, top_lines))
+        self._busy = True
+
+    def _dele(self, arg: str) -> None:
+        number = self._number(arg)
+        if number is None:
+            return
+        try:
+            self._drop.delete(number)
+        except MaildropError as e:
+            self._reply_err(str(e))
+            return
+        self._reply_ok(f"message {number} deleted")
+
+    def _rset(self, _arg: str) -> None:
+        self._drop.reset()
+        count, octets = self._drop.stat()
+        self._reply_ok(f"maildrop has {count} messages ({octets} octets)")
+
+    def _noop(self, _arg: str) -> None:
+        self._reply_ok("")
+
+    def _quit_transaction(self, _arg: str) -> None:
+        self.state = State.UPDATE
+        deleted = tuple(self._drop.deleted())
+        if not deleted:
+            self.update_done()
+            return
+        self._actions.append(Update(deleted))
+        self._busy = True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _drop(self) -> Maildrop:
+        assert self.maildrop is not None, "TRANSACTION state without a maildrop"
+        return self.maildrop
+
+    def _number(self, arg: str) -> int | None:
+        if not arg or not arg.isdigit() or not arg.isascii() or len(arg) > 9:
+            self._reply_err("Invalid message number" if arg else "Message number required")
+            return None
+        return int(arg)
+
+    def _reply_ok(self, text: str) -> None:
+        self._actions.append(Send(f"+OK {text}\r\n".encode() if text else b"+OK\r\n"))
+
+    def _reply_err(self, text: str, code: str | None = None) -> None:
+        prefix = f"-ERR [{code}] " if code else "-ERR "
+        self._actions.append(Send(f"{prefix}{text}\r\n".encode()))
+
+    def _reply_multiline(self, first: str, lines: list[str]) -> None:
+        # List contents never start with "." (numbers, UIDLs, capability names): no stuffing.
+        body = "".join(f"{line}\r\n" for line in lines)
+        self._actions.append(Send(f"+OK {first}\r\n{body}.\r\n".encode()))
+
+    def _close(self) -> None:
+        self.state = State.CLOSED
+        self._actions.append(Close())
+
+    _A, _T = State.AUTHORIZATION, State.TRANSACTION
+    _handlers: dict[tuple[State, str], Callable[[Pop3Session, str], None]] = {
+        (_A, "CAPA"): _capa,
+        (_A, "STLS"): _stls,
+        (_A, "USER"): _user_cmd,
+        (_A, "PASS"): _pass_cmd,
+        (_A, "AUTH"): _auth,
+        (_A, "QUIT"): _quit_authorization,
+        (_T, "CAPA"): _capa,
+        (_T, "STAT"): _stat,
+        (_T, "LIST"): _list,
+        (_T, "UIDL"): _uidl,
+        (_T, "RETR"): _retr,
+        (_T, "TOP"): _top,
+        (_T, "DELE"): _dele,
+        (_T, "RSET"): _rset,
+        (_T, "NOOP"): _noop,
+        (_T, "QUIT"): _quit_transaction,
+    }
+    del _A, _T

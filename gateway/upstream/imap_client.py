@@ -1,0 +1,217 @@
+"""A thin Twisted IMAP client: feeds bytes to the sans-IO parser, matches responses to commands.
+
+Commands may be pipelined; untagged responses belong to the oldest command still waiting, which
+is exact for how the gateway pipelines (FETCHes of one mailbox, in order). Large literals are not
+collected: they go to the ``sink`` of the command that asked for them, chunk by chunk, and the
+transport can be paused as a push producer so a slow POP client slows the IMAP download too.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from gateway.proto.imap import (
+    CommandPart,
+    Continuation,
+    Data,
+    LiteralBegin,
+    LiteralChunk,
+    LiteralEnd,
+    ResponseError,
+    ResponseParser,
+    Status,
+    encode_command,
+)
+
+
+class ImapError(Exception):
+    """Base of everything that goes wrong talking to the upstream IMAP server."""
+
+
+class ImapConnectionLost(ImapError):
+    pass
+
+
+class ImapCommandFailed(ImapError):
+    """A NO or BAD completion; ``status`` holds the server's code and text."""
+
+    def __init__(self, command: str, status: Status) -> None:
+        super().__init__(f"{command} failed: {status.kind} {status.text}")
+        self.status = status
+
+
+class BodySink(TypingProtocol):
+    """Receives a streamed literal. ``begin`` tells the size before any data."""
+
+    def literal_begin(self, size: int) -> None: ...
+    def literal_data(self, data: bytes) -> None: ...
+    def literal_end(self) -> None: ...
+
+
+@dataclass
+class Response:
+    status: Status
+    untagged: list[Data | Status] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Pending:
+    name: str
+    tag: str
+    parts: deque[bytes]
+    deferred: Deferred[Response]
+    sink: BodySink | None
+    untagged: list[Data | Status] = field(default_factory=list)
+
+
+class ImapClientProtocol(Protocol):
+    def __init__(self) -> None:
+        self.parser = ResponseParser()
+        self.greeting: Deferred[Status] = Deferred()
+        self.capabilities: frozenset[str] = frozenset()
+        self._counter = 0
+        self._pending: deque[_Pending] = deque()  # sent (or being sent), oldest first
+        self._unsent: deque[_Pending] = deque()  # queued behind a synchronizing literal
+        self._continuing: _Pending | None = None  # waiting for "+" to send its next part
+        self._streaming_to: BodySink | None = None
+        self._greeted = False
+        self._lost = False
+
+    # -- public ---------------------------------------------------------------------------
+
+    def command(self, *parts: CommandPart, sink: BodySink | None = None) -> Deferred[Response]:
+        """Send a command; the Deferred fires with its Response, or fails with ImapError."""
+        self._counter += 1
+        tag = f"G{self._counter}"
+        encoded = encode_command(tag, *parts, literal_plus=self.has("LITERAL+"))
+        name = " ".join(str(p) for p in parts[:2] if isinstance(p, str) and p.isupper())
+        pending = _Pending(name or "command", tag, deque(encoded.parts), Deferred(), sink)
+        if self._lost:
+            pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))
+            return pending.deferred
+        if self._continuing is not None or self._unsent:
+            self._unsent.append(pending)
+        else:
+            self._send(pending)
+        return pending.deferred
+
+    def has(self, capability: str) -> bool:
+        return capability.upper() in self.capabilities
+
+    def start_tls(self, context: IOpenSSLClientConnectionCreator) -> None:
+        """Switch to TLS after a successful STARTTLS; forget what was said in the clear."""
+        self.capabilities = frozenset()
+        self.transport.startTLS(context)  # type: ignore[attr-defined]
+
+    def update_capabilities(self, tokens: tuple[object, ...] | list[object]) -> None:
+        self.capabilities = frozenset(str(t).upper() for t in tokens[1:] if isinstance(t, str))
+
+    # -- Twisted ------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parser.receive_data(data)
+        try:
+            while (event := self.parser.next_event()) is not None:
+                self._dispatch(event)
+        except ResponseError as e:
+            self._fail_all(ImapError(f"protocol error from IMAP server: {e}"))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ImapConnectionLost())) -> None:
+        self._lost = True
+        self._fail_all(ImapConnectionLost("connection to IMAP server lost"))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _send(self, pending: _Pending) -> None:
+        self._pending.append(pending)
+        self.transport.write(pending.parts.popleft())  # type: ignore[union-attr]
+        if pending.parts:
+            self._continuing = pending
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, LiteralChunk):
+            if self._streaming_to is not None:
+                self._streaming_to.literal_data(event.data)
+        elif isinstance(event, LiteralBegin):
+            self._streaming_to = next((p.sink for p in self._pending if p.sink), None)
+            if self._streaming_to is not None:
+                self._streaming_to.literal_begin(event.size)
+        elif isinstance(event, LiteralEnd):
+            if self._streaming_to is not None:
+                self._streaming_to.literal_end()
+            self._streaming_to = None
+        elif isinstance(event, Continuation):
+            self._continue()
+        elif isinstance(event, Status) and event.tag != "*":
+            self._complete(event)
+        elif isinstance(event, (Status, Data)):
+            self._untagged(event)
+
+    def _untagged(self, event: Status | Data) -> None:
+        if isinstance(event, Status):
+            if event.code_name == "CAPABILITY" and event.code:
+                self.update_capabilities(event.code)
+            if not self._greeted:
+                self._greeted = True
+                if event.kind in ("OK", "PREAUTH"):
+                    self.greeting.callback(event)
+                else:
+                    self.greeting.errback(ImapCommandFailed("greeting", event))
+                return
+            if event.kind == "BYE":
+                self._fail_all(ImapConnectionLost(f"IMAP server said BYE: {event.text}"))
+                return
+        elif event.tokens and str(event.tokens[0]).upper() == "CAPABILITY":
+            self.update_capabilities(event.tokens)
+        if self._pending:
+            self._pending[0].untagged.append(event)
+
+    def _complete(self, status: Status) -> None:
+        if status.code_name == "CAPABILITY" and status.code:
+            self.update_capabilities(status.code)
+        for pending in self._pending:
+            if pending.tag == status.tag:
+                break
+        else:
+            return  # a tag we never sent: ignore rather than misattribute
+        self._pending.remove(pending)
+        if pending is self._continuing:
+            self._continuing = None  # refused before its literal was wanted
+            self._flush_unsent()
+        if status.kind == "OK":
+            pending.deferred.callback(Response(status, pending.untagged))
+        else:
+            pending.deferred.errback(ImapCommandFailed(pending.name, status))
+
+    def _continue(self) -> None:
+        pending = self._continuing
+        if pending is None:
+            return
+        self.transport.write(pending.parts.popleft())  # type: ignore[union-attr]
+        if not pending.parts:
+            self._continuing = None
+            self._flush_unsent()
+
+    def _flush_unsent(self) -> None:
+        while self._unsent and self._continuing is None:
+            self._send(self._unsent.popleft())
+
+    def _fail_all(self, error: ImapError) -> None:
+        if not self._greeted:
+            self._greeted = True
+            self.greeting.errback(error)
+        waiting = list(self._pending) + list(self._unsent)
+        self._pending.clear()
+        self._unsent.clear()
+        self._continuing = None
+        self._lost = True
+        for pending in waiting:
+            pending.deferred.errback(error)
