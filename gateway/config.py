@@ -2,16 +2,39 @@
 
 The dataclasses below are the shape the rest of the gateway reads. Field names mirror the TOML keys
 of the public contract (../shared/CONTRACT.md) one to one.
+
+Loading is schema driven (``_SCHEMA``): one table says, for every section and key, what type it has
+and how it is checked. File values, ``POPGATE_<SECTION>_<KEY>`` environment overrides, ``x_file``
+twins of secrets and the effective-config renderer all walk that one table, so a key added there
+gets all four for free. Every problem is collected before raising, because an operator fixing a
+file wants the whole list at once, not one error per restart.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Security = Literal["tls", "starttls", "none"]
 TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+
+TLS_VERSIONS: tuple[TLSVersion, ...] = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+# RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes' duration".
+RFC1939_MIN_IDLE_TIMEOUT = 600
+
+ENV_PREFIX = "POPGATE_"
+CONFIG_ENV = "POPGATE_CONFIG"  # names the file for the CLI; not a key override
+REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,23 @@ class TLSSettings:
 class SecuritySettings:
     insecure_auth_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
+    def allows_insecure_auth(self, address: str) -> bool:
+        """Whether a client at ``address`` may send credentials without TLS.
+
+        An IPv4 client reaching a dual-stack ``::`` listener shows up as ``::ffff:a.b.c.d``;
+        it is matched against the IPv4 networks too, or ``127.0.0.0/8`` would silently stop
+        covering local clients.
+        """
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.append(ip.ipv4_mapped)
+        networks = [ipaddress.ip_network(n, strict=False) for n in self.insecure_auth_networks]
+        return any(c in n for c in candidates for n in networks if c.version == n.version)
+
 
 @dataclass(frozen=True)
 class RetentionSettings:
@@ -113,6 +153,11 @@ class Config:
     source: Path | None = None  # the file this was loaded from
     warnings: tuple[str, ...] = ()  # non-fatal findings, printed by check-config and at start
 
+    def tls_min_version_for(self, service: Literal["pop3", "submission"]) -> TLSVersion:
+        """The client-facing TLS floor of ``service``: its own override, else ``[tls]``."""
+        own = self.pop3.tls_min_version if service == "pop3" else self.submission.tls_min_version
+        return own or self.tls.min_version
+
 
 class ConfigError(Exception):
     """The file is invalid; ``problems`` holds one ``FILE: [section] key: what`` line each."""
@@ -122,6 +167,628 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
-    """Read, validate and resolve ``path`` (with ``POPGATE_*`` overrides from ``environ``)."""
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+Kind = Literal["str", "int", "number", "bool", "choice", "path", "listen", "networks"]
+
+
+@dataclass(frozen=True)
+class _Key:
+    """How one key is typed and checked.
+
+    ``optional`` means the empty string stands for "not set" (``None`` in the dataclass) for
+    choices and paths, and is allowed at all for strings.
+    """
+
+    kind: Kind
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    low: float | None = None
+    high: float | None = None
+    secret: bool = False
+
+
+_SECURITY = ("tls", "starttls", "none")
+_PORT = _Key("int", low=1, high=65535)
+
+_SCHEMA: dict[str, dict[str, _Key]] = {
+    "upstream.imap": {
+        "host": _Key("str"),
+        "port": _PORT,
+        "security": _Key("choice", _SECURITY),
+        "verify_certificate": _Key("bool"),
+        "ca_file": _Key("path", optional=True),
+        "master_user": _Key("str", optional=True),
+        "master_password": _Key("str", optional=True, secret=True),
+    },
+    "upstream.smtp": {
+        "host": _Key("str", optional=True),
+        "port": _PORT,
+        "security": _Key("choice", _SECURITY),
+        "verify_certificate": _Key("bool"),
+        "ca_file": _Key("path", optional=True),
+        "auth": _Key("choice", ("passthrough", "none")),
+    },
+    "pop3": {
+        "listen": _Key("listen"),
+        "listen_tls": _Key("listen"),
+        "mailbox": _Key("str"),
+        "on_retrieve": _Key("choice", ("keep", "seen")),
+        "on_delete": _Key("choice", ("hide", "seen", "archive", "trash", "expunge")),
+        "archive_folder": _Key("str"),
+        "device_separator": _Key("str"),
+        "idle_timeout": _Key("number", low=0),
+        "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),
+    },
+    "submission": {
+        "listen": _Key("listen"),
+        "listen_tls": _Key("listen"),
+        "sent_folder": _Key("str"),
+        "spool_dir": _Key("path"),
+        "max_message_size": _Key("int", low=1),
+        "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),
+    },
+    "tls": {
+        "cert_file": _Key("path"),
+        "key_file": _Key("path"),
+        "min_version": _Key("choice", TLS_VERSIONS),
+    },
+    "security": {
+        "insecure_auth_networks": _Key("networks"),
+    },
+    "retention": {
+        "delete_after_days": _Key("int", low=0),
+        "action": _Key("choice", ("trash", "archive", "expunge")),
+        "quota_high_percent": _Key("int", low=0, high=100),
+        "quota_target_percent": _Key("int", low=0, high=100),
+    },
+    "log": {
+        "level": _Key("choice", ("debug", "info", "warning", "error")),
+        "format": _Key("choice", ("text", "json")),
+    },
+}
+
+SECRET_FILE_SUFFIX = "_file"
+
+#: ``section.key`` of every secret. Each has a ``key_file`` twin and is redacted on output.
+SECRET_KEYS: frozenset[str] = frozenset(
+    f"{section}.{key}" for section, keys in _SCHEMA.items() for key, k in keys.items() if k.secret
+)
+
+# Pure containers of sections, e.g. "upstream" holds "upstream.imap" and "upstream.smtp".
+_CONTAINERS = frozenset(
+    ".".join(name.split(".")[:i]) for name in _SCHEMA for i in range(1, name.count(".") + 1)
+)
+
+
+def _secret_twins(section: str) -> dict[str, str]:
+    """``{"master_password_file": "master_password"}`` for the secrets of ``section``."""
+    return {key + SECRET_FILE_SUFFIX: key for key, spec in _SCHEMA[section].items() if spec.secret}
+
+
+def _allowed_keys(section: str) -> list[str]:
+    return [*_SCHEMA[section], *_secret_twins(section)]
+
+
+def env_var_name(section: str, key: str) -> str:
+    """``("upstream.imap", "host")`` -> ``POPGATE_UPSTREAM_IMAP_HOST``."""
+    return f"{ENV_PREFIX}{section.replace('.', '_')}_{key}".upper()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Invalid(Exception):
+    """A value is wrong; each message says what, without repeating the key.
+
+    Arrays carry one message per bad element, so a list of listeners is reported in full.
+    """
+
+    def __init__(self, *messages: str) -> None:
+        super().__init__(*messages)
+        self.messages = messages
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A raw value and where it came from (``env`` is the variable name, or None for the file)."""
+
+    value: object
+    env: str | None = None
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return "date/time"
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _convert(spec: _Key, value: object, base_dir: Path) -> Any:
+    """Check ``value`` against ``spec`` and turn it into what the dataclass holds."""
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _Invalid(f"expected a boolean (true or false), got {_toml_type(value)}")
+        return value
+    if spec.kind in ("int", "number"):
+        return _convert_number(spec, value)
+    if spec.kind in ("listen", "networks"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _Invalid(f"expected an array of strings, got {_toml_type(value)}")
+        parse = _parse_listen if spec.kind == "listen" else _parse_network
+        items: list[Any] = []
+        errors: list[str] = []
+        for item in value:
+            try:
+                items.append(parse(item))
+            except _Invalid as exc:
+                errors.extend(exc.messages)
+        if errors:
+            raise _Invalid(*errors)
+        return tuple(items)
+    # The remaining kinds are all strings.
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_toml_type(value)}")
+    if value == "":
+        if not spec.optional:
+            raise _Invalid("must not be empty")
+        return None if spec.kind in ("choice", "path") else ""
+    if spec.kind == "choice":
+        if value not in spec.choices:
+            allowed = ", ".join(_quote(c) for c in spec.choices)
+            raise _Invalid(f"must be one of {allowed}, got {_quote(value)}")
+        return value
+    if spec.kind == "path":
+        return base_dir / value
+    if spec.secret:
+        return value
+    if value != value.strip() or any(ord(c) < 32 for c in value):
+        # Folder names and host names never carry these; a stray space is a typo.
+        raise _Invalid(f"must not contain leading/trailing spaces or control characters: {value!r}")
+    return value
+
+
+def _convert_number(spec: _Key, value: object) -> int | float:
+    if spec.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {_toml_type(value)}")
+        number: int | float = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(f"expected a number, got {_toml_type(value)}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise _Invalid(f"must be a finite number, got {value}")
+    if spec.kind == "number" and spec.low is not None and number <= spec.low:
+        raise _Invalid(f"must be greater than {spec.low:g}, got {value}")
+    if spec.kind == "int" and spec.low is not None and number < spec.low:
+        raise _Invalid(f"must be at least {spec.low:g}, got {value}")
+    if spec.high is not None and number > spec.high:
+        raise _Invalid(f"must be at most {spec.high:g}, got {value}")
+    return number
+
+
+_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)$")
+
+
+def _parse_listen(text: str) -> ListenAddress:
+    """``"0.0.0.0:110"`` / ``"[::]:995"`` -> ListenAddress; port 0 lets the OS pick (tests)."""
+    match = _LISTEN_RE.match(text.strip())
+    if match is None:
+        if text.count(":") > 1 and not text.startswith("["):
+            raise _Invalid(f"{_quote(text)}: write IPv6 addresses in brackets, e.g. [::1]:110")
+        raise _Invalid(f'{_quote(text)}: expected "host:port" or "[ipv6]:port"')
+    host = match["v6"] or match["host"]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid(
+            f"{_quote(text)}: the host must be an IP address (0.0.0.0 or [::] for all)"
+        ) from None
+    if match["v6"] is not None and ip.version != 6:
+        raise _Invalid(f"{_quote(text)}: only IPv6 addresses go in brackets")
+    port = int(match["port"])
+    if port > 65535:
+        raise _Invalid(f"{_quote(text)}: port must be 0-65535")
+    return ListenAddress(str(ip), port)
+
+
+def _parse_network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise _Invalid(f'{_quote(text)}: not an IP network such as "10.0.0.0/8"') from None
+
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def _coerce_env(spec: _Key, text: str) -> object:
+    """Turn an environment string into the TOML-typed value the file would have held."""
+    if spec.kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise _Invalid(f"expected true/false/1/0/yes/no, got {_quote(text)}")
+    if spec.kind == "int":
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise _Invalid(f"expected an integer, got {_quote(text)}") from None
+    if spec.kind == "number":
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise _Invalid(f"expected a number, got {_quote(text)}") from None
+    if spec.kind in ("listen", "networks"):
+        stripped = text.strip()
+        if stripped.startswith("["):
+            try:
+                return tomllib.loads(f"v = {stripped}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise _Invalid(f"not a valid TOML array: {exc}") from None
+        return [item.strip() for item in stripped.split(",") if item.strip()]
+    return text
+
+
+class _Loader:
+    """One load: the file name as given, the collected problems and warnings."""
+
+    def __init__(self, path: str | Path, environ: Mapping[str, str]) -> None:
+        self.name = str(path)
+        self.path = Path(path)
+        self.file_dir = self.path.absolute().parent
+        self.environ = environ
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def label(self, section: str, key: str, env: str | None = None) -> str:
+        origin = f" (from {env})" if env else ""
+        return f"{self.name}: [{section}] {key}{origin}"
+
+    def problem(self, section: str, key: str, message: str, env: str | None = None) -> None:
+        self.problems.append(f"{self.label(section, key, env)}: {message}")
+
+    def warn(self, section: str, key: str, message: str, env: str | None = None) -> None:
+        self.warnings.append(f"{self.label(section, key, env)}: {message}")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            self.problems.append(f"{self.name}: cannot read the file: {exc.strerror or exc}")
+            return None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            self.problems.append(f"{self.name}:{line}:1: not valid UTF-8")
+            return None
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            self.problems.append(self._syntax_problem(str(exc), text))
+            return None
+
+    def _syntax_problem(self, message: str, text: str) -> str:
+        # Python 3.11's TOMLDecodeError only carries the position inside its message.
+        match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+        if match:
+            return f"{self.name}:{match[1]}:{match[2]}: {message[: match.start()]}"
+        end = re.search(r"\s*\(at end of document\)$", message)
+        if end:
+            lines = text.split("\n")
+            return f"{self.name}:{len(lines)}:{len(lines[-1]) + 1}: {message[: end.start()]}"
+        return f"{self.name}: {message}"
+
+    def collect(self, table: dict[str, Any], prefix: str = "") -> dict[str, dict[str, _Value]]:
+        """Sort the parsed file into known sections; report what is unknown."""
+        found: dict[str, dict[str, _Value]] = {}
+        for key, value in table.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if name in _SCHEMA or name in _CONTAINERS:
+                if not isinstance(value, dict):
+                    self.problems.append(
+                        f"{self.name}: [{name}]: expected a table, got {_toml_type(value)}"
+                    )
+                elif name in _CONTAINERS:
+                    found.update(self.collect(value, name))
+                else:
+                    found[name] = self.section_values(name, value)
+            elif isinstance(value, dict):
+                self.problems.append(f"{self.name}: [{name}]: unknown section")
+            elif prefix:
+                self.problems.append(f"{self.label(prefix, key)}: unknown key")
+            else:
+                self.problems.append(f"{self.name}: {key}: unknown key outside any section")
+        return found
+
+    def section_values(self, section: str, table: dict[str, Any]) -> dict[str, _Value]:
+        allowed = _allowed_keys(section)
+        values: dict[str, _Value] = {}
+        for key, value in table.items():
+            if key in allowed:
+                values[key] = _Value(value)
+            elif isinstance(value, dict):
+                self.problems.append(f"{self.name}: [{section}.{key}]: unknown section")
+            else:
+                hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
+                suffix = f" (did you mean {hint[0]}?)" if hint else ""
+                self.problem(section, key, f"unknown key{suffix}")
+        return values
+
+    def apply_environment(self, sections: dict[str, dict[str, _Value]]) -> None:
+        known: set[str] = {CONFIG_ENV}
+        for section in _SCHEMA:
+            twins = _secret_twins(section)
+            values = sections.setdefault(section, {})
+            env_values: dict[str, _Value] = {}
+            for key in _allowed_keys(section):
+                var = env_var_name(section, key)
+                known.add(var)
+                if var not in self.environ:
+                    continue
+                spec = _SCHEMA[section][twins.get(key, key)]
+                if key in twins:
+                    spec = _Key("path", optional=True)
+                try:
+                    env_values[key] = _Value(_coerce_env(spec, self.environ[var]), var)
+                except _Invalid as exc:
+                    # Reported by convert_section, so problems come out in section order.
+                    env_values[key] = _Value(exc, var)
+            # An override of either twin of a secret replaces both twins from the file:
+            # the environment wins as a whole, it does not combine with the file.
+            for twin, secret in twins.items():
+                if twin in env_values or secret in env_values:
+                    values.pop(twin, None)
+                    values.pop(secret, None)
+            values.update(env_values)
+        for var in sorted(self.environ):
+            if var.startswith(ENV_PREFIX) and var not in known:
+                self.warnings.append(f"{var}: not a popgate setting; ignored")
+
+    # -- converting ------------------------------------------------------------------------
+
+    def convert_section(self, section: str, values: dict[str, _Value]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        self.resolve_secrets(section, values, out)
+        for key, spec in _SCHEMA[section].items():
+            if key not in values or key in out:
+                continue
+            raw = values[key]
+            base_dir = Path.cwd() if raw.env else self.file_dir
+            try:
+                if isinstance(raw.value, _Invalid):
+                    raise raw.value
+                out[key] = _convert(spec, raw.value, base_dir)
+            except _Invalid as exc:
+                for message in exc.messages:
+                    self.problem(section, key, message, raw.env)
+        return out
+
+    def resolve_secrets(self, section: str, values: dict[str, _Value], out: dict[str, Any]) -> None:
+        """Read ``x_file`` twins; setting both twins is ambiguous, so it is an error."""
+        for twin, secret in _secret_twins(section).items():
+            direct, from_file = values.get(secret), values.get(twin)
+            if direct is not None and from_file is not None:
+                if direct.value != "" and from_file.value != "":
+                    env = direct.env or from_file.env
+                    self.problem(section, twin, f"set either {secret} or {twin}, not both", env)
+                    out[secret] = ""
+                    continue
+                # One twin is empty ("not set"): use the other.
+                if from_file.value == "":
+                    from_file = None
+            if from_file is None:
+                continue
+            values.pop(secret, None)
+            base_dir = Path.cwd() if from_file.env else self.file_dir
+            try:
+                if isinstance(from_file.value, _Invalid):
+                    raise from_file.value
+                path = _convert(_Key("path", optional=True), from_file.value, base_dir)
+            except _Invalid as exc:
+                self.problem(section, twin, "; ".join(exc.messages), from_file.env)
+                continue
+            if path is None:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not valid UTF-8"
+                self.problem(section, twin, f"cannot read {path}: {reason}", from_file.env)
+                continue
+            # Exactly one line ending goes: `echo secret > file` adds it, the secret never has it.
+            out[secret] = text.removesuffix("\n").removesuffix("\r")
+
+    # -- cross-key rules -------------------------------------------------------------------
+
+    def check_imap(self, imap: dict[str, Any], raw: dict[str, _Value]) -> None:
+        section = "upstream.imap"
+        if "host" not in raw:
+            self.problem(section, "host", "required (the upstream IMAP server)")
+        if "port" not in raw:
+            imap["port"] = 993 if imap.get("security", "tls") == "tls" else 143
+        self.check_master(imap)
+        self.check_upstream_common(section, imap)
+
+    def check_master(self, imap: dict[str, Any]) -> None:
+        """The master identity is SASL PLAIN user + password: one without the other is a typo."""
+        user, password = imap.get("master_user", ""), imap.get("master_password", "")
+        if user and not password:
+            self.problem("upstream.imap", "master_password", "required when master_user is set")
+        if password and not user:
+            self.problem("upstream.imap", "master_user", "required when master_password is set")
+
+    def check_smtp(self, smtp: dict[str, Any], submission: dict[str, Any]) -> None:
+        section = "upstream.smtp"
+        listeners = submission.get("listen", ()) + submission.get("listen_tls", ())
+        if listeners and not smtp.get("host"):
+            self.problem(section, "host", "required when [submission] has listeners")
+        if "port" not in smtp:
+            # Implicit TLS submission lives on 465 (RFC 8314); 587 is the STARTTLS port.
+            smtp["port"] = 465 if smtp.get("security", "starttls") == "tls" else 587
+        if smtp.get("host"):
+            self.check_upstream_common(section, smtp)
+
+    def check_upstream_common(self, section: str, values: dict[str, Any]) -> None:
+        host = values.get("host", "")
+        if values.get("security") == "none" and not _is_loopback(host):
+            self.warn(section, "security", '"none": passwords travel to the upstream in clear text')
+        if values.get("verify_certificate") is False and values.get("security") != "none":
+            self.warn(section, "verify_certificate", "false: the upstream is not authenticated")
+        ca_file = values.get("ca_file")
+        if ca_file is not None and not ca_file.is_file():
+            self.problem(section, "ca_file", f"{ca_file} does not exist or is not a file")
+
+    def check_pop3(self, pop3: dict[str, Any]) -> None:
+        timeout = pop3.get("idle_timeout")
+        if timeout is not None and timeout < RFC1939_MIN_IDLE_TIMEOUT:
+            self.warn(
+                "pop3",
+                "idle_timeout",
+                f"{timeout:g} s is below the {RFC1939_MIN_IDLE_TIMEOUT} s RFC 1939 asks for;"
+                " slow clients may be cut off",
+            )
+        separator = pop3.get("device_separator")
+        if separator is not None and any(c.isspace() for c in separator):
+            self.problem("pop3", "device_separator", "must not contain spaces")
+
+    def check_retention(self, retention: dict[str, Any]) -> None:
+        high = retention.get("quota_high_percent", 0)
+        target = retention.get("quota_target_percent", 80)
+        if high and target >= high:
+            self.problem(
+                "retention",
+                "quota_target_percent",
+                f"must be below quota_high_percent ({high}), got {target}",
+            )
+
+    def check_listeners(self, converted: dict[str, dict[str, Any]]) -> None:
+        """Two listeners on one address fail at bind time; say so now, with both names."""
+        seen: dict[tuple[str, int], str] = {}
+        for section in ("pop3", "submission"):
+            for key in ("listen", "listen_tls"):
+                for address in converted[section].get(key, ()):
+                    if address.port == 0:  # the OS picks a distinct port for each
+                        continue
+                    endpoint = (address.host, address.port)
+                    if endpoint in seen:
+                        self.problem(section, key, f"{address} is also used by {seen[endpoint]}")
+                    else:
+                        seen[endpoint] = f"[{section}] {key}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and resolve ``path`` (with ``POPGATE_*`` overrides from ``environ``).
+
+    Raises ConfigError with every problem found. ``environ`` defaults to ``os.environ``;
+    tests pass a dict so they never depend on the caller's environment.
+    """
+    loader = _Loader(path, os.environ if environ is None else environ)
+    table = loader.read()
+    if table is None:
+        raise ConfigError(loader.problems)
+    sections = loader.collect(table)
+    loader.apply_environment(sections)
+    converted = {name: loader.convert_section(name, sections[name]) for name in _SCHEMA}
+
+    imap, smtp = converted["upstream.imap"], converted["upstream.smtp"]
+    loader.check_imap(imap, sections["upstream.imap"])
+    loader.check_smtp(smtp, converted["submission"])
+    loader.check_pop3(converted["pop3"])
+    loader.check_retention(converted["retention"])
+    loader.check_listeners(converted)
+    for key in ("cert_file", "key_file"):
+        converted["tls"].setdefault(key, loader.file_dir / getattr(TLSSettings, key))
+    if loader.problems:
+        raise ConfigError(loader.problems)
+
+    return Config(
+        upstream=Upstream(imap=ImapUpstream(**imap), smtp=SmtpUpstream(**smtp)),
+        pop3=Pop3Settings(**converted["pop3"]),
+        submission=SubmissionSettings(**converted["submission"]),
+        tls=TLSSettings(**converted["tls"]),
+        security=SecuritySettings(**converted["security"]),
+        retention=RetentionSettings(**converted["retention"]),
+        log=LogSettings(**converted["log"]),
+        source=Path(path),
+        warnings=tuple(loader.warnings),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _section_object(config: Config, section: str) -> Any:
+    obj: Any = config
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _toml_value(value: object) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # json escapes are valid TOML basic-string escapes, except that TOML also forbids DEL.
+    return _quote(str(value)).replace("\x7f", "\\u007f")
+
+
+def render_effective(config: Config) -> str:
+    """The effective configuration as TOML (defaults filled in, paths resolved).
+
+    Secrets are shown as ``"<redacted>"`` when set, so the output can be pasted into a bug
+    report; it loads back with load_config except for those values.
+    """
+    lines: list[str] = []
+    if config.source is not None:
+        lines.append(f"# popgate effective configuration, from {config.source}")
+    for section, keys in _SCHEMA.items():
+        obj = _section_object(config, section)
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key, spec in keys.items():
+            value = getattr(obj, key)
+            if spec.secret and value:
+                value = REDACTED
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
