@@ -1,0 +1,1 @@
+"""Test support code: a private Dovecot launcher and sample messages."""

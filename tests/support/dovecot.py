@@ -1,0 +1,878 @@
+"""A private Dovecot for tests and the demo.
+
+Each instance lives in its own base directory: its own ``dovecot.conf``, passwd-files,
+maildirs, TLS certificates (a private CA and a server certificate for localhost/127.0.0.1),
+runtime directory, state directory and log file. It listens on loopback ports picked by the
+OS: IMAP (plain + STARTTLS), IMAPS (implicit TLS), POP3 (plain + STLS) and POP3S.
+
+Mail is stored as uid/gid 65534 (nobody/nogroup) when run as root, since Dovecot refuses
+uid 0 for mail access; as another user everything runs as that user.
+
+Use from Python::
+
+    with Dovecot() as dc:
+        dc.add_user("alice", "secret")
+        uid = dc.append("alice", "secret", b"Subject: hi\\r\\n\\r\\nbody\\r\\n")
+
+or from a shell (the demo does this)::
+
+    python -m tests.support.dovecot start --dir run/demo/dovecot --user demo:demo
+    python -m tests.support.dovecot stop --dir run/demo/dovecot
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import grp
+import imaplib
+import ipaddress
+import json
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["Dovecot", "DovecotError", "free_port", "make_test_pki", "quote_mailbox"]
+
+HOST = "127.0.0.1"
+MAIL_ID = 65534  # nobody / nogroup
+STATE_FILE = "instance.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")
+_APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
+_FETCH_UID_RE = re.compile(rb"\bUID (\d+)")
+_FETCH_FLAGS_RE = re.compile(rb"\bFLAGS \(([^)]*)\)")
+
+
+class DovecotError(RuntimeError):
+    """Dovecot could not be started, stopped or talked to."""
+
+
+def free_port(host: str = HOST) -> int:
+    """A port that was free a moment ago (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def quote_mailbox(name: str) -> str:
+    """An IMAP quoted string for an ASCII mailbox name (imaplib does no quoting)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _find_dovecot() -> str:
+    found = shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise DovecotError("dovecot not found: run ./tests/bootstrap.sh (installs dovecot-imapd)")
+    return found
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def make_test_pki(directory: Path, *, hostnames: Iterable[str] = ("localhost",)) -> dict[str, Path]:
+    """Create a private CA and a server certificate for ``hostnames`` + 127.0.0.1/::1.
+
+    Returns paths: ``ca_file``, ``ca_key``, ``cert_file``, ``key_file``. Existing files are
+    kept, so a directory can be reused.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ca_file": directory / "ca.crt",
+        "ca_key": directory / "ca.key",
+        "cert_file": directory / "server.crt",
+        "key_file": directory / "server.key",
+    }
+    if all(p.exists() for p in paths.values()):
+        return paths
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "popgate test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    names = list(hostnames)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def key_pem(k: ec.EllipticCurvePrivateKey) -> bytes:
+        return k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    _write_private(paths["ca_key"], key_pem(ca_key))
+    _write_private(paths["key_file"], key_pem(key))
+    paths["ca_file"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert_file"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    for name in ("ca_file", "cert_file"):
+        os.chmod(paths[name], 0o644)
+    return paths
+
+
+def _pid_state(pid: int) -> str | None:
+    """The process state letter from /proc (``Z`` = zombie), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # "pid (comm) S ppid ..." — comm may hold spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    state = _pid_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+class Dovecot:
+    """One private Dovecot instance. See the module docstring."""
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        *,
+        quota: bool = False,
+        quota_storage: str = "10M",
+        host: str = HOST,
+        master_user: str = "popgate-master",
+        master_password: str | None = None,
+    ) -> None:
+        self._owns_base_dir = base_dir is None
+        if base_dir is None:
+            base_dir = tempfile.mkdtemp(prefix="popgate-dovecot-")
+        self._base = Path(base_dir).absolute()
+        self._base.mkdir(parents=True, exist_ok=True)
+        # mail processes (uid 65534) and Dovecot's own users must reach homes and files
+        os.chmod(self._base, 0o755)
+        self.quota = quota
+        self.quota_storage = quota_storage
+        self._host = host
+        self._master_user = master_user
+        self._master_password = master_password or secrets.token_urlsafe(16)
+        self._ports: dict[str, int] = {}
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._users: dict[str, str] = {}
+        if os.geteuid() == 0:
+            self._mail_uid, self._mail_gid = MAIL_ID, MAIL_ID
+            self._internal_user, self._login_user = "dovecot", "dovenull"
+            self._internal_group = "dovecot"
+        else:
+            self._mail_uid, self._mail_gid = os.getuid(), os.getgid()
+            me = pwd.getpwuid(os.getuid()).pw_name
+            self._internal_user = self._login_user = me
+            self._internal_group = grp.getgrgid(os.getgid()).gr_name
+        self._pki = make_test_pki(self._base / "tls")
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base
+
+    @property
+    def imap_port(self) -> int:
+        """Plain IMAP, offering STARTTLS."""
+        return self._port("imap")
+
+    @property
+    def imaps_port(self) -> int:
+        """IMAP over implicit TLS."""
+        return self._port("imaps")
+
+    @property
+    def pop3_port(self) -> int:
+        """Dovecot's own POP3 (plain, offering STLS) — the reference implementation."""
+        return self._port("pop3")
+
+    @property
+    def pop3s_port(self) -> int:
+        """Dovecot's own POP3 over implicit TLS."""
+        return self._port("pop3s")
+
+    @property
+    def ca_file(self) -> Path:
+        """PEM of the private CA that signed the server certificate."""
+        return self._pki["ca_file"]
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self._pki["ca_key"]
+
+    @property
+    def cert_file(self) -> Path:
+        return self._pki["cert_file"]
+
+    @property
+    def master_user(self) -> str:
+        return self._master_user
+
+    @property
+    def master_password(self) -> str:
+        return self._master_password
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def config_file(self) -> Path:
+        return self._base / "dovecot.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self._base / "dovecot.log"
+
+    @property
+    def users(self) -> dict[str, str]:
+        """Users added so far (name → password)."""
+        return dict(self._users)
+
+    def _port(self, name: str) -> int:
+        try:
+            return self._ports[name]
+        except KeyError:
+            raise DovecotError("Dovecot has not been started") from None
+
+    def log_text(self) -> str:
+        """Dovecot's log so far (for debugging failed tests)."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # ----------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Dovecot:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Write the configuration, start Dovecot (daemonized) and wait for its greetings."""
+        if self._pid is not None and _alive(self._pid):
+            raise DovecotError(f"already running (pid {self._pid})")
+        dovecot = _find_dovecot()
+        self._prepare_dirs()
+        last_error = ""
+        for _attempt in range(3):  # a picked port can be taken in between: retry with others
+            names = ("imap", "imaps", "pop3", "pop3s")
+            self._ports = {name: free_port(self._host) for name in names}
+            self.config_file.write_text(self._config_text())
+            log_mark = self.log_file.stat().st_size if self.log_file.exists() else 0
+            # Output goes to a file: the daemonized master keeps inherited pipes open.
+            out_path = self._base / "dovecot.out"
+            with open(out_path, "wb") as out:
+                proc = subprocess.run(
+                    [dovecot, "-c", str(self.config_file)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    check=False,
+                )
+            if proc.returncode != 0:
+                last_error = out_path.read_text(errors="replace")
+                if "in use" in last_error:
+                    continue
+                raise DovecotError(f"dovecot failed to start:\n{last_error}\n{self.log_text()}")
+            try:
+                self._pid = self._wait_pid_file(timeout)
+                self._wait_ready(timeout)
+            except DovecotError as e:
+                tail = self.log_text()[log_mark:]
+                last_error = f"{e}\n{tail}"
+                self._kill_leftovers()
+                if "in use" in tail:
+                    continue
+                raise DovecotError(last_error) from None
+            self._save_state()
+            return
+        raise DovecotError(f"dovecot could not bind its ports:\n{last_error}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop Dovecot by pid (SIGTERM, then SIGKILL) and wait until it and its children are
+        gone. Removes the base directory if this object created it."""
+        self._kill_leftovers(timeout)
+        if self._owns_base_dir:
+            shutil.rmtree(self._base, ignore_errors=True)
+
+    def _kill_leftovers(self, timeout: float = 20.0) -> None:
+        pid = self._pid if self._pid is not None else self._read_pid_file()
+        self._pid = None
+        if pid is None or not _alive(pid):
+            return
+        pids = [pid, *_children(pid)]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        killed = False
+        while any(_alive(p) for p in pids):
+            if time.monotonic() > deadline:
+                if killed:
+                    raise DovecotError(f"dovecot pids {pids} did not exit")
+                for p in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+                killed, deadline = True, time.monotonic() + 5
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)  # reap them if they happen to be our children
+            time.sleep(0.02)
+
+    def _read_pid_file(self) -> int | None:
+        try:
+            return int((self._base / "run" / "master.pid").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    def _wait_pid_file(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self._read_pid_file()
+            if pid is not None and _alive(pid):
+                return pid
+            time.sleep(0.02)
+        raise DovecotError("dovecot wrote no master.pid")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        checks = [
+            ("imap", False, b"* OK"),
+            ("pop3", False, b"+OK"),
+            ("imaps", True, b"* OK"),
+            ("pop3s", True, b"+OK"),
+        ]
+        for name, tls, greeting in checks:
+            last: Exception | None = None
+            while True:
+                if self._pid is None or not _alive(self._pid):
+                    raise DovecotError(f"dovecot exited during start-up ({last})")
+                try:
+                    line = self._greeting(self._ports[name], tls)
+                    if line.startswith(greeting):
+                        break
+                    last = DovecotError(f"{name}: unexpected greeting {line!r}")
+                except (OSError, ssl.SSLError) as e:
+                    last = e
+                if time.monotonic() > deadline:
+                    raise DovecotError(f"{name} port {self._ports[name]} not ready: {last}")
+                time.sleep(0.02)
+
+    def _greeting(self, port: int, tls: bool) -> bytes:
+        with socket.create_connection((self._host, port), timeout=5) as raw:
+            sock: socket.socket = raw
+            if tls:
+                sock = self.client_ssl_context().wrap_socket(raw, server_hostname=self._host)
+            return sock.makefile("rb").readline()
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """An SSL context that trusts this instance's private CA."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    # ----------------------------------------------------------------- configuration
+    def _prepare_dirs(self) -> None:
+        for sub in ("state", "home"):
+            (self._base / sub).mkdir(exist_ok=True)
+        os.chmod(self._base / "home", 0o755)
+        for name in ("passwd", "master-passwd"):
+            path = self._base / name
+            if not path.exists():
+                path.write_text("")
+        self._write_master_passwd()
+        self.log_file.touch()
+
+    def _write_master_passwd(self) -> None:
+        path = self._base / "master-passwd"
+        path.write_text(f"{self._master_user}:{{PLAIN}}{self._master_password}\n")
+        self._chmod_readable_by_auth(path)
+
+    def _chmod_readable_by_auth(self, path: Path) -> None:
+        # Dovecot's auth process runs as the internal user and reads passwd-files itself.
+        os.chmod(path, 0o640)
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError):
+                os.chown(path, 0, grp.getgrnam(self._internal_group).gr_gid)
+
+    def _config_text(self) -> str:
+        b = self._base
+        h = self._host
+        p = self._ports
+        dh = "/usr/share/dovecot/dh.pem"
+        ssl_dh = f"ssl_dh = <{dh}\n" if os.path.exists(dh) else ""
+        quota_global = quota_imap = quota_plugin = ""
+        if self.quota:
+            quota_global = "mail_plugins = $mail_plugins quota\n"
+            quota_imap = "  mail_plugins = $mail_plugins imap_quota\n"
+            quota_plugin = (
+                "plugin {\n"
+                "  quota = maildir:User quota\n"
+                f"  quota_rule = *:storage={self.quota_storage}\n"
+                "}\n"
+            )
+        special = "\n".join(
+            f"  mailbox {name} {{\n    special_use = \\{use}\n    auto = subscribe\n  }}"
+            for name, use in (
+                ("Drafts", "Drafts"),
+                ("Sent", "Sent"),
+                ("Trash", "Trash"),
+                ("Junk", "Junk"),
+                ("Archive", "Archive"),
+            )
+        )
+        return f"""# Generated by tests/support/dovecot.py — a private test instance; do not edit.
+instance_name = popgate-{os.getpid()}-{b.name}
+base_dir = {b}/run
+state_dir = {b}/state
+log_path = {b}/dovecot.log
+info_log_path = {b}/dovecot.log
+debug_log_path = {b}/dovecot.log
+log_timestamp = "%Y-%m-%d %H:%M:%S "
+default_internal_user = {self._internal_user}
+default_internal_group = {self._internal_group}
+default_login_user = {self._login_user}
+protocols = imap pop3
+listen = {h}
+shutdown_clients = yes
+
+ssl = yes
+ssl_cert = <{self._pki["cert_file"]}
+ssl_key = <{self._pki["key_file"]}
+{ssl_dh}ssl_min_protocol = TLSv1.2
+
+# Test instance: loopback only, no brakes.
+disable_plaintext_auth = no
+login_trusted_networks = 127.0.0.0/8 ::1/128
+auth_mechanisms = plain login
+auth_failure_delay = 0
+auth_verbose = yes
+auth_master_user_separator = *
+mail_max_userip_connections = 1000
+
+mail_location = maildir:~/Maildir
+mail_uid = {self._mail_uid}
+mail_gid = {self._mail_gid}
+first_valid_uid = {min(self._mail_uid, 500)}
+first_valid_gid = {min(self._mail_gid, 1)}
+pop3_uidl_format = %08Xu%08Xv
+{quota_global}
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {b}/master-passwd
+  pass = yes
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {b}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {b}/passwd
+}}
+
+namespace inbox {{
+  inbox = yes
+{special}
+}}
+
+protocol imap {{
+  mail_max_userip_connections = 1000
+{quota_imap}}}
+protocol pop3 {{
+  mail_max_userip_connections = 1000
+}}
+{quota_plugin}
+service imap-login {{
+  inet_listener imap {{
+    address = {h}
+    port = {p["imap"]}
+  }}
+  inet_listener imaps {{
+    address = {h}
+    port = {p["imaps"]}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = {h}
+    port = {p["pop3"]}
+  }}
+  inet_listener pop3s {{
+    address = {h}
+    port = {p["pop3s"]}
+    ssl = yes
+  }}
+}}
+"""
+
+    # ----------------------------------------------------------------- users
+    def add_user(self, name: str, password: str) -> None:
+        """Add a user (or change its password). Dovecot rereads the passwd-file on change,
+        so no restart is needed."""
+        if not _NAME_RE.match(name) or "*" in name or "#" in name:
+            raise ValueError(f"unsupported user name for the test passwd-file: {name!r}")
+        if any(c in password for c in ":\r\n\0"):
+            raise ValueError("password must not contain ':' or line breaks")
+        home = self._base / "home" / name
+        with self._lock:
+            home.mkdir(parents=True, exist_ok=True)
+            os.chown(home, self._mail_uid, self._mail_gid)
+            os.chmod(home, 0o700)
+            self._users[name] = password
+            path = self._base / "passwd"
+            lines = [
+                f"{u}:{{PLAIN}}{pw}:{self._mail_uid}:{self._mail_gid}::{self._base}/home/{u}::"
+                for u, pw in self._users.items()
+            ]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("\n".join(lines) + "\n")
+            self._chmod_readable_by_auth(tmp)
+            os.replace(tmp, path)  # Dovecot sees a new file (stat changes) and rereads it
+        self._save_state()
+
+    def password(self, name: str) -> str:
+        return self._users[name]
+
+    # ----------------------------------------------------------------- IMAP helpers
+    @contextlib.contextmanager
+    def imap(
+        self, user: str, password: str, *, security: str = "starttls"
+    ) -> Iterator[imaplib.IMAP4]:
+        """A logged-in ``imaplib.IMAP4``; ``security`` is "starttls", "tls" or "none"."""
+        conn = self._connect(security)
+        try:
+            conn.login(user, password)
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                conn.logout()
+
+    @contextlib.contextmanager
+    def imap_as_master(self, user: str, *, security: str = "starttls") -> Iterator[imaplib.IMAP4]:
+        """Logged in as ``user`` through the master user (SASL PLAIN with authzid)."""
+        conn = self._connect(security)
+        token = f"{user}\0{self._master_user}\0{self._master_password}".encode()
+        try:
+            conn.authenticate("PLAIN", lambda _challenge: token)
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                conn.logout()
+
+    def _connect(self, security: str) -> imaplib.IMAP4:
+        if security == "tls":
+            return imaplib.IMAP4_SSL(
+                self._host, self.imaps_port, ssl_context=self.client_ssl_context(), timeout=30
+            )
+        conn = imaplib.IMAP4(self._host, self.imap_port, timeout=30)
+        if security == "starttls":
+            conn.starttls(ssl_context=self.client_ssl_context())
+        elif security != "none":
+            raise ValueError(f"security must be starttls, tls or none: {security!r}")
+        return conn
+
+    def append(
+        self,
+        user: str,
+        password: str,
+        message: bytes,
+        mailbox: str = "INBOX",
+        flags: Iterable[str] = (),
+        internaldate: datetime.datetime | float | None = None,
+    ) -> int:
+        """APPEND ``message`` and return its UID (from APPENDUID)."""
+        with self.imap(user, password) as conn:
+            return append_message(conn, message, mailbox, flags, internaldate)
+
+    def append_many(
+        self, user: str, password: str, messages: Iterable[bytes], mailbox: str = "INBOX"
+    ) -> list[int]:
+        """APPEND several messages over one connection; returns their UIDs in order."""
+        with self.imap(user, password) as conn:
+            return [append_message(conn, m, mailbox) for m in messages]
+
+    def list_uids(self, user: str, password: str, mailbox: str = "INBOX") -> list[int]:
+        with self.imap(user, password) as conn:
+            _check(conn.select(quote_mailbox(mailbox), readonly=True), "EXAMINE")
+            typ, data = conn.uid("SEARCH", "ALL")
+            _check((typ, data), "UID SEARCH")
+            return sorted(int(x) for x in (data[0] or b"").split())
+
+    def fetch_flags(self, user: str, password: str, mailbox: str = "INBOX") -> dict[int, set[str]]:
+        with self.imap(user, password) as conn:
+            return fetch_flags(conn, mailbox)
+
+    def fetch_bodies(self, user: str, password: str, mailbox: str = "INBOX") -> dict[int, bytes]:
+        """UID → ``BODY[]`` (fetched with BODY.PEEK, so no flag changes)."""
+        with self.imap(user, password) as conn:
+            return fetch_bodies(conn, mailbox)
+
+    def list_mailboxes(self, user: str, password: str) -> list[tuple[set[str], str]]:
+        """(attributes, name) for every mailbox, from LIST."""
+        with self.imap(user, password) as conn:
+            typ, data = conn.list()
+            _check((typ, data), "LIST")
+            out = []
+            for line in data:
+                if not isinstance(line, bytes):
+                    continue
+                m = re.match(rb'\(([^)]*)\) (?:"[^"]*"|NIL) (.*)$', line)
+                if m:
+                    attrs = {a.decode() for a in m.group(1).split()}
+                    name = m.group(2).decode()
+                    if name.startswith('"') and name.endswith('"'):
+                        name = name[1:-1]
+                    out.append((attrs, name))
+            return out
+
+    # ----------------------------------------------------------------- state for the CLI
+    def _save_state(self) -> None:
+        state = {
+            "base_dir": str(self._base),
+            "host": self._host,
+            "ports": self._ports,
+            "pid": self._pid,
+            "quota": self.quota,
+            "quota_storage": self.quota_storage,
+            "master_user": self._master_user,
+            "master_password": self._master_password,
+            "users": self._users,
+        }
+        _write_private(self._base / STATE_FILE, json.dumps(state, indent=2).encode())
+
+    @classmethod
+    def attach(cls, base_dir: str | os.PathLike[str]) -> Dovecot:
+        """An object for an instance started earlier (e.g. by the CLI) in ``base_dir``."""
+        state = json.loads((Path(base_dir) / STATE_FILE).read_text())
+        dc = cls(
+            state["base_dir"],
+            quota=state["quota"],
+            quota_storage=state["quota_storage"],
+            host=state["host"],
+            master_user=state["master_user"],
+            master_password=state["master_password"],
+        )
+        dc._ports = {k: int(v) for k, v in state["ports"].items()}
+        dc._pid = state["pid"]
+        dc._users = dict(state["users"])
+        return dc
+
+    def shell_vars(self) -> dict[str, str]:
+        return {
+            "DOVECOT_HOST": self._host,
+            "DOVECOT_IMAP_PORT": str(self.imap_port),
+            "DOVECOT_IMAPS_PORT": str(self.imaps_port),
+            "DOVECOT_POP3_PORT": str(self.pop3_port),
+            "DOVECOT_POP3S_PORT": str(self.pop3s_port),
+            "DOVECOT_CA_FILE": str(self.ca_file),
+            "DOVECOT_CA_KEY_FILE": str(self.ca_key_file),
+            "DOVECOT_BASE_DIR": str(self._base),
+            "DOVECOT_PID": str(self._pid or ""),
+            "DOVECOT_MASTER_USER": self._master_user,
+            "DOVECOT_MASTER_PASSWORD": self._master_password,
+            "DOVECOT_LOG": str(self.log_file),
+        }
+
+
+# --------------------------------------------------------------------- imaplib helpers
+def _check(result: tuple[str, Sequence[object]], what: str) -> None:
+    typ, data = result
+    if typ != "OK":
+        raise DovecotError(f"{what} failed: {typ} {data!r}")
+
+
+def append_message(
+    conn: imaplib.IMAP4,
+    message: bytes,
+    mailbox: str = "INBOX",
+    flags: Iterable[str] = (),
+    internaldate: datetime.datetime | float | None = None,
+) -> int:
+    """APPEND on an open connection; returns the UID from APPENDUID."""
+    flag_str = "(" + " ".join(flags) + ")" if flags else None
+    date = imaplib.Time2Internaldate(internaldate) if internaldate is not None else None
+    typ, data = conn.append(quote_mailbox(mailbox), flag_str, date, message)
+    _check((typ, data), f"APPEND to {mailbox}")
+    m = _APPENDUID_RE.search(data[0] if isinstance(data[0], bytes) else b"")
+    if not m:
+        raise DovecotError(f"no APPENDUID in {data!r}")
+    return int(m.group(2))
+
+
+def fetch_flags(conn: imaplib.IMAP4, mailbox: str = "INBOX") -> dict[int, set[str]]:
+    _check(conn.select(quote_mailbox(mailbox), readonly=True), f"EXAMINE {mailbox}")
+    typ, data = conn.uid("FETCH", "1:*", "(FLAGS)")
+    _check((typ, data), "UID FETCH FLAGS")
+    out: dict[int, set[str]] = {}
+    for item in data:
+        if not isinstance(item, bytes):
+            continue
+        uid = _FETCH_UID_RE.search(item)
+        flags = _FETCH_FLAGS_RE.search(item)
+        if uid and flags:
+            out[int(uid.group(1))] = {f.decode() for f in flags.group(1).split()}
+    return out
+
+
+def fetch_bodies(conn: imaplib.IMAP4, mailbox: str = "INBOX") -> dict[int, bytes]:
+    _check(conn.select(quote_mailbox(mailbox), readonly=True), f"EXAMINE {mailbox}")
+    typ, data = conn.uid("FETCH", "1:*", "(UID BODY.PEEK[])")
+    _check((typ, data), "UID FETCH BODY[]")
+    out: dict[int, bytes] = {}
+    for item in data:
+        if isinstance(item, tuple):
+            uid = _FETCH_UID_RE.search(item[0])
+            if uid:
+                out[int(uid.group(1))] = item[1]
+    return out
+
+
+# --------------------------------------------------------------------- CLI
+def _cmd_start(args: argparse.Namespace) -> int:
+    from tests.support import messages
+
+    base = Path(args.dir)
+    if (base / STATE_FILE).exists():
+        with contextlib.suppress(Exception):
+            Dovecot.attach(base)._kill_leftovers()
+    dc = Dovecot(base, quota=args.quota)
+    dc.start()
+    try:
+        for spec in args.user:
+            name, _, password = spec.partition(":")
+            dc.add_user(name, password)
+        if args.demo_messages:
+            for name in dc.users:
+                dc.append_many(name, dc.password(name), messages.demo_corpus())
+    except BaseException:
+        dc._kill_leftovers()
+        raise
+    for key, value in dc.shell_vars().items():
+        print(f"{key}={shlex.quote(value)}")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    base = Path(args.dir)
+    if not (base / STATE_FILE).exists():
+        print(f"no Dovecot instance state in {base}", file=sys.stderr)
+        return 1
+    Dovecot.attach(base)._kill_leftovers()
+    return 0
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    sys.stdout.write(Dovecot.attach(args.dir).log_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.dovecot", description="Run a private Dovecot."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="start (daemonized); prints shell variables")
+    p.add_argument("--dir", required=True, help="base directory of the instance")
+    p.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD")
+    p.add_argument("--demo-messages", action="store_true", help="APPEND demo mail for each user")
+    p.add_argument("--quota", action="store_true", help="enable the quota plugin")
+    p.set_defaults(func=_cmd_start)
+    p = sub.add_parser("stop", help="stop the instance in --dir by pid")
+    p.add_argument("--dir", required=True)
+    p.set_defaults(func=_cmd_stop)
+    p = sub.add_parser("log", help="print the instance's log")
+    p.add_argument("--dir", required=True)
+    p.set_defaults(func=_cmd_log)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
