@@ -1,0 +1,357 @@
+"""TLS for both sides of the gateway.
+
+Client-facing (POP3/submission listeners): our certificate, and a floor that may be as low as
+TLS 1.0 because the devices this gateway exists for (printers, scanners, old phones) cannot be
+upgraded. Upstream-facing (IMAP/SMTP): never below TLS 1.2 and verified by default, because the
+gateway forwards the users' real passwords there.
+
+Everything returned here is a Twisted connection creator, so one object works with
+``twisted.internet.endpoints`` (``SSL4ServerEndpoint``, ``wrapClientTLS``), with
+``TLSMemoryBIOFactory`` and with ``transport.startTLS()`` (STLS/STARTTLS).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+
+# Not re-exported by twisted.internet.ssl, but documented as the trustRoot/cipher interfaces.
+from twisted.internet._sslverify import IOpenSSLTrustRoot, defaultCiphers
+from twisted.internet.interfaces import IAcceptableCiphers, ICipher, IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from gateway.config import TLSSettings
+from gateway.config import TLSVersion as TLSVersionName
+
+__all__ = [
+    "TLSSetupError",
+    "certificate_fingerprint",
+    "client_context_factory",
+    "ensure_server_certificate",
+    "generate_self_signed",
+    "load_server_certificate",
+    "server_context_factory",
+]
+
+# Ten years, yet still short of 2038: devices with a 32-bit time_t reject later dates.
+CERT_VALIDITY = datetime.timedelta(days=3650)
+
+_VERSIONS: dict[str, TLSVersion] = {
+    "TLSv1": TLSVersion.TLSv1_0,
+    "TLSv1.1": TLSVersion.TLSv1_1,
+    "TLSv1.2": TLSVersion.TLSv1_2,
+    "TLSv1.3": TLSVersion.TLSv1_3,
+}
+
+# OpenSSL 3 refuses TLS 1.0/1.1 (and their SHA-1 handshake signatures) at its default security
+# level 2, even when the protocol version is allowed. Level 0 lifts that; the cipher list itself
+# stays Twisted's vetted default (AES/ChaCha20, no RC4/3DES/NULL/export), so only the protocol
+# floor really changes.
+LEGACY_SECURITY_LEVEL = 0
+
+
+class TLSSetupError(Exception):
+    """The certificate/key files or the CA file cannot be used; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` atomically with ``mode`` set at creation.
+
+    The key must never exist with wider permissions, not even briefly, hence os.open with the
+    mode (no chmod afterwards) on a temporary name that is then renamed over the target.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _subject_alt_names(hostname: str) -> list[x509.GeneralName]:
+    try:
+        ip = ipaddress.ip_address(hostname)
+    except ValueError:
+        return [x509.DNSName(hostname.encode("idna").decode("ascii"))]
+    names: list[x509.GeneralName] = [x509.IPAddress(ip)]
+    if ip.version == 4:
+        # Some old clients compare the address text against DNS names only.
+        names.append(x509.DNSName(hostname))
+    return names
+
+
+def generate_self_signed(hostname: str, cert_file: Path, key_file: Path) -> None:
+    """Write a self-signed certificate for ``hostname`` and its private key (mode 0600).
+
+    RSA 2048 rather than EC: TLS 1.0-era devices often cannot do ECDSA at all. The signature is
+    SHA-256; SHA-1 certificates are refused by every current client.
+    """
+    hostname = hostname.strip()
+    if not hostname or any(c.isspace() for c in hostname):
+        raise TLSSetupError(f"not a usable host name: {hostname!r}")
+    try:
+        alt_names = _subject_alt_names(hostname)
+    except UnicodeError:
+        raise TLSSetupError(f"not a usable host name: {hostname!r}") from None
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    # The CN is limited to 64 characters; the SAN carries the name that clients check anyway.
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, hostname)] if len(hostname) <= 64 else []
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))  # devices with a slow clock
+        .not_valid_after(now + CERT_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,  # TLS 1.0 RSA key exchange
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_file(key_file, key_pem, 0o600)
+    _write_file(cert_file, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def ensure_server_certificate(settings: TLSSettings, hostname: str) -> bool:
+    """Generate a self-signed pair if neither file exists; return whether one was generated.
+
+    Exactly one existing file means something is wrong (a copied cert without its key, a
+    half-finished deployment); overwriting it could destroy the operator's real certificate,
+    so that is an error instead.
+    """
+    cert_exists, key_exists = settings.cert_file.exists(), settings.key_file.exists()
+    if cert_exists and key_exists:
+        return False
+    if cert_exists or key_exists:
+        present, missing = (
+            (settings.cert_file, settings.key_file)
+            if cert_exists
+            else (settings.key_file, settings.cert_file)
+        )
+        raise TLSSetupError(
+            f"{present} exists but {missing} does not; not generating a new pair over it. "
+            "Provide both files, or remove both to have a self-signed pair generated."
+        )
+    generate_self_signed(hostname, settings.cert_file, settings.key_file)
+    return True
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TLSSetupError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def load_server_certificate(
+    settings: TLSSettings,
+) -> tuple[x509.Certificate, list[x509.Certificate], PrivateKeyTypes]:
+    """Load and cross-check the pair: (leaf, intermediates, key).
+
+    ``cert_file`` may hold a full chain (leaf first, as ACME clients write it). Checked here,
+    once, so a wrong pair fails at start with both file names instead of at the first client.
+    """
+    cert_data = _read(settings.cert_file, "certificate")
+    try:
+        chain = x509.load_pem_x509_certificates(cert_data)
+    except ValueError:
+        raise TLSSetupError(f"{settings.cert_file}: no PEM certificate in it") from None
+    key_data = _read(settings.key_file, "private key")
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise TLSSetupError(
+            f"{settings.key_file}: the key is encrypted; provide it without a passphrase"
+        ) from None
+    except ValueError:
+        raise TLSSetupError(f"{settings.key_file}: no PEM private key in it") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if chain[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise TLSSetupError(
+            f"{settings.key_file} is not the key of the certificate in {settings.cert_file}"
+        )
+    return chain[0], chain[1:], key
+
+
+def certificate_fingerprint(cert_file: Path) -> str:
+    """SHA-256 fingerprint as ``AB:CD:…``: what users compare when a device asks to trust it."""
+    certificate = x509.load_pem_x509_certificate(_read(cert_file, "certificate"))
+    return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+# --------------------------------------------------------------------------------------------
+# Client-facing (server) side
+
+
+@implementer(ICipher)
+class _Directive:
+    """An OpenSSL cipher-string directive (``@SECLEVEL=0``) riding in the cipher list."""
+
+    def __init__(self, text: str) -> None:
+        self.fullName = text
+
+
+@implementer(IAcceptableCiphers)
+class _WithSecurityLevel:
+    """Twisted's default cipher selection followed by ``@SECLEVEL=n``.
+
+    CertificateOptions joins the selected ciphers' names into the OpenSSL cipher string; using
+    its public IAcceptableCiphers hook keeps us off its private context-building code.
+    """
+
+    def __init__(self, level: int) -> None:
+        self._base = defaultCiphers
+        self._level = level
+
+    def selectCiphers(self, availableCiphers: Iterable[ICipher]) -> Sequence[ICipher]:
+        selected = list(self._base.selectCiphers(availableCiphers))
+        return [*selected, _Directive(f"@SECLEVEL={self._level}")]
+
+
+def server_context_factory(
+    settings: TLSSettings, min_version: TLSVersionName
+) -> CertificateOptions:
+    """Connection creator for our listeners (implicit TLS and STLS/STARTTLS alike).
+
+    ``min_version`` below TLSv1.2 also lowers OpenSSL's security level, without which
+    OpenSSL 3 would still refuse those old clients. Raises TLSSetupError for unusable files.
+    """
+    if min_version not in _VERSIONS:
+        raise ValueError(f"unknown TLS version {min_version!r}")
+    floor = _VERSIONS[min_version]
+    leaf, intermediates, key = load_server_certificate(settings)
+    options: dict[str, object] = {}
+    if floor < TLSVersion.TLSv1_2:
+        options["insecurelyLowerMinimumTo"] = floor
+        options["acceptableCiphers"] = _WithSecurityLevel(LEGACY_SECURITY_LEVEL)
+    else:
+        options["raiseMinimumTo"] = floor
+    factory = CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        certificate=crypto.X509.from_cryptography(leaf),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in intermediates],
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        factory.getContext()  # build now: a bad pair or cipher string fails at start, not later
+    except SSL.Error as exc:
+        raise TLSSetupError(
+            f"cannot use {settings.cert_file} / {settings.key_file}: {exc}"
+        ) from None
+    return factory
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream (client) side
+
+
+@implementer(IOpenSSLTrustRoot)
+class _SystemTrustPlus:
+    """The platform trust store plus, optionally, the anchors in one PEM file.
+
+    ``ca_file`` is documented as *extra* trust anchors, so a private CA does not stop a public
+    certificate from verifying after the operator's upstream switches.
+    """
+
+    def __init__(self, ca_file: Path | None) -> None:
+        self._ca_file = ca_file
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        if self._ca_file is not None:
+            context.load_verify_locations(str(self._ca_file))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """TLS 1.2+ without certificate checks, still sending SNI (verify_certificate = false)."""
+
+    def __init__(self, hostname: str) -> None:
+        self._options = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
+        try:
+            ipaddress.ip_address(hostname)
+            self._server_name: bytes | None = None  # RFC 6066: no IP literals in SNI
+        except ValueError:
+            self._server_name = hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._server_name:
+            connection.set_tlsext_host_name(self._server_name)
+        return connection
+
+
+def client_context_factory(
+    hostname: str, verify: bool = True, ca_file: Path | None = None
+) -> IOpenSSLClientConnectionCreator:
+    """Connection creator for upstream IMAP/SMTP: TLS 1.2 or newer, verified unless told not.
+
+    Verification checks the chain against the system store (plus ``ca_file``) and the
+    ``hostname`` against the certificate via service_identity. Use the result with
+    ``endpoints.wrapClientTLS(creator, endpoint)`` for implicit TLS or
+    ``transport.startTLS(creator)`` after STARTTLS; create one per upstream host.
+    """
+    if not verify:
+        return cast(IOpenSSLClientConnectionCreator, _UnverifiedClientTLS(hostname))
+    if ca_file is not None:
+        try:
+            x509.load_pem_x509_certificates(_read(ca_file, "CA file"))
+        except ValueError:
+            raise TLSSetupError(f"{ca_file}: no PEM certificate in it") from None
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=cast(IOpenSSLTrustRoot, _SystemTrustPlus(ca_file)),
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+    )
