@@ -60,8 +60,9 @@ class Authenticate:
 
 @dataclass(frozen=True, slots=True)
 class Retrieve:
-    """Stream message ``info`` (the ``+OK`` line is already sent): the body through a dot-stuffer,
-    then the terminator; ``top_lines`` is None for RETR. Answer with ``retrieve_done``; if the
+    """Send ``+OK`` once the body starts arriving, then the body through a dot-stuffer and the
+    terminator; ``top_lines`` is None for RETR. Answer with ``retrieve_done``, or with
+    ``retrieve_unavailable`` when the message is gone upstream before a byte was sent. If the
     download fails part way the only honest thing left is to drop the connection."""
 
     number: int
@@ -202,6 +203,10 @@ class Pop3Session:
                 self._close()
 
     def retrieve_done(self) -> None:
+        self._busy = False
+
+    def retrieve_unavailable(self) -> None:
+        self._reply_err("Message no longer available upstream")
         self._busy = False
 
     def update_done(self, problem: str | None = None) -> None:
@@ -386,7 +391,6 @@ class Pop3Session:
         except MaildropError as e:
             self._reply_err(str(e))
             return
-        self._reply_ok(f"{info.size} octets")
         self._actions.append(Retrieve(number, info, top_lines))
         self._busy = True
 

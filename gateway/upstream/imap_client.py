@@ -86,13 +86,25 @@ class ImapClientProtocol(Protocol):
 
     # -- public ---------------------------------------------------------------------------
 
-    def command(self, *parts: CommandPart, sink: BodySink | None = None) -> Deferred[Response]:
-        """Send a command; the Deferred fires with its Response, or fails with ImapError."""
+    def command(
+        self,
+        *parts: CommandPart,
+        sink: BodySink | None = None,
+        continuation: bytes | None = None,
+    ) -> Deferred[Response]:
+        """Send a command; the Deferred fires with its Response, or fails with ImapError.
+
+        ``continuation`` is a line sent when the server asks for more (a SASL response for a
+        server without SASL-IR).
+        """
         self._counter += 1
         tag = f"G{self._counter}"
         encoded = encode_command(tag, *parts, literal_plus=self.has("LITERAL+"))
         name = " ".join(str(p) for p in parts[:2] if isinstance(p, str) and p.isupper())
-        pending = _Pending(name or "command", tag, deque(encoded.parts), Deferred(), sink)
+        lines = deque(encoded.parts)
+        if continuation is not None:
+            lines.append(continuation + b"\r\n")
+        pending = _Pending(name or "command", tag, lines, Deferred(), sink)
         if self._lost:
             pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))
             return pending.deferred
@@ -172,7 +184,10 @@ class ImapClientProtocol(Protocol):
         elif event.tokens and str(event.tokens[0]).upper() == "CAPABILITY":
             self.update_capabilities(event.tokens)
         if self._pending:
-            self._pending[0].untagged.append(event)
+            pending = self._pending[0]
+            pending.untagged.append(event)
+            if pending.sink is not None and isinstance(event, Data):
+                _deliver_inline_bodies(event, pending.sink)
 
     def _complete(self, status: Status) -> None:
         if status.code_name == "CAPABILITY" and status.code:
@@ -215,3 +230,20 @@ class ImapClientProtocol(Protocol):
         self._lost = True
         for pending in waiting:
             pending.deferred.errback(error)
+
+
+def _deliver_inline_bodies(event: Data, sink: BodySink) -> None:
+    """Hand a body that arrived inside its FETCH line to the sink, as if it had been streamed.
+
+    Small literals are parsed inline; callers should not have to care which way a body came.
+    """
+    tokens = event.tokens
+    if len(tokens) < 3 or str(tokens[1]).upper() != "FETCH" or not isinstance(tokens[2], list):
+        return
+    items = tokens[2]
+    for i in range(0, len(items) - 1, 2):
+        value = items[i + 1]
+        if isinstance(value, bytes) and str(items[i]).upper().startswith("BODY["):
+            sink.literal_begin(len(value))
+            sink.literal_data(value)
+            sink.literal_end()

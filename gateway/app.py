@@ -1,0 +1,150 @@
+"""Wiring: builds the listeners from the configuration and runs them until SIGTERM/SIGINT.
+
+Shutdown is graceful: listeners close first, sessions get ``SHUTDOWN_GRACE`` seconds to finish,
+then the rest are dropped. A session that is in its UPDATE is never cut off: it is waited for
+(its deletes are either fully recorded or reported), and dropping any other session applies
+none of its deletes, as RFC 1939 asks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+
+from gateway import tls
+from gateway.config import Config, ListenAddress
+from gateway.log import setup_logging
+from gateway.pop3.backend import MaildropService
+from gateway.pop3.server import Pop3Factory, Pop3Protocol
+
+log = logging.getLogger("popgate")
+
+SHUTDOWN_GRACE = 10.0
+# An UPDATE in progress is waited for this long at most, after the grace period.
+UPDATE_GRACE = 60.0
+
+
+def _endpoint(reactor: Any, address: ListenAddress, tls_context: Any | None) -> Any:
+    if tls_context is not None:
+        return SSL4ServerEndpoint(reactor, address.port, tls_context, interface=address.host)
+    if ":" in address.host:
+        return TCP6ServerEndpoint(reactor, address.port, interface=address.host)
+    return TCP4ServerEndpoint(reactor, address.port, interface=address.host)
+
+
+class Gateway:
+    """Everything ``popgate serve`` runs, so tests and the CLI start it the same way."""
+
+    def __init__(self, reactor: Any, config: Config) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.ports: list[IListeningPort] = []
+        self.pop3_sessions: set[Pop3Protocol] = set()
+        self.maildrops = MaildropService(reactor, config)
+
+    async def start(self) -> None:
+        config = self.config
+        hostname = socket.getfqdn() or "localhost"
+        if tls.ensure_server_certificate(config.tls, hostname):
+            log.warning(
+                "generated a self-signed certificate %s for %s; devices will warn about it",
+                config.tls.cert_file,
+                hostname,
+            )
+        pop3_tls = tls.server_context_factory(
+            config.tls, config.pop3.tls_min_version or config.tls.min_version
+        )
+        networks = tuple(
+            ipaddress.ip_network(n, strict=False) for n in config.security.insecure_auth_networks
+        )
+        for addresses, implicit in ((config.pop3.listen, False), (config.pop3.listen_tls, True)):
+            factory = Pop3Factory(
+                self.maildrops,
+                self.reactor,
+                pop3_tls,
+                implicit,
+                networks,
+                config.pop3.idle_timeout,
+                self.pop3_sessions,
+            )
+            for address in addresses:
+                endpoint = _endpoint(self.reactor, address, pop3_tls if implicit else None)
+                port = await endpoint.listen(factory)
+                self.ports.append(port)
+                bound = port.getHost()
+                shown = ListenAddress(bound.host, bound.port)
+                log.info("listening pop3 on %s (%s)", shown, "tls" if implicit else "plain")
+
+    async def stop(self) -> None:
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports.clear()
+        if self.pop3_sessions:
+            log.info("waiting up to %ss for %d sessions", SHUTDOWN_GRACE, len(self.pop3_sessions))
+        await self._wait_for(lambda: not self.pop3_sessions, SHUTDOWN_GRACE)
+        for session in list(self.pop3_sessions):
+            if not session.busy_with_update and session.transport is not None:
+                session.transport.write(b"-ERR [SYS/TEMP] Server shutting down\r\n")
+                session.transport.loseConnection()
+        await self._wait_for(lambda: not self.pop3_sessions, UPDATE_GRACE)
+        for session in list(self.pop3_sessions):
+            if session.transport is not None:
+                session.transport.abortConnection()
+
+    async def _wait_for(self, condition: Any, seconds: float) -> None:
+        deadline = self.reactor.seconds() + seconds
+        while not condition() and self.reactor.seconds() < deadline:
+            d: defer.Deferred[None] = defer.Deferred()
+            self.reactor.callLater(0.05, d.callback, None)
+            await d
+
+
+def serve(config: Config) -> int:
+    """Run the gateway in the foreground until SIGTERM/SIGINT; the process exit status."""
+    from twisted.internet import reactor
+
+    setup_logging(config.log)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    gateway = Gateway(reactor, config)
+    status = {"code": 0}
+
+    async def run() -> None:
+        try:
+            await gateway.start()
+        except Exception as e:
+            log.error("cannot start: %s", e)
+            status["code"] = 1
+            await gateway.stop()
+            reactor.stop()  # type: ignore[attr-defined]
+            return
+        log.info("popgate ready")
+
+    stopping = {"done": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping["done"]:
+            return
+        stopping["done"] = True
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+
+        async def shutdown() -> None:
+            await gateway.stop()
+            reactor.stop()  # type: ignore[attr-defined]
+
+        reactor.callFromThread(lambda: defer.Deferred.fromCoroutine(shutdown()))  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    log.info("stopped")
+    sys.stderr.flush()
+    return status["code"]

@@ -1,0 +1,199 @@
+"""Per-device views of one mailbox: which messages a POP device still sees, and their UIDLs.
+
+A POP login ``alice#phone`` is user ``alice`` on device ``phone``. Each device keeps its own set
+of hidden messages (the ones it deleted under ``on_delete = "hide"``), so several devices each
+download every message. The set lives upstream, in a small state message per device (see
+``DeviceState``), so the gateway itself keeps no state and any replica serves any session.
+
+Every message some device has hidden also carries the keyword ``POP_DELETED`` upstream. That
+keyword is what retention looks for, what IMAP users can search for, and what lets a login skip
+reading the device state when no message carries it. The invariant: where the server accepts
+keywords, a hidden message always has the keyword (UPDATE stores it before the state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from email.utils import formatdate, make_msgid
+
+from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.uidset import format_uid_set, parse_uid_set
+
+POP_DELETED = "$POPDeleted"
+DEFAULT_DEVICE = "default"
+STATE_HEADER = "X-Popgate-State"
+_STATE_VERSION = 1
+# RFC 1939: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
+_MAX_UIDL = 70
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A POP user name split into the upstream user and the device."""
+
+    user: str
+    device: str
+
+    @classmethod
+    def parse(cls, name: str, separator: str) -> Login:
+        if separator and separator in name:
+            user, _, device = name.rpartition(separator)
+            if user and device:
+                return cls(user, device)
+        return cls(name, DEFAULT_DEVICE)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedMessage:
+    """What the gateway learns about one upstream message at login (no body)."""
+
+    uid: int
+    size: int
+    flags: frozenset[str]
+    emailid: str | None = None
+
+
+@dataclass
+class DeviceState:
+    """The messages one device has hidden in one mailbox.
+
+    Messages are remembered by EMAILID where the server has OBJECTID (RFC 8474), which survives a
+    UIDVALIDITY change; otherwise by UID under the UIDVALIDITY it was valid for. After a
+    UIDVALIDITY change without EMAILIDs the UIDs mean nothing any more and the device sees
+    everything again: a re-download, never a loss.
+    """
+
+    mailbox: str
+    device: str
+    uidvalidity: int = 0
+    uids: set[int] = field(default_factory=set)
+    emailids: set[str] = field(default_factory=set)
+
+    def hides(self, msg: IndexedMessage, uidvalidity: int) -> bool:
+        if msg.emailid is not None and msg.emailid in self.emailids:
+            return True
+        return uidvalidity == self.uidvalidity and msg.uid in self.uids
+
+    def merge(self, other: DeviceState) -> None:
+        """Union with another copy (two replicas may each have written one)."""
+        self.emailids |= other.emailids
+        if other.uidvalidity == self.uidvalidity or not self.uids:
+            self.uidvalidity = other.uidvalidity or self.uidvalidity
+            self.uids |= other.uids
+
+    def hide(self, messages: Iterable[IndexedMessage], uidvalidity: int) -> None:
+        if uidvalidity != self.uidvalidity:
+            self.uids = set()
+            self.uidvalidity = uidvalidity
+        for msg in messages:
+            self.uids.add(msg.uid)
+            if msg.emailid is not None:
+                self.emailids.add(msg.emailid)
+
+    def prune(self, present: Sequence[IndexedMessage]) -> None:
+        """Forget messages no longer in the mailbox, so the state never outgrows it."""
+        uids = {m.uid for m in present}
+        emailids = {m.emailid for m in present if m.emailid is not None}
+        self.uids &= uids
+        self.emailids &= emailids
+
+    @property
+    def key(self) -> str:
+        return state_key(self.mailbox, self.device)
+
+    def to_message(self) -> bytes:
+        """An RFC 5322 message holding this state, to APPEND to the state mailbox."""
+        body = json.dumps(
+            {
+                "version": _STATE_VERSION,
+                "mailbox": self.mailbox,
+                "device": self.device,
+                "uidvalidity": self.uidvalidity,
+                "uids": format_uid_set(self.uids),
+                "emailids": sorted(self.emailids),
+            },
+            separators=(",", ":"),
+        )
+        headers = [
+            "From: popgate <popgate@localhost>",
+            "To: popgate <popgate@localhost>",
+            f"Subject: POP device state ({_ascii(self.device)}); used by popgate, keep",
+            f"Date: {formatdate(localtime=False)}",
+            f"Message-ID: {make_msgid('popgate-state')}",
+            f"{STATE_HEADER}: {self.key}",
+            "MIME-Version: 1.0",
+            "Content-Type: application/json; charset=utf-8",
+            "Content-Transfer-Encoding: 8bit",
+        ]
+        return ("\r\n".join(headers) + "\r\n\r\n" + body + "\r\n").encode("utf-8")
+
+    @classmethod
+    def from_message(cls, raw: bytes, mailbox: str, device: str) -> DeviceState | None:
+        """Parse a state message; None when it is not one for this mailbox and device."""
+        _, sep, body = raw.partition(b"\r\n\r\n")
+        if not sep:
+            _, _, body = raw.partition(b"\n\n")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
+            return None
+        if data.get("mailbox") != mailbox or data.get("device") != device:
+            return None
+        try:
+            return cls(
+                mailbox,
+                device,
+                int(data.get("uidvalidity", 0)),
+                parse_uid_set(str(data.get("uids", ""))),
+                {str(e) for e in data.get("emailids", [])},
+            )
+        except (TypeError, ValueError):
+            return None
+
+
+def state_key(mailbox: str, device: str) -> str:
+    """A search-safe token naming one (mailbox, device) pair, whatever characters they hold."""
+    digest = hashlib.sha256(f"{mailbox}\0{device}".encode()).hexdigest()
+    return f"pg1-{digest[:32]}"
+
+
+def uidl_for(msg: IndexedMessage, uidvalidity: int) -> str:
+    """A UIDL stable across sessions, restarts and replicas.
+
+    With an EMAILID it survives UIDVALIDITY changes. Otherwise it is Dovecot's default
+    ``%08Xu%08Xv``, so devices moving from Dovecot's own POP3 to popgate do not download again.
+    """
+    if msg.emailid:
+        uidl = "".join(c for c in msg.emailid if "!" <= c <= "~")
+        if 0 < len(uidl) <= _MAX_UIDL:
+            return uidl
+        return "E" + hashlib.sha256(msg.emailid.encode()).hexdigest()[:40]
+    return f"{msg.uid:08X}{uidvalidity:08X}"
+
+
+def build_maildrop(
+    index: Sequence[IndexedMessage], uidvalidity: int, state: DeviceState | None
+) -> Maildrop:
+    """The session's maildrop: everything not ``\\Deleted`` upstream nor hidden for the device."""
+    return Maildrop(
+        [
+            MessageInfo(m.uid, m.size, uidl_for(m, uidvalidity))
+            for m in index
+            if "\\Deleted" not in m.flags
+            and not (state is not None and state.hides(m, uidvalidity))
+        ]
+    )
+
+
+def needs_state(index: Sequence[IndexedMessage], keywords_allowed: bool) -> bool:
+    """Whether the device state must be read: only when some message could be hidden."""
+    return not keywords_allowed or any(POP_DELETED in m.flags for m in index)
+
+
+def _ascii(text: str) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:60]

@@ -1,0 +1,159 @@
+"""Where a POP3 session meets the upstream mailbox: login, snapshot, download, UPDATE.
+
+``MaildropService`` is shared by all sessions (it knows which user+device pairs are busy);
+``UpstreamMaildrop`` belongs to one session and owns its IMAP connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from gateway.config import Config
+from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.policy import DeletePolicy, policy_for
+from gateway.maildrop.views import (
+    DeviceState,
+    IndexedMessage,
+    Login,
+    build_maildrop,
+    needs_state,
+)
+from gateway.upstream import device_store
+from gateway.upstream.account import ImapAccount, UpstreamUnavailable
+from gateway.upstream.imap_client import BodySink, ImapError, Response
+
+log = logging.getLogger("popgate.pop3")
+
+DEFAULT_STATE_MAILBOX = "POP Device State"
+
+
+class MaildropBusy(Exception):
+    """Another session of the same user and device is open (RFC 2449 ``[IN-USE]``)."""
+
+
+class UpdateFailed(Exception):
+    """The UPDATE did not complete; ``str(self)`` says what was not done."""
+
+
+class MaildropService:
+    def __init__(self, reactor: IReactorTime, config: Config) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
+        self.state_mailbox = DEFAULT_STATE_MAILBOX
+        self._busy: set[tuple[str, str]] = set()
+
+    def parse_login(self, name: str) -> Login:
+        return Login.parse(name, self.config.pop3.device_separator)
+
+    async def open(self, login: Login, password: str, peer_ip: str | None) -> UpstreamMaildrop:
+        """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable,
+        MaildropBusy."""
+        account = await ImapAccount.open(
+            self.reactor, self.config.upstream.imap, login.user, password, peer_ip
+        )
+        key = (login.user, login.device)
+        if key in self._busy:
+            await account.logout()
+            raise MaildropBusy(f"{login.user} on device {login.device} is already in a session")
+        self._busy.add(key)
+        try:
+            return await self._snapshot(account, login)
+        except BaseException:
+            self._busy.discard(key)
+            account.abort()
+            raise
+
+    async def _snapshot(self, account: ImapAccount, login: Login) -> UpstreamMaildrop:
+        mailbox = self.config.pop3.mailbox
+        try:
+            info = await account.examine(mailbox)
+            index = await account.index(info.exists)
+            state = None
+            if needs_state(index, info.keywords_allowed):
+                state = await device_store.load(account, self.state_mailbox, mailbox, login.device)
+                again = await account.examine(mailbox)
+                if again.uidvalidity != info.uidvalidity:
+                    raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")
+        except UpstreamUnavailable:
+            raise
+        except ImapError as e:
+            raise UpstreamUnavailable(f"cannot open {mailbox}: {e}") from e
+        return UpstreamMaildrop(self, account, login, info.uidvalidity, index, state)
+
+    def release(self, login: Login) -> None:
+        self._busy.discard((login.user, login.device))
+
+
+class UpstreamMaildrop:
+    def __init__(
+        self,
+        service: MaildropService,
+        account: ImapAccount,
+        login: Login,
+        uidvalidity: int,
+        index: Sequence[IndexedMessage],
+        state: DeviceState | None,
+    ) -> None:
+        self.service = service
+        self.account = account
+        self.login = login
+        self.uidvalidity = uidvalidity
+        self.index = index
+        self.state = state
+        self.maildrop: Maildrop = build_maildrop(index, uidvalidity, state)
+        self._closed = False
+
+    @property
+    def imap_transport(self) -> object:
+        """The upstream transport, to pause while the POP client is slow (push producer)."""
+        return self.account.proto.transport
+
+    def fetch(self, info: MessageInfo, sink: BodySink) -> Deferred[Response]:
+        return self.account.fetch_body(info.uid, sink)
+
+    async def update(self, deleted: Sequence[MessageInfo]) -> None:
+        """Carry out the delete policy for ``deleted``; raises UpdateFailed naming what is left.
+
+        Every step is idempotent (adding flags, adding to a set), so a client that retries the
+        same deletes after a failure ends in the same state.
+        """
+        policy = self.service.policy
+        config = self.service.config.pop3
+        by_uid = {m.uid: m for m in self.index}
+        messages = [by_uid[m.uid] for m in deleted if m.uid in by_uid]
+        uids = [m.uid for m in messages]
+        step = f"selecting {config.mailbox}"
+        try:
+            info = await self.account.examine(config.mailbox, readonly=False)
+            if info.uidvalidity != self.uidvalidity:
+                raise UpdateFailed(f"{config.mailbox} was rebuilt upstream; nothing was deleted")
+            flags = [f for f in policy.add_flags if info.keywords_allowed or f.startswith("\\")]
+            if flags:
+                step = "flagging the deleted messages"
+                await self.account.add_flags(uids, flags)
+            if policy.hide_for_device:
+                step = f"recording the deletes of device {self.login.device}"
+                state = self.state or DeviceState(config.mailbox, self.login.device)
+                state.hide(messages, self.uidvalidity)
+                await device_store.save(self.account, self.service.state_mailbox, state, self.index)
+        except ImapError as e:
+            raise UpdateFailed(f"{len(uids)} deletes not applied ({step} failed: {e})") from e
+
+    async def close(self) -> None:
+        """Log out and free the user+device pair; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self.service.release(self.login)
+        await self.account.logout()
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.service.release(self.login)
+            self.account.abort()

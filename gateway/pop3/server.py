@@ -1,0 +1,304 @@
+"""Twisted glue for the POP3 session: sockets, TLS, timers and the upstream calls.
+
+All protocol decisions are made by ``gateway.proto.pop3.Pop3Session``; this module only carries
+its actions out and reports the results back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+import gateway
+from gateway.maildrop.views import Login
+from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, UpstreamMaildrop
+from gateway.proto import pop3
+from gateway.proto.dotstuff import DotStuffer, TopFilter
+from gateway.upstream.account import LoginRejected, UpstreamUnavailable
+from gateway.upstream.imap_client import ImapError
+
+log = logging.getLogger("popgate.pop3")
+
+
+class _BodyStream:
+    """Receives the IMAP literal and writes it, dot-stuffed, to the POP client."""
+
+    def __init__(self, protocol: Pop3Protocol, ok_line: bytes, top_lines: int | None) -> None:
+        self.protocol = protocol
+        self.ok_line = ok_line
+        self.stuffer = DotStuffer()
+        self.top = TopFilter(top_lines) if top_lines is not None else None
+        self.started = False
+
+    def literal_begin(self, size: int) -> None:
+        if not self.started:
+            self.started = True
+            self.protocol.write(self.ok_line)
+
+    def literal_data(self, data: bytes) -> None:
+        if self.top is not None:
+            data = self.top.feed(data)
+        if data:
+            self.protocol.write(self.stuffer.feed(data))
+
+    def literal_end(self) -> None:
+        pass
+
+
+class Pop3Protocol(Protocol):
+    def __init__(
+        self,
+        service: MaildropService,
+        reactor: IReactorTime,
+        tls_context: IOpenSSLServerConnectionCreator | None,
+        implicit_tls: bool,
+        insecure_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+        idle_timeout: float,
+        on_close: Callable[[Pop3Protocol], None] = lambda p: None,
+    ) -> None:
+        self.service = service
+        self.reactor = reactor
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.insecure_auth_networks = insecure_auth_networks
+        self.idle_timeout = idle_timeout
+        self.on_close = on_close
+        self.session_id = secrets.token_hex(4)
+        self.session: pop3.Pop3Session | None = None
+        self.maildrop: UpstreamMaildrop | None = None
+        self.login: Login | None = None
+        self.peer = "?"
+        self.peer_ip: str | None = None
+        self._timer = None
+        self._closed = False
+        self.busy_with_update = False
+
+    # -- logging --------------------------------------------------------------------------
+
+    def _log(self, level: int, message: str, *args: object) -> None:
+        extra = {"session": self.session_id, "peer": self.peer}
+        if self.login is not None:
+            extra["user"] = self.login.user
+            extra["device"] = self.login.device
+        log.log(level, message, *args, extra=extra)
+
+    # -- Twisted ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer_ip = getattr(peer, "host", None)
+        self.peer = f"{self.peer_ip}:{getattr(peer, 'port', '?')}"
+        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None  # type: ignore[union-attr]
+        self.session = pop3.Pop3Session(
+            tls_active=self.implicit_tls,
+            stls_available=self.tls_context is not None and not self.implicit_tls,
+            plaintext_allowed=self._peer_is_trusted(),
+            implementation=f"popgate-{gateway.__version__}",
+        )
+        self._log(logging.INFO, "connect tls=%s", "implicit" if self.implicit_tls else "no")
+        self._reset_timer()
+        self._pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reset_timer()
+        assert self.session is not None
+        self.session.receive_data(data)
+        self._pump()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.session is not None:
+            self.session.connection_lost()
+        if self.maildrop is not None and not self.busy_with_update:
+            # Dropped before or during TRANSACTION: the deletes are forgotten (RFC 1939).
+            Deferred.fromCoroutine(self.maildrop.close())
+        self._log(logging.INFO, "disconnect")
+        self.on_close(self)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Writes to the client count as activity: a slow download is not an idle session."""
+        self._reset_timer()
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _peer_is_trusted(self) -> bool:
+        try:
+            ip = ipaddress.ip_address(self.peer_ip or "")
+        except ValueError:
+            return False
+        return any(ip in net for net in self.insecure_auth_networks)
+
+    def _reset_timer(self) -> None:
+        if self._closed:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle_timeout)
+        else:
+            self._timer = self.reactor.callLater(self.idle_timeout, self._idle)  # type: ignore[attr-defined]
+
+    def _idle(self) -> None:
+        if self.busy_with_update:
+            self._reset_timer()  # an UPDATE in progress is finished, not cut off
+            return
+        self._log(logging.INFO, "idle timeout after %ss, closing", self.idle_timeout)
+        self.transport.write(b"-ERR Idle timeout, closing connection\r\n")  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _pump(self) -> None:
+        session = self.session
+        assert session is not None
+        while not self._closed and (action := session.next_action()) is not None:
+            if isinstance(action, pop3.Send):
+                self.transport.write(action.data)  # type: ignore[union-attr]
+            elif isinstance(action, pop3.Retrieve):
+                self._retrieve(action)
+            elif isinstance(action, pop3.Authenticate):
+                Deferred.fromCoroutine(self._authenticate(action))
+            elif isinstance(action, pop3.Update):
+                Deferred.fromCoroutine(self._update(action))
+            elif isinstance(action, pop3.StartTLS):
+                self._start_tls()
+            elif isinstance(action, pop3.Close):
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _start_tls(self) -> None:
+        assert self.session is not None and self.tls_context is not None
+        self.transport.startTLS(self.tls_context)  # type: ignore[union-attr]
+        self.session.tls_started()
+        self._log(logging.INFO, "STLS started")
+
+    async def _authenticate(self, action: pop3.Authenticate) -> None:
+        session = self.session
+        assert session is not None
+        login = self.service.parse_login(action.username)
+        try:
+            maildrop = await self.service.open(login, action.password, self.peer_ip)
+        except LoginRejected as e:
+            self._log_login(login, f"login failed: {e}", logging.WARNING)
+            session.login_failed(pop3.BadCredentials())
+        except MaildropBusy:
+            self._log_login(login, "login refused: device already in a session", logging.WARNING)
+            session.login_failed(pop3.MailboxInUse())
+        except (UpstreamUnavailable, ImapError) as e:
+            self._log_login(login, f"login failed, upstream unavailable: {e}", logging.ERROR)
+            session.login_failed(pop3.UpstreamUnavailable())
+        else:
+            if self._closed:
+                maildrop.abort()
+                return
+            self.maildrop = maildrop
+            self.login = login
+            count, octets = maildrop.maildrop.stat()
+            self._log(
+                logging.INFO,
+                "login ok mechanism=%s messages=%d octets=%d",
+                action.mechanism,
+                count,
+                octets,
+            )
+            session.login_done(maildrop.maildrop)
+        self._pump()
+
+    def _log_login(self, login: Login, message: str, level: int) -> None:
+        log.log(
+            level,
+            message,
+            extra={
+                "session": self.session_id,
+                "peer": self.peer,
+                "user": login.user,
+                "device": login.device,
+            },
+        )
+
+    def _retrieve(self, action: pop3.Retrieve) -> None:
+        assert self.maildrop is not None and self.session is not None
+        ok = f"+OK {action.info.size} octets\r\n".encode()
+        stream = _BodyStream(self, ok, action.top_lines)
+        producer = self.maildrop.imap_transport
+        self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+        d = self.maildrop.fetch(action.info, stream)
+
+        def finished(result: object) -> None:
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            producer.resumeProducing()  # type: ignore[attr-defined]
+            if self._closed or self.session is None:
+                return
+            if isinstance(result, Failure) or not stream.started:
+                if stream.started:
+                    # Part of the message is out: no -ERR can follow a +OK, so the client must
+                    # see a broken connection rather than a short message.
+                    self._log(logging.ERROR, "download of UID %d failed", action.info.uid)
+                    self.transport.abortConnection()  # type: ignore[union-attr]
+                    return
+                self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
+                self.session.retrieve_unavailable()
+            else:
+                self.write(stream.stuffer.finish())
+                self.session.retrieve_done()
+            self._pump()
+
+        d.addBoth(finished)
+
+    async def _update(self, action: pop3.Update) -> None:
+        assert self.maildrop is not None and self.session is not None
+        self.busy_with_update = True
+        problem = None
+        try:
+            await self.maildrop.update(action.deleted)
+        except UpdateFailed as e:
+            problem = str(e)
+            self._log(logging.ERROR, "update failed: %s", problem)
+        else:
+            self._log(logging.INFO, "update applied deleted=%d", len(action.deleted))
+        finally:
+            self.busy_with_update = False
+        await self.maildrop.close()
+        if not self._closed:
+            self.session.update_done(problem)
+            self._pump()
+
+
+class Pop3Factory(Factory):
+    """Builds one Pop3Protocol per connection and tracks the live ones for graceful shutdown."""
+
+    def __init__(
+        self,
+        service: MaildropService,
+        reactor: IReactorTime,
+        tls_context: IOpenSSLServerConnectionCreator | None,
+        implicit_tls: bool,
+        insecure_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+        idle_timeout: float,
+        sessions: set[Pop3Protocol],
+    ) -> None:
+        self.service = service
+        self.reactor = reactor
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.insecure_auth_networks = insecure_auth_networks
+        self.idle_timeout = idle_timeout
+        self.sessions = sessions
+
+    def buildProtocol(self, addr: object) -> Pop3Protocol:
+        protocol = Pop3Protocol(
+            self.service,
+            self.reactor,
+            self.tls_context,
+            self.implicit_tls,
+            self.insecure_auth_networks,
+            self.idle_timeout,
+            on_close=self.sessions.discard,
+        )
+        self.sessions.add(protocol)
+        return protocol

@@ -1,0 +1,239 @@
+"""One user's logged-in connection to the upstream IMAP server, and the operations POP needs.
+
+Connection set-up (implicit TLS, STARTTLS or clear), login (SASL PLAIN or LOGIN, never with user
+input pasted into the command) and mailbox operations. Errors come out as the specific exception
+types below, so the POP3 layer can turn each into the right response code in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import ConnectError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+
+from gateway.config import ImapUpstream
+from gateway.maildrop.uidset import format_uid_set
+from gateway.maildrop.views import IndexedMessage
+from gateway.proto.imap import Atom, Data, Token, fetch_items
+from gateway.tls import client_context_factory
+from gateway.upstream.imap_client import (
+    BodySink,
+    ImapClientProtocol,
+    ImapCommandFailed,
+    ImapConnectionLost,
+    ImapError,
+    Response,
+)
+
+CONNECT_TIMEOUT = 15.0
+# Login may involve a slow password backend upstream, but a device should not hang for ever.
+LOGIN_TIMEOUT = 60.0
+
+
+class UpstreamUnavailable(ImapError):
+    """The server could not be reached or would not serve us now; worth trying again later."""
+
+
+class LoginRejected(ImapError):
+    """The server refused these credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxInfo:
+    uidvalidity: int
+    exists: int
+    keywords_allowed: bool  # PERMANENTFLAGS has \* : the gateway may create its own keywords
+
+
+async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientProtocol:
+    """Connect and, for STARTTLS, secure the connection; fails with UpstreamUnavailable."""
+    tls = None
+    if settings.security != "none":
+        tls = client_context_factory(
+            settings.host, settings.verify_certificate, settings.ca_file
+        )
+    endpoint = HostnameEndpoint(reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT)
+    if settings.security == "tls":
+        endpoint = wrapClientTLS(tls, endpoint)
+    proto = ImapClientProtocol()
+    try:
+        await connectProtocol(endpoint, proto)
+        await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)
+        if settings.security == "starttls":
+            if not proto.capabilities:
+                await proto.command(Atom("CAPABILITY"))
+            if not proto.has("STARTTLS"):
+                raise UpstreamUnavailable("IMAP server does not offer STARTTLS")
+            await proto.command(Atom("STARTTLS"))
+            proto.start_tls(tls)
+        if not proto.capabilities or settings.security == "starttls":
+            await proto.command(Atom("CAPABILITY"))
+    except UpstreamUnavailable:
+        _abort(proto)
+        raise
+    except (ImapError, ConnectError, TimeoutError, OSError) as e:
+        _abort(proto)
+        raise UpstreamUnavailable(f"cannot reach IMAP server {settings.host}: {e}") from e
+    except Exception as e:  # TLS failures surface as OpenSSL errors of several kinds
+        _abort(proto)
+        raise UpstreamUnavailable(f"cannot set up IMAP connection to {settings.host}: {e}") from e
+    return proto
+
+
+def _abort(proto: ImapClientProtocol) -> None:
+    if proto.transport is not None:
+        proto.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+async def _with_timeout(d: Deferred, reactor: IReactorTime, seconds: float) -> object:
+    d.addTimeout(seconds, reactor)
+    return await d
+
+
+class ImapAccount:
+    """A logged-in connection; each POP session owns one."""
+
+    def __init__(self, proto: ImapClientProtocol) -> None:
+        self.proto = proto
+
+    @classmethod
+    async def open(
+        cls,
+        reactor: IReactorTime,
+        settings: ImapUpstream,
+        username: str,
+        password: str,
+        client_ip: str | None = None,
+    ) -> ImapAccount:
+        proto = await connect(reactor, settings)
+        account = cls(proto)
+        try:
+            d = Deferred.fromCoroutine(account._login(username, password, client_ip))
+            await _with_timeout(d, reactor, LOGIN_TIMEOUT)
+        except BaseException:
+            _abort(proto)
+            raise
+        return account
+
+    async def _login(self, username: str, password: str, client_ip: str | None) -> None:
+        proto = self.proto
+        if client_ip and proto.has("ID"):
+            # Dovecot applies its per-IP login penalties to the device, not to the gateway, when
+            # the gateway is in login_trusted_networks.
+            try:
+                await proto.command(Atom("ID"), ["x-originating-ip", client_ip])
+            except ImapCommandFailed:
+                pass
+        if proto.has("LOGINDISABLED") and not proto.has("AUTH=PLAIN"):
+            raise UpstreamUnavailable("IMAP server refuses login on this connection")
+        try:
+            if proto.has("AUTH=PLAIN"):
+                await self._authenticate_plain("", username, password)
+            else:
+                await proto.command(Atom("LOGIN"), username, password)
+        except ImapCommandFailed as e:
+            if e.status.code_name in ("UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE"):
+                raise UpstreamUnavailable(f"IMAP login deferred: {e.status.text}") from e
+            raise LoginRejected(e.status.text) from e
+        except ImapConnectionLost as e:
+            raise UpstreamUnavailable(str(e)) from e
+        if not proto.capabilities or not any(c.startswith("IMAP4") for c in proto.capabilities):
+            await proto.command(Atom("CAPABILITY"))
+
+    async def _authenticate_plain(self, authzid: str, username: str, password: str) -> None:
+        blob = "\0".join((authzid, username, password)).encode("utf-8")
+        response = Atom(base64.b64encode(blob).decode("ascii") or "=")
+        if self.proto.has("SASL-IR"):
+            await self.proto.command(Atom("AUTHENTICATE"), Atom("PLAIN"), response)
+        else:
+            await self.proto.command(
+                Atom("AUTHENTICATE"), Atom("PLAIN"), continuation=response.encode("ascii")
+            )
+
+    async def examine(self, mailbox: str, *, readonly: bool = True) -> MailboxInfo:
+        verb = Atom("EXAMINE" if readonly else "SELECT")
+        response = await self.proto.command(verb, mailbox)
+        uidvalidity, exists, keywords = 0, 0, False
+        for item in response.untagged:
+            if isinstance(item, Data):
+                if len(item.tokens) >= 2 and str(item.tokens[1]).upper() == "EXISTS":
+                    exists = int(str(item.tokens[0]))
+            elif item.code_name == "UIDVALIDITY" and item.code and len(item.code) > 1:
+                uidvalidity = int(str(item.code[1]))
+            elif item.code_name == "PERMANENTFLAGS" and item.code and len(item.code) > 1:
+                flags = item.code[1]
+                keywords = isinstance(flags, list) and "\\*" in flags
+        return MailboxInfo(uidvalidity, exists, keywords)
+
+    async def index(self, exists: int) -> list[IndexedMessage]:
+        """UID, size and flags of every message, in one round trip (no per-message requests)."""
+        if exists == 0:
+            return []
+        items = [Atom("UID"), Atom("RFC822.SIZE"), Atom("FLAGS")]
+        if self.proto.has("OBJECTID"):
+            items.append(Atom("EMAILID"))
+        response = await self.proto.command(Atom("UID"), Atom("FETCH"), Atom("1:*"), items)
+        entries = []
+        for item in response.untagged:
+            if not isinstance(item, Data) or len(item.tokens) < 3:
+                continue
+            if str(item.tokens[1]).upper() != "FETCH":
+                continue
+            _, fields = fetch_items(item.tokens)
+            uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
+            if uid is None or size is None:
+                continue
+            flags = fields.get("FLAGS")
+            emailid = fields.get("EMAILID")
+            entries.append(
+                IndexedMessage(
+                    int(str(uid)),
+                    int(str(size)),
+                    frozenset(str(f) for f in flags) if isinstance(flags, list) else frozenset(),
+                    _first_str(emailid),
+                )
+            )
+        entries.sort(key=lambda e: e.uid)
+        return entries
+
+    def fetch_body(self, uid: int, sink: BodySink) -> Deferred[Response]:
+        """Stream the message to ``sink`` without setting \\Seen (BODY.PEEK)."""
+        return self.proto.command(
+            Atom("UID"), Atom("FETCH"), Atom(str(uid)), [Atom("BODY.PEEK[]")], sink=sink
+        )
+
+    async def add_flags(self, uids: Iterable[int], flags: Iterable[str]) -> None:
+        uid_set = format_uid_set(uids)
+        if uid_set:
+            await self.proto.command(
+                Atom("UID"),
+                Atom("STORE"),
+                Atom(uid_set),
+                Atom("+FLAGS.SILENT"),
+                [Atom(f) for f in flags],
+            )
+
+    async def logout(self) -> None:
+        try:
+            await self.proto.command(Atom("LOGOUT"))
+        except ImapError:
+            pass
+        finally:
+            if self.proto.transport is not None:
+                self.proto.transport.loseConnection()
+
+    def abort(self) -> None:
+        _abort(self.proto)
+
+
+def _first_str(token: Token) -> str | None:
+    if isinstance(token, list):
+        token = token[0] if token else None
+    if isinstance(token, bytes):
+        return token.decode("ascii", "replace")
+    return str(token) if token is not None else None
