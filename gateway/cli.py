@@ -1,0 +1,184 @@
+"""The ``popgate`` command line (also ``python -m gateway``).
+
+Exit status: 0 success, 1 a runtime failure (e.g. gen-cert refusing to overwrite), 2 a usage or
+configuration error, with one problem per line on stderr so scripts and humans can both read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import CONFIG_ENV, Config, ConfigError, load_config, render_effective
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+CERT_NAME = "popgate.crt"
+KEY_NAME = "popgate.key"
+
+
+def _error(message: str) -> None:
+    print(f"popgate: {message}", file=sys.stderr)
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    path: str | None = args.config or os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        _error(f"no configuration file: pass -c FILE or set {CONFIG_ENV}")
+    return path
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    """Load the configuration, or print every problem and return None."""
+    path = _config_path(args)
+    if path is None:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _certificate_problems(config: Config) -> list[str]:
+    """What would stop serve from using ``[tls]``: half a pair, or a pair that does not match."""
+    from gateway.tls import TLSSetupError, load_server_certificate
+
+    name = str(config.source)
+    cert, key = config.tls.cert_file, config.tls.key_file
+    if cert.exists() != key.exists():
+        present, missing = (cert, key) if cert.exists() else (key, cert)
+        return [f"{name}: [tls] cert_file, key_file: {present} exists but {missing} does not"]
+    if not cert.exists():
+        print(
+            f"note: {cert} and {key} do not exist; a self-signed pair is generated at start",
+            file=sys.stderr,
+        )
+        return []
+    try:
+        load_server_certificate(config.tls)
+    except TLSSetupError as exc:
+        return [f"{name}: [tls] cert_file, key_file: {exc}"]
+    return []
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate and print the effective configuration (secrets redacted)."""
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    problems = _certificate_problems(config)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sys.stdout.write(render_effective(config))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway; gateway.app is imported only here so the other commands never need it.
+
+    app.serve sets up logging (and logs the configuration's warnings) itself.
+    """
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.tls import TLSSetupError
+
+    try:
+        from gateway.app import serve
+    except ModuleNotFoundError as exc:
+        if exc.name != "gateway.app":
+            raise
+        _error("serve is not available: gateway.app is missing from this installation")
+        return EXIT_FAILURE
+    try:
+        return serve(config)
+    except (ConfigError, TLSSetupError) as exc:
+        # Found only while starting (e.g. half a certificate pair): still a configuration error.
+        for line in str(exc).splitlines():
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def cmd_gen_cert(args: argparse.Namespace) -> int:
+    """Write DIR/popgate.crt and DIR/popgate.key; refuse to replace a key unless --force."""
+    from gateway.tls import TLSSetupError, certificate_fingerprint, generate_self_signed
+
+    out = Path(args.out)
+    cert, key = out / CERT_NAME, out / KEY_NAME
+    existing = [p for p in (cert, key) if p.exists()]
+    if existing and not args.force:
+        _error(f"{existing[0]} already exists; pass --force to replace it")
+        return EXIT_FAILURE
+    try:
+        generate_self_signed(args.hostname, cert, key)
+    except TLSSetupError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except OSError as exc:
+        _error(f"cannot write to {out}: {exc.strerror or exc}")
+        return EXIT_FAILURE
+    print(f"wrote {cert}")
+    print(f"wrote {key}")
+    print(f"SHA-256 fingerprint: {certificate_fingerprint(cert)}")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"popgate {__version__}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popgate",
+        description="POP3 and SMTP submission gateway for legacy devices, over IMAP.",
+    )
+    parser.add_argument("--version", action="version", version=f"popgate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    config_help = f"the TOML configuration file (default: ${CONFIG_ENV})"
+    serve = commands.add_parser("serve", help="run every configured listener")
+    serve.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    serve.set_defaults(handler=cmd_serve)
+
+    check = commands.add_parser(
+        "check-config", help="validate the configuration and print its effective values"
+    )
+    check.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    check.set_defaults(handler=cmd_check_config)
+
+    gen_cert = commands.add_parser(
+        "gen-cert", help=f"write a self-signed DIR/{CERT_NAME} and DIR/{KEY_NAME}"
+    )
+    gen_cert.add_argument(
+        "--hostname", required=True, metavar="NAME", help="name (or IP) to certify"
+    )
+    gen_cert.add_argument("--out", required=True, metavar="DIR", help="directory to write to")
+    gen_cert.add_argument("--force", action="store_true", help="replace existing files")
+    gen_cert.set_defaults(handler=cmd_gen_cert)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(handler=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
+    result: int = args.handler(args)
+    return result
