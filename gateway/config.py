@@ -460,6 +460,8 @@ class _Loader:
         self.environ = environ
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        # Keys already reported, so cross-key rules do not pile a second, derived problem on them.
+        self.failed: set[tuple[str, str]] = set()
 
     def label(self, section: str, key: str, env: str | None = None) -> str:
         origin = f" (from {env})" if env else ""
@@ -467,6 +469,7 @@ class _Loader:
 
     def problem(self, section: str, key: str, message: str, env: str | None = None) -> None:
         self.problems.append(f"{self.label(section, key, env)}: {message}")
+        self.failed.add((section, _secret_twins(section).get(key, key)))
 
     def warn(self, section: str, key: str, message: str, env: str | None = None) -> None:
         self.warnings.append(f"{self.label(section, key, env)}: {message}")
@@ -636,6 +639,8 @@ class _Loader:
     def check_master(self, imap: dict[str, Any]) -> None:
         """The master identity is SASL PLAIN user + password: one without the other is a typo."""
         user, password = imap.get("master_user", ""), imap.get("master_password", "")
+        if {("upstream.imap", "master_user"), ("upstream.imap", "master_password")} & self.failed:
+            return
         if user and not password:
             self.problem("upstream.imap", "master_password", "required when master_user is set")
         if password and not user:
