@@ -90,13 +90,11 @@ class Gateway:
             log.info("waiting up to %ss for %d sessions", SHUTDOWN_GRACE, len(self.pop3_sessions))
         await self._wait_for(lambda: not self.pop3_sessions, SHUTDOWN_GRACE)
         for session in list(self.pop3_sessions):
-            if not session.busy_with_update and session.transport is not None:
-                session.transport.write(b"-ERR [SYS/TEMP] Server shutting down\r\n")
-                session.transport.loseConnection()
+            if not session.busy_with_update:
+                session.shut_down()
         await self._wait_for(lambda: not self.pop3_sessions, UPDATE_GRACE)
         for session in list(self.pop3_sessions):
-            if session.transport is not None:
-                session.transport.abortConnection()
+            session.abort()
 
     async def _wait_for(self, condition: Any, seconds: float) -> None:
         deadline = self.reactor.seconds() + seconds
@@ -108,8 +106,9 @@ class Gateway:
 
 def serve(config: Config) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the process exit status."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as default_reactor
 
+    reactor: Any = default_reactor
     setup_logging(config.log)
     for warning in config.warnings:
         log.warning("config: %s", warning)
@@ -123,7 +122,7 @@ def serve(config: Config) -> int:
             log.error("cannot start: %s", e)
             status["code"] = 1
             await gateway.stop()
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
             return
         log.info("popgate ready")
 
@@ -137,14 +136,14 @@ def serve(config: Config) -> int:
 
         async def shutdown() -> None:
             await gateway.stop()
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
-        reactor.callFromThread(lambda: defer.Deferred.fromCoroutine(shutdown()))  # type: ignore[attr-defined]
+        reactor.callFromThread(lambda: defer.Deferred.fromCoroutine(shutdown()))
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))
+    reactor.run(installSignalHandlers=False)
     log.info("stopped")
     sys.stderr.flush()
     return status["code"]

@@ -35,7 +35,7 @@ class MessageDeleted(MaildropError):
 
 
 class Maildrop:
-    __slots__ = ("_messages", "_deleted", "_octets")
+    __slots__ = ("_deleted", "_messages", "_octets")
 
     def __init__(self, messages: Sequence[MessageInfo]) -> None:
         self._messages = tuple(messages)

@@ -12,7 +12,12 @@ import secrets
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -76,7 +81,7 @@ class Pop3Protocol(Protocol):
         self.login: Login | None = None
         self.peer = "?"
         self.peer_ip: str | None = None
-        self._timer = None
+        self._timer: IDelayedCall | None = None
         self._closed = False
         self.busy_with_update = False
 
@@ -95,7 +100,10 @@ class Pop3Protocol(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer_ip = getattr(peer, "host", None)
         self.peer = f"{self.peer_ip}:{getattr(peer, 'port', '?')}"
-        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None  # type: ignore[union-attr]
+        # Replies are small and answered one by one: waiting for Nagle would add latency.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.session = pop3.Pop3Session(
             tls_active=self.implicit_tls,
             stls_available=self.tls_context is not None and not self.implicit_tls,
@@ -112,7 +120,7 @@ class Pop3Protocol(Protocol):
         self.session.receive_data(data)
         self._pump()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -144,7 +152,17 @@ class Pop3Protocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.idle_timeout)
         else:
-            self._timer = self.reactor.callLater(self.idle_timeout, self._idle)  # type: ignore[attr-defined]
+            self._timer = self.reactor.callLater(self.idle_timeout, self._idle)
+
+    def shut_down(self) -> None:
+        """Tell the client why and close; its deletes are not applied (no QUIT was seen)."""
+        if not self._closed and self.transport is not None:
+            self.transport.write(b"-ERR [SYS/TEMP] Server shutting down\r\n")
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self._closed and ITCPTransport.providedBy(self.transport):
+            self.transport.abortConnection()
 
     def _idle(self) -> None:
         if self.busy_with_update:

@@ -40,7 +40,7 @@ class DotStuffer:
 class TopFilter:
     """Passes the header, the blank line after it and then ``lines`` body lines (POP3 TOP)."""
 
-    __slots__ = ("_in_header", "_lines_left", "_prev", "_done")
+    __slots__ = ("_done", "_in_header", "_lines_left", "_prev")
 
     def __init__(self, lines: int) -> None:
         self._in_header = True

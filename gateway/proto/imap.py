@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 # --- values ------------------------------------------------------------------------------------
 
@@ -36,7 +36,7 @@ class StreamedLiteral:
     size: int
 
 
-Token = Union[Atom, bytes, None, StreamedLiteral, list["Token"]]
+Token: TypeAlias = Atom | bytes | None | StreamedLiteral | list["Token"]
 
 
 # --- command encoding -----------------------------------------------------------------------
@@ -61,7 +61,7 @@ class EncodedCommand:
     parts: tuple[bytes, ...]
 
 
-CommandPart = Union[Atom, str, bytes, int, Sequence["CommandPart"]]
+CommandPart: TypeAlias = Atom | str | bytes | int | Sequence["CommandPart"]
 
 
 def encode_string(value: str | bytes, *, literal_plus: bool = False) -> list[bytes]:

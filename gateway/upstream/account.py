@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectError, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from gateway.config import ImapUpstream
 from gateway.maildrop.uidset import format_uid_set
@@ -54,17 +54,17 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     """Connect and, for STARTTLS, secure the connection; fails with UpstreamUnavailable."""
     tls = None
     if settings.security != "none":
-        tls = client_context_factory(
-            settings.host, settings.verify_certificate, settings.ca_file
-        )
-    endpoint = HostnameEndpoint(reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT)
-    if settings.security == "tls":
+        tls = client_context_factory(settings.host, settings.verify_certificate, settings.ca_file)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(
+        reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT
+    )
+    if tls is not None and settings.security == "tls":
         endpoint = wrapClientTLS(tls, endpoint)
     proto = ImapClientProtocol()
     try:
         await connectProtocol(endpoint, proto)
         await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)
-        if settings.security == "starttls":
+        if tls is not None and settings.security == "starttls":
             if not proto.capabilities:
                 await proto.command(Atom("CAPABILITY"))
             if not proto.has("STARTTLS"):

@@ -86,9 +86,7 @@ async def save(
     old = await _find(account, state.key)
     await _read(account, state, old)
     state.prune(present)
-    await account.proto.command(
-        Atom("APPEND"), state_mailbox, [Atom("\\Seen")], state.to_message()
-    )
+    await account.proto.command(Atom("APPEND"), state_mailbox, [Atom("\\Seen")], state.to_message())
     if not old:
         return
     uid_set = Atom(format_uid_set(old))

@@ -9,11 +9,12 @@ transport can be paused as a push producer so a slow POP client slows the IMAP d
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -120,9 +121,9 @@ class ImapClientProtocol(Protocol):
     def start_tls(self, context: IOpenSSLClientConnectionCreator) -> None:
         """Switch to TLS after a successful STARTTLS; forget what was said in the clear."""
         self.capabilities = frozenset()
-        self.transport.startTLS(context)  # type: ignore[attr-defined]
+        ITLSTransport(self.transport).startTLS(context)
 
-    def update_capabilities(self, tokens: tuple[object, ...] | list[object]) -> None:
+    def update_capabilities(self, tokens: Sequence[object]) -> None:
         self.capabilities = frozenset(str(t).upper() for t in tokens[1:] if isinstance(t, str))
 
     # -- Twisted ------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class ImapClientProtocol(Protocol):
             self._fail_all(ImapError(f"protocol error from IMAP server: {e}"))
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = Failure(ImapConnectionLost())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._fail_all(ImapConnectionLost("connection to IMAP server lost"))
 

@@ -1,0 +1,142 @@
+"""IMAP command encoding (no injection, ever) and incremental response parsing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.proto.imap import (
+    Atom,
+    Continuation,
+    Data,
+    LiteralBegin,
+    LiteralChunk,
+    LiteralEnd,
+    ResponseError,
+    ResponseParser,
+    Status,
+    StreamedLiteral,
+    UnencodableError,
+    encode_command,
+    encode_string,
+    fetch_items,
+)
+
+
+def events(data: bytes, *, threshold: int = 64 * 1024, step: int | None = None) -> list[object]:
+    parser = ResponseParser(stream_threshold=threshold)
+    out: list[object] = []
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        parser.receive_data(data[i : i + step])
+        while (event := parser.next_event()) is not None:
+            out.append(event)
+    return out
+
+
+def test_login_with_hostile_user_names_stays_one_command() -> None:
+    for name in ['a" LOGOUT', "a\\", "{5}", "x\r\nA2 DELETE INBOX", "ü", ")("]:
+        cmd = encode_command("A1", Atom("LOGIN"), name, "pw")
+        # Each part ends exactly one line; a second part is a literal announced by its size.
+        assert all(part.endswith(b"\r\n") for part in cmd.parts)
+        assert cmd.parts[0].count(b"\r\n") == 1
+        # Read back as a server would: one command whose arguments are exactly the inputs.
+        wire = b"".join(cmd.parts).replace(b"A1 ", b"* ", 1)
+        (event,) = events(wire)
+        assert event == Data(["LOGIN", name.encode(), b"pw"])
+
+
+def test_quoted_string_escapes() -> None:
+    assert encode_string('a"b\\c') == [b'"a\\"b\\\\c"']
+    assert encode_string("x\ny") == [b"{3}", b"x\ny"]
+    assert encode_string("x\ny", literal_plus=True) == [b"{3+}", b"x\ny"]
+    with pytest.raises(UnencodableError):
+        encode_string("a\0b")
+
+
+def test_literal_plus_keeps_the_command_in_one_part() -> None:
+    cmd = encode_command("A1", Atom("LOGIN"), "ü", "p w", literal_plus=True)
+    assert cmd.parts == (b'A1 LOGIN {2+}\r\n\xc3\xbc "p w"\r\n',)
+
+
+def test_lists_and_atoms() -> None:
+    cmd = encode_command(
+        "A2", Atom("UID"), Atom("FETCH"), Atom("1:*"), [Atom("UID"), Atom("FLAGS")]
+    )
+    assert cmd.parts == (b"A2 UID FETCH 1:* (UID FLAGS)\r\n",)
+    assert encode_command("A3", Atom("ID"), ["k", "v"]).parts == (b'A3 ID ("k" "v")\r\n',)
+    with pytest.raises(UnencodableError):
+        encode_command("A4", Atom("NOOP\r\nA5 LOGOUT"))
+
+
+@given(st.text(max_size=40).filter(lambda s: "\0" not in s))
+def test_any_string_round_trips_through_the_parser(value: str) -> None:
+    encoded = encode_string(value)
+    wire = (
+        b'* LIST () "/" '
+        + (encoded[0] if len(encoded) == 1 else encoded[0] + b"\r\n" + encoded[1])
+        + b"\r\n"
+    )
+    (event,) = events(wire)
+    assert isinstance(event, Data)
+    assert event.tokens[-1] == value.encode()
+
+
+def test_status_responses_with_codes() -> None:
+    evs = events(
+        b"* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n"
+        b"* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] Flags\r\n"
+        b"A1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+        b"+ ready\r\n"
+    )
+    assert evs[0] == Status("*", "OK", ("CAPABILITY", "IMAP4rev1", "LITERAL+"), "hi")
+    assert evs[1].code == ("PERMANENTFLAGS", ["\\Deleted", "\\Seen", "\\*"])
+    assert evs[2].code_name == "AUTHENTICATIONFAILED" and evs[2].kind == "NO"
+    assert evs[3] == Continuation("ready")
+
+
+def test_fetch_lines_parse_into_items() -> None:
+    (ev,) = events(
+        b"* 3 FETCH (UID 7 RFC822.SIZE 1234 FLAGS (\\Seen $POPDeleted) EMAILID (M1x))\r\n"
+    )
+    assert isinstance(ev, Data)
+    seq, items = fetch_items(ev.tokens)
+    assert seq == 3
+    assert items == {
+        "UID": "7",
+        "RFC822.SIZE": "1234",
+        "FLAGS": ["\\Seen", "$POPDeleted"],
+        "EMAILID": ["M1x"],
+    }
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_large_literals_stream_in_chunks_whatever_the_packet_size(step: int) -> None:
+    body = b"x" * 50 + b"\r\n.\r\n" + b"y" * 50
+    wire = b"* 1 FETCH (UID 9 BODY[] {%d}\r\n" % len(body) + body + b")\r\nA1 OK done\r\n"
+    evs = events(wire, threshold=10, step=step)
+    assert isinstance(evs[0], LiteralBegin) and evs[0].size == len(body)
+    chunks = [e for e in evs if isinstance(e, LiteralChunk)]
+    assert b"".join(c.data for c in chunks) == body
+    tail = evs[1 + len(chunks) :]
+    assert isinstance(tail[0], LiteralEnd)
+    assert tail[1] == Data(["1", "FETCH", ["UID", "9", "BODY[]", StreamedLiteral(len(body))]])
+    assert tail[2] == Status("A1", "OK", None, "done")
+
+
+def test_small_literals_arrive_inline() -> None:
+    (ev,) = events(b"* 1 FETCH (BODY[] {3}\r\nabc UID 4)\r\n", step=2)
+    assert ev == Data(["1", "FETCH", ["BODY[]", b"abc", "UID", "4"]])
+
+
+def test_nil_and_quoted_escapes() -> None:
+    (ev,) = events(b'* LIST () NIL "a\\"b"\r\n')
+    assert ev == Data(["LIST", [], None, b'a"b'])
+
+
+def test_garbage_is_a_protocol_error() -> None:
+    with pytest.raises(ResponseError):
+        events(b"* 1 FETCH (UID 1))\r\n")
+    with pytest.raises(ResponseError):
+        events(b"A1 FOO bar\r\n")

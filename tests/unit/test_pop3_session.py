@@ -1,0 +1,289 @@
+"""The POP3 state machine, driven in memory: transcripts of client lines and server answers."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.proto import pop3
+
+MESSAGES = [MessageInfo(10, 120, "UIDL-A"), MessageInfo(11, 300, "UIDL-B")]
+
+
+class Client:
+    """Feeds lines to a session and collects what it would send; records other actions."""
+
+    def __init__(self, *, tls: bool = False, plaintext: bool = True, stls: bool = True) -> None:
+        self.session = pop3.Pop3Session(
+            tls_active=tls,
+            stls_available=stls,
+            plaintext_allowed=plaintext,
+            implementation="popgate-test",
+        )
+        self.actions: list[pop3.Action] = []
+        self.out = bytearray()
+        self.closed = False
+        self.pump()
+
+    def pump(self) -> None:
+        while (action := self.session.next_action()) is not None:
+            if isinstance(action, pop3.Send):
+                self.out += action.data
+            elif isinstance(action, pop3.Close):
+                self.closed = True
+            else:
+                self.actions.append(action)
+
+    def send(self, data: bytes) -> bytes:
+        """Send raw bytes; return what the server answered to them."""
+        start = len(self.out)
+        self.session.receive_data(data)
+        self.pump()
+        return bytes(self.out[start:])
+
+    def line(self, text: str) -> bytes:
+        return self.send(text.encode() + b"\r\n")
+
+    def take(self, kind: type) -> pop3.Action:
+        action = self.actions.pop(0)
+        assert isinstance(action, kind), action
+        return action
+
+    def answer(self, call: object, *args: object) -> bytes:
+        start = len(self.out)
+        call(*args)  # type: ignore[operator]
+        self.pump()
+        return bytes(self.out[start:])
+
+    def logged_in(self) -> Client:
+        self.line("USER alice")
+        self.line("PASS secret")
+        self.take(pop3.Authenticate)
+        self.answer(self.session.login_done, Maildrop(MESSAGES))
+        return self
+
+
+def test_greeting_and_capa_before_login() -> None:
+    c = Client()
+    assert bytes(c.out) == b"+OK popgate ready\r\n"
+    assert c.line("CAPA") == (
+        b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+        b"PIPELINING\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nIMPLEMENTATION popgate-test\r\n.\r\n"
+    )
+
+
+def test_capa_hides_login_where_plaintext_is_not_allowed() -> None:
+    c = Client(plaintext=False)
+    capa = c.line("CAPA")
+    assert b"USER\r\n" not in capa and b"SASL" not in capa and b"STLS\r\n" in capa
+    assert c.line("USER alice").startswith(b"-ERR [AUTH] ")
+    assert c.line("AUTH PLAIN AGFsaWNlAHNlY3JldA==").startswith(b"-ERR [AUTH] ")
+    assert c.actions == []
+
+
+def test_user_pass_login_and_password_not_in_repr() -> None:
+    c = Client()
+    assert c.line("USER alice#phone") == b"+OK Send your password\r\n"
+    assert c.line("PASS my secret pw") == b""  # waits for the upstream
+    auth = c.take(pop3.Authenticate)
+    assert (auth.username, auth.password) == ("alice#phone", "my secret pw")
+    assert "secret" not in repr(auth)
+    assert c.answer(c.session.login_done, Maildrop(MESSAGES)) == (
+        b"+OK Logged in, 2 messages (420 octets)\r\n"
+    )
+    assert c.session.state is pop3.State.TRANSACTION
+
+
+@pytest.mark.parametrize(
+    ("error", "answer"),
+    [
+        (pop3.BadCredentials(), b"-ERR [AUTH] Authentication failed\r\n"),
+        (
+            pop3.UpstreamUnavailable(),
+            b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n",
+        ),
+        (
+            pop3.MailboxInUse(),
+            b"-ERR [IN-USE] Mailbox in use by another session of this device\r\n",
+        ),
+    ],
+)
+def test_login_failures_carry_response_codes(error: pop3.LoginError, answer: bytes) -> None:
+    c = Client()
+    c.line("USER alice")
+    c.line("PASS x")
+    c.take(pop3.Authenticate)
+    assert c.answer(c.session.login_failed, error) == answer
+    assert c.session.state is pop3.State.AUTHORIZATION
+    assert c.line("PASS x") == b"-ERR Send USER first\r\n"
+
+
+def test_repeated_bad_passwords_close_the_connection() -> None:
+    c = Client()
+    for _ in range(pop3.MAX_AUTH_FAILURES):
+        c.line("USER alice")
+        c.line("PASS x")
+        c.take(pop3.Authenticate)
+        c.answer(c.session.login_failed, pop3.BadCredentials())
+    assert c.closed
+
+
+def test_auth_plain_initial_response_and_continuation() -> None:
+    c = Client()
+    token = base64.b64encode(b"\0alice\0pw").decode()
+    assert c.line(f"AUTH PLAIN {token}") == b""
+    assert c.take(pop3.Authenticate).username == "alice"
+    c.answer(c.session.login_failed, pop3.BadCredentials())
+    assert c.line("AUTH PLAIN") == b"+ \r\n"
+    assert c.line(token) == b""
+    auth = c.take(pop3.Authenticate)
+    assert (auth.username, auth.password, auth.mechanism) == ("alice", "pw", "PLAIN")
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "*",  # cancelled
+        "not base64!",
+        base64.b64encode(b"alice\0pw").decode(),  # two fields
+        base64.b64encode(b"bob\0alice\0pw").decode(),  # act as another user
+        base64.b64encode(b"\0\xff\0pw").decode(),  # not UTF-8
+    ],
+)
+def test_auth_plain_bad_responses(response: str) -> None:
+    c = Client()
+    c.line("AUTH PLAIN")
+    assert c.line(response).startswith(b"-ERR [AUTH] ")
+    assert c.actions == []
+
+
+def test_bare_auth_lists_mechanisms_and_others_are_refused() -> None:
+    c = Client()
+    assert c.line("AUTH") == b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n"
+    assert c.line("AUTH CRAM-MD5") == b"-ERR Unsupported authentication mechanism\r\n"
+
+
+def test_stls_discards_pipelined_input() -> None:
+    c = Client()
+    # An attacker injects a command after STLS, before the handshake (CVE-2011-0411 style).
+    assert c.send(b"STLS\r\nUSER evil\r\n") == b"+OK Begin TLS negotiation\r\n"
+    c.take(pop3.StartTLS)
+    c.answer(c.session.tls_started)
+    assert c.line("CAPA").count(b"STLS") == 0
+    assert c.line("PASS x") == b"-ERR Send USER first\r\n"
+
+
+def test_stls_refused_when_tls_is_active_or_unavailable() -> None:
+    assert Client(tls=True).line("STLS") == b"-ERR TLS already active\r\n"
+    assert Client(stls=False).line("STLS") == b"-ERR STLS not available\r\n"
+
+
+def test_transaction_listing_commands() -> None:
+    c = Client().logged_in()
+    assert c.line("STAT") == b"+OK 2 420\r\n"
+    assert c.line("LIST") == b"+OK 2 messages, scan listing follows\r\n1 120\r\n2 300\r\n.\r\n"
+    assert c.line("LIST 2") == b"+OK 2 300\r\n"
+    assert c.line("UIDL") == (
+        b"+OK 2 messages, unique-id listing follows\r\n1 UIDL-A\r\n2 UIDL-B\r\n.\r\n"
+    )
+    assert c.line("UIDL 1") == b"+OK 1 UIDL-A\r\n"
+    assert c.line("LIST 3") == b"-ERR no such message: 3\r\n"
+    assert c.line("LIST 0") == b"-ERR no such message: 0\r\n"
+    assert c.line("LIST x") == b"-ERR Invalid message number\r\n"
+    assert c.line("NOOP") == b"+OK\r\n"
+
+
+def test_dele_rset_and_deleted_messages_disappear_from_listings() -> None:
+    c = Client().logged_in()
+    assert c.line("DELE 1") == b"+OK message 1 deleted\r\n"
+    assert c.line("DELE 1") == b"-ERR message 1 already deleted\r\n"
+    assert c.line("STAT") == b"+OK 1 300\r\n"
+    assert c.line("LIST") == b"+OK 1 messages, scan listing follows\r\n2 300\r\n.\r\n"
+    assert c.line("RETR 1") == b"-ERR message 1 already deleted\r\n"
+    assert c.line("RSET") == b"+OK maildrop has 2 messages (420 octets)\r\n"
+    assert c.line("STAT") == b"+OK 2 420\r\n"
+
+
+def test_retr_and_top_wait_for_the_download() -> None:
+    c = Client().logged_in()
+    assert c.send(b"RETR 2\r\nTOP 1 5\r\nSTAT\r\n") == b""
+    retr = c.take(pop3.Retrieve)
+    assert (retr.info.uid, retr.top_lines) == (11, None)
+    assert c.actions == []  # TOP is not looked at before RETR finished
+    c.answer(c.session.retrieve_done)
+    top = c.take(pop3.Retrieve)
+    assert (top.info.uid, top.top_lines) == (10, 5)
+    assert c.answer(c.session.retrieve_done) == b"+OK 2 420\r\n"
+
+
+def test_retrieve_of_a_message_gone_upstream() -> None:
+    c = Client().logged_in()
+    c.line("RETR 1")
+    c.take(pop3.Retrieve)
+    assert (
+        c.answer(c.session.retrieve_unavailable) == b"-ERR Message no longer available upstream\r\n"
+    )
+
+
+def test_top_argument_errors() -> None:
+    c = Client().logged_in()
+    assert c.line("TOP 1") == b"-ERR TOP needs a message number and a line count\r\n"
+    assert c.line("TOP 1 -1") == b"-ERR TOP needs a message number and a line count\r\n"
+
+
+def test_quit_without_deletes_closes_at_once() -> None:
+    c = Client().logged_in()
+    assert c.line("QUIT") == b"+OK Bye\r\n"
+    assert c.closed and c.actions == []
+
+
+def test_quit_applies_deletes_before_answering() -> None:
+    c = Client().logged_in()
+    c.line("DELE 2")
+    assert c.line("QUIT") == b""  # no +OK before the mailbox is updated
+    update = c.take(pop3.Update)
+    assert [m.uid for m in update.deleted] == [11]
+    assert c.answer(c.session.update_done, None) == b"+OK Bye\r\n"
+    assert c.closed
+
+
+def test_failed_update_is_reported() -> None:
+    c = Client().logged_in()
+    c.line("DELE 1")
+    c.line("QUIT")
+    c.take(pop3.Update)
+    answer = c.answer(c.session.update_done, "1 deletes not applied")
+    assert answer.startswith(b"-ERR [SYS/TEMP] ") and b"not applied" in answer
+    assert c.closed
+
+
+def test_commands_in_the_wrong_state_and_unknown_ones() -> None:
+    c = Client()
+    assert c.line("STAT") == b"-ERR Command not valid in this state\r\n"
+    assert c.line("XYZZY") == b"-ERR Unknown command\r\n"
+    c.logged_in()
+    assert c.line("USER bob") == b"-ERR Command not valid in this state\r\n"
+    assert c.line("stat") == b"+OK 2 420\r\n"  # keywords are case-insensitive
+
+
+def test_over_long_line_is_refused_and_the_session_goes_on() -> None:
+    c = Client()
+    answer = c.send(b"USER " + b"a" * (pop3.MAX_LINE + 10))
+    assert answer == b"-ERR Line too long\r\n"
+    assert c.send(b"aaaa\r\nCAPA\r\n").startswith(b"+OK Capability")
+
+
+def test_bare_lf_and_split_lines_are_accepted() -> None:
+    c = Client()
+    assert c.send(b"US") == b""
+    assert c.send(b"ER alice\n") == b"+OK Send your password\r\n"
+
+
+def test_connection_lost_forgets_deletes() -> None:
+    c = Client().logged_in()
+    c.line("DELE 1")
+    c.session.connection_lost()
+    c.pump()
+    assert c.actions == [] and c.session.state is pop3.State.CLOSED
