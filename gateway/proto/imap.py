@@ -36,7 +36,7 @@ class StreamedLiteral:
     size: int
 
 
-Token: TypeAlias = Atom | bytes | None | StreamedLiteral | list["Token"]
+Token: TypeAlias = Atom | bytes | StreamedLiteral | list["Token"] | None
 
 
 # --- command encoding -----------------------------------------------------------------------

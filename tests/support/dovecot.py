@@ -1,6 +1,7 @@
 """A private Dovecot for tests and the demo.
 
-Each instance lives in its own base directory: its own ``dovecot.conf``, passwd-files,
+Each instance lives in its own base directory: its own ``dovecot.conf``, passwd-files
+(one per user, so users can be added while it runs),
 maildirs, TLS certificates (a private CA and a server certificate for localhost/127.0.0.1),
 runtime directory, state directory and log file. It listens on loopback ports picked by the
 OS: IMAP (plain + STARTTLS), IMAPS (implicit TLS), POP3 (plain + STLS) and POP3S.
@@ -51,7 +52,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Dovecot", "DovecotError", "free_port", "make_test_pki", "quote_mailbox"]
+__all__ = [
+    "Dovecot",
+    "DovecotError",
+    "free_port",
+    "issue_server_cert",
+    "make_test_pki",
+    "quote_mailbox",
+]
 
 HOST = "127.0.0.1"
 MAIL_ID = 65534  # nobody / nogroup
@@ -92,6 +100,86 @@ def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     os.chmod(path, mode)
 
 
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _new_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "popgate test CA")])
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def issue_server_cert(
+    ca_file: str | os.PathLike[str],
+    ca_key_file: str | os.PathLike[str],
+    cert_file: str | os.PathLike[str],
+    key_file: str | os.PathLike[str],
+    hostnames: Iterable[str] = ("localhost",),
+) -> None:
+    """Write a server certificate for ``hostnames`` + 127.0.0.1 + ::1 signed by the CA
+    (PEM files; the key gets mode 0600)."""
+    ca_cert = x509.load_pem_x509_certificate(Path(ca_file).read_bytes())
+    ca_key = serialization.load_pem_private_key(Path(ca_key_file).read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    names = list(hostnames)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(Path(key_file), _key_pem(key))
+    Path(cert_file).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(cert_file, 0o644)
+
+
 def make_test_pki(directory: Path, *, hostnames: Iterable[str] = ("localhost",)) -> dict[str, Path]:
     """Create a private CA and a server certificate for ``hostnames`` + 127.0.0.1/::1.
 
@@ -107,72 +195,13 @@ def make_test_pki(directory: Path, *, hostnames: Iterable[str] = ("localhost",))
     }
     if all(p.exists() for p in paths.values()):
         return paths
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "popgate test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names = list(hostnames)
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    sans += [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def key_pem(k: ec.EllipticCurvePrivateKey) -> bytes:
-        return k.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    _write_private(paths["ca_key"], key_pem(ca_key))
-    _write_private(paths["key_file"], key_pem(key))
+    ca_cert, ca_key = _new_ca()
+    _write_private(paths["ca_key"], _key_pem(ca_key))
     paths["ca_file"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert_file"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    for name in ("ca_file", "cert_file"):
-        os.chmod(paths[name], 0o644)
+    os.chmod(paths["ca_file"], 0o644)
+    issue_server_cert(
+        paths["ca_file"], paths["ca_key"], paths["cert_file"], paths["key_file"], hostnames
+    )
     return paths
 
 
@@ -457,13 +486,9 @@ class Dovecot:
 
     # ----------------------------------------------------------------- configuration
     def _prepare_dirs(self) -> None:
-        for sub in ("state", "home"):
+        for sub in ("state", "home", "users"):
             (self._base / sub).mkdir(exist_ok=True)
-        os.chmod(self._base / "home", 0o755)
-        for name in ("passwd", "master-passwd"):
-            path = self._base / name
-            if not path.exists():
-                path.write_text("")
+            os.chmod(self._base / sub, 0o755)
         self._write_master_passwd()
         self.log_file.touch()
 
@@ -549,11 +574,11 @@ passdb {{
 }}
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {b}/passwd
+  args = scheme=PLAIN username_format=%u {b}/users/%u
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%u {b}/passwd
+  args = username_format=%u {b}/users/%u
 }}
 
 namespace inbox {{
@@ -594,28 +619,31 @@ service pop3-login {{
 
     # ----------------------------------------------------------------- users
     def add_user(self, name: str, password: str) -> None:
-        """Add a user (or change its password). Dovecot rereads the passwd-file on change,
-        so no restart is needed."""
+        """Add a user, at once usable without a restart.
+
+        Each user has a passwd-file of its own (``users/NAME``; the config names
+        ``users/%u``): Dovecot checks a known passwd-file for changes at most once a second,
+        but opens a file it has not seen yet on first use, so a new user is never missed.
+        """
         if not _NAME_RE.match(name) or "*" in name or "#" in name:
             raise ValueError(f"unsupported user name for the test passwd-file: {name!r}")
         if any(c in password for c in ":\r\n\0"):
             raise ValueError("password must not contain ':' or line breaks")
+        if name in self._users and self._users[name] != password:
+            raise ValueError(f"user {name!r} exists (passwords are not changed in place)")
         home = self._base / "home" / name
         with self._lock:
             home.mkdir(parents=True, exist_ok=True)
             os.chown(home, self._mail_uid, self._mail_gid)
             os.chmod(home, 0o700)
             self._users[name] = password
-            path = self._base / "passwd"
-            lines = [
-                f"{u}:{{PLAIN}}{pw}:{self._mail_uid}:{self._mail_gid}::{self._base}/home/{u}::"
-                for u, pw in self._users.items()
-            ]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("\n".join(lines) + "\n")
+            line = f"{name}:{{PLAIN}}{password}:{self._mail_uid}:{self._mail_gid}::{home}::\n"
+            path = self._base / "users" / name
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(line)
             self._chmod_readable_by_auth(tmp)
-            os.replace(tmp, path)  # Dovecot sees a new file (stat changes) and rereads it
-        self._save_state()
+            os.replace(tmp, path)
+            self._save_state()
 
     def password(self, name: str) -> str:
         return self._users[name]
