@@ -1,0 +1,164 @@
+"""Checks of the test harness itself: the private Dovecot and the TOML writer."""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import ssl
+import tomllib
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import MailUser, SeededUser
+from tests.support import messages
+from tests.support.dovecot import Dovecot, DovecotError
+from tests.support.gateway import LISTENING_RE, dump_toml, expected_listeners, merge_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_special_use_mailboxes_exist(dovecot: Dovecot, mail_user: MailUser) -> None:
+    boxes = {name: attrs for attrs, name in dovecot.list_mailboxes(*mail_user)}
+    for name in ("Drafts", "Sent", "Trash", "Junk", "Archive"):
+        assert f"\\{name}" in boxes[name], boxes
+    assert "INBOX" in boxes
+
+
+def test_append_returns_uid_and_exact_bytes(
+    dovecot: Dovecot, seeded_user: Callable[..., SeededUser]
+) -> None:
+    corpus = messages.corpus()
+    seeded = seeded_user(corpus)
+    assert seeded.uids == list(range(1, len(corpus) + 1))
+    assert seeded.messages == corpus  # builders already produce what BODY[] returns
+    assert dovecot.list_uids(seeded.name, seeded.password) == seeded.uids
+
+
+def test_append_flags_and_internaldate(dovecot: Dovecot, mail_user: MailUser) -> None:
+    uid = dovecot.append(
+        *mail_user,
+        messages.plain(),
+        mailbox="Archive",
+        flags=("\\Seen", "$popgate_test"),
+        internaldate=1_700_000_000,
+    )
+    flags = dovecot.fetch_flags(*mail_user, mailbox="Archive")
+    assert {"\\Seen", "$popgate_test"} <= flags[uid]
+    with dovecot.imap(*mail_user) as conn:
+        conn.select("Archive", readonly=True)
+        typ, data = conn.uid("FETCH", str(uid), "(INTERNALDATE)")
+        assert typ == "OK"
+        assert b'"14-Nov-2023' in data[0]  # type: ignore[operator]
+
+
+def test_users_are_isolated_and_wrong_password_fails_fast(
+    dovecot: Dovecot, seeded_user: Callable[..., SeededUser], mail_user: MailUser
+) -> None:
+    seeded_user([messages.plain()])
+    assert dovecot.list_uids(*mail_user) == []
+    for _ in range(5):  # no auth penalty: each failure answers at once
+        with pytest.raises(imaplib.IMAP4.error):
+            with dovecot.imap(mail_user.name, "wrong"):
+                pass
+
+
+def test_master_user_login_with_authzid(
+    dovecot: Dovecot, seeded_user: Callable[..., SeededUser]
+) -> None:
+    seeded = seeded_user([messages.plain(), messages.dotted()])
+    with dovecot.imap_as_master(seeded.name) as conn:
+        typ, data = conn.select("INBOX", readonly=True)
+        assert typ == "OK" and data == [b"2"]
+    # the master password alone is not a user password
+    with pytest.raises(imaplib.IMAP4.error):
+        with dovecot.imap(seeded.name, dovecot.master_password):
+            pass
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls", "none"])
+def test_imap_security_modes(dovecot: Dovecot, mail_user: MailUser, security: str) -> None:
+    with dovecot.imap(*mail_user, security=security) as conn:
+        assert conn.noop()[0] == "OK"
+
+
+def test_dovecot_pop3_reference(dovecot: Dovecot, seeded_user: Callable[..., SeededUser]) -> None:
+    seeded = seeded_user([messages.plain(), messages.dotted()])
+    pop = poplib.POP3(dovecot.host, dovecot.pop3_port, timeout=30)
+    try:
+        pop.stls(context=dovecot.client_ssl_context())
+        pop.user(seeded.name)
+        pop.pass_(seeded.password)
+        assert pop.stat()[0] == 2
+        uidls = [line.split()[1] for line in pop.uidl()[1]]
+        # pop3_uidl_format = %08Xu%08Xv
+        assert [int(u[:8], 16) for u in uidls] == seeded.uids
+    finally:
+        pop.quit()
+    ctx = ssl.create_default_context(cafile=str(dovecot.ca_file))
+    pops = poplib.POP3_SSL(dovecot.host, dovecot.pop3s_port, context=ctx, timeout=30)
+    pops.user(seeded.name)
+    pops.pass_(seeded.password)
+    assert pops.stat()[0] == 2
+    pops.quit()
+
+
+def test_log_is_readable(dovecot: Dovecot, mail_user: MailUser) -> None:
+    dovecot.list_uids(*mail_user)
+    assert f"user=<{mail_user.name}>" in dovecot.log_text()
+
+
+def test_quota_flag_wiring(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with Dovecot(quota=True, quota_storage="1M") as dc:
+        dc.add_user("q", "qpw")
+        with dc.imap("q", "qpw") as conn:
+            typ, data = conn.getquotaroot("INBOX")
+            assert typ == "OK"
+            text = b" ".join(d for item in data for d in item if isinstance(d, bytes))  # type: ignore[union-attr]
+            assert b"STORAGE 0 1024" in text, data
+        dc.append("q", "qpw", messages.with_attachment(200 * 1024))
+        with pytest.raises(DovecotError, match=r"(?i)quota"):
+            for _ in range(10):
+                dc.append("q", "qpw", messages.with_attachment(200 * 1024))
+
+
+def test_stop_is_complete() -> None:
+    dc = Dovecot()
+    dc.start()
+    pid = dc.pid
+    assert pid is not None
+    base = dc.base_dir
+    dc.stop()
+    assert not base.exists()
+    from tests.support.dovecot import _alive
+
+    assert not _alive(pid)
+
+
+def test_toml_writer_roundtrip() -> None:
+    base = {"upstream.imap": {"host": "h", "port": 1}, "pop3": {"listen": ["127.0.0.1:0"]}}
+    merged = merge_config(
+        base,
+        {
+            "upstream.imap": {"port": None, "ca_file": 'a "quoted" päth\\x'},
+            "pop3": {"listen_tls": ["127.0.0.1:0"], "idle_timeout": 600, "x": True},
+            "log": {"level": "debug"},
+        },
+    )
+    parsed = tomllib.loads(dump_toml(merged))
+    assert parsed == {
+        "upstream": {"imap": {"host": "h", "ca_file": 'a "quoted" päth\\x'}},
+        "pop3": {
+            "listen": ["127.0.0.1:0"],
+            "listen_tls": ["127.0.0.1:0"],
+            "idle_timeout": 600,
+            "x": True,
+        },
+        "log": {"level": "debug"},
+    }
+    assert expected_listeners(merged) == 2
+
+
+def test_listening_line_format() -> None:
+    m = LISTENING_RE.search("2026-01-01 INFO listening pop3 on 127.0.0.1:40123 (plain)")
+    assert m and m.groups() == ("pop3", "127.0.0.1:40123", "plain")
