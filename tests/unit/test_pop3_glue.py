@@ -1,0 +1,205 @@
+"""The Twisted glue around the POP3 session: timers on a Clock, framing on a StringTransport."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.views import Login
+from gateway.pop3.backend import UpdateFailed
+from gateway.pop3.server import Pop3Protocol
+from gateway.upstream.account import LoginRejected
+
+IDLE = 600.0
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class FakeMaildrop:
+    """Stands in for UpstreamMaildrop: the test decides when body chunks arrive."""
+
+    def __init__(self, messages: list[MessageInfo]) -> None:
+        self.maildrop = Maildrop(messages)
+        self.imap_transport = FakeProducer()
+        self.fetches: list[tuple[MessageInfo, Any, Deferred[None]]] = []
+        self.updates: list[list[int]] = []
+        self.update_error: str | None = None
+        self.closed = False
+
+    def fetch(self, info: MessageInfo, sink: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.fetches.append((info, sink, d))
+        return d
+
+    async def update(self, deleted: Any) -> None:
+        self.updates.append([m.uid for m in deleted])
+        if self.update_error:
+            raise UpdateFailed(self.update_error)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+class FakeService:
+    def __init__(self, drop: FakeMaildrop, password: str = "pw") -> None:
+        self.drop = drop
+        self.password = password
+
+    def parse_login(self, name: str) -> Login:
+        return Login.parse(name, "#")
+
+    async def open(self, login: Login, password: str, peer_ip: str | None) -> FakeMaildrop:
+        if password != self.password:
+            raise LoginRejected("no")
+        return self.drop
+
+
+def connect(
+    drop: FakeMaildrop | None = None,
+) -> tuple[Pop3Protocol, StringTransport, MemoryReactorClock, FakeMaildrop]:
+    drop = drop or FakeMaildrop([MessageInfo(5, 12, "U5"), MessageInfo(6, 3, "U6")])
+    reactor = MemoryReactorClock()
+    protocol = Pop3Protocol(
+        FakeService(drop),  # type: ignore[arg-type]
+        reactor,
+        None,
+        False,
+        (ipaddress.ip_network("127.0.0.0/8"),),
+        IDLE,
+    )
+    transport = StringTransport(peerAddress=_Peer())
+    protocol.makeConnection(transport)
+    return protocol, transport, reactor, drop
+
+
+class _Peer:
+    host = "127.0.0.1"
+    port = 40000
+
+
+def said(transport: StringTransport) -> bytes:
+    value = transport.value()
+    transport.clear()
+    return value
+
+
+def login(protocol: Pop3Protocol, transport: StringTransport) -> None:
+    protocol.dataReceived(b"USER alice\r\nPASS pw\r\n")
+    assert said(transport).endswith(b"+OK Logged in, 2 messages (15 octets)\r\n")
+
+
+def test_idle_connection_is_closed_after_the_timeout() -> None:
+    _protocol, transport, reactor, _ = connect()
+    reactor.advance(IDLE - 1)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.value().endswith(b"-ERR Idle timeout, closing connection\r\n")
+    assert transport.disconnecting
+
+
+def test_each_command_restarts_the_idle_timer() -> None:
+    protocol, transport, reactor, _ = connect()
+    for _ in range(3):
+        reactor.advance(IDLE - 1)
+        protocol.dataReceived(b"CAPA\r\n")
+    assert not transport.disconnecting
+
+
+def test_a_slow_download_is_not_idle_while_bytes_move() -> None:
+    protocol, transport, reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    (_, sink, done) = drop.fetches[0]
+    sink.literal_begin(12)
+    for chunk in (b"a\r\n", b".b\r\n", b"c\r\n."):
+        reactor.advance(IDLE - 1)
+        sink.literal_data(chunk)
+    assert not transport.disconnecting
+    done.callback(None)
+    # Dot-stuffed across chunk boundaries, CRLF added before the terminator.
+    assert said(transport) == b"+OK 12 octets\r\na\r\n..b\r\nc\r\n..\r\n.\r\n"
+    assert transport.producer is None and drop.imap_transport.resumed == 1
+
+
+def test_pipelined_commands_wait_for_the_download() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 2\r\nSTAT\r\n")
+    (_, sink, done) = drop.fetches[0]
+    sink.literal_begin(3)
+    sink.literal_data(b"x\r\n")
+    assert said(transport) == b"+OK 3 octets\r\nx\r\n"  # no STAT answer inside the body
+    done.callback(None)
+    assert said(transport) == b".\r\n+OK 2 15\r\n"
+
+
+def test_message_gone_upstream_before_any_byte() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    drop.fetches[0][2].callback(None)
+    assert said(transport) == b"-ERR Message no longer available upstream\r\n"
+
+
+def test_download_failing_midway_drops_the_connection() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    (_, sink, done) = drop.fetches[0]
+    sink.literal_begin(12)
+    sink.literal_data(b"partial")
+    done.errback(ConnectionError("upstream gone"))
+    assert not said(transport).endswith(b".\r\n")  # never a short message that looks complete
+    assert transport.disconnected or transport.disconnecting
+
+
+def test_quit_answers_only_after_the_update() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"DELE 2\r\nQUIT\r\n")
+    assert said(transport) == b"+OK message 2 deleted\r\n+OK Bye\r\n"
+    assert drop.updates == [[6]] and drop.closed
+
+
+def test_failed_update_is_an_error_to_the_client() -> None:
+    drop = FakeMaildrop([MessageInfo(5, 12, "U5")])
+    drop.update_error = "1 deletes not applied (flagging failed)"
+    protocol, transport, _reactor, _ = connect(drop)
+    protocol.dataReceived(b"USER a\r\nPASS pw\r\nDELE 1\r\nQUIT\r\n")
+    assert said(transport).endswith(
+        b"-ERR [SYS/TEMP] Some deletes were not applied: "
+        b"1 deletes not applied (flagging failed)\r\n"
+    )
+
+
+def test_dropped_connection_applies_nothing() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"DELE 1\r\n")
+    protocol.connectionLost(None)
+    assert drop.updates == [] and drop.closed
+
+
+def test_bad_password() -> None:
+    protocol, transport, _reactor, _drop = connect()
+    protocol.dataReceived(b"USER alice\r\nPASS nope\r\n")
+    assert said(transport).endswith(b"-ERR [AUTH] Authentication failed\r\n")
