@@ -1,0 +1,110 @@
+"""Devices, per-device hidden sets, UIDLs and the maildrop built from a snapshot."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.maildrop.maildrop import MessageDeleted, NoSuchMessage
+from gateway.maildrop.uidset import format_uid_set, parse_uid_set
+from gateway.maildrop.views import (
+    POP_DELETED,
+    DeviceState,
+    IndexedMessage,
+    Login,
+    build_maildrop,
+    needs_state,
+    state_key,
+    uidl_for,
+)
+
+
+def test_login_names_split_on_the_last_separator() -> None:
+    assert Login.parse("alice#phone", "#") == Login("alice", "phone")
+    assert Login.parse("alice", "#") == Login("alice", "default")
+    assert Login.parse("a#b#c", "#") == Login("a#b", "c")
+    assert Login.parse("alice#", "#") == Login("alice#", "default")
+    assert Login.parse("alice#phone", "") == Login("alice#phone", "default")
+
+
+def test_uidl_matches_dovecots_default_format_and_prefers_emailid() -> None:
+    assert uidl_for(IndexedMessage(1, 10, frozenset()), 0x6B03D89E) == "000000016B03D89E"
+    assert uidl_for(IndexedMessage(1, 10, frozenset(), "M6d0c7a"), 5) == "M6d0c7a"
+    long_id = "x" * 200
+    uidl = uidl_for(IndexedMessage(1, 10, frozenset(), long_id), 5)
+    assert len(uidl) <= 70 and uidl == uidl_for(IndexedMessage(2, 1, frozenset(), long_id), 9)
+
+
+def test_maildrop_skips_deleted_and_hidden_messages() -> None:
+    index = [
+        IndexedMessage(1, 10, frozenset()),
+        IndexedMessage(2, 20, frozenset({"\\Deleted"})),
+        IndexedMessage(3, 30, frozenset({POP_DELETED})),
+        IndexedMessage(4, 40, frozenset({POP_DELETED})),
+    ]
+    state = DeviceState("INBOX", "phone", 7, {3})
+    drop = build_maildrop(index, 7, state)
+    assert [info.uid for _, info in drop.listing()] == [1, 4]
+    assert drop.stat() == (2, 50)
+    # Under another UIDVALIDITY the UIDs mean nothing: everything comes back, nothing is lost.
+    assert len(build_maildrop(index, 8, state)) == 3
+
+
+def test_maildrop_deletes_and_reset() -> None:
+    drop = build_maildrop(
+        [IndexedMessage(1, 10, frozenset()), IndexedMessage(2, 5, frozenset())], 1, None
+    )
+    drop.delete(2)
+    assert drop.stat() == (1, 10)
+    with pytest.raises(MessageDeleted):
+        drop.message(2)
+    with pytest.raises(NoSuchMessage):
+        drop.message(3)
+    assert [m.uid for m in drop.deleted()] == [2]
+    drop.reset()
+    assert drop.stat() == (2, 15) and drop.deleted() == []
+
+
+def test_state_is_read_only_when_a_message_could_be_hidden() -> None:
+    plain = [IndexedMessage(1, 1, frozenset())]
+    flagged = [IndexedMessage(1, 1, frozenset({POP_DELETED}))]
+    assert not needs_state(plain, keywords_allowed=True)
+    assert needs_state(flagged, keywords_allowed=True)
+    assert needs_state(plain, keywords_allowed=False)
+
+
+def test_state_message_round_trip_and_foreign_messages() -> None:
+    state = DeviceState("INBOX", 'ph\u00f6ne "x"', 42, {1, 2, 3, 9}, {"M1"})
+    raw = state.to_message()
+    assert raw.count(b"\r\n\r\n") == 1 and state.key.encode() in raw
+    back = DeviceState.from_message(raw, "INBOX", 'ph\u00f6ne "x"')
+    assert back == state
+    assert DeviceState.from_message(raw, "INBOX", "other") is None
+    assert DeviceState.from_message(b"Subject: hi\r\n\r\nnot json", "INBOX", "d") is None
+    assert state_key("INBOX", "a") != state_key("INBOX", "b")
+
+
+def test_merge_hide_and_prune() -> None:
+    a = DeviceState("INBOX", "d", 5, {1, 2})
+    a.merge(DeviceState("INBOX", "d", 5, {3}, {"E"}))
+    assert a.uids == {1, 2, 3} and a.emailids == {"E"}
+    a.hide([IndexedMessage(7, 1, frozenset(), "F")], 5)
+    assert a.uids == {1, 2, 3, 7} and a.emailids == {"E", "F"}
+    a.prune([IndexedMessage(2, 1, frozenset()), IndexedMessage(7, 1, frozenset(), "F")])
+    assert a.uids == {2, 7} and a.emailids == {"F"}
+    a.hide([IndexedMessage(1, 1, frozenset())], 6)  # new UIDVALIDITY: old UIDs are void
+    assert a.uidvalidity == 6 and a.uids == {1}
+
+
+@given(st.sets(st.integers(min_value=1, max_value=5000), max_size=200))
+def test_uid_sets_round_trip(uids: set[int]) -> None:
+    text = format_uid_set(uids)
+    assert parse_uid_set(text) == uids
+    assert format_uid_set([1, 2, 3, 7, 9, 10]) == "1:3,7,9:10"
+
+
+def test_uid_set_rejects_garbage() -> None:
+    for bad in ["x", "0", "1:99999999999", "-1"]:
+        with pytest.raises(ValueError):
+            parse_uid_set(bad)
