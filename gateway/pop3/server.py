@@ -210,6 +210,10 @@ class Pop3Protocol(Protocol):
         except (UpstreamUnavailable, ImapError) as e:
             self._log_login(login, f"login failed, upstream unavailable: {e}", logging.ERROR)
             session.login_failed(pop3.UpstreamUnavailable())
+        except Exception:
+            # A bug must not leave the client waiting for ever: answer, keep the traceback.
+            log.exception("unexpected error during login", extra={"session": self.session_id})
+            session.login_failed(pop3.UpstreamUnavailable())
         else:
             if self._closed:
                 maildrop.abort()
@@ -277,6 +281,9 @@ class Pop3Protocol(Protocol):
         except UpdateFailed as e:
             problem = str(e)
             self._log(logging.ERROR, "update failed: %s", problem)
+        except Exception:
+            problem = "internal error, see the gateway log"
+            log.exception("unexpected error during update", extra={"session": self.session_id})
         else:
             self._log(logging.INFO, "update applied deleted=%d", len(action.deleted))
         finally:

@@ -122,6 +122,9 @@ class ImapAccount:
 
     async def _login(self, username: str, password: str, client_ip: str | None) -> None:
         proto = self.proto
+        if "\0" in username or "\0" in password:
+            # SASL PLAIN separates its fields with NUL; one inside a field could shift them.
+            raise LoginRejected("NUL in credentials")
         if client_ip and proto.has("ID"):
             # Dovecot applies its per-IP login penalties to the device, not to the gateway, when
             # the gateway is in login_trusted_networks.
