@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 # Not re-exported by twisted.internet.ssl, but documented as the trustRoot/cipher interfaces.
 from twisted.internet._sslverify import IOpenSSLTrustRoot, defaultCiphers
@@ -255,9 +254,10 @@ class _WithSecurityLevel:
         self._base = defaultCiphers
         self._level = level
 
-    def selectCiphers(self, availableCiphers: Iterable[ICipher]) -> Sequence[ICipher]:
-        selected = list(self._base.selectCiphers(availableCiphers))
-        return [*selected, _Directive(f"@SECLEVEL={self._level}")]
+    def selectCiphers(self, availableCiphers: tuple[ICipher]) -> tuple[ICipher]:
+        selected = tuple(self._base.selectCiphers(availableCiphers))
+        # Twisted annotates these tuples as 1-tuples; they are really variable-length.
+        return cast("tuple[ICipher]", (*selected, _Directive(f"@SECLEVEL={self._level}")))
 
 
 def server_context_factory(
@@ -278,10 +278,12 @@ def server_context_factory(
         options["acceptableCiphers"] = _WithSecurityLevel(LEGACY_SECURITY_LEVEL)
     else:
         options["raiseMinimumTo"] = floor
+    # pyOpenSSL takes cryptography objects directly (its own X509/PKey are deprecated);
+    # Twisted's annotations still name the old types.
     factory = CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in intermediates],
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        extraCertChain=intermediates,  # type: ignore[arg-type]
         **options,  # type: ignore[arg-type]
     )
     try:
