@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from gateway.config import REDACTED, LogSettings
 
@@ -153,8 +153,9 @@ def _route_twisted_logs() -> None:
     global _twisted_routed
     if _twisted_routed:
         return
-    from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
 
-    observer = cast(ILogObserver, STDLibLogObserver(name=TWISTED_LOGGER))
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [STDLibLogObserver(name=TWISTED_LOGGER)], redirectStandardIO=False
+    )
     _twisted_routed = True

@@ -346,7 +346,7 @@ def client_context_factory(
     ``transport.startTLS(creator)`` after STARTTLS; create one per upstream host.
     """
     if not verify:
-        return cast(IOpenSSLClientConnectionCreator, _UnverifiedClientTLS(hostname))
+        return _UnverifiedClientTLS(hostname)
     if ca_file is not None:
         try:
             x509.load_pem_x509_certificates(_read(ca_file, "CA file"))
@@ -354,6 +354,6 @@ def client_context_factory(
             raise TLSSetupError(f"{ca_file}: no PEM certificate in it") from None
     return optionsForClientTLS(
         hostname,
-        trustRoot=cast(IOpenSSLTrustRoot, _SystemTrustPlus(ca_file)),
+        trustRoot=_SystemTrustPlus(ca_file),
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
     )

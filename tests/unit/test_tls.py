@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,10 +25,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor, utils
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IListeningPort, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -256,10 +258,40 @@ class Collector(Protocol):
         self.lost.callback(None)  # callback(Failure) would turn into an errback
 
 
-def listen_tls(creator: object) -> IListeningPort:
-    return reactor.listenSSL(  # type: ignore[attr-defined,no-any-return]
-        0, Factory.forProtocol(Greeter), creator, interface="127.0.0.1"
-    )
+def port_number(port: IListeningPort) -> int:
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
+
+
+def factory_of(build: Callable[[], Protocol]) -> ServerFactory:
+    """A factory whose protocols need constructor arguments."""
+
+    class _Factory(ServerFactory):
+        def buildProtocol(self, addr: object) -> Protocol:
+            protocol = build()
+            protocol.factory = self
+            return protocol
+
+    return _Factory()
+
+
+def start(creator: object, factory: ServerFactory | None = None) -> IListeningPort:
+    """Listen on 127.0.0.1, a free port: TLS with ``creator``, or plain TCP when it is None."""
+    chosen = factory if factory is not None else factory_of(Greeter)
+    if creator is None:
+        return reactor.listenTCP(0, chosen, interface="127.0.0.1")
+    return reactor.listenSSL(0, chosen, creator, interface="127.0.0.1")  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def listening(creator: object, factory: ServerFactory | None = None) -> AsyncIterator[int]:
+    """``start``, yield the port number, stop listening afterwards."""
+    port = start(creator, factory)
+    try:
+        yield port_number(port)
+    finally:
+        await maybeDeferred(port.stopListening)
 
 
 class Session(NamedTuple):
@@ -293,11 +325,8 @@ async def s_client(port: int, *flags: str) -> Session:
 
 @pytest_twisted.ensureDeferred
 async def test_tls1_floor_lets_a_tls1_client_in(pair: TLSSettings) -> None:
-    port = listen_tls(server_context_factory(pair, "TLSv1"))
-    try:
-        session = await s_client(port.getHost().port, "-tls1")
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1")) as port:
+        session = await s_client(port, "-tls1")
 
     assert session.status == 0
     assert session.protocol == "TLSv1"
@@ -307,11 +336,8 @@ async def test_tls1_floor_lets_a_tls1_client_in(pair: TLSSettings) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_tls11_is_allowed_by_a_tls1_floor(pair: TLSSettings) -> None:
-    port = listen_tls(server_context_factory(pair, "TLSv1"))
-    try:
-        session = await s_client(port.getHost().port, "-tls1_1")
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1")) as port:
+        session = await s_client(port, "-tls1_1")
 
     assert (session.status, session.protocol, session.greeted) == (0, "TLSv1.1", True)
 
@@ -319,11 +345,8 @@ async def test_tls11_is_allowed_by_a_tls1_floor(pair: TLSSettings) -> None:
 @pytest_twisted.ensureDeferred
 async def test_tls1_floor_serves_plain_rsa_key_exchange(pair: TLSSettings) -> None:
     """Devices without ECDHE negotiate AES128-SHA (RSA key exchange): keep that working."""
-    port = listen_tls(server_context_factory(pair, "TLSv1"))
-    try:
-        session = await s_client(port.getHost().port, "-tls1", "-cipher", "AES128-SHA@SECLEVEL=0")
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1")) as port:
+        session = await s_client(port, "-tls1", "-cipher", "AES128-SHA@SECLEVEL=0")
 
     assert (session.status, session.protocol, session.cipher) == (0, "TLSv1", "AES128-SHA")
     assert session.greeted
@@ -331,23 +354,17 @@ async def test_tls1_floor_serves_plain_rsa_key_exchange(pair: TLSSettings) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_tls1_floor_still_prefers_modern_tls(pair: TLSSettings) -> None:
-    port = listen_tls(server_context_factory(pair, "TLSv1"))
-    try:
-        session = await s_client(port.getHost().port)
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1")) as port:
+        session = await s_client(port)
 
     assert (session.status, session.protocol, session.greeted) == (0, "TLSv1.3", True)
 
 
 @pytest_twisted.ensureDeferred
 async def test_tls11_floor_refuses_tls1(pair: TLSSettings) -> None:
-    port = listen_tls(server_context_factory(pair, "TLSv1.1"))
-    try:
-        refused = await s_client(port.getHost().port, "-tls1")
-        accepted = await s_client(port.getHost().port, "-tls1_1")
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1.1")) as port:
+        refused = await s_client(port, "-tls1")
+        accepted = await s_client(port, "-tls1_1")
 
     assert (refused.cipher, refused.greeted) == ("0000", False)
     assert refused.status != 0
@@ -356,12 +373,9 @@ async def test_tls11_floor_refuses_tls1(pair: TLSSettings) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_tls12_floor_refuses_tls1(pair: TLSSettings) -> None:
-    port = listen_tls(server_context_factory(pair, "TLSv1.2"))
-    try:
-        refused = await s_client(port.getHost().port, "-tls1")
-        accepted = await s_client(port.getHost().port, "-tls1_2")
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1.2")) as port:
+        refused = await s_client(port, "-tls1")
+        accepted = await s_client(port, "-tls1_2")
 
     assert refused.status != 0
     assert (refused.cipher, refused.greeted) == ("0000", False)
@@ -370,11 +384,8 @@ async def test_tls12_floor_refuses_tls1(pair: TLSSettings) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_tls13_floor_refuses_tls12(pair: TLSSettings) -> None:
-    port = listen_tls(server_context_factory(pair, "TLSv1.3"))
-    try:
-        session = await s_client(port.getHost().port, "-tls1_2")
-    finally:
-        await port.stopListening()
+    async with listening(server_context_factory(pair, "TLSv1.3")) as port:
+        session = await s_client(port, "-tls1_2")
 
     assert session.status != 0
     assert (session.cipher, session.greeted) == ("0000", False)
@@ -390,11 +401,12 @@ async def connect(port: int, creator: IOpenSSLClientConnectionCreator) -> Collec
     connecting = endpoint.connect(Factory.forProtocol(Collector))
     connecting.addTimeout(HANDSHAKE_GUARD, reactor)
     try:
-        protocol: Collector = await connecting
+        protocol = await connecting
     except (SSL.Error, VerificationError):
         failed = Collector()
         failed.reason = Failure()
         return failed
+    assert isinstance(protocol, Collector)
     lost = protocol.lost
     lost.addTimeout(HANDSHAKE_GUARD, reactor)
     await lost
@@ -408,9 +420,9 @@ def refused(protocol: Collector) -> bool:
 
 @pytest.fixture
 def tls_port(pair: TLSSettings) -> Iterator[int]:
-    port = listen_tls(server_context_factory(pair, "TLSv1.2"))
-    yield port.getHost().port
-    pytest_twisted.blockon(port.stopListening())
+    port = start(server_context_factory(pair, "TLSv1.2"))
+    yield port_number(port)
+    pytest_twisted.blockon(maybeDeferred(port.stopListening))
 
 
 @pytest_twisted.ensureDeferred
@@ -460,16 +472,9 @@ async def test_client_never_goes_below_tls12(pair: TLSSettings) -> None:
         lowerMaximumSecurityTo=TLSVersion.TLSv1_0,
         acceptableCiphers=_WithSecurityLevel(0),
     )
-    port = listen_tls(tls1_only)
-    try:
-        unverified = await connect(
-            port.getHost().port, client_context_factory("localhost", verify=False)
-        )
-        verified = await connect(
-            port.getHost().port, client_context_factory("localhost", ca_file=pair.cert_file)
-        )
-    finally:
-        await port.stopListening()
+    async with listening(tls1_only) as port:
+        unverified = await connect(port, client_context_factory("localhost", verify=False))
+        verified = await connect(port, client_context_factory("localhost", ca_file=pair.cert_file))
 
     assert unverified.data == b""
     assert refused(unverified)
@@ -533,31 +538,15 @@ class StlsClient(LineReceiver):
         self.lost.callback(None)  # callback(Failure) would turn into an errback
 
 
-def factory_of(build: Callable[[], Protocol]) -> Factory:
-    """A factory whose protocols need constructor arguments."""
-
-    class _Factory(Factory):
-        def buildProtocol(self, addr: object) -> Protocol:
-            protocol = build()
-            protocol.factory = self
-            return protocol
-
-    return _Factory()
-
-
 async def stls_exchange(
     server_creator: CertificateOptions, client_creator: IOpenSSLClientConnectionCreator
 ) -> tuple[StlsClient, Failure]:
-    port = reactor.listenTCP(  # type: ignore[attr-defined]
-        0, factory_of(lambda: StlsServer(server_creator)), interface="127.0.0.1"
-    )
-    try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        client: StlsClient = await endpoint.connect(factory_of(lambda: StlsClient(client_creator)))
+    async with listening(None, factory_of(lambda: StlsServer(server_creator))) as port:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        client = await endpoint.connect(factory_of(lambda: StlsClient(client_creator)))
+        assert isinstance(client, StlsClient)
         client.lost.addTimeout(HANDSHAKE_GUARD, reactor)
         await client.lost
-    finally:
-        await port.stopListening()
     assert client.reason is not None
     return client, client.reason
 
