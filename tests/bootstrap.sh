@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need; safe to run again (does nothing when all is there).
+#  - Debian packages: Dovecot (the upstream IMAP server of the tests, and its POP3 as the
+#    reference), the real POP3 clients, curl, openssl, python3-venv;
+#  - .venv with popgate installed editable plus its test extras.
+# Runs apt-get as root (or through sudo). The distro's own Dovecot service is kept from
+# starting and left disabled: the tests start private instances on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        SUDO=(__no_sudo__)
+    fi
+fi
+
+PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d curl openssl fetchmail mpop getmail6 swaks msmtp ca-certificates)
+
+installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if [ "$pkg" = python3-venv ]; then
+        # Any python3 that can create a venv with pip will do (e.g. a pyenv build).
+        if python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then continue; fi
+    fi
+    installed "$pkg" || missing+=("$pkg")
+done
+
+stop_system_dovecot() {
+    # Stop a distro Dovecot that the package scripts may have started, by its pid file,
+    # and keep it from starting at boot. Private test instances never use this pid file.
+    local pidfile=/run/dovecot/master.pid pid
+    if [ -r "$pidfile" ]; then
+        pid=$(head -n1 "$pidfile")
+        if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dovecot ]; then
+            log "stopping the system Dovecot (pid $pid)"
+            "${SUDO[@]}" kill -TERM "$pid" || true
+            for _ in $(seq 100); do
+                [ -d "/proc/$pid" ] || break
+                sleep 0.1
+            done
+        fi
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${SUDO[@]}" systemctl disable --now dovecot.service dovecot.socket >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1 && [ -e /etc/init.d/dovecot ]; then
+        "${SUDO[@]}" update-rc.d dovecot disable >/dev/null 2>&1 || true
+    fi
+}
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "${SUDO[0]:-}" = __no_sudo__ ]; then
+        log "missing Debian packages: ${missing[*]}; run as root or install sudo"
+        exit 1
+    fi
+    log "installing: ${missing[*]}"
+    # Keep package scripts from starting services (Dovecot would grab 110/143/993/995).
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+        "${SUDO[@]}" chmod 755 "$policy"
+        own_policy=1
+    fi
+    cleanup_policy() { if [ "$own_policy" = 1 ]; then "${SUDO[@]}" rm -f "$policy"; fi; }
+    trap cleanup_policy EXIT
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --no-install-recommends "${missing[@]}" >/dev/null
+    cleanup_policy
+    trap - EXIT
+    stop_system_dovecot
+fi
+
+# Python environment: .venv with popgate editable + test extras, redone when pyproject changes.
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    python3 -m venv .venv
+fi
+stamp=.venv/.popgate-bootstrap
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.version.split()[0])')"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/popgate ]; then
+    log "installing popgate and its test dependencies into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    printf '%s\n' "$want" >"$stamp"
+fi
