@@ -47,8 +47,11 @@ def _load(args: argparse.Namespace) -> Config | None:
         return None
 
 
-def _certificate_problems(config: Config) -> list[str]:
-    """What would stop serve from using ``[tls]``: half a pair, or a pair that does not match."""
+def _certificate_problems(config: Config, *, note_missing: bool) -> list[str]:
+    """What would stop serve from using ``[tls]``: half a pair, or a pair that does not match.
+
+    A missing pair is fine (serve generates one); ``note_missing`` says so on stderr.
+    """
     from gateway.tls import TLSSetupError, load_server_certificate
 
     name = str(config.source)
@@ -57,6 +60,8 @@ def _certificate_problems(config: Config) -> list[str]:
         present, missing = (cert, key) if cert.exists() else (key, cert)
         return [f"{name}: [tls] cert_file, key_file: {present} exists but {missing} does not"]
     if not cert.exists():
+        if not note_missing:
+            return []
         print(
             f"note: {cert} and {key} do not exist; a self-signed pair is generated at start",
             file=sys.stderr,
@@ -74,7 +79,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
-    problems = _certificate_problems(config)
+    problems = _certificate_problems(config, note_missing=True)
     if problems:
         for problem in problems:
             print(problem, file=sys.stderr)
@@ -88,10 +93,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gateway; gateway.app is imported only here so the other commands never need it.
 
-    app.serve sets up logging (and logs the configuration's warnings) itself.
+    The certificate pair is checked first so that half a pair is a configuration error (exit 2)
+    like in check-config. app.serve sets up logging and logs the configuration's warnings.
     """
     config = _load(args)
     if config is None:
+        return EXIT_CONFIG
+    problems = _certificate_problems(config, note_missing=False)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
         return EXIT_CONFIG
     from gateway.tls import TLSSetupError
 

@@ -226,6 +226,19 @@ def test_serve_with_an_invalid_config_exits_2_before_starting(tmp_path: Path) ->
     )
 
 
+def test_serve_refuses_half_a_certificate_pair_before_starting(tmp_path: Path) -> None:
+    (tmp_path / "popgate.toml").write_text(MINIMAL + '[pop3]\nlisten = ["127.0.0.1:0"]\n')
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "popgate.key").write_text("operator's key")
+
+    result = popgate("serve", "-c", "popgate.toml", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("popgate.toml: [tls] cert_file, key_file: ")
+    assert (tmp_path / "certs" / "popgate.key").read_text() == "operator's key"
+    assert not (tmp_path / "certs" / "popgate.crt").exists()
+
+
 # --------------------------------------------------------------------------- gen-cert
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from gateway.config import (
+    _SCHEMA,
     REDACTED,
     SECRET_KEYS,
     Config,
@@ -729,3 +731,42 @@ def test_unset_secret_renders_empty(conf_dir: Path) -> None:
     parsed = tomllib.loads(render_effective(load(conf_dir, MINIMAL)))
 
     assert parsed["upstream"]["imap"]["master_password"] == ""
+
+
+# --------------------------------------------------------------------------- documentation
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def _doc_examples() -> list[str]:
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
+    return [b for b in blocks if "[upstream.imap]" in b]
+
+
+def test_documentation_has_the_examples_it_promises() -> None:
+    examples = _doc_examples()
+
+    assert len(examples) >= 4
+    assert any('tls_min_version = "TLSv1"' in e for e in examples)
+
+
+@pytest.mark.parametrize("example", _doc_examples())
+def test_documented_examples_load(conf_dir: Path, tmp_path: Path, example: str) -> None:
+    env: dict[str, str] = {}
+    if "master_user" in example:  # the container example takes its secret from a file
+        (tmp_path / "secret").write_text("x\n")
+        env["POPGATE_UPSTREAM_IMAP_MASTER_PASSWORD_FILE"] = str(tmp_path / "secret")
+
+    config = load(conf_dir, example, env)
+
+    assert config.upstream.imap.host
+    assert config.warnings == ()
+
+
+def test_documentation_lists_every_key() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+
+    for section, keys in _SCHEMA.items():
+        assert f"### `[{section}]`" in text
+        for key in keys:
+            assert f"| `{key}` |" in text, f"[{section}] {key} is not documented"
