@@ -229,7 +229,8 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
-        for n, gw in enumerate(item.stash.get(_gateways_key, []), 1):
+        gateways: list[GatewayProcess] = item.stash.get(_gateways_key, [])
+        for n, gw in enumerate(gateways, 1):
             report.sections.append((f"popgate log #{n} ({gw.config_path})", gw.log_text()))
         offset = item.stash.get(_dovecot_log_offset, None)
         dc = item.funcargs.get("dovecot") if hasattr(item, "funcargs") else None

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import imaplib
 import poplib
+import socket
 import ssl
 import tomllib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from tests.conftest import MailUser, SeededUser
 from tests.support import messages
 from tests.support.dovecot import Dovecot, DovecotError
-from tests.support.gateway import LISTENING_RE, dump_toml, expected_listeners, merge_config
+from tests.support.gateway import (
+    LISTENING_RE,
+    GatewayProcess,
+    dump_toml,
+    expected_listeners,
+    merge_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +57,7 @@ def test_append_flags_and_internaldate(dovecot: Dovecot, mail_user: MailUser) ->
         conn.select("Archive", readonly=True)
         typ, data = conn.uid("FETCH", str(uid), "(INTERNALDATE)")
         assert typ == "OK"
-        assert b'"14-Nov-2023' in data[0]  # type: ignore[operator]
+        assert isinstance(data[0], bytes) and b'"14-Nov-2023' in data[0]
 
 
 def test_users_are_isolated_and_wrong_password_fails_fast(
@@ -114,8 +122,8 @@ def test_quota_flag_wiring(tmp_path_factory: pytest.TempPathFactory) -> None:
         with dc.imap("q", "qpw") as conn:
             typ, data = conn.getquotaroot("INBOX")
             assert typ == "OK"
-            text = b" ".join(d for item in data for d in item if isinstance(d, bytes))  # type: ignore[union-attr]
-            assert b"STORAGE 0 1024" in text, data
+            # imaplib returns [[QUOTAROOT lines], [QUOTA lines]] here
+            assert "(STORAGE 0 1024)" in repr(data), data
         dc.append("q", "qpw", messages.with_attachment(200 * 1024))
         with pytest.raises(DovecotError, match=r"(?i)quota"):
             for _ in range(10):
@@ -136,7 +144,10 @@ def test_stop_is_complete() -> None:
 
 
 def test_toml_writer_roundtrip() -> None:
-    base = {"upstream.imap": {"host": "h", "port": 1}, "pop3": {"listen": ["127.0.0.1:0"]}}
+    base: dict[str, dict[str, Any]] = {
+        "upstream.imap": {"host": "h", "port": 1},
+        "pop3": {"listen": ["127.0.0.1:0"]},
+    }
     merged = merge_config(
         base,
         {
@@ -162,3 +173,30 @@ def test_toml_writer_roundtrip() -> None:
 def test_listening_line_format() -> None:
     m = LISTENING_RE.search("2026-01-01 INFO listening pop3 on 127.0.0.1:40123 (plain)")
     assert m and m.groups() == ("pop3", "127.0.0.1:40123", "plain")
+
+
+def _pop3_greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return s.makefile("rb").readline()
+
+
+def test_gateway_fixture_ports_log_and_restart(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gw = start_gateway()
+    ports = (gw.pop3_port, gw.pop3s_port)
+    assert _pop3_greeting(gw.pop3_port).startswith(b"+OK")
+    assert "listening pop3 on" in gw.log_text()
+    gw.restart()
+    assert (gw.pop3_port, gw.pop3s_port) == ports
+    assert _pop3_greeting(gw.pop3_port).startswith(b"+OK")
+    assert gw.stop() == 0  # SIGTERM is a clean stop
+    assert gw.log_text().count("listening pop3 on") == 4
+
+
+def test_gateway_fixture_reports_config_errors(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gw = start_gateway(pop3={"no_such_key": 1}, wait=False)
+    assert gw.wait() == 2
+    assert "no_such_key" in gw.log_text()
