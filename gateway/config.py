@@ -83,6 +83,7 @@ class Pop3Settings:
     on_retrieve: Literal["keep", "seen"] = "keep"
     on_delete: Literal["hide", "seen", "archive", "trash", "expunge"] = "hide"
     archive_folder: str = "POP Archive"
+    state_mailbox: str = "POP Device State"  # where per-device views are kept (docs/pop3.md)
     device_separator: str = "#"
     idle_timeout: float = 600
     tls_min_version: TLSVersion | None = None  # None: inherit [tls] min_version
@@ -218,6 +219,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_retrieve": _Key("choice", ("keep", "seen")),
         "on_delete": _Key("choice", ("hide", "seen", "archive", "trash", "expunge")),
         "archive_folder": _Key("str"),
+        "state_mailbox": _Key("str"),
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),
         "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),

@@ -28,8 +28,6 @@ from gateway.upstream.imap_client import BodySink, ImapError, Response
 
 log = logging.getLogger("popgate.pop3")
 
-DEFAULT_STATE_MAILBOX = "POP Device State"
-
 
 class MaildropBusy(Exception):
     """Another session of the same user and device is open (RFC 2449 ``[IN-USE]``)."""
@@ -44,7 +42,7 @@ class MaildropService:
         self.reactor = reactor
         self.config = config
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
-        self.state_mailbox = DEFAULT_STATE_MAILBOX
+        self.state_mailbox = config.pop3.state_mailbox
         self._busy: set[tuple[str, str]] = set()
 
     def parse_login(self, name: str) -> Login:
