@@ -8,6 +8,7 @@ none of its deletes, as RFC 1939 asks.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import signal
@@ -104,11 +105,23 @@ class Gateway:
             await d
 
 
+def install_reactor() -> Any:
+    """The asyncio reactor: Twisted (POP3, IMAP) and aiosmtpd (submission) share one loop.
+
+    Must run before anything imports ``twisted.internet.reactor``.
+    """
+    if "twisted.internet.reactor" not in sys.modules:
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install(asyncio.new_event_loop())
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def serve(config: Config) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the process exit status."""
-    from twisted.internet import reactor as default_reactor
-
-    reactor: Any = default_reactor
+    reactor = install_reactor()
     setup_logging(config.log)
     for warning in config.warnings:
         log.warning("config: %s", warning)
