@@ -205,33 +205,37 @@ def make_test_pki(directory: Path, *, hostnames: Iterable[str] = ("localhost",))
     return paths
 
 
-def _pid_state(pid: int) -> str | None:
-    """The process state letter from /proc (``Z`` = zombie), or None when it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, or None when the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # "pid (comm) S ppid ..." — comm may hold spaces and parentheses.
-    return stat.rsplit(")", 1)[1].split()[0]
+    return stat.rsplit(")", 1)[1].split()
 
 
-def _alive(pid: int) -> bool:
-    state = _pid_state(pid)
-    return state is not None and state not in ("Z", "X")
+def _identity(pid: int) -> tuple[int, str] | None:
+    """(pid, start time): tells a process apart from a later one that reuses its pid."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (pid, fields[19])
+
+
+def _alive(pid: int, identity: tuple[int, str] | None = None) -> bool:
+    """Running (zombies count as gone) and, with ``identity``, still the same process."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return identity is None or identity == (pid, fields[19])
 
 
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
     return found
 
 
@@ -262,6 +266,7 @@ class Dovecot:
         self._master_password = master_password or secrets.token_urlsafe(16)
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._users: dict[str, str] = {}
         if os.geteuid() == 0:
@@ -363,8 +368,13 @@ class Dovecot:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Write the configuration, start Dovecot (daemonized) and wait for its greetings."""
+    def start(self, timeout: float = 30.0, *, daemonize: bool = False) -> None:
+        """Write the configuration, start Dovecot and wait for its greetings.
+
+        By default Dovecot runs in the foreground (``-F``) as a child of this process, in a
+        session of its own; ``daemonize=True`` lets it detach, so it outlives this process
+        (the CLI's ``start`` does that; stop it later with :meth:`attach` + :meth:`stop`).
+        """
         if self._pid is not None and _alive(self._pid):
             raise DovecotError(f"already running (pid {self._pid})")
         dovecot = _find_dovecot()
@@ -375,18 +385,29 @@ class Dovecot:
             self._ports = {name: free_port(self._host) for name in names}
             self.config_file.write_text(self._config_text())
             log_mark = self.log_file.stat().st_size if self.log_file.exists() else 0
-            # Output goes to a file: the daemonized master keeps inherited pipes open.
+            # Output goes to a file: a daemonized master keeps inherited pipes open.
             out_path = self._base / "dovecot.out"
+            argv = [dovecot, "-c", str(self.config_file)]
             with open(out_path, "wb") as out:
-                proc = subprocess.run(
-                    [dovecot, "-c", str(self.config_file)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                    check=False,
-                )
-            if proc.returncode != 0:
+                if daemonize:
+                    rc = subprocess.run(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        timeout=timeout,
+                        check=False,
+                    ).returncode
+                else:
+                    self._proc = subprocess.Popen(
+                        [*argv, "-F"],
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                    rc = 0
+            if rc != 0:
                 last_error = out_path.read_text(errors="replace")
                 if "in use" in last_error:
                     continue
@@ -395,7 +416,7 @@ class Dovecot:
                 self._pid = self._wait_pid_file(timeout)
                 self._wait_ready(timeout)
             except DovecotError as e:
-                tail = self.log_text()[log_mark:]
+                tail = self.log_text()[log_mark:] + out_path.read_text(errors="replace")
                 last_error = f"{e}\n{tail}"
                 self._kill_leftovers()
                 if "in use" in tail:
@@ -413,26 +434,42 @@ class Dovecot:
             shutil.rmtree(self._base, ignore_errors=True)
 
     def _kill_leftovers(self, timeout: float = 20.0) -> None:
+        """Stop the master by pid and wait until it and its children are gone. Only
+        processes proven to be this instance's are signalled (pid reuse is checked)."""
         pid = self._pid if self._pid is not None else self._read_pid_file()
         self._pid = None
-        if pid is None or not _alive(pid):
+        if pid is None or not _alive(pid) or not self._is_our_master(pid):
+            self._reap()
             return
-        pids = [pid, *_children(pid)]
+        procs = [i for i in (_identity(p) for p in (pid, *_children(pid))) if i is not None]
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         killed = False
-        while any(_alive(p) for p in pids):
+        while any(_alive(ident[0], ident) for ident in procs):
             if time.monotonic() > deadline:
                 if killed:
-                    raise DovecotError(f"dovecot pids {pids} did not exit")
-                for p in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGKILL)
+                    raise DovecotError(f"dovecot processes {procs} did not exit")
+                for ident in procs:
+                    if _alive(ident[0], ident):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(ident[0], signal.SIGKILL)
                 killed, deadline = True, time.monotonic() + 5
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(-1, os.WNOHANG)  # reap them if they happen to be our children
             time.sleep(0.02)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
+            self._proc = None
+
+    def _is_our_master(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return os.fsencode(self.config_file) in cmdline
 
     def _read_pid_file(self) -> int | None:
         try:
@@ -444,8 +481,10 @@ class Dovecot:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid = self._read_pid_file()
-            if pid is not None and _alive(pid):
+            if pid is not None and _alive(pid) and self._is_our_master(pid):
                 return pid
+            if self._proc is not None and self._proc.poll() is not None:
+                raise DovecotError(f"dovecot exited with status {self._proc.returncode}")
             time.sleep(0.02)
         raise DovecotError("dovecot wrote no master.pid")
 
@@ -859,7 +898,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             Dovecot.attach(base)._kill_leftovers()
     dc = Dovecot(base, quota=args.quota)
-    dc.start()
+    dc.start(daemonize=True)
     try:
         for spec in args.user:
             name, _, password = spec.partition(":")
