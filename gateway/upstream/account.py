@@ -110,19 +110,50 @@ class ImapAccount:
         password: str,
         client_ip: str | None = None,
     ) -> ImapAccount:
+        """Log in as ``username`` with the user's own password."""
+        return await cls._open(reactor, settings, "", username, password, client_ip)
+
+    @classmethod
+    async def open_as_master(
+        cls, reactor: IReactorTime, settings: ImapUpstream, username: str
+    ) -> ImapAccount:
+        """Log in to ``username``'s mailbox with the configured master identity.
+
+        SASL PLAIN with the user as authorization identity: a Dovecot master user, a Cyrus
+        proxy admin. Used for work without a logged-in device (device reset, retention sweeps,
+        Sent-copy retries).
+        """
+        if not settings.master_user:
+            raise LoginRejected("no master identity configured ([upstream.imap] master_user)")
+        return await cls._open(
+            reactor, settings, username, settings.master_user, settings.master_password, None
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        reactor: IReactorTime,
+        settings: ImapUpstream,
+        authzid: str,
+        username: str,
+        password: str,
+        client_ip: str | None,
+    ) -> ImapAccount:
         proto = await connect(reactor, settings)
         account = cls(proto)
         try:
-            d = Deferred.fromCoroutine(account._login(username, password, client_ip))
-            await _with_timeout(d, reactor, LOGIN_TIMEOUT)
+            login = account._login(authzid, username, password, client_ip)
+            await _with_timeout(Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT)
         except BaseException:
             _abort(proto)
             raise
         return account
 
-    async def _login(self, username: str, password: str, client_ip: str | None) -> None:
+    async def _login(
+        self, authzid: str, username: str, password: str, client_ip: str | None
+    ) -> None:
         proto = self.proto
-        if "\0" in username or "\0" in password:
+        if "\0" in authzid or "\0" in username or "\0" in password:
             # SASL PLAIN separates its fields with NUL; one inside a field could shift them.
             raise LoginRejected("NUL in credentials")
         if client_ip and proto.has("ID"):
@@ -134,9 +165,11 @@ class ImapAccount:
                 pass
         if proto.has("LOGINDISABLED") and not proto.has("AUTH=PLAIN"):
             raise UpstreamUnavailable("IMAP server refuses login on this connection")
+        if authzid and not proto.has("AUTH=PLAIN"):
+            raise UpstreamUnavailable("IMAP server offers no SASL PLAIN for the master identity")
         try:
             if proto.has("AUTH=PLAIN"):
-                await self._authenticate_plain("", username, password)
+                await self._authenticate_plain(authzid, username, password)
             else:
                 await proto.command(Atom("LOGIN"), username, password)
         except ImapCommandFailed as e:
