@@ -83,8 +83,10 @@ class Gateway:
                 bound = port.getHost()
                 shown = ListenAddress(bound.host, bound.port)
                 log.info("listening pop3 on %s (%s)", shown, "tls" if implicit else "plain")
+        self.maildrops.retention.start()
 
     async def stop(self) -> None:
+        self.maildrops.retention.stop()
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports.clear()
         if self.pop3_sessions:

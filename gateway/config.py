@@ -83,6 +83,7 @@ class Pop3Settings:
     on_retrieve: Literal["keep", "seen"] = "keep"
     on_delete: Literal["hide", "seen", "archive", "trash", "expunge"] = "hide"
     archive_folder: str = "POP Archive"
+    trash_folder: str = "auto"  # "auto": the SPECIAL-USE \Trash mailbox, else "Trash"
     state_mailbox: str = "POP Device State"  # where per-device views are kept (docs/pop3.md)
     device_separator: str = "#"
     idle_timeout: float = 600
@@ -134,6 +135,12 @@ class RetentionSettings:
     action: Literal["trash", "archive", "expunge"] = "trash"
     quota_high_percent: int = 0
     quota_target_percent: int = 80
+    sweep_interval: float = 3600  # seconds between sweeps over recently seen users (master only)
+    time_limit: float = 20  # seconds one user's retention run may take
+
+    @property
+    def enabled(self) -> bool:
+        return self.delete_after_days > 0 or self.quota_high_percent > 0
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_retrieve": _Key("choice", ("keep", "seen")),
         "on_delete": _Key("choice", ("hide", "seen", "archive", "trash", "expunge")),
         "archive_folder": _Key("str"),
+        "trash_folder": _Key("str"),
         "state_mailbox": _Key("str"),
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),
@@ -245,6 +253,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "action": _Key("choice", ("trash", "archive", "expunge")),
         "quota_high_percent": _Key("int", low=0, high=100),
         "quota_target_percent": _Key("int", low=0, high=100),
+        "sweep_interval": _Key("number", low=0),
+        "time_limit": _Key("number", low=0),
     },
     "log": {
         "level": _Key("choice", ("debug", "info", "warning", "error")),

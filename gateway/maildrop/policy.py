@@ -7,37 +7,49 @@ table in docs/ and the code can be checked against each other in a unit test.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from gateway.maildrop.views import POP_DELETED
+
+Folder = Literal["archive", "trash"]
 
 
 @dataclass(frozen=True, slots=True)
 class DeletePolicy:
     name: str
     hide_for_device: bool  # record the messages in the device's hidden set
-    add_flags: tuple[str, ...]  # flags stored on the deleted messages
-    move_to_archive: bool = False
-    move_to_trash: bool = False
+    add_flags: tuple[str, ...]  # flags stored on the deleted messages first
+    move_to: Folder | None = None
     expunge: bool = False
 
     @property
     def removes_from_mailbox(self) -> bool:
         """Whether other devices and IMAP clients stop seeing the message in the mailbox."""
-        return self.move_to_archive or self.move_to_trash or self.expunge
+        return self.move_to is not None or self.expunge
 
 
 POLICIES: dict[str, DeletePolicy] = {
     "hide": DeletePolicy("hide", hide_for_device=True, add_flags=(POP_DELETED,)),
     "seen": DeletePolicy("seen", hide_for_device=True, add_flags=(POP_DELETED, "\\Seen")),
+    # The keyword travels with the moved message: IMAP users can tell POP deletes apart.
+    "archive": DeletePolicy("archive", False, (POP_DELETED,), move_to="archive"),
+    "trash": DeletePolicy("trash", False, (POP_DELETED,), move_to="trash"),
+    "expunge": DeletePolicy("expunge", False, (), expunge=True),
 }
 
 
-class UnsupportedPolicy(ValueError):
-    pass
-
-
 def policy_for(name: str) -> DeletePolicy:
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise UnsupportedPolicy(f'on_delete = "{name}" is not implemented yet') from None
+    return POLICIES[name]
+
+
+def expire_capability(delete_after_days: int, quota_high_percent: int) -> str:
+    """The RFC 2449 EXPIRE capability: the minimum days a message stays on the server.
+
+    Only retention removes messages without the device's own DELE, and it only takes messages
+    some POP device deleted: after ``delete_after_days``, or at any time when quota-driven.
+    """
+    if quota_high_percent:
+        return "EXPIRE 0"
+    if delete_after_days:
+        return f"EXPIRE {delete_after_days}"
+    return "EXPIRE NEVER"

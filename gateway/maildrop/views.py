@@ -25,6 +25,7 @@ from gateway.maildrop.uidset import format_uid_set, parse_uid_set
 POP_DELETED = "$POPDeleted"
 DEFAULT_DEVICE = "default"
 STATE_HEADER = "X-Popgate-State"
+STATE_KEY_PREFIX = "pg1-"
 _STATE_VERSION = 1
 # RFC 1939: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _MAX_UIDL = 70
@@ -133,6 +134,14 @@ class DeviceState:
     @classmethod
     def from_message(cls, raw: bytes, mailbox: str, device: str) -> DeviceState | None:
         """Parse a state message; None when it is not one for this mailbox and device."""
+        state = cls.parse(raw)
+        if state is None or state.mailbox != mailbox or state.device != device:
+            return None
+        return state
+
+    @classmethod
+    def parse(cls, raw: bytes) -> DeviceState | None:
+        """Parse a state message of any device; None when it is not a valid one."""
         _, sep, body = raw.partition(b"\r\n\r\n")
         if not sep:
             _, _, body = raw.partition(b"\n\n")
@@ -142,7 +151,8 @@ class DeviceState:
             return None
         if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
             return None
-        if data.get("mailbox") != mailbox or data.get("device") != device:
+        mailbox, device = data.get("mailbox"), data.get("device")
+        if not isinstance(mailbox, str) or not isinstance(device, str):
             return None
         try:
             return cls(
@@ -159,7 +169,7 @@ class DeviceState:
 def state_key(mailbox: str, device: str) -> str:
     """A search-safe token naming one (mailbox, device) pair, whatever characters they hold."""
     digest = hashlib.sha256(f"{mailbox}\0{device}".encode()).hexdigest()
-    return f"pg1-{digest[:32]}"
+    return f"{STATE_KEY_PREFIX}{digest[:32]}"
 
 
 def uidl_for(msg: IndexedMessage, uidvalidity: int) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import Config
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
-from gateway.maildrop.policy import DeletePolicy, policy_for
+from gateway.maildrop.policy import DeletePolicy, expire_capability, policy_for
 from gateway.maildrop.views import (
     DeviceState,
     IndexedMessage,
@@ -22,8 +22,10 @@ from gateway.maildrop.views import (
     build_maildrop,
     needs_state,
 )
+from gateway.retention import RetentionService
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount, UpstreamUnavailable
+from gateway.upstream.folders import resolve_folder
 from gateway.upstream.imap_client import BodySink, ImapError, Response
 
 log = logging.getLogger("popgate.pop3")
@@ -38,11 +40,16 @@ class UpdateFailed(Exception):
 
 
 class MaildropService:
-    def __init__(self, reactor: IReactorTime, config: Config) -> None:
+    def __init__(self, reactor: Any, config: Config) -> None:
         self.reactor = reactor
         self.config = config
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
         self.state_mailbox = config.pop3.state_mailbox
+        self.retention = RetentionService(reactor, config)
+        retention = config.retention
+        self.capabilities = (
+            expire_capability(retention.delete_after_days, retention.quota_high_percent),
+        )
         self._busy: set[tuple[str, str]] = set()
 
     def parse_login(self, name: str) -> Login:
@@ -68,13 +75,15 @@ class MaildropService:
 
     async def _snapshot(self, account: ImapAccount, login: Login) -> UpstreamMaildrop:
         mailbox = self.config.pop3.mailbox
+        # Read-only unless RETR must set \Seen: nothing can change upstream by accident.
+        readonly = self.config.pop3.on_retrieve == "keep"
         try:
-            info = await account.examine(mailbox)
+            info = await account.examine(mailbox, readonly=readonly)
             index = await account.index(info.exists)
             state = None
             if needs_state(index, info.keywords_allowed):
                 state = await device_store.load(account, self.state_mailbox, mailbox, login.device)
-                again = await account.examine(mailbox)
+                again = await account.examine(mailbox, readonly=readonly)
                 if again.uidvalidity != info.uidvalidity:
                     raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")
         except UpstreamUnavailable:
@@ -114,12 +123,25 @@ class UpstreamMaildrop:
     def fetch(self, info: MessageInfo, sink: BodySink) -> Deferred[Response]:
         return self.account.fetch_body(info.uid, sink)
 
+    def retrieved(self, info: MessageInfo, whole: bool) -> None:
+        """A download completed; with ``on_retrieve = "seen"`` a whole one marks it read.
+
+        The STORE is pipelined behind whatever comes next rather than awaited: the device
+        does not wait for it, and a failure only costs the flag.
+        """
+        if not whole or self.service.config.pop3.on_retrieve != "seen":
+            return
+        d = Deferred.fromCoroutine(self.account.add_flags([info.uid], ["\\Seen"]))
+        d.addErrback(lambda f: log.warning("could not set \\Seen on UID %d: %s", info.uid, f.value))
+
     async def update(self, deleted: Sequence[MessageInfo]) -> None:
         """Carry out the delete policy for ``deleted``; raises UpdateFailed naming what is left.
 
-        Every step is idempotent (adding flags, adding to a set), so a client that retries the
-        same deletes after a failure ends in the same state.
+        Every step is idempotent (adding flags, adding to a set, moving or expunging UIDs that
+        may already be gone), so a client that retries the same deletes ends in the same state.
         """
+        if not deleted:
+            return
         policy = self.service.policy
         config = self.service.config.pop3
         by_uid = {m.uid: m for m in self.index}
@@ -134,6 +156,18 @@ class UpstreamMaildrop:
             if flags:
                 step = "flagging the deleted messages"
                 await self.account.add_flags(uids, flags)
+            if policy.move_to is not None:
+                step = f"finding the {policy.move_to} mailbox"
+                target = await resolve_folder(self.account, policy.move_to, config)
+                step = f"moving the deleted messages to {target}"
+                await self.account.move(uids, target)
+            if policy.expunge:
+                step = "expunging the deleted messages"
+                if not await self.account.expunge(uids):
+                    log.warning(
+                        "server lacks UIDPLUS: %d messages left flagged \\Deleted, not expunged",
+                        len(uids),
+                    )
             if policy.hide_for_device:
                 step = f"recording the deletes of device {self.login.device}"
                 state = self.state or DeviceState(config.mailbox, self.login.device)
@@ -141,6 +175,15 @@ class UpstreamMaildrop:
                 await device_store.save(self.account, self.service.state_mailbox, state, self.index)
         except ImapError as e:
             raise UpdateFailed(f"{len(uids)} deletes not applied ({step} failed: {e})") from e
+
+    async def finish(self, deleted_any: bool) -> None:
+        """After QUIT was answered: retention on this connection if due, then log out."""
+        if self._closed:
+            return
+        # The device may start its next session while retention runs: it is not busy any more.
+        self.service.release(self.login)
+        await self.service.retention.after_quit(self.account, self.login.user, deleted_any)
+        await self.close()
 
     async def close(self) -> None:
         """Log out and free the user+device pair; safe to call more than once."""

@@ -109,6 +109,7 @@ class Pop3Protocol(Protocol):
             stls_available=self.tls_context is not None and not self.implicit_tls,
             plaintext_allowed=self._peer_is_trusted(),
             implementation=f"popgate-{gateway.__version__}",
+            capabilities_extra=self.service.capabilities,
         )
         self._log(logging.INFO, "connect tls=%s", "implicit" if self.implicit_tls else "no")
         self._reset_timer()
@@ -267,6 +268,8 @@ class Pop3Protocol(Protocol):
                 self.session.retrieve_unavailable()
             else:
                 self.write(stream.stuffer.finish())
+                assert self.maildrop is not None
+                self.maildrop.retrieved(action.info, whole=action.top_lines is None)
                 self.session.retrieve_done()
             self._pump()
 
@@ -285,13 +288,19 @@ class Pop3Protocol(Protocol):
             problem = "internal error, see the gateway log"
             log.exception("unexpected error during update", extra={"session": self.session_id})
         else:
-            self._log(logging.INFO, "update applied deleted=%d", len(action.deleted))
+            self._log(logging.INFO, "quit, update applied deleted=%d", len(action.deleted))
         finally:
             self.busy_with_update = False
-        await self.maildrop.close()
+        # From here the connection upstream is no longer the session's: answer first, then
+        # let retention (if due) and the LOGOUT happen without the device waiting.
+        maildrop, self.maildrop = self.maildrop, None
         if not self._closed:
             self.session.update_done(problem)
             self._pump()
+        if problem is None:
+            await maildrop.finish(deleted_any=bool(action.deleted))
+        else:
+            await maildrop.close()
 
 
 class Pop3Factory(Factory):

@@ -12,6 +12,7 @@ placeholder where the literal was.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -337,3 +338,54 @@ def fetch_items(tokens: list[Token]) -> tuple[int, dict[str, Token]]:
         result[str(key).upper()] = items[i + 1]
     seq = tokens[0]
     return int(seq) if isinstance(seq, str) else 0, result
+
+
+# --- mailbox names (RFC 3501 section 5.1.3, modified UTF-7) -------------------------------------
+
+
+def encode_mailbox(name: str) -> bytes:
+    """A mailbox name as IMAP wants it without UTF8=ACCEPT: modified UTF-7."""
+    out = bytearray()
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            raw = "".join(pending).encode("utf-16-be")
+            out.extend(b"&" + base64.b64encode(raw).rstrip(b"=").replace(b"/", b",") + b"-")
+            pending.clear()
+
+    for char in name:
+        if " " <= char <= "~":
+            flush()
+            out.extend(b"&-" if char == "&" else char.encode("ascii"))
+        else:
+            pending.append(char)
+    flush()
+    return bytes(out)
+
+
+def decode_mailbox(raw: bytes) -> str:
+    """The inverse of :func:`encode_mailbox`; invalid sequences are kept as they are."""
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        amp = raw.find(b"&", i)
+        if amp < 0:
+            out.append(raw[i:].decode("utf-8", "replace"))
+            break
+        out.append(raw[i:amp].decode("utf-8", "replace"))
+        end = raw.find(b"-", amp)
+        if end < 0:
+            out.append(raw[amp:].decode("utf-8", "replace"))
+            break
+        chunk = raw[amp + 1 : end]
+        if not chunk:
+            out.append("&")
+        else:
+            b64 = chunk.replace(b",", b"/")
+            try:
+                out.append(base64.b64decode(b64 + b"=" * (-len(b64) % 4)).decode("utf-16-be"))
+            except (ValueError, UnicodeDecodeError):
+                out.append(raw[amp : end + 1].decode("utf-8", "replace"))
+        i = end + 1
+    return "".join(out)

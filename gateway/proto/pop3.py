@@ -414,12 +414,10 @@ class Pop3Session:
         self._reply_ok("")
 
     def _quit_transaction(self, _arg: str) -> None:
+        # Always through UPDATE, even with nothing deleted: the I/O layer may have work to
+        # finish (flags) before the +OK, and learns that the session ended with QUIT.
         self.state = State.UPDATE
-        deleted = tuple(self._drop.deleted())
-        if not deleted:
-            self.update_done()
-            return
-        self._actions.append(Update(deleted))
+        self._actions.append(Update(tuple(self._drop.deleted())))
         self._busy = True
 
     # -- helpers -----------------------------------------------------------------------------

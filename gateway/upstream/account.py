@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
@@ -19,7 +20,14 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from gateway.config import ImapUpstream
 from gateway.maildrop.uidset import format_uid_set
 from gateway.maildrop.views import IndexedMessage
-from gateway.proto.imap import Atom, Data, Token, fetch_items
+from gateway.proto.imap import (
+    Atom,
+    Data,
+    Token,
+    decode_mailbox,
+    encode_mailbox,
+    fetch_items,
+)
 from gateway.tls import client_context_factory
 from gateway.upstream.imap_client import (
     BodySink,
@@ -193,7 +201,7 @@ class ImapAccount:
 
     async def examine(self, mailbox: str, *, readonly: bool = True) -> MailboxInfo:
         verb = Atom("EXAMINE" if readonly else "SELECT")
-        response = await self.proto.command(verb, mailbox)
+        response = await self.proto.command(verb, encode_mailbox(mailbox))
         uidvalidity, exists, keywords = 0, 0, False
         for item in response.untagged:
             if isinstance(item, Data):
@@ -254,6 +262,123 @@ class ImapAccount:
                 [Atom(f) for f in flags],
             )
 
+    async def list_mailboxes(self) -> list[MailboxEntry]:
+        """Every mailbox with its attributes, lower-cased (Cyrus sends ``\\sent``)."""
+        if self.proto.has("SPECIAL-USE"):
+            response = await self.proto.command(
+                Atom("LIST"), "", "*", Atom("RETURN"), [Atom("SPECIAL-USE")]
+            )
+        else:
+            response = await self.proto.command(Atom("LIST"), "", "*")
+        entries = []
+        for item in response.untagged:
+            if not isinstance(item, Data) or len(item.tokens) < 4:
+                continue
+            if str(item.tokens[0]).upper() != "LIST" or not isinstance(item.tokens[1], list):
+                continue
+            raw = item.tokens[3]
+            name = raw if isinstance(raw, bytes) else str(raw).encode()
+            attributes = frozenset(str(a).lower() for a in item.tokens[1])
+            entries.append(MailboxEntry(decode_mailbox(name), attributes))
+        return entries
+
+    async def find_special_use(self, use: str) -> str | None:
+        """The mailbox marked with SPECIAL-USE ``use`` (e.g. ``\\Trash``), if any."""
+        wanted = use.lower()
+        for entry in await self.list_mailboxes():
+            if wanted in entry.attributes:
+                return entry.name
+        return None
+
+    async def create_mailbox(self, name: str) -> None:
+        """Create ``name`` unless it exists already."""
+        try:
+            await self.proto.command(Atom("CREATE"), encode_mailbox(name))
+        except ImapCommandFailed as e:
+            if e.status.code_name == "ALREADYEXISTS":
+                return
+            if any(entry.name == name for entry in await self.list_mailboxes()):
+                return  # servers without RFC 5530 codes
+            raise
+
+    async def search_keyword(self, keyword: str) -> list[int]:
+        response = await self.proto.command(
+            Atom("UID"), Atom("SEARCH"), Atom("KEYWORD"), Atom(keyword)
+        )
+        return search_result(response)
+
+    async def fetch_arrivals(self, uids: Iterable[int]) -> list[tuple[int, int, datetime]]:
+        """(UID, size, INTERNALDATE) of ``uids``: what retention decides on."""
+        uid_set = format_uid_set(uids)
+        if not uid_set:
+            return []
+        response = await self.proto.command(
+            Atom("UID"),
+            Atom("FETCH"),
+            Atom(uid_set),
+            [Atom("UID"), Atom("RFC822.SIZE"), Atom("INTERNALDATE")],
+        )
+        result = []
+        for item in response.untagged:
+            if isinstance(item, Data) and len(item.tokens) >= 3:
+                if str(item.tokens[1]).upper() != "FETCH":
+                    continue
+                _, fields = fetch_items(item.tokens)
+                uid, size, date = (
+                    fields.get("UID"),
+                    fields.get("RFC822.SIZE"),
+                    fields.get("INTERNALDATE"),
+                )
+                if uid is None or size is None or not isinstance(date, bytes):
+                    continue
+                result.append((int(str(uid)), int(str(size)), parse_internaldate(date)))
+        return sorted(result)
+
+    async def storage_quota(self, mailbox: str) -> tuple[int, int] | None:
+        """(used, limit) in KiB of the STORAGE resource of ``mailbox``'s quota root, if any."""
+        if not self.proto.has("QUOTA"):
+            return None
+        response = await self.proto.command(Atom("GETQUOTAROOT"), encode_mailbox(mailbox))
+        for item in response.untagged:
+            if not isinstance(item, Data) or len(item.tokens) < 3:
+                continue
+            if str(item.tokens[0]).upper() != "QUOTA" or not isinstance(item.tokens[2], list):
+                continue
+            resources = item.tokens[2]
+            for i in range(0, len(resources) - 2, 3):
+                if str(resources[i]).upper() == "STORAGE":
+                    return int(str(resources[i + 1])), int(str(resources[i + 2]))
+        return None
+
+    async def move(self, uids: Iterable[int], target: str) -> None:
+        """Move messages of the selected mailbox to ``target``, touching no other message.
+
+        UID MOVE where offered; else COPY, flag and UID EXPUNGE of exactly these UIDs; without
+        UIDPLUS the originals are left flagged \\Deleted rather than risk a plain EXPUNGE.
+        """
+        uids = list(uids)
+        uid_set = Atom(format_uid_set(uids))
+        if not uid_set:
+            return
+        if self.proto.has("MOVE"):
+            await self.proto.command(Atom("UID"), Atom("MOVE"), uid_set, encode_mailbox(target))
+            return
+        await self.proto.command(Atom("UID"), Atom("COPY"), uid_set, encode_mailbox(target))
+        await self.expunge(uids)
+
+    async def expunge(self, uids: Iterable[int]) -> bool:
+        """Remove exactly ``uids``; False when the server lacks UIDPLUS and they stay flagged
+        \\Deleted (hidden from POP, visible to IMAP clients, gone at the next expunge)."""
+        uids = list(uids)
+        uid_set = format_uid_set(uids)
+        if not uid_set:
+            return True
+        await self.add_flags(uids, ["\\Deleted"])
+        if not self.proto.has("UIDPLUS"):
+            return False
+        await self.proto.command(Atom("UID"), Atom("EXPUNGE"), Atom(uid_set))
+        return True
+
     async def logout(self) -> None:
         try:
             await self.proto.command(Atom("LOGOUT"))
@@ -265,6 +390,25 @@ class ImapAccount:
 
     def abort(self) -> None:
         _abort(self.proto)
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxEntry:
+    name: str
+    attributes: frozenset[str]  # lower-cased, e.g. "\\trash", "\\hasnochildren"
+
+
+def search_result(response: Response) -> list[int]:
+    uids: list[int] = []
+    for item in response.untagged:
+        if isinstance(item, Data) and item.tokens and str(item.tokens[0]).upper() == "SEARCH":
+            uids.extend(int(str(t)) for t in item.tokens[1:] if str(t).isdigit())
+    return sorted(uids)
+
+
+def parse_internaldate(raw: bytes) -> datetime:
+    """``17-Jul-1996 02:44:25 -0700`` → an aware datetime (RFC 3501 date-time)."""
+    return datetime.strptime(raw.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z")
 
 
 def _first_str(token: Token) -> str | None:

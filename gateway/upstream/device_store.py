@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.maildrop.uidset import format_uid_set
-from gateway.maildrop.views import STATE_HEADER, DeviceState, IndexedMessage
-from gateway.proto.imap import Atom, Data
-from gateway.upstream.account import ImapAccount
+from gateway.maildrop.views import STATE_HEADER, STATE_KEY_PREFIX, DeviceState, IndexedMessage
+from gateway.proto.imap import Atom, encode_mailbox
+from gateway.upstream.account import ImapAccount, search_result
 from gateway.upstream.imap_client import ImapCommandFailed
 
 
@@ -34,27 +34,34 @@ class _Collect:
 
 
 async def _find(account: ImapAccount, key: str) -> list[int]:
+    """UIDs of the state messages whose header holds ``key`` (a substring match)."""
     response = await account.proto.command(
         Atom("UID"), Atom("SEARCH"), Atom("HEADER"), STATE_HEADER, key
     )
-    uids: list[int] = []
-    for item in response.untagged:
-        if isinstance(item, Data) and item.tokens and str(item.tokens[0]).upper() == "SEARCH":
-            uids.extend(int(str(t)) for t in item.tokens[1:] if str(t).isdigit())
-    return uids
+    return search_result(response)
 
 
-async def _read(account: ImapAccount, state: DeviceState, uids: list[int]) -> None:
+async def _bodies(account: ImapAccount, uids: list[int]) -> list[bytes]:
     if not uids:
-        return
+        return []
     sink = _Collect()
     await account.proto.command(
         Atom("UID"), Atom("FETCH"), Atom(format_uid_set(uids)), [Atom("BODY.PEEK[]")], sink=sink
     )
-    for raw in sink.bodies:
+    return sink.bodies
+
+
+async def _read(account: ImapAccount, state: DeviceState, uids: list[int]) -> None:
+    for raw in await _bodies(account, uids):
         found = DeviceState.from_message(raw, state.mailbox, state.device)
         if found is not None:
             state.merge(found)
+
+
+async def _remove(account: ImapAccount, uids: list[int]) -> None:
+    if uids and not await account.expunge(uids):
+        # No UIDPLUS: only the gateway's own state messages live here, all marked for removal.
+        await account.proto.command(Atom("EXPUNGE"))
 
 
 async def load(account: ImapAccount, state_mailbox: str, mailbox: str, device: str) -> DeviceState:
@@ -78,23 +85,37 @@ async def save(
 
     Entries for messages not in ``present`` (gone from the mailbox) are dropped on the way.
     """
-    try:
-        await account.proto.command(Atom("CREATE"), state_mailbox)
-    except ImapCommandFailed:
-        pass  # ALREADYEXISTS, or a real problem that SELECT below reports
+    await account.create_mailbox(state_mailbox)
     await account.examine(state_mailbox, readonly=False)
     old = await _find(account, state.key)
     await _read(account, state, old)
     state.prune(present)
-    await account.proto.command(Atom("APPEND"), state_mailbox, [Atom("\\Seen")], state.to_message())
-    if not old:
-        return
-    uid_set = Atom(format_uid_set(old))
     await account.proto.command(
-        Atom("UID"), Atom("STORE"), uid_set, Atom("+FLAGS.SILENT"), [Atom("\\Deleted")]
+        Atom("APPEND"), encode_mailbox(state_mailbox), [Atom("\\Seen")], state.to_message()
     )
-    if account.proto.has("UIDPLUS"):
-        await account.proto.command(Atom("UID"), Atom("EXPUNGE"), uid_set)
-    else:
-        # Only the gateway's own state messages live here, all marked for removal anyway.
-        await account.proto.command(Atom("EXPUNGE"))
+    await _remove(account, old)
+
+
+async def reset(account: ImapAccount, state_mailbox: str, mailbox: str, device: str) -> int:
+    """Forget everything ``device`` has hidden; returns the number of state copies removed."""
+    try:
+        await account.examine(state_mailbox, readonly=False)
+    except ImapCommandFailed:
+        return 0
+    old = await _find(account, DeviceState(mailbox, device).key)
+    await _remove(account, old)
+    return len(old)
+
+
+async def load_all(account: ImapAccount, state_mailbox: str, mailbox: str) -> list[DeviceState]:
+    """Every device's state for ``mailbox`` (for ``popgate device list``)."""
+    try:
+        await account.examine(state_mailbox)
+    except ImapCommandFailed:
+        return []
+    states: dict[str, DeviceState] = {}
+    for raw in await _bodies(account, await _find(account, STATE_KEY_PREFIX)):
+        found = DeviceState.parse(raw)
+        if found is not None and found.mailbox == mailbox:
+            states.setdefault(found.device, DeviceState(mailbox, found.device)).merge(found)
+    return sorted(states.values(), key=lambda s: s.device)

@@ -40,6 +40,8 @@ class FakeMaildrop:
         self.fetches: list[tuple[MessageInfo, Any, Deferred[None]]] = []
         self.updates: list[list[int]] = []
         self.update_error: str | None = None
+        self.retrieved_uids: list[tuple[int, bool]] = []
+        self.finished: bool | None = None
         self.closed = False
 
     def fetch(self, info: MessageInfo, sink: Any) -> Deferred[None]:
@@ -52,6 +54,13 @@ class FakeMaildrop:
         if self.update_error:
             raise UpdateFailed(self.update_error)
 
+    def retrieved(self, info: MessageInfo, whole: bool) -> None:
+        self.retrieved_uids.append((info.uid, whole))
+
+    async def finish(self, deleted_any: bool) -> None:
+        self.finished = deleted_any
+        self.closed = True
+
     async def close(self) -> None:
         self.closed = True
 
@@ -60,6 +69,8 @@ class FakeMaildrop:
 
 
 class FakeService:
+    capabilities = ("EXPIRE NEVER",)
+
     def __init__(self, drop: FakeMaildrop, password: str = "pw") -> None:
         self.drop = drop
         self.password = password
@@ -138,6 +149,7 @@ def test_a_slow_download_is_not_idle_while_bytes_move() -> None:
     # Dot-stuffed across chunk boundaries, CRLF added before the terminator.
     assert said(transport) == b"+OK 12 octets\r\na\r\n..b\r\nc\r\n..\r\n.\r\n"
     assert transport.producer is None and drop.imap_transport.resumed == 1
+    assert drop.retrieved_uids == [(5, True)]
 
 
 def test_pipelined_commands_wait_for_the_download() -> None:
@@ -177,7 +189,7 @@ def test_quit_answers_only_after_the_update() -> None:
     login(protocol, transport)
     protocol.dataReceived(b"DELE 2\r\nQUIT\r\n")
     assert said(transport) == b"+OK message 2 deleted\r\n+OK Bye\r\n"
-    assert drop.updates == [[6]] and drop.closed
+    assert drop.updates == [[6]] and drop.finished is True and drop.closed
 
 
 def test_failed_update_is_an_error_to_the_client() -> None:

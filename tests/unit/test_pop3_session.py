@@ -233,10 +233,12 @@ def test_top_argument_errors() -> None:
     assert c.line("TOP 1 -1") == b"-ERR TOP needs a message number and a line count\r\n"
 
 
-def test_quit_without_deletes_closes_at_once() -> None:
+def test_quit_without_deletes_still_passes_through_update() -> None:
     c = Client().logged_in()
-    assert c.line("QUIT") == b"+OK Bye\r\n"
-    assert c.closed and c.actions == []
+    assert c.line("QUIT") == b""
+    assert c.take(pop3.Update).deleted == ()
+    assert c.answer(c.session.update_done, None) == b"+OK Bye\r\n"
+    assert c.closed
 
 
 def test_quit_applies_deletes_before_answering() -> None:
