@@ -12,6 +12,7 @@ file wants the whole list at once, not one error per restart.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import ipaddress
 import json
@@ -67,6 +68,7 @@ class SmtpUpstream:
     verify_certificate: bool = True
     ca_file: Path | None = None
     auth: Literal["passthrough", "none"] = "passthrough"
+    timeout: float = 300  # seconds to wait for any one relay reply (RFC 5321 4.5.3.2: 2-10 min)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class SubmissionSettings:
     spool_dir: Path = Path("/var/spool/popgate")
     max_message_size: int = 52428800
     tls_min_version: TLSVersion | None = None
+    # AES-256-GCM key of the spool (base64); empty: generated as spool_dir/spool.key at start.
+    spool_key: str = field(default="", repr=False)
+    retry_initial_delay: float = 60  # seconds before the first retry of a Sent copy ...
+    retry_max_delay: float = 3600  # ... doubling up to this
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "verify_certificate": _Key("bool"),
         "ca_file": _Key("path", optional=True),
         "auth": _Key("choice", ("passthrough", "none")),
+        "timeout": _Key("number", low=0),
     },
     "pop3": {
         "listen": _Key("listen"),
@@ -239,6 +246,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "spool_dir": _Key("path"),
         "max_message_size": _Key("int", low=1),
         "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),
+        "spool_key": _Key("str", optional=True, secret=True),
+        "retry_initial_delay": _Key("number", low=0),
+        "retry_max_delay": _Key("number", low=0),
     },
     "tls": {
         "cert_file": _Key("path"),
@@ -692,6 +702,24 @@ class _Loader:
         if separator is not None and any(c.isspace() for c in separator):
             self.problem("pop3", "device_separator", "must not contain spaces")
 
+    def check_submission(self, submission: dict[str, Any]) -> None:
+        key = submission.get("spool_key", "")
+        if key and ("submission", "spool_key") not in self.failed:
+            try:
+                raw = base64.b64decode(key.strip(), validate=True)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                # The value itself is a secret: say what is wrong, never what it is.
+                self.problem("submission", "spool_key", "must be 32 bytes in base64")
+        initial = submission.get("retry_initial_delay", 60)
+        if initial > submission.get("retry_max_delay", 3600):
+            self.problem(
+                "submission",
+                "retry_max_delay",
+                f"must be at least retry_initial_delay ({initial:g})",
+            )
+
     def check_retention(self, retention: dict[str, Any]) -> None:
         high = retention.get("quota_high_percent", 0)
         target = retention.get("quota_target_percent", 80)
@@ -744,6 +772,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_imap(imap, sections["upstream.imap"])
     loader.check_smtp(smtp, converted["submission"])
     loader.check_pop3(converted["pop3"])
+    loader.check_submission(converted["submission"])
     loader.check_retention(converted["retention"])
     loader.check_listeners(converted)
     for key in ("cert_file", "key_file"):
