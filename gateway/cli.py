@@ -146,6 +146,35 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _admin(args: argparse.Namespace, command: str) -> int:
+    """Run one of gateway.admin's commands; its report goes to stdout, failures to stderr."""
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway import admin
+
+    if command == "device list":
+        status, lines = admin.run(lambda r: admin.device_list(r, config, args.user))
+    elif command == "device reset":
+        status, lines = admin.run(lambda r: admin.device_reset(r, config, args.user, args.device))
+    else:
+        status, lines = admin.run(lambda r: admin.retention(r, config, args.user, args.dry_run))
+    print("\n".join(lines), file=sys.stdout if status == EXIT_OK else sys.stderr)
+    return status
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    return _admin(args, "device list")
+
+
+def cmd_device_reset(args: argparse.Namespace) -> int:
+    return _admin(args, "device reset")
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    return _admin(args, "retention")
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"popgate {__version__}")
     return EXIT_OK
@@ -179,6 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen_cert.add_argument("--out", required=True, metavar="DIR", help="directory to write to")
     gen_cert.add_argument("--force", action="store_true", help="replace existing files")
     gen_cert.set_defaults(handler=cmd_gen_cert)
+
+    device = commands.add_parser("device", help="per-device views of a user (master identity)")
+    device_commands = device.add_subparsers(dest="device_command", metavar="ACTION")
+    device_commands.required = True
+    device_list = device_commands.add_parser("list", help="devices with hidden messages")
+    device_list.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    device_list.add_argument("user")
+    device_list.set_defaults(handler=cmd_device_list)
+    device_reset = device_commands.add_parser(
+        "reset", help="forget what DEVICE has hidden, so it downloads everything again"
+    )
+    device_reset.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    device_reset.add_argument("user")
+    device_reset.add_argument("device")
+    device_reset.set_defaults(handler=cmd_device_reset)
+
+    retention = commands.add_parser(
+        "retention", help="apply [retention] to one user now, or show what it would remove"
+    )
+    retention.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    retention.add_argument("--user", required=True)
+    retention.add_argument("--dry-run", action="store_true", help="change nothing, only report")
+    retention.set_defaults(handler=cmd_retention)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version)
