@@ -154,7 +154,7 @@ class ImapClientProtocol(Protocol):
             if self._streaming_to is not None:
                 self._streaming_to.literal_data(event.data)
         elif isinstance(event, LiteralBegin):
-            self._streaming_to = next((p.sink for p in self._pending if p.sink), None)
+            self._streaming_to = self._first_sink()
             if self._streaming_to is not None:
                 self._streaming_to.literal_begin(event.size)
         elif isinstance(event, LiteralEnd):
@@ -185,10 +185,16 @@ class ImapClientProtocol(Protocol):
         elif event.tokens and str(event.tokens[0]).upper() == "CAPABILITY":
             self.update_capabilities(event.tokens)
         if self._pending:
-            pending = self._pending[0]
-            pending.untagged.append(event)
-            if pending.sink is not None and isinstance(event, Data):
-                _deliver_inline_bodies(event, pending.sink)
+            self._pending[0].untagged.append(event)
+            if isinstance(event, Data):
+                # A body belongs to the command that asked for one, even when an earlier
+                # command (a pipelined STORE, say) is still waiting for its completion.
+                sink = self._first_sink()
+                if sink is not None:
+                    _deliver_inline_bodies(event, sink)
+
+    def _first_sink(self) -> BodySink | None:
+        return next((p.sink for p in self._pending if p.sink is not None), None)
 
     def _complete(self, status: Status) -> None:
         if status.code_name == "CAPABILITY" and status.code:

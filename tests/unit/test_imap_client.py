@@ -1,0 +1,117 @@
+"""The Twisted IMAP client on a StringTransport: tagging, literals, routing bodies to sinks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.testing import StringTransport
+
+from gateway.proto.imap import Atom
+from gateway.upstream.imap_client import (
+    ImapClientProtocol,
+    ImapCommandFailed,
+    ImapConnectionLost,
+)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def literal_begin(self, size: int) -> None:
+        self.events.append(("begin", size))
+
+    def literal_data(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def literal_end(self) -> None:
+        self.events.append(("end",))
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(e[1] for e in self.events if e[0] == "data")
+
+
+def connected(caps: str = "IMAP4rev1") -> tuple[ImapClientProtocol, StringTransport]:
+    proto = ImapClientProtocol()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(f"* OK [CAPABILITY {caps}] ready\r\n".encode())
+    return proto, transport
+
+
+def sent(transport: StringTransport) -> bytes:
+    value = transport.value()
+    transport.clear()
+    return value
+
+
+def test_greeting_capabilities_and_tagged_completion() -> None:
+    proto, transport = connected("IMAP4rev1 LITERAL+ AUTH=PLAIN")
+    assert proto.has("literal+") and proto.has("AUTH=PLAIN")
+    d = proto.command(Atom("NOOP"))
+    assert sent(transport) == b"G1 NOOP\r\n"
+    proto.dataReceived(b"* 3 EXISTS\r\nG1 OK done\r\n")
+    response = d.result
+    assert response.status.kind == "OK" and response.untagged[0].tokens == ["3", "EXISTS"]
+
+
+def test_synchronizing_literal_waits_for_continuation_and_queues_later_commands() -> None:
+    proto, transport = connected()
+    d1 = proto.command(Atom("LOGIN"), "us\r\ner", "pw")
+    d2 = proto.command(Atom("NOOP"))
+    assert sent(transport) == b"G1 LOGIN {6}\r\n"  # nothing more before "+"
+    proto.dataReceived(b"+ go ahead\r\n")
+    assert sent(transport) == b'us\r\ner "pw"\r\nG2 NOOP\r\n'
+    proto.dataReceived(b"G1 NO [AUTHENTICATIONFAILED] no\r\nG2 OK fine\r\n")
+    failure = d1.result
+    d1.addErrback(lambda f: None)
+    assert isinstance(failure.value, ImapCommandFailed)
+    assert failure.value.status.code_name == "AUTHENTICATIONFAILED"
+    assert d2.result.status.kind == "OK"
+
+
+def test_inline_body_reaches_the_sink_even_behind_a_pipelined_store() -> None:
+    proto, _transport = connected()
+    store = proto.command(Atom("UID"), Atom("STORE"), Atom("1"), Atom("+FLAGS.SILENT"), [])
+    sink = Sink()
+    fetch = proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [Atom("BODY.PEEK[]")], sink=sink)
+    proto.dataReceived(b"* 2 FETCH (UID 2 BODY[] {5}\r\nhello)\r\n")
+    proto.dataReceived(b"G1 OK stored\r\nG2 OK fetched\r\n")
+    assert sink.events == [("begin", 5), ("data", b"hello"), ("end",)]
+    assert store.result.status.kind == fetch.result.status.kind == "OK"
+
+
+def test_large_body_streams_to_the_sink() -> None:
+    proto, _transport = connected()
+    proto.parser.stream_threshold = 4
+    sink = Sink()
+    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("7"), [Atom("BODY.PEEK[]")], sink=sink)
+    proto.dataReceived(b"* 1 FETCH (UID 7 BODY[] {10}\r\n01234")
+    assert sink.events == [("begin", 10), ("data", b"01234")]
+    proto.dataReceived(b"56789)\r\nG1 OK\r\n")
+    assert sink.body == b"0123456789" and sink.events[-1] == ("end",)
+    assert d.result.status.kind == "OK"
+
+
+def test_connection_lost_and_bye_fail_what_is_pending() -> None:
+    proto, _transport = connected()
+    d = proto.command(Atom("NOOP"))
+    proto.dataReceived(b"* BYE shutting down\r\n")
+    with pytest.raises(ImapConnectionLost):
+        d.result.raiseException()
+    later = proto.command(Atom("NOOP"))
+    later_failure = later.result
+    later.addErrback(lambda f: None)
+    assert isinstance(later_failure.value, ImapConnectionLost)
+    d.addErrback(lambda f: None)
+
+
+def test_protocol_garbage_drops_the_connection() -> None:
+    proto, transport = connected()
+    d = proto.command(Atom("NOOP"))
+    proto.dataReceived(b"G1 WHATEVER\r\n")
+    assert transport.disconnecting
+    assert d.called
+    d.addErrback(lambda f: None)
