@@ -141,7 +141,7 @@ class RetentionSettings:
     action: Literal["trash", "archive", "expunge"] = "trash"
     quota_high_percent: int = 0
     quota_target_percent: int = 80
-    sweep_interval: float = 3600  # seconds between sweeps over recently seen users (master only)
+    sweep_interval: int = 3600  # seconds between sweeps over recently seen users (master only)
     time_limit: float = 20  # seconds one user's retention run may take
 
     @property
@@ -263,7 +263,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "action": _Key("choice", ("trash", "archive", "expunge")),
         "quota_high_percent": _Key("int", low=0, high=100),
         "quota_target_percent": _Key("int", low=0, high=100),
-        "sweep_interval": _Key("number", low=0),
+        "sweep_interval": _Key("int", low=0),
         "time_limit": _Key("number", low=0),
     },
     "log": {

@@ -45,7 +45,10 @@ class RetentionReport:
     def lines(self) -> list[str]:
         where = f" to {self.target}" if self.target else ""
         verb = "removed" if self.applied else "would remove"
-        head = f"{self.user}: {verb} {len(self.removals)} messages ({self.action}{where})"
+        if self.removals:
+            head = f"{self.user}: {verb} {len(self.removals)} messages ({self.action}{where})"
+        else:
+            head = f"{self.user}: nothing to remove ({self.action})"
         if self.quota is not None:
             head += f"; quota {self.quota.used_kib} of {self.quota.limit_kib} KiB"
         rows = [

@@ -1,0 +1,95 @@
+"""Quota-driven retention against a Dovecot with the quota plugin (1 MiB per user)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.test_retention import pop_delete, seed_dated
+from tests.support.dovecot import Dovecot
+from tests.support.gateway import GatewayProcess
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Dovecot]:
+    """This module's own Dovecot, with quota; the fixtures that use ``dovecot`` get this one.
+
+    Its base directory is its own temp dir: Dovecot's auth process must be able to reach it.
+    """
+    instance = Dovecot(quota=True, quota_storage="1M")
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def quota_kib(dovecot: Dovecot, user: Any) -> tuple[int, int]:
+    with dovecot.imap(user.name, user.password) as imap:
+        typ, data = imap.getquotaroot("INBOX")
+        assert typ == "OK", data
+        line = next(d for d in data[1] if b"STORAGE" in d)
+        used, limit = line.split(b"STORAGE ")[1].rstrip(b")").split()
+        return int(used), int(limit)
+
+
+def test_quota_retention_removes_oldest_pop_deleted_first(
+    mail_user: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # Nine ~100 KiB messages: about 88% of 1 MiB. Arrival order differs from UID order on
+    # purpose: "oldest" means arrival (INTERNALDATE).
+    size = 100 * 1024
+    items = [(f"m{i}", days, size) for i, days in enumerate([50, 60, 40, 30, 20, 10, 5, 4, 3], 1)]
+    uid = seed_dated(dovecot, mail_user, items)
+    used, limit = quota_kib(dovecot, mail_user)
+    assert limit == 1024 and used > 0.85 * limit
+    devices = start_gateway()
+    pop_deleted = {uid[s] for s in ("m1", "m2", "m3", "m4", "m5", "m6")}
+    pop_delete(devices, mail_user.name, mail_user.password, pop_deleted)
+
+    gw = start_gateway(
+        retention={
+            "quota_high_percent": 80,
+            "quota_target_percent": 50,
+            "action": "expunge",
+            "sweep_interval": 0,
+        }
+    )
+
+    def popgate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "retention",
+                "--user",
+                mail_user.name,
+                *args,
+                "-c",
+                str(gw.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    dry = popgate("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    head, *rows = dry.stdout.splitlines()
+    # From ~88% to under 50% takes four of the six, oldest arrival first: m2, m1, m3, m4.
+    assert head.startswith(f"{mail_user.name}: would remove 4 messages (expunge)")
+    assert f"quota {used} of {limit} KiB" in head
+    assert [int(r.split()[1]) for r in rows] == [uid["m2"], uid["m1"], uid["m3"], uid["m4"]]
+    assert all("quota at 8" in r and "> 80%" in r for r in rows)
+    assert len(dovecot.list_uids(mail_user.name, mail_user.password)) == 9
+
+    applied = popgate()
+    assert applied.returncode == 0, applied.stderr
+    left = dovecot.list_uids(mail_user.name, mail_user.password)
+    assert left == sorted(uid[s] for s in ("m5", "m6", "m7", "m8", "m9"))
+    assert quota_kib(dovecot, mail_user)[0] < 0.5 * limit

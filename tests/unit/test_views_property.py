@@ -1,0 +1,156 @@
+"""Property: under hide/seen, no interleaving of sessions and devices ever loses a message.
+
+A state machine drives the pure parts of the gateway (snapshot → Maildrop, DeviceState with its
+stored message form, the delete policy's flags) over an in-memory mailbox, the way
+gateway/pop3/backend.py does over IMAP: several devices with overlapping sessions, deletes,
+RSET, dropped connections, QUIT in any order, IMAP clients appending and expunging meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from gateway.maildrop.maildrop import Maildrop
+from gateway.maildrop.policy import policy_for
+from gateway.maildrop.views import (
+    DeviceState,
+    IndexedMessage,
+    build_maildrop,
+    needs_state,
+)
+
+UIDVALIDITY = 77
+DEVICES = ["default", "phone", "office"]
+
+
+@dataclass
+class Session:
+    maildrop: Maildrop
+    index: list[IndexedMessage]
+    state: DeviceState | None
+
+
+@dataclass
+class Upstream:
+    flags: dict[int, set[str]] = field(default_factory=dict)  # the mailbox: UID -> flags
+    stored_state: dict[str, list[bytes]] = field(default_factory=dict)  # device -> messages
+    next_uid: int = 1
+
+    def index(self) -> list[IndexedMessage]:
+        return [
+            IndexedMessage(uid, 100 + uid, frozenset(f)) for uid, f in sorted(self.flags.items())
+        ]
+
+    def load_state(self, device: str) -> DeviceState:
+        state = DeviceState("INBOX", device)
+        for raw in self.stored_state.get(device, []):
+            found = DeviceState.from_message(raw, "INBOX", device)
+            assert found is not None
+            state.merge(found)
+        return state
+
+
+class NeverLoses(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.upstream = Upstream()
+        self.sessions: dict[str, Session] = {}
+        self.alive: set[int] = set()  # what IMAP put in and did not take out
+        self.hidden: dict[str, set[int]] = {d: set() for d in DEVICES}  # the model's view
+        self.policy = policy_for("hide")
+
+    @rule(policy=st.sampled_from(["hide", "seen"]))
+    def choose_policy(self, policy: str) -> None:
+        self.policy = policy_for(policy)
+
+    @rule()
+    def imap_append(self) -> None:
+        uid = self.upstream.next_uid
+        self.upstream.next_uid += 1
+        self.upstream.flags[uid] = set()
+        self.alive.add(uid)
+
+    @precondition(lambda self: self.alive)
+    @rule(data=st.data())
+    def imap_expunge(self, data: st.DataObject) -> None:
+        uid = data.draw(st.sampled_from(sorted(self.alive)))
+        del self.upstream.flags[uid]
+        self.alive.discard(uid)
+
+    @rule(device=st.sampled_from(DEVICES))
+    def login(self, device: str) -> None:
+        if device in self.sessions:
+            return  # the gateway answers [IN-USE]
+        index = self.upstream.index()
+        state = self.upstream.load_state(device) if needs_state(index, True) else None
+        self.sessions[device] = Session(build_maildrop(index, UIDVALIDITY, state), index, state)
+
+    @rule(device=st.sampled_from(DEVICES), data=st.data())
+    def dele(self, device: str, data: st.DataObject) -> None:
+        session = self.sessions.get(device)
+        if session is None:
+            return
+        numbers = [n for n, _ in session.maildrop.listing()]
+        if numbers:
+            session.maildrop.delete(data.draw(st.sampled_from(numbers)))
+
+    @rule(device=st.sampled_from(DEVICES))
+    def rset(self, device: str) -> None:
+        if device in self.sessions:
+            self.sessions[device].maildrop.reset()
+
+    @rule(device=st.sampled_from(DEVICES))
+    def drop(self, device: str) -> None:
+        self.sessions.pop(device, None)
+
+    @rule(device=st.sampled_from(DEVICES))
+    def quit(self, device: str) -> None:
+        session = self.sessions.pop(device, None)
+        if session is None:
+            return
+        deleted = session.maildrop.deleted()
+        if not deleted:
+            return
+        by_uid = {m.uid: m for m in session.index}
+        # What an IMAP client expunged meanwhile is simply gone (UID STORE on it is a no-op).
+        messages = [by_uid[m.uid] for m in deleted]
+        for m in messages:
+            if m.uid in self.upstream.flags:
+                self.upstream.flags[m.uid].update(self.policy.add_flags)
+        state = session.state or DeviceState("INBOX", device)
+        state.hide(messages, UIDVALIDITY)
+        for raw in self.upstream.stored_state.get(device, []):
+            found = DeviceState.from_message(raw, "INBOX", device)
+            assert found is not None
+            state.merge(found)
+        state.prune(session.index)
+        self.upstream.stored_state[device] = [state.to_message()]
+        self.hidden[device] |= {m.uid for m in messages}
+
+    @invariant()
+    def no_message_is_lost(self) -> None:
+        assert set(self.upstream.flags) == self.alive
+        assert all(not ({"\\Deleted"} & f) for f in self.upstream.flags.values())
+
+    @invariant()
+    def each_device_sees_what_it_did_not_delete(self) -> None:
+        index = self.upstream.index()
+        for device in DEVICES:
+            state = self.upstream.load_state(device) if needs_state(index, True) else None
+            seen = {info.uid for _, info in build_maildrop(index, UIDVALIDITY, state).listing()}
+            assert seen == self.alive - self.hidden[device]
+
+    @invariant()
+    def a_new_device_sees_everything(self) -> None:
+        index = self.upstream.index()
+        fresh = self.upstream.load_state("brand-new") if needs_state(index, True) else None
+        seen = {info.uid for _, info in build_maildrop(index, UIDVALIDITY, fresh).listing()}
+        assert seen == self.alive
+
+
+NeverLoses.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestNeverLoses = NeverLoses.TestCase
