@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 
@@ -50,6 +50,7 @@ class Gateway:
         self.ports: list[IListeningPort] = []
         self.pop3_sessions: set[Pop3Protocol] = set()
         self.maildrops = MaildropService(reactor, config)
+        self.submission: Any = None  # gateway.submission.service.SubmissionService when configured
 
     async def start(self) -> None:
         config = self.config
@@ -84,9 +85,11 @@ class Gateway:
                 shown = ListenAddress(bound.host, bound.port)
                 log.info("listening pop3 on %s (%s)", shown, "tls" if implicit else "plain")
         self.maildrops.retention.start()
+        await self._start_submission()
 
     async def stop(self) -> None:
         self.maildrops.retention.stop()
+        submission_stopped = self._stop_submission()
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports.clear()
         if self.pop3_sessions:
@@ -98,6 +101,28 @@ class Gateway:
         await self._wait_for(lambda: not self.pop3_sessions, UPDATE_GRACE)
         for session in list(self.pop3_sessions):
             session.abort()
+        await submission_stopped
+
+    # -- submission (aiosmtpd on the reactor's asyncio loop) --------------------------------
+
+    async def _start_submission(self) -> None:
+        """SMTP submission listeners; they log ``listening submission on HOST:PORT (...)``."""
+        settings = self.config.submission
+        if not settings.listen and not settings.listen_tls:
+            return
+        from gateway.submission.service import SubmissionService
+
+        # callWhenRunning starts us before the asyncio loop runs; asyncio code needs it running.
+        await task.deferLater(self.reactor, 0, lambda: None)
+        self.submission = SubmissionService(self.reactor, self.config)
+        await defer.Deferred.fromFuture(asyncio.ensure_future(self.submission.start()))
+
+    def _stop_submission(self) -> defer.Deferred[None]:
+        """Stops in parallel with POP3: sessions get the same grace; spool files stay."""
+        if self.submission is None:
+            return defer.succeed(None)
+        service, self.submission = self.submission, None
+        return defer.Deferred.fromFuture(asyncio.ensure_future(service.stop(SHUTDOWN_GRACE)))
 
     async def _wait_for(self, condition: Any, seconds: float) -> None:
         deadline = self.reactor.seconds() + seconds

@@ -1,0 +1,435 @@
+"""The aiosmtpd side of submission: per-connection protocol tweaks and the policy handler.
+
+aiosmtpd runs the SMTP conversation; :class:`SubmissionHandler` decides:
+
+- AUTH PLAIN/LOGIN only over TLS, or from ``[security] insecure_auth_networks``; the
+  credentials are checked by logging in to the upstream IMAP server (``alice#phone`` logs in as
+  ``alice``). Nothing is relayed without AUTH: MAIL, RCPT and DATA answer ``530 5.7.0`` first.
+- MAIL, each RCPT and the message go to the relay as they come, and the relay's reply is the
+  client's reply (see relay.py).
+- The message is spooled (fsync) before it is relayed; once the relay accepted it, the Sent copy
+  is handed to the spool, which stores it (now, or later with retries).
+
+:class:`SubmissionSMTP` adds what aiosmtpd lacks: RFC 3463 codes on every reply once
+ENHANCEDSTATUSCODES is advertised, implicit-TLS awareness, and closing the relay connection
+with the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from gateway.config import SecuritySettings
+from gateway.maildrop.views import Login
+from gateway.submission.message import (
+    MessageRefused,
+    check_content,
+    ensure_message_id,
+    new_message_id,
+    normalize_line_endings,
+)
+from gateway.submission.relay import Relay, RelaySession, RelayUnavailable
+from gateway.submission.replies import with_enhanced_code
+from gateway.submission.spool import SentSpool, SpoolEntry, SpoolStore, new_entry_id
+from gateway.upstream.account import LoginRejected, UpstreamUnavailable
+
+log = logging.getLogger("popgate.submission")
+
+#: Checks a user's password upstream; raises LoginRejected or UpstreamUnavailable.
+Authenticator = Callable[[str, str, str | None], Awaitable[None]]
+
+# After this many failed AUTH attempts the connection is closed (a slow brute force per
+# connection; Dovecot's own penalties apply per client IP, passed on with IMAP ID).
+MAX_AUTH_FAILURES = 3
+
+_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+_AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
+_NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+_NEED_AUTH = "530 5.7.0 Authentication required"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who authenticated on a session; ``password`` stays in memory and never reaches a log."""
+
+    login: str  # as the device sent it, e.g. alice#phone
+    user: str  # upstream user
+    device: str
+    password: str = field(repr=False)
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer or "")
+
+
+class SubmissionSMTP(SMTP):
+    """One client connection (aiosmtpd creates the session state, we add the relay's)."""
+
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        *,
+        sessions: set[SubmissionSMTP],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.relay_session: RelaySession = handler.relay.session()
+        self.advertise_enhanced = False  # set when EHLO advertised ENHANCEDSTATUSCODES
+        self.auth_failures = 0
+        self._greeting_done = False
+        self._plain_reply = False  # EHLO/HELO replies never carry enhanced codes (RFC 2034)
+        self._sessions = sessions
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.relay_session.close()
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def peer_ip(self) -> str | None:
+        peer = self.session.peer if self.session else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    @property
+    def peer_text(self) -> str:
+        return _peer_text(self.session.peer if self.session else None)
+
+    @property
+    def is_tls(self) -> bool:
+        if self._tls_protocol is not None:
+            return True
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+    def close(self) -> None:
+        """Drop the client (shutdown after the grace period)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- replies ---------------------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        session = self.session
+        if self.advertise_enhanced and session is not None and session.extended_smtp:
+            if not self._plain_reply:
+                text = "\r\n".join(with_enhanced_code(line) for line in text.split("\r\n"))
+        await super().push(text)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_reply = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_reply = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self.advertise_enhanced = False
+        await super().smtp_HELO(hostname)
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """No relay without AUTH, ever (HELP/VRFY/MAIL/RCPT/DATA)."""
+        if self.session is not None and self.session.authenticated:
+            return False
+        await self.push(_NEED_AUTH)
+        return True
+
+
+class SubmissionHandler:
+    """aiosmtpd hooks (``handle_*``) and AUTH mechanisms (``auth_*``)."""
+
+    def __init__(
+        self,
+        *,
+        relay: Relay,
+        authenticate: Authenticator,
+        store: SpoolStore,
+        spool: SentSpool,
+        security: SecuritySettings,
+        device_separator: str,
+        max_message_size: int,
+        hostname: str,
+        keep_password: bool,
+    ) -> None:
+        self.relay = relay
+        self.authenticate = authenticate
+        self.store = store
+        self.spool = spool
+        self.security = security
+        self.device_separator = device_separator
+        self.max_message_size = max_message_size
+        self.hostname = hostname
+        self.keep_password = keep_password
+
+    # -- EHLO ------------------------------------------------------------------------------
+
+    def auth_allowed(self, server: SubmissionSMTP) -> bool:
+        if server.is_tls:
+            return True
+        ip = server.peer_ip
+        return ip is not None and self.security.allows_insecure_auth(ip)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Advertise only what holds end to end: the relay's SIZE/8BITMIME/SMTPUTF8 included."""
+        srv = cast(SubmissionSMTP, server)
+        session.host_name = hostname
+        await srv.relay_session.rset()  # EHLO resets any transaction (RFC 5321 4.1.4)
+        caps = await self.relay.known_capabilities()
+        size = self.max_message_size
+        if caps is not None and caps.size:
+            size = min(size, caps.size)
+        srv.data_size_limit = size
+        srv.enable_SMTPUTF8 = bool(caps and caps.smtputf8)
+        lines = [srv.hostname, "PIPELINING", f"SIZE {size}"]
+        if caps is not None and caps.eightbitmime:
+            lines.append("8BITMIME")
+        if srv.enable_SMTPUTF8:
+            lines.append("SMTPUTF8")
+        if srv.tls_context is not None and not srv.is_tls:
+            lines.append("STARTTLS")
+        if self.auth_allowed(srv):
+            lines.append("AUTH PLAIN LOGIN")
+        lines.append("ENHANCEDSTATUSCODES")
+        srv.advertise_enhanced = True
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    # -- AUTH ------------------------------------------------------------------------------
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: Envelope, args: list[str]
+    ) -> Any:
+        if not self.auth_allowed(cast(SubmissionSMTP, server)):
+            return _NEED_TLS
+        return MISSING
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        srv = cast(SubmissionSMTP, server)
+        if len(args) == 1:
+            blob = await srv.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        elif args[1] == "=":  # an empty initial response (RFC 4954 4)
+            blob = b""
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await srv.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await srv.push("501 5.5.2 Malformed PLAIN response")
+            return AuthResult(success=False, handled=True)
+        try:
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            await srv.push("501 5.5.2 Credentials must be UTF-8")
+            return AuthResult(success=False, handled=True)
+        if authzid and authzid != authcid:
+            return await self._failed(srv, authcid, "may not act for another user")
+        return await self._verify(srv, authcid, password)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        srv = cast(SubmissionSMTP, server)
+        if len(args) == 1:
+            login = await srv.challenge_auth("Username:")
+        else:
+            try:
+                login = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await srv.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        if login is MISSING:
+            return AuthResult(success=False, handled=True)
+        password = await srv.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        try:
+            return await self._verify(srv, login.decode("utf-8"), password.decode("utf-8"))
+        except UnicodeDecodeError:
+            await srv.push("501 5.5.2 Credentials must be UTF-8")
+            return AuthResult(success=False, handled=True)
+
+    async def _verify(self, srv: SubmissionSMTP, name: str, password: str) -> AuthResult:
+        login = Login.parse(name, self.device_separator)
+        context = {"user": login.user, "device": login.device, "peer": srv.peer_text}
+        if not login.user or "\0" in name or "\0" in password:
+            return await self._failed(srv, name, "malformed credentials")
+        try:
+            await self.authenticate(login.user, password, srv.peer_ip)
+        except LoginRejected:
+            return await self._failed(srv, name, "rejected by the IMAP server")
+        except UpstreamUnavailable as e:
+            log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
+            return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+        log.info("auth ok", extra=context)
+        identity = Identity(name, login.user, login.device, password)
+        return AuthResult(success=True, auth_data=identity)
+
+    async def _failed(self, srv: SubmissionSMTP, name: str, why: str) -> AuthResult:
+        srv.auth_failures += 1
+        log.info("auth failed: %s", why, extra={"user": name, "peer": srv.peer_text})
+        if srv.auth_failures >= MAX_AUTH_FAILURES:
+            await srv.push("421 4.7.0 Too many failed authentications; closing")
+            srv.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=_AUTH_INVALID)
+
+    # -- the transaction -------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        srv = cast(SubmissionSMTP, server)
+        identity = cast(Identity, session.auth_data)
+        caps = srv.relay_session.capabilities
+        upstream_options = []
+        for option in mail_options:
+            name, _, value = option.partition("=")
+            if name == "BODY":
+                if value == "8BITMIME" and not (caps and caps.eightbitmime):
+                    return "555 5.5.4 BODY=8BITMIME is not available through this relay"
+                if caps and caps.eightbitmime:
+                    upstream_options.append(option)
+            elif name == "SIZE":
+                if caps and caps.size is not None:
+                    upstream_options.append(option)
+            elif name == "SMTPUTF8":
+                upstream_options.append(option)
+        try:
+            reply = await srv.relay_session.mail(
+                identity.user, identity.password, address, upstream_options
+            )
+        except RelayUnavailable as e:
+            log.warning("relay: %s", e, extra={"user": identity.user, "peer": srv.peer_text})
+            return e.reply.render(enhanced=False)
+        if reply.positive:
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+        else:
+            log.info(
+                "relay refused sender: %d %s",
+                reply.code,
+                reply.text,
+                extra={"user": identity.user, "peer": srv.peer_text},
+            )
+        return reply.render(enhanced=False)
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        srv = cast(SubmissionSMTP, server)
+        try:
+            reply = await srv.relay_session.rcpt(address, envelope.smtp_utf8)
+        except RelayUnavailable as e:
+            return e.reply.render(enhanced=False)
+        if reply.positive:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return reply.render(enhanced=False)
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        await cast(SubmissionSMTP, server).relay_session.rset()
+        return MISSING
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        await cast(SubmissionSMTP, server).relay_session.quit()
+        return MISSING
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        srv = cast(SubmissionSMTP, server)
+        identity = cast(Identity, session.auth_data)
+        context = {"user": identity.user, "device": identity.device, "peer": srv.peer_text}
+        raw = envelope.original_content or b""
+        try:
+            check_content(raw)
+        except MessageRefused as e:
+            await srv.relay_session.rset()
+            return e.reply
+        sender = envelope.mail_from or ""
+        message = normalize_line_endings(raw)
+        message, mid, added = ensure_message_id(message, new_message_id(sender, self.hostname))
+        entry = SpoolEntry(
+            id=new_entry_id(),
+            created=time.time(),
+            user=identity.user,
+            device=identity.device,
+            sender=sender,
+            recipients=tuple(envelope.rcpt_tos),
+            message_id=mid,
+            message=message,
+            peer=srv.peer_text,
+            password=identity.password,
+        )
+        try:
+            await asyncio.to_thread(self.store.write_relaying, entry, self.keep_password)
+        except OSError as e:
+            log.error("cannot spool a submission: %s", e, extra=context)
+            await srv.relay_session.rset()
+            return "451 4.3.0 Cannot queue the message for its Sent copy; try again later"
+        try:
+            reply = await srv.relay_session.data(message)
+        except RelayUnavailable as e:
+            log.warning("relay: %s", e, extra=context)
+            reply = e.reply
+        if not reply.positive:
+            await asyncio.to_thread(self.store.remove, entry.id)
+            await srv.relay_session.rset()
+            log.info("relay refused the message: %d %s", reply.code, reply.text, extra=context)
+            return reply.render(enhanced=False)
+        try:
+            await asyncio.to_thread(self.store.mark_relayed, entry.id)
+        except OSError as e:
+            # Relayed: the client must hear 250 or it would send again. The copy is still
+            # attempted from memory; only a crash before it lands would lose it.
+            log.error("relayed, but the spool entry cannot be kept: %s", e, extra=context)
+        log.info(
+            "relayed %d octets to %d recipients%s",
+            len(message),
+            len(entry.recipients),
+            " (Message-ID added)" if added else "",
+            extra={**context, "message_id": mid, "spool_entry": entry.id},
+        )
+        self.spool.submit(entry)
+        return reply.render(enhanced=False)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("submission session error", exc_info=error)
+        return "451 4.3.0 Internal error; try again later"

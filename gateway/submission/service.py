@@ -1,0 +1,150 @@
+"""Wiring of submission: listeners on the running asyncio loop, the relay, the spool.
+
+aiosmtpd servers are created with ``loop.create_server`` on the loop Twisted's asyncio reactor
+runs (no aiosmtpd ``Controller`` and no thread), so one ``popgate serve`` process serves POP3
+and submission together. Call :meth:`SubmissionService.start` / ``stop`` from asyncio code
+(gateway/app.py bridges from Twisted with ``Deferred.fromFuture``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from gateway.config import Config, ListenAddress, TLSSettings, TLSVersion
+from gateway.submission.handler import SubmissionHandler, SubmissionSMTP
+from gateway.submission.relay import Relay, RelayCapabilities
+from gateway.submission.sent import SentWriter
+from gateway.submission.spool import SentSpool, SpoolStore, load_key
+from gateway.tls import load_server_certificate
+from gateway.upstream.account import ImapAccount
+
+log = logging.getLogger("popgate.submission")
+
+# RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the client's next command.
+CLIENT_TIMEOUT = 300.0
+IDENT = "popgate ESMTP"
+
+_STDLIB_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def server_ssl_context(settings: TLSSettings, min_version: TLSVersion) -> ssl.SSLContext:
+    """The listeners' TLS, as gateway/tls.py does it for Twisted: same certificate, same floor,
+    OpenSSL security level 0 only when the floor is below TLS 1.2 (old devices)."""
+    load_server_certificate(settings)  # the same checks and messages as for POP3
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    floor = _STDLIB_VERSIONS[min_version]
+    context.minimum_version = floor
+    if floor < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    return context
+
+
+class SubmissionService:
+    def __init__(self, reactor: IReactorTime, config: Config) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.sessions: set[SubmissionSMTP] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.spool: SentSpool | None = None
+        self.relay: Relay | None = None
+        self._warm_up: asyncio.Future[RelayCapabilities | None] | None = None
+
+    async def _authenticate(self, user: str, password: str, peer_ip: str | None) -> None:
+        """Log in to IMAP as the user (and out again): the submission password check."""
+        imap = self.config.upstream.imap
+
+        async def check() -> None:
+            account = await ImapAccount.open(self.reactor, imap, user, password, peer_ip)
+            await account.logout()
+
+        await Deferred.fromCoroutine(check()).asFuture(asyncio.get_running_loop())
+
+    async def start(self) -> list[tuple[ListenAddress, bool]]:
+        config, settings = self.config, self.config.submission
+        loop = asyncio.get_running_loop()
+        key = await asyncio.to_thread(load_key, settings, create=True)
+        assert key is not None
+        store = SpoolStore(settings.spool_dir, key)
+        await asyncio.to_thread(store.prepare)
+        writer = SentWriter(self.reactor, config.upstream.imap, settings.sent_folder, loop)
+        self.spool = SentSpool(
+            store, writer.store, settings.retry_initial_delay, settings.retry_max_delay, loop
+        )
+        hostname = socket.getfqdn() or "localhost"
+        self.relay = Relay(config.upstream.smtp, hostname)
+        handler = SubmissionHandler(
+            relay=self.relay,
+            authenticate=self._authenticate,
+            store=store,
+            spool=self.spool,
+            security=config.security,
+            device_separator=config.pop3.device_separator,
+            max_message_size=settings.max_message_size,
+            hostname=hostname,
+            # With a master identity a retry needs no password, so none is kept on disk.
+            keep_password=not config.upstream.imap.master_user,
+        )
+        context = server_ssl_context(config.tls, config.tls_min_version_for("submission"))
+
+        def protocol(implicit: bool) -> SubmissionSMTP:
+            return SubmissionSMTP(
+                handler,
+                sessions=self.sessions,
+                tls_context=None if implicit else context,
+                hostname=hostname,
+                ident=IDENT,
+                data_size_limit=settings.max_message_size,
+                enable_SMTPUTF8=True,  # per connection, EHLO turns it off unless the relay has it
+                auth_require_tls=False,  # enforced by the handler, with insecure_auth_networks
+                timeout=CLIENT_TIMEOUT,
+                loop=loop,
+            )
+
+        bound: list[tuple[ListenAddress, bool]] = []
+        for addresses, implicit in ((settings.listen, False), (settings.listen_tls, True)):
+            for address in addresses:
+                server = await loop.create_server(
+                    lambda implicit=implicit: protocol(implicit),
+                    address.host,
+                    address.port,
+                    ssl=context if implicit else None,
+                    reuse_address=True,
+                )
+                self.servers.append(server)
+                host, port = server.sockets[0].getsockname()[:2]
+                shown = ListenAddress(host, port)
+                bound.append((shown, implicit))
+                log.info("listening submission on %s (%s)", shown, "tls" if implicit else "plain")
+        await self.spool.start()
+        # A first look at the relay's extensions, so the first EHLO need not wait for it.
+        self._warm_up = asyncio.ensure_future(self.relay.known_capabilities())
+        return bound
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let sessions finish for ``grace`` seconds, then drop them. Spool
+        entries stay on disk: the next start picks them up."""
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.sessions:
+            log.info("waiting up to %ss for %d submission sessions", grace, len(self.sessions))
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close()
+        if self.spool is not None:
+            await self.spool.stop(max(0.0, deadline - loop.time()) + 1.0)
