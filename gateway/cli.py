@@ -175,6 +175,31 @@ def cmd_retention(args: argparse.Namespace) -> int:
     return _admin(args, "retention")
 
 
+def cmd_spool_list(args: argparse.Namespace) -> int:
+    """What waits in ``[submission] spool_dir`` and why (decrypted with the spool key)."""
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    import time
+
+    from gateway.submission.spool import SpoolError, SpoolStore, format_listing, load_key
+
+    settings = config.submission
+    try:
+        key = load_key(settings, create=False)
+    except SpoolError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    # Without a key file there can be no readable entry; any file found is shown as unreadable.
+    items = SpoolStore(settings.spool_dir, key or bytes(32)).listing()
+    if not items:
+        print(f"spool {settings.spool_dir}: empty")
+        return EXIT_OK
+    print(f"spool {settings.spool_dir}: {len(items)} entries")
+    print("\n".join(format_listing(items, time.time())))
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"popgate {__version__}")
     return EXIT_OK
@@ -231,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     retention.add_argument("--user", required=True)
     retention.add_argument("--dry-run", action="store_true", help="change nothing, only report")
     retention.set_defaults(handler=cmd_retention)
+
+    spool = commands.add_parser("spool", help="the submission spool (Sent copies waiting)")
+    spool_commands = spool.add_subparsers(dest="spool_command", metavar="ACTION")
+    spool_commands.required = True
+    spool_list = spool_commands.add_parser("list", help="what waits in the spool, and why")
+    spool_list.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    spool_list.set_defaults(handler=cmd_spool_list)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version)

@@ -387,3 +387,56 @@ class SentSpool:
 def _reason(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# popgate spool list
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def why_waiting(item: Listed, now: float) -> str:
+    if item.state == "unreadable":
+        return f"unreadable: {item.problem}"
+    if item.state == "relaying":
+        return "being relayed now (dropped at the next start if the gateway stops first)"
+    status = item.status
+    if status is None or status.attempts == 0:
+        return "Sent copy: first attempt not finished yet"
+    due = status.next_attempt - now
+    when = f"next try in {_age(due)}" if due > 0 else "next try due now"
+    tries = "1 attempt" if status.attempts == 1 else f"{status.attempts} attempts"
+    return f"Sent copy not stored after {tries}: {status.last_error}; {when}"
+
+
+def format_listing(items: list[Listed], now: float) -> list[str]:
+    """The table ``popgate spool list`` prints, one entry a line, oldest first."""
+    rows = [("ID", "STATE", "AGE", "USER", "SIZE", "RCPTS", "MESSAGE-ID", "WHY IT WAITS")]
+    for item in items:
+        entry = item.entry
+        rows.append(
+            (
+                item.id,
+                item.state,
+                _age(now - entry.created) if entry else "?",
+                entry.user if entry else "?",
+                str(len(entry.message)) if entry else "?",
+                str(len(entry.recipients)) if entry else "?",
+                entry.message_id if entry else "?",
+                why_waiting(item, now),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join([*(v.ljust(w) for v, w in zip(row[:-1], widths, strict=True)), row[-1]])
+        for row in rows
+    ]
