@@ -74,6 +74,19 @@ def _peer_text(peer: Any) -> str:
     return str(peer or "")
 
 
+class _Session(Session):
+    """aiosmtpd's Session without the deprecation warning its own AUTH code triggers on every
+    login (it still sets ``login_data``); we use ``auth_data`` only."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class SubmissionSMTP(SMTP):
     """One client connection (aiosmtpd creates the session state, we add the relay's)."""
 
@@ -93,6 +106,9 @@ class SubmissionSMTP(SMTP):
         self._sessions = sessions
 
     # -- connection ------------------------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

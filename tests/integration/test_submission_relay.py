@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from tests.conftest import MailUser
 from tests.support.dovecot import Dovecot
+from tests.support.gateway import GatewayProcess
 from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import make_message, smtp_session, wait_for_sent
 
@@ -14,7 +17,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_smtplib_starttls_relays_and_stores_sent_copy(
-    dovecot: Dovecot, mail_user: MailUser, smtp_sink: SmtpSink, submission_gateway
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    smtp_sink: SmtpSink,
+    submission_gateway: Callable[..., GatewayProcess],
 ) -> None:
     gw = submission_gateway(mail_user)
     message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "first")

@@ -89,8 +89,8 @@ class _Handler:
             return "421 dropped"
         if self.sink.faults.data_reply:
             return self.sink.faults.data_reply
-        login = session.login_data
-        user = login.decode() if isinstance(login, bytes) else None
+        auth = session.auth_data
+        user = auth.login.decode() if isinstance(auth, LoginPassword) else None
         received = Received(
             envelope.mail_from or "",
             tuple(envelope.rcpt_tos),
