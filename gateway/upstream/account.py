@@ -23,6 +23,8 @@ from gateway.maildrop.views import IndexedMessage
 from gateway.proto.imap import (
     Atom,
     Data,
+    FetchBatch,
+    Status,
     Token,
     decode_mailbox,
     encode_mailbox,
@@ -207,6 +209,8 @@ class ImapAccount:
             if isinstance(item, Data):
                 if len(item.tokens) >= 2 and str(item.tokens[1]).upper() == "EXISTS":
                     exists = int(str(item.tokens[0]))
+            elif not isinstance(item, Status):
+                continue
             elif item.code_name == "UIDVALIDITY" and item.code and len(item.code) > 1:
                 uidvalidity = int(str(item.code[1]))
             elif item.code_name == "PERMANENTFLAGS" and item.code and len(item.code) > 1:
@@ -222,26 +226,23 @@ class ImapAccount:
         if self.proto.has("OBJECTID"):
             items.append(Atom("EMAILID"))
         response = await self.proto.command(Atom("UID"), Atom("FETCH"), Atom("1:*"), items)
-        entries = []
+        entries: list[IndexedMessage] = []
+        # Few distinct flag combinations occur in a mailbox: share one frozenset for each.
+        flag_sets: dict[bytes, frozenset[str]] = {}
         for item in response.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 3:
-                continue
-            if str(item.tokens[1]).upper() != "FETCH":
-                continue
-            _, fields = fetch_items(item.tokens)
-            uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
-            if uid is None or size is None:
-                continue
-            flags = fields.get("FLAGS")
-            emailid = fields.get("EMAILID")
-            entries.append(
-                IndexedMessage(
-                    int(str(uid)),
-                    int(str(size)),
-                    frozenset(str(f) for f in flags) if isinstance(flags, list) else frozenset(),
-                    _first_str(emailid),
-                )
-            )
+            if isinstance(item, FetchBatch):
+                for _, uid, size, raw_flags, emailid in item.rows:
+                    flags = flag_sets.get(raw_flags)
+                    if flags is None:
+                        flags = frozenset(raw_flags.decode("utf-8", "replace").split())
+                        flag_sets[raw_flags] = flags
+                    entries.append(
+                        IndexedMessage(int(uid), int(size), flags, emailid.decode() or None)
+                    )
+            elif isinstance(item, Data) and len(item.tokens) >= 3:
+                entry = _indexed_from_tokens(item)
+                if entry is not None:
+                    entries.append(entry)
         entries.sort(key=lambda e: e.uid)
         return entries
 
@@ -409,6 +410,23 @@ def search_result(response: Response) -> list[int]:
 def parse_internaldate(raw: bytes) -> datetime:
     """``17-Jul-1996 02:44:25 -0700`` → an aware datetime (RFC 3501 date-time)."""
     return datetime.strptime(raw.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z")
+
+
+def _indexed_from_tokens(item: Data) -> IndexedMessage | None:
+    """The slow path for FETCH lines the parser's fast path did not take (other item order)."""
+    if str(item.tokens[1]).upper() != "FETCH":
+        return None
+    _, fields = fetch_items(item.tokens)
+    uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
+    if uid is None or size is None:
+        return None
+    flags = fields.get("FLAGS")
+    return IndexedMessage(
+        int(str(uid)),
+        int(str(size)),
+        frozenset(str(f) for f in flags) if isinstance(flags, list) else frozenset(),
+        _first_str(fields.get("EMAILID")),
+    )
 
 
 def _first_str(token: Token) -> str | None:

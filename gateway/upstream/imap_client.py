@@ -22,6 +22,7 @@ from gateway.proto.imap import (
     CommandPart,
     Continuation,
     Data,
+    FetchBatch,
     LiteralBegin,
     LiteralChunk,
     LiteralEnd,
@@ -59,7 +60,7 @@ class BodySink(TypingProtocol):
 @dataclass
 class Response:
     status: Status
-    untagged: list[Data | Status] = field(default_factory=list)
+    untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -69,7 +70,7 @@ class _Pending:
     parts: deque[bytes]
     deferred: Deferred[Response]
     sink: BodySink | None
-    untagged: list[Data | Status] = field(default_factory=list)
+    untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
 
 
 class ImapClientProtocol(Protocol):
@@ -165,6 +166,9 @@ class ImapClientProtocol(Protocol):
             self._continue()
         elif isinstance(event, Status) and event.tag != "*":
             self._complete(event)
+        elif isinstance(event, FetchBatch):
+            if self._pending:
+                self._pending[0].untagged.append(event)
         elif isinstance(event, (Status, Data)):
             self._untagged(event)
 

@@ -10,6 +10,7 @@ from gateway.proto.imap import (
     Atom,
     Continuation,
     Data,
+    FetchBatch,
     LiteralBegin,
     LiteralChunk,
     LiteralEnd,
@@ -97,18 +98,37 @@ def test_status_responses_with_codes() -> None:
 
 
 def test_fetch_lines_parse_into_items() -> None:
-    (ev,) = events(
-        b"* 3 FETCH (UID 7 RFC822.SIZE 1234 FLAGS (\\Seen $POPDeleted) EMAILID (M1x))\r\n"
-    )
+    (ev,) = events(b"* 3 FETCH (FLAGS (\\Seen $POPDeleted) UID 7 RFC822.SIZE 1234)\r\n")
     assert isinstance(ev, Data)
     seq, items = fetch_items(ev.tokens)
     assert seq == 3
-    assert items == {
-        "UID": "7",
-        "RFC822.SIZE": "1234",
-        "FLAGS": ["\\Seen", "$POPDeleted"],
-        "EMAILID": ["M1x"],
-    }
+    assert items == {"UID": "7", "RFC822.SIZE": "1234", "FLAGS": ["\\Seen", "$POPDeleted"]}
+
+
+SNAPSHOT = (
+    b"* 1 FETCH (UID 5 RFC822.SIZE 100 FLAGS ())\r\n"
+    b"* 2 FETCH (UID 6 RFC822.SIZE 200 FLAGS (\\Seen $POPDeleted) EMAILID (M6a))\r\n"
+    b"* 3 FETCH (FLAGS () UID 7 RFC822.SIZE 300)\r\n"  # another shape: the general path
+    b"* 4 FETCH (UID 8 RFC822.SIZE 400 FLAGS (\\Deleted))\r\n"
+    b"A1 OK done\r\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 5, 50, 1000])
+def test_snapshot_lines_take_the_fast_path_whatever_the_chunking(step: int) -> None:
+    rows: list[tuple[bytes, ...]] = []
+    data: list[Data] = []
+    for ev in events(SNAPSHOT, step=step):
+        if isinstance(ev, FetchBatch):
+            rows.extend(ev.rows)
+        elif isinstance(ev, Data):
+            data.append(ev)
+    assert rows == [
+        (b"1", b"5", b"100", b"", b""),
+        (b"2", b"6", b"200", b"\\Seen $POPDeleted", b"M6a"),
+        (b"4", b"8", b"400", b"\\Deleted", b""),
+    ]
+    assert [fetch_items(d.tokens)[1]["UID"] for d in data] == ["7"]
 
 
 @pytest.mark.parametrize("step", [1, 3, 7, 1000])
