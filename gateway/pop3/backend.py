@@ -78,8 +78,7 @@ class MaildropService:
         # Read-only unless RETR must set \Seen: nothing can change upstream by accident.
         readonly = self.config.pop3.on_retrieve == "keep"
         try:
-            info = await account.examine(mailbox, readonly=readonly)
-            index = await account.index(info.exists)
+            info, index = await account.snapshot(mailbox, readonly=readonly)
             state = None
             if needs_state(index, info.keywords_allowed):
                 state = await device_store.load(account, self.state_mailbox, mailbox, login.device)

@@ -168,11 +168,10 @@ class ImapAccount:
             raise LoginRejected("NUL in credentials")
         if client_ip and proto.has("ID"):
             # Dovecot applies its per-IP login penalties to the device, not to the gateway, when
-            # the gateway is in login_trusted_networks.
-            try:
-                await proto.command(Atom("ID"), ["x-originating-ip", client_ip])
-            except ImapCommandFailed:
-                pass
+            # the gateway is in login_trusted_networks. Pipelined with the login: its answer
+            # changes nothing, so nobody waits for it, and a refusal is ignored.
+            ident = proto.command(Atom("ID"), ["x-originating-ip", client_ip])
+            ident.addErrback(lambda failure: failure.trap(ImapError))
         if proto.has("LOGINDISABLED") and not proto.has("AUTH=PLAIN"):
             raise UpstreamUnavailable("IMAP server refuses login on this connection")
         if authzid and not proto.has("AUTH=PLAIN"):
@@ -218,14 +217,31 @@ class ImapAccount:
                 keywords = isinstance(flags, list) and "\\*" in flags
         return MailboxInfo(uidvalidity, exists, keywords)
 
-    async def index(self, exists: int) -> list[IndexedMessage]:
-        """UID, size and flags of every message, in one round trip (no per-message requests)."""
-        if exists == 0:
-            return []
+    async def snapshot(
+        self, mailbox: str, *, readonly: bool = True
+    ) -> tuple[MailboxInfo, list[IndexedMessage]]:
+        """Open ``mailbox`` and index it: both commands in one round trip.
+
+        ``UID FETCH 1:*`` on an empty mailbox is simply answered OK, so it need not wait for
+        EXISTS; if the open fails, the FETCH fails with it and the open's error is reported.
+        """
+        opened = Deferred.fromCoroutine(self.examine(mailbox, readonly=readonly))
+        indexed = self._fetch_index()
+        try:
+            info = await opened
+        except BaseException:
+            indexed.addErrback(lambda failure: failure.trap(ImapError))
+            raise
+        return info, self._index_entries(await indexed)
+
+    def _fetch_index(self) -> Deferred[Response]:
         items = [Atom("UID"), Atom("RFC822.SIZE"), Atom("FLAGS")]
         if self.proto.has("OBJECTID"):
             items.append(Atom("EMAILID"))
-        response = await self.proto.command(Atom("UID"), Atom("FETCH"), Atom("1:*"), items)
+        return self.proto.command(Atom("UID"), Atom("FETCH"), Atom("1:*"), items)
+
+    @staticmethod
+    def _index_entries(response: Response) -> list[IndexedMessage]:
         entries: list[IndexedMessage] = []
         # Few distinct flag combinations occur in a mailbox: share one frozenset for each.
         flag_sets: dict[bytes, frozenset[str]] = {}
