@@ -62,6 +62,14 @@ class Maildrop:
             if number not in deleted:
                 yield number, info
 
+    def following(self, number: int) -> MessageInfo | None:
+        """The first message after ``number`` not marked deleted: what a sequential download
+        asks for next."""
+        for n in range(number + 1, len(self._messages) + 1):
+            if n not in self._deleted:
+                return self._messages[n - 1]
+        return None
+
     def delete(self, number: int) -> None:
         info = self.message(number)
         self._deleted.add(number)

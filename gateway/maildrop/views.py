@@ -175,15 +175,16 @@ def state_key(mailbox: str, device: str) -> str:
 def uidl_for(msg: IndexedMessage, uidvalidity: int) -> str:
     """A UIDL stable across sessions, restarts and replicas.
 
-    With an EMAILID it survives UIDVALIDITY changes. Otherwise it is Dovecot's default
-    ``%08Xu%08Xv``, so devices moving from Dovecot's own POP3 to popgate do not download again.
+    With an EMAILID it survives UIDVALIDITY changes. Otherwise it is what Dovecot's default
+    ``pop3_uidl_format = %08Xu%08Xv`` produces (lower-case hex, despite the ``X``), so devices
+    moving from Dovecot's own POP3 to popgate do not download everything again.
     """
     if msg.emailid:
         uidl = "".join(c for c in msg.emailid if "!" <= c <= "~")
         if 0 < len(uidl) <= _MAX_UIDL:
             return uidl
         return "E" + hashlib.sha256(msg.emailid.encode()).hexdigest()[:40]
-    return f"{msg.uid:08X}{uidvalidity:08X}"
+    return f"{msg.uid:08x}{uidvalidity:08x}"
 
 
 def build_maildrop(

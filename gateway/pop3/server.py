@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 import gateway
 from gateway.maildrop.views import Login
 from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, UpstreamMaildrop
+from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
 from gateway.proto.dotstuff import DotStuffer, TopFilter
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
@@ -78,6 +79,7 @@ class Pop3Protocol(Protocol):
         self.session_id = secrets.token_hex(4)
         self.session: pop3.Pop3Session | None = None
         self.maildrop: UpstreamMaildrop | None = None
+        self.prefetcher: Prefetcher | None = None
         self.login: Login | None = None
         self.peer = "?"
         self.peer_ip: str | None = None
@@ -220,6 +222,7 @@ class Pop3Protocol(Protocol):
                 maildrop.abort()
                 return
             self.maildrop = maildrop
+            self.prefetcher = Prefetcher(maildrop.fetch)
             self.login = login
             count, octets = maildrop.maildrop.stat()
             self._log(
@@ -250,7 +253,6 @@ class Pop3Protocol(Protocol):
         stream = _BodyStream(self, ok, action.top_lines)
         producer = self.maildrop.imap_transport
         self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
-        d = self.maildrop.fetch(action.info, stream)
 
         def finished(result: object) -> None:
             self.transport.unregisterProducer()  # type: ignore[union-attr]
@@ -273,7 +275,24 @@ class Pop3Protocol(Protocol):
                 self.session.retrieve_done()
             self._pump()
 
-        d.addBoth(finished)
+        prefetched = self.prefetcher.take(action.info.uid) if self.prefetcher else None
+        if prefetched is not None:
+            prefetched.attach(stream, finished)
+        else:
+            self.maildrop.fetch(action.info, stream).addBoth(finished)
+        self._fetch_ahead(action)
+
+    def _fetch_ahead(self, action: pop3.Retrieve) -> None:
+        """Fetch what the client already asked for, else the message a sequential download
+        wants next, while this one is going out."""
+        session, prefetcher = self.session, self.prefetcher
+        if session is None or session.maildrop is None or prefetcher is None:
+            return
+        ahead = session.pipelined_retrieves()
+        if not ahead and action.top_lines is None:
+            following = session.maildrop.following(action.number)
+            ahead = [following] if following is not None else []
+        prefetcher.want(ahead)
 
     async def _update(self, action: pop3.Update) -> None:
         assert self.maildrop is not None and self.session is not None

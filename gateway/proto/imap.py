@@ -182,6 +182,8 @@ class Continuation:
 @dataclass(frozen=True, slots=True)
 class LiteralBegin:
     size: int
+    # The response line up to the literal, e.g. ``* 3 FETCH (UID 7 BODY[] ``: says whose it is.
+    prefix: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,9 @@ class ResponseParser:
                 self._segments.append(StreamedLiteral(size))
                 self._stream_left = size
                 self._end_pending = size == 0
-                return LiteralBegin(size)
+                line_start = self._segments[0]
+                assert isinstance(line_start, bytes)
+                return LiteralBegin(size, line_start)
             self._inline_need = size
 
 
@@ -353,6 +357,15 @@ def _tokenize(segments: Sequence[bytes | StreamedLiteral]) -> list[Token]:
             else:
                 stack[-1].append(Atom(m.group(5).decode("utf-8", "replace")))
     return top
+
+
+_UID_IN_FETCH = re.compile(rb"\* \d+ FETCH \((?:[^{]* )?UID (\d+)")
+
+
+def fetch_uid(prefix: bytes) -> int | None:
+    """The UID named in a FETCH response's beginning, if it comes before the literal."""
+    m = _UID_IN_FETCH.match(prefix)
+    return int(m.group(1)) if m else None
 
 
 def fetch_items(tokens: list[Token]) -> tuple[int, dict[str, Token]]:

@@ -178,6 +178,25 @@ class Pop3Session:
                 continue
             return line[:-1] if line.endswith(b"\r") else line
 
+    def pipelined_retrieves(self, limit: int = 16) -> list[MessageInfo]:
+        """Messages that RETR commands already waiting in the input will ask for, in order.
+
+        Looks without consuming anything, so the I/O layer can fetch them ahead of time.
+        """
+        if self.state is not State.TRANSACTION or self.maildrop is None:
+            return []
+        found = []
+        for line in bytes(self._buffer).split(b"\n", limit)[:-1][:limit]:
+            keyword, _, arg = line.strip().partition(b" ")
+            if keyword.upper() == b"QUIT":
+                break
+            if keyword.upper() == b"RETR" and arg.isdigit() and len(arg) <= 9:
+                try:
+                    found.append(self.maildrop.message(int(arg)))
+                except MaildropError:
+                    continue
+        return found
+
     # -- answers from the I/O layer -----------------------------------------------------------
 
     def tls_started(self) -> None:

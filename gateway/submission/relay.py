@@ -162,7 +162,7 @@ class RelaySession:
         smtp = await self.relay.connect()
         if self.relay.settings.auth == "passthrough":
             try:
-                await smtp.login(user, password)
+                await _login(smtp, user, password)
             except aiosmtplib.SMTPAuthenticationError as e:
                 smtp.close()
                 # The relay refused credentials IMAP accepted: its verdict, in its class, on a
@@ -244,3 +244,16 @@ class RelaySession:
             self.close()
             raise RelayUnavailable(_LOST, f"relay connection lost: {e}") from e
         return Reply(response.code, response.message)
+
+
+async def _login(smtp: aiosmtplib.SMTP, user: str, password: str) -> None:
+    """One mechanism, PLAIN if offered: a refusal is the relay's verdict on the credentials, not
+    a reason to try the next mechanism (aiosmtplib's ``login`` would, and retries confuse some
+    servers and count twice against the user's login-failure limits)."""
+    methods = smtp.supported_auth_methods
+    if "plain" in methods:
+        await smtp.auth_plain(user, password)
+    elif "login" in methods:
+        await smtp.auth_login(user, password)
+    else:
+        await smtp.login(user, password)

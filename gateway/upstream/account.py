@@ -264,8 +264,15 @@ class ImapAccount:
 
     def fetch_body(self, uid: int, sink: BodySink) -> Deferred[Response]:
         """Stream the message to ``sink`` without setting \\Seen (BODY.PEEK)."""
+        # UID first in the request, so servers that answer in request order (Dovecot, Cyrus)
+        # name the message before its literal begins: pipelined bodies go to the right sink.
         return self.proto.command(
-            Atom("UID"), Atom("FETCH"), Atom(str(uid)), [Atom("BODY.PEEK[]")], sink=sink
+            Atom("UID"),
+            Atom("FETCH"),
+            Atom(str(uid)),
+            [Atom("UID"), Atom("BODY.PEEK[]")],
+            sink=sink,
+            sink_uid=uid,
         )
 
     async def add_flags(self, uids: Iterable[int], flags: Iterable[str]) -> None:

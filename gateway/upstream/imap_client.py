@@ -9,7 +9,7 @@ transport can be paused as a push producer so a slow POP client slows the IMAP d
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
@@ -30,6 +30,7 @@ from gateway.proto.imap import (
     ResponseParser,
     Status,
     encode_command,
+    fetch_uid,
 )
 
 
@@ -70,6 +71,7 @@ class _Pending:
     parts: deque[bytes]
     deferred: Deferred[Response]
     sink: BodySink | None
+    sink_uid: int | None
     untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
 
 
@@ -92,12 +94,15 @@ class ImapClientProtocol(Protocol):
         self,
         *parts: CommandPart,
         sink: BodySink | None = None,
+        sink_uid: int | None = None,
         continuation: bytes | None = None,
     ) -> Deferred[Response]:
         """Send a command; the Deferred fires with its Response, or fails with ImapError.
 
-        ``continuation`` is a line sent when the server asks for more (a SASL response for a
-        server without SASL-IR).
+        Message bodies in the responses go to ``sink``: only the body of UID ``sink_uid`` when
+        that is given (servers answer pipelined FETCHes interleaved, so order alone cannot tell
+        whose body is whose), else every body no UID-bound sink claims. ``continuation`` is a
+        line sent when the server asks for more (a SASL response for a server without SASL-IR).
         """
         self._counter += 1
         tag = f"G{self._counter}"
@@ -106,7 +111,7 @@ class ImapClientProtocol(Protocol):
         lines = deque(encoded.parts)
         if continuation is not None:
             lines.append(continuation + b"\r\n")
-        pending = _Pending(name or "command", tag, lines, Deferred(), sink)
+        pending = _Pending(name or "command", tag, lines, Deferred(), sink, sink_uid)
         if self._lost:
             pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))
             return pending.deferred
@@ -155,7 +160,7 @@ class ImapClientProtocol(Protocol):
             if self._streaming_to is not None:
                 self._streaming_to.literal_data(event.data)
         elif isinstance(event, LiteralBegin):
-            self._streaming_to = self._first_sink()
+            self._streaming_to = self._sink_for(fetch_uid(event.prefix))
             if self._streaming_to is not None:
                 self._streaming_to.literal_begin(event.size)
         elif isinstance(event, LiteralEnd):
@@ -191,14 +196,15 @@ class ImapClientProtocol(Protocol):
         if self._pending:
             self._pending[0].untagged.append(event)
             if isinstance(event, Data):
-                # A body belongs to the command that asked for one, even when an earlier
-                # command (a pipelined STORE, say) is still waiting for its completion.
-                sink = self._first_sink()
-                if sink is not None:
-                    _deliver_inline_bodies(event, sink)
+                _deliver_inline_bodies(event, self._sink_for)
 
-    def _first_sink(self) -> BodySink | None:
-        return next((p.sink for p in self._pending if p.sink is not None), None)
+    def _sink_for(self, uid: int | None) -> BodySink | None:
+        """The sink waiting for the body of ``uid``, else the first one taking any body."""
+        if uid is not None:
+            for p in self._pending:
+                if p.sink is not None and p.sink_uid == uid:
+                    return p.sink
+        return next((p.sink for p in self._pending if p.sink and p.sink_uid is None), None)
 
     def _complete(self, status: Status) -> None:
         if status.code_name == "CAPABILITY" and status.code:
@@ -243,8 +249,8 @@ class ImapClientProtocol(Protocol):
             pending.deferred.errback(error)
 
 
-def _deliver_inline_bodies(event: Data, sink: BodySink) -> None:
-    """Hand a body that arrived inside its FETCH line to the sink, as if it had been streamed.
+def _deliver_inline_bodies(event: Data, sink_for: Callable[[int | None], BodySink | None]) -> None:
+    """Hand a body that arrived inside its FETCH line to its sink, as if it had been streamed.
 
     Small literals are parsed inline; callers should not have to care which way a body came.
     """
@@ -252,9 +258,16 @@ def _deliver_inline_bodies(event: Data, sink: BodySink) -> None:
     if len(tokens) < 3 or str(tokens[1]).upper() != "FETCH" or not isinstance(tokens[2], list):
         return
     items = tokens[2]
+    uid = None
+    for i in range(0, len(items) - 1, 2):
+        if str(items[i]).upper() == "UID" and str(items[i + 1]).isdigit():
+            uid = int(str(items[i + 1]))
     for i in range(0, len(items) - 1, 2):
         value = items[i + 1]
         if isinstance(value, bytes) and str(items[i]).upper().startswith("BODY["):
+            sink = sink_for(uid)
+            if sink is None:
+                return
             sink.literal_begin(len(value))
             sink.literal_data(value)
             sink.literal_end()

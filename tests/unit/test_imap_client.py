@@ -115,3 +115,27 @@ def test_protocol_garbage_drops_the_connection() -> None:
     assert transport.disconnecting
     assert d.called
     d.addErrback(lambda f: None)
+
+
+@pytest.mark.parametrize("threshold", [4, 64 * 1024])  # streamed or inline bodies
+def test_pipelined_fetches_answered_together_each_get_their_own_body(threshold: int) -> None:
+    proto, _ = connected()
+    proto.parser.stream_threshold = threshold
+    first, second = Sink(), Sink()
+    proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sink=first, sink_uid=2)
+    proto.command(Atom("UID"), Atom("FETCH"), Atom("3"), [], sink=second, sink_uid=3)
+    # Dovecot answers pipelined FETCHes before their completions, in any order it likes.
+    proto.dataReceived(
+        b"* 3 FETCH (UID 3 BODY[] {5}\r\nthree)\r\n"
+        b"* 2 FETCH (UID 2 BODY[] {3}\r\ntwo)\r\n"
+        b"G1 OK\r\nG2 OK\r\n"
+    )
+    assert first.body == b"two" and second.body == b"three"
+
+
+def test_a_body_nobody_asked_for_is_dropped() -> None:
+    proto, _ = connected()
+    sink = Sink()
+    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sink=sink, sink_uid=2)
+    proto.dataReceived(b"* 9 FETCH (UID 9 BODY[] {3}\r\nbad)\r\nG1 OK\r\n")
+    assert sink.events == [] and d.result.status.kind == "OK"

@@ -29,7 +29,7 @@ def test_login_names_split_on_the_last_separator() -> None:
 
 
 def test_uidl_matches_dovecots_default_format_and_prefers_emailid() -> None:
-    assert uidl_for(IndexedMessage(1, 10, frozenset()), 0x6B03D89E) == "000000016B03D89E"
+    assert uidl_for(IndexedMessage(1, 10, frozenset()), 0x6B03D89E) == "000000016b03d89e"
     assert uidl_for(IndexedMessage(1, 10, frozenset(), "M6d0c7a"), 5) == "M6d0c7a"
     long_id = "x" * 200
     uidl = uidl_for(IndexedMessage(1, 10, frozenset(), long_id), 5)

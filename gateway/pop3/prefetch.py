@@ -1,0 +1,119 @@
+"""Fetching the next messages from IMAP while the current one is still going out to the device.
+
+Without it every RETR costs a full IMAP round trip before its first byte. The session asks for
+the messages a pipelining client has already requested, or the next one a sequential client
+will most likely ask for; their bodies are fetched on the same IMAP connection (pipelined) and
+held here until the RETR comes. Memory stays bounded: only small messages are fetched ahead,
+never more than ``budget`` octets and ``depth`` messages at a time. A large message is always
+streamed, never buffered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from gateway.maildrop.maildrop import MessageInfo
+from gateway.upstream.imap_client import BodySink
+
+# Messages up to this size are fetched ahead; larger ones stream when asked for.
+MAX_SIZE = 256 * 1024
+# Octets (by RFC822.SIZE) fetched ahead and not yet taken, at most.
+BUDGET = 2 * 1024 * 1024
+# Messages fetched ahead and not yet taken, at most.
+DEPTH = 8
+
+
+class PrefetchedBody:
+    """A BodySink that buffers until a consumer attaches, then passes everything through."""
+
+    def __init__(self) -> None:
+        self._target: BodySink | None = None
+        self._size: int | None = None
+        self._chunks: list[bytes] = []
+        self._ended = False
+        self._result: object = None
+        self._done = False
+        self._waiter: Callable[[object], None] | None = None
+
+    def literal_begin(self, size: int) -> None:
+        if self._target is not None:
+            self._target.literal_begin(size)
+        else:
+            self._size = size
+
+    def literal_data(self, data: bytes) -> None:
+        if self._target is not None:
+            self._target.literal_data(data)
+        else:
+            self._chunks.append(data)
+
+    def literal_end(self) -> None:
+        if self._target is not None:
+            self._target.literal_end()
+        else:
+            self._ended = True
+
+    def completed(self, result: object) -> None:
+        """The FETCH finished (``result`` may be a Failure): tell the consumer, if any."""
+        self._done, self._result = True, result
+        if self._waiter is not None:
+            self._waiter(result)
+
+    def attach(self, target: BodySink, when_done: Callable[[object], None]) -> None:
+        """Replay what arrived so far into ``target``, forward the rest, then ``when_done``."""
+        self._target = target
+        if self._size is not None:
+            target.literal_begin(self._size)
+        for chunk in self._chunks:
+            target.literal_data(chunk)
+        self._chunks.clear()
+        if self._ended:
+            target.literal_end()
+        if self._done:
+            when_done(self._result)
+        else:
+            self._waiter = when_done
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        fetch: Callable[[MessageInfo, BodySink], Deferred[Any]],
+        *,
+        max_size: int = MAX_SIZE,
+        budget: int = BUDGET,
+        depth: int = DEPTH,
+    ) -> None:
+        self._fetch = fetch
+        self._max_size = max_size
+        self._budget = budget
+        self._depth = depth
+        self._ahead: dict[int, tuple[MessageInfo, PrefetchedBody]] = {}
+        self._octets = 0
+
+    def want(self, candidates: Iterable[MessageInfo]) -> None:
+        """Start fetching those candidates that fit the limits, in order."""
+        for info in candidates:
+            if info.uid in self._ahead or info.size > self._max_size:
+                continue
+            if len(self._ahead) >= self._depth or self._octets + info.size > self._budget:
+                return
+            body = PrefetchedBody()
+            self._ahead[info.uid] = (info, body)
+            self._octets += info.size
+            d = self._fetch(info, body)
+            d.addBoth(body.completed)  # returns None: a failure is reported on take()
+
+    def take(self, uid: int) -> PrefetchedBody | None:
+        entry = self._ahead.pop(uid, None)
+        if entry is None:
+            return None
+        self._octets -= entry[0].size
+        return entry[1]
+
+    def clear(self) -> None:
+        self._ahead.clear()
+        self._octets = 0
