@@ -146,7 +146,7 @@ class SmtpSink:
         login, password = data.login.decode(), data.password.decode()
         self.auth_attempts.append(login)
         ok = self.users.get(login) == password
-        return AuthResult(success=ok, auth_data=data if ok else None)
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
 
     def start(self) -> SmtpSink:
         handler = _Handler(self)
