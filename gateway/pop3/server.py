@@ -6,9 +6,13 @@ its actions out and reports the results back.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import secrets
+import socket
+import struct
+import termios
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -58,6 +62,25 @@ class _BodyStream:
         pass
 
 
+def unsent_octets(transport: object) -> int | None:
+    """Octets written to the socket that the peer has not taken yet (Linux SIOCOUTQ).
+
+    Walks down TLS wrappers to the TCP socket; None where that is not possible.
+    """
+    for _ in range(3):
+        handle = getattr(transport, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            try:
+                raw = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            except OSError:
+                return None
+            return int(struct.unpack("i", raw)[0])
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
+
+
 class Pop3Protocol(Protocol):
     def __init__(
         self,
@@ -84,6 +107,8 @@ class Pop3Protocol(Protocol):
         self.peer = "?"
         self.peer_ip: str | None = None
         self._timer: IDelayedCall | None = None
+        self._queued_at_timeout: int | None = None
+        self._streaming = False
         self._closed = False
         self.busy_with_update = False
 
@@ -171,7 +196,19 @@ class Pop3Protocol(Protocol):
         if self.busy_with_update:
             self._reset_timer()  # an UPDATE in progress is finished, not cut off
             return
+        # A slow device may take longer than the timeout to drain what the kernel already
+        # holds for it (a message written in one go, or the IMAP side paused meanwhile): as
+        # long as those bytes keep moving, the session is not idle.
+        queued = unsent_octets(self.transport)
+        if queued and queued != self._queued_at_timeout:
+            self._queued_at_timeout = queued
+            self._reset_timer()
+            return
         self._log(logging.INFO, "idle timeout after %ss, closing", self.idle_timeout)
+        if self._streaming or queued:
+            # Inside a multi-line answer an -ERR would read as part of the message.
+            self.abort()
+            return
         self.transport.write(b"-ERR Idle timeout, closing connection\r\n")  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -253,8 +290,10 @@ class Pop3Protocol(Protocol):
         stream = _BodyStream(self, ok, action.top_lines)
         producer = self.maildrop.imap_transport
         self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+        self._streaming = True
 
         def finished(result: object) -> None:
+            self._streaming = False
             self.transport.unregisterProducer()  # type: ignore[union-attr]
             producer.resumeProducing()  # type: ignore[attr-defined]
             if self._closed or self.session is None:

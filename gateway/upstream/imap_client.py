@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -145,7 +146,11 @@ class ImapClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
-        self._fail_all(ImapConnectionLost("connection to IMAP server lost"))
+        message = "connection to IMAP server lost"
+        if reason is not None and not reason.check(ConnectionDone):
+            # A refused certificate ends the connection too: the operator needs to see why.
+            message += f": {reason.getErrorMessage()}"
+        self._fail_all(ImapConnectionLost(message))
 
     # -- internals --------------------------------------------------------------------------
 

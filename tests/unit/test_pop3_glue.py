@@ -215,3 +215,16 @@ def test_bad_password() -> None:
     protocol, transport, _reactor, _drop = connect()
     protocol.dataReceived(b"USER alice\r\nPASS nope\r\n")
     assert said(transport).endswith(b"-ERR [AUTH] Authentication failed\r\n")
+
+
+def test_a_stalled_download_is_cut_without_an_error_line_inside_the_message() -> None:
+    protocol, transport, reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    (_, sink, _) = drop.fetches[0]
+    sink.literal_begin(12)
+    sink.literal_data(b"part of it\r\n")
+    said(transport)
+    reactor.advance(IDLE)
+    assert transport.value() == b""  # no "-ERR" that the client would take for message text
+    assert transport.disconnecting or transport.disconnected
