@@ -20,7 +20,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -189,8 +188,11 @@ class Pop3Protocol(Protocol):
             self.transport.loseConnection()
 
     def abort(self) -> None:
-        if not self._closed and ITCPTransport.providedBy(self.transport):
-            self.transport.abortConnection()
+        """Drop the connection now, without flushing what is queued."""
+        if self._closed or self.transport is None:
+            return
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        abort()
 
     def _idle(self) -> None:
         if self.busy_with_update:
