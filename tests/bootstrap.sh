@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need; safe to run again (does nothing when all is there).
 #  - Debian packages: Dovecot (the upstream IMAP server of the tests, and its POP3 as the
-#    reference), the real POP3 clients, curl, openssl, python3-venv;
+#    reference; LMTP for mail delivered by Postfix), Postfix (the real MTA of the submission
+#    end-to-end test), the real POP3 and SMTP clients, curl, openssl, python3-venv;
 #  - .venv with popgate installed editable plus its test extras.
-# Runs apt-get as root (or through sudo). The distro's own Dovecot service is kept from
-# starting and left disabled: the tests start private instances on free loopback ports.
+# Runs apt-get as root (or through sudo). The distro's own Dovecot and Postfix services are kept
+# from starting and left disabled (Postfix is preseeded to "No configuration"): the tests start
+# private instances on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
 fi
 
-PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d curl openssl fetchmail mpop getmail6 swaks msmtp ca-certificates)
+PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix curl openssl fetchmail mpop getmail6 swaks msmtp ca-certificates)
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
@@ -57,6 +59,24 @@ stop_system_dovecot() {
     fi
 }
 
+stop_system_postfix() {
+    # The package may have started a master on port 25: stop it (by its own command, on the
+    # system instance only) and keep it from starting at boot. Private test instances have
+    # their own config_directory and are not touched.
+    if [ -e /etc/postfix/main.cf ] && command -v postfix >/dev/null 2>&1; then
+        if "${SUDO[@]}" postfix status >/dev/null 2>&1; then
+            log "stopping the system Postfix"
+            "${SUDO[@]}" postfix stop >/dev/null 2>&1 || true
+        fi
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${SUDO[@]}" systemctl disable --now postfix.service >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1 && [ -e /etc/init.d/postfix ]; then
+        "${SUDO[@]}" update-rc.d postfix disable >/dev/null 2>&1 || true
+    fi
+}
+
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "${SUDO[0]:-}" = __no_sudo__ ]; then
         log "missing Debian packages: ${missing[*]}; run as root or install sudo"
@@ -75,11 +95,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     trap cleanup_policy EXIT
     export DEBIAN_FRONTEND=noninteractive
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    # Postfix asks what kind of mail server this is: none; the tests configure their own.
+    echo "postfix postfix/main_mailer_type select No configuration" |
+        "${SUDO[@]}" debconf-set-selections
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         --no-install-recommends "${missing[@]}" >/dev/null
     cleanup_policy
     trap - EXIT
     stop_system_dovecot
+    stop_system_postfix
 fi
 
 # Python environment: .venv with popgate editable + test extras, redone when pyproject changes.

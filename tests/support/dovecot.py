@@ -251,6 +251,7 @@ class Dovecot:
         host: str = HOST,
         master_user: str = "popgate-master",
         master_password: str | None = None,
+        lmtp: bool = False,
     ) -> None:
         self._owns_base_dir = base_dir is None
         if base_dir is None:
@@ -264,6 +265,8 @@ class Dovecot:
         self._host = host
         self._master_user = master_user
         self._master_password = master_password or secrets.token_urlsafe(16)
+        # An LMTP listener (for a test MTA delivering here): recipients' domains are dropped.
+        self.lmtp = lmtp
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -308,6 +311,13 @@ class Dovecot:
     def pop3s_port(self) -> int:
         """Dovecot's own POP3 over implicit TLS."""
         return self._port("pop3s")
+
+    @property
+    def lmtp_port(self) -> int:
+        """LMTP (clear text, loopback), only with ``Dovecot(lmtp=True)``."""
+        if not self.lmtp:
+            raise DovecotError("this instance has no LMTP listener (Dovecot(lmtp=True))")
+        return self._port("lmtp")
 
     @property
     def ca_file(self) -> Path:
@@ -381,7 +391,7 @@ class Dovecot:
         self._prepare_dirs()
         last_error = ""
         for _attempt in range(3):  # a picked port can be taken in between: retry with others
-            names = ("imap", "imaps", "pop3", "pop3s")
+            names = ("imap", "imaps", "pop3", "pop3s") + (("lmtp",) if self.lmtp else ())
             self._ports = {name: free_port(self._host) for name in names}
             self.config_file.write_text(self._config_text())
             log_mark = self.log_file.stat().st_size if self.log_file.exists() else 0
@@ -580,7 +590,7 @@ log_timestamp = "%Y-%m-%d %H:%M:%S "
 default_internal_user = {self._internal_user}
 default_internal_group = {self._internal_group}
 default_login_user = {self._login_user}
-protocols = imap pop3
+protocols = imap pop3{" lmtp" if self.lmtp else ""}
 listen = {h}
 shutdown_clients = yes
 
@@ -651,7 +661,7 @@ service imap-login {{
     ssl = yes
   }}
 }}
-service pop3-login {{
+{self._lmtp_config()}service pop3-login {{
   inet_listener pop3 {{
     address = {h}
     port = {p["pop3"]}
@@ -661,6 +671,21 @@ service pop3-login {{
     port = {p["pop3s"]}
     ssl = yes
   }}
+}}
+"""
+
+    def _lmtp_config(self) -> str:
+        if not self.lmtp:
+            return ""
+        return f"""service lmtp {{
+  inet_listener lmtp {{
+    address = {self._host}
+    port = {self._ports["lmtp"]}
+  }}
+}}
+protocol lmtp {{
+  # bob@example.org is delivered to the user bob
+  auth_username_format = %Ln
 }}
 """
 
@@ -796,6 +821,7 @@ service pop3-login {{
             "pid": self._pid,
             "quota": self.quota,
             "quota_storage": self.quota_storage,
+            "lmtp": self.lmtp,
             "master_user": self._master_user,
             "master_password": self._master_password,
             "users": self._users,
@@ -810,6 +836,7 @@ service pop3-login {{
             state["base_dir"],
             quota=state["quota"],
             quota_storage=state["quota_storage"],
+            lmtp=state.get("lmtp", False),
             host=state["host"],
             master_user=state["master_user"],
             master_password=state["master_password"],
@@ -826,6 +853,7 @@ service pop3-login {{
             "DOVECOT_IMAPS_PORT": str(self.imaps_port),
             "DOVECOT_POP3_PORT": str(self.pop3_port),
             "DOVECOT_POP3S_PORT": str(self.pop3s_port),
+            "DOVECOT_LMTP_PORT": str(self._ports.get("lmtp", "")),
             "DOVECOT_CA_FILE": str(self.ca_file),
             "DOVECOT_CA_KEY_FILE": str(self.ca_key_file),
             "DOVECOT_BASE_DIR": str(self._base),
