@@ -7,8 +7,8 @@ import pytest
 from gateway.submission.message import (
     MessageRefused,
     check_content,
-    envelope_only,
     ensure_message_id,
+    envelope_only,
     header_fields,
     message_id,
     new_message_id,
