@@ -925,7 +925,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if (base / STATE_FILE).exists():
         with contextlib.suppress(Exception):
             Dovecot.attach(base)._kill_leftovers()
-    dc = Dovecot(base, quota=args.quota)
+    dc = Dovecot(base, quota=args.quota, lmtp=args.lmtp)
     dc.start(daemonize=True)
     try:
         for spec in args.user:
@@ -966,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD")
     p.add_argument("--demo-messages", action="store_true", help="APPEND demo mail for each user")
     p.add_argument("--quota", action="store_true", help="enable the quota plugin")
+    p.add_argument("--lmtp", action="store_true", help="add an LMTP listener (for an MTA)")
     p.set_defaults(func=_cmd_start)
     p = sub.add_parser("stop", help="stop the instance in --dir by pid")
     p.add_argument("--dir", required=True)
