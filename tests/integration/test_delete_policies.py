@@ -218,9 +218,9 @@ def test_device_reset_without_master_identity_is_a_clear_error(
     seeded: Any, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway(upstream_imap={"master_user": None, "master_password": None})
+    command = [sys.executable, "-m", "gateway", "device", "reset", seeded.name, "phone"]
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "device", "reset", seeded.name, "phone"]
-        + ["-c", str(gw.config_path)],
+        [*command, "-c", str(gw.config_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -281,3 +281,25 @@ def test_capa_expire_follows_the_retention_policy(
     finally:
         client.close()
     assert caps["EXPIRE"] == [capability.decode().split()[1]]
+
+
+def test_update_failing_half_way_is_reported_and_a_retry_is_safe(
+    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # Dovecot refuses a 300-character mailbox name: the state cannot be stored, after the
+    # keyword was.
+    broken = start_gateway(pop3={"state_mailbox": "x" * 300})
+    with pop_session(broken, seeded.name, seeded.password) as client:
+        client.dele(2)
+        with pytest.raises(poplib.error_proto) as answer:
+            client.quit()
+    text = answer.value.args[0]
+    assert text.startswith(b"-ERR [SYS/TEMP] Some deletes were not applied: 1 deletes not applied")
+    assert b"recording the deletes of device default" in text
+    # Nothing was lost and the device still sees the message: it may simply delete it again.
+    assert dovecot.list_uids(seeded.name, seeded.password) == seeded.uids
+    assert subjects(broken, seeded.name, seeded.password) == ["message 1", "message 2", "message 3"]
+    fixed = start_gateway()
+    assert delete_and_quit(fixed, seeded.name, seeded.password, [2]) == b"+OK Bye"
+    assert subjects(fixed, seeded.name, seeded.password) == ["message 1", "message 3"]
+    assert stored_flags(dovecot, seeded.name, seeded.password)[seeded.uids[1]] == {"$POPDeleted"}
