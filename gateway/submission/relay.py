@@ -24,8 +24,10 @@ from gateway.submission.replies import Reply
 
 log = logging.getLogger("popgate.submission")
 
-# How long a client's EHLO may wait for a first look at the relay's extensions.
+# How long a client's EHLO may wait for a first look at the relay's extensions ...
 PROBE_TIMEOUT = 10.0
+# ... and how long a failed look is trusted before the next EHLO tries again.
+PROBE_RETRY_AFTER = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class Relay:
         self.tls_context = client_tls_context(settings) if settings.security != "none" else None
         self.capabilities: RelayCapabilities | None = None
         self._probe: asyncio.Task[RelayCapabilities | None] | None = None
+        self._probe_failed_at: float | None = None
 
     def _client(self) -> aiosmtplib.SMTP:
         security = self.settings.security
@@ -118,6 +121,10 @@ class Relay:
         """
         if self.capabilities is not None:
             return self.capabilities
+        loop = asyncio.get_running_loop()
+        failed_at = self._probe_failed_at
+        if failed_at is not None and loop.time() - failed_at < PROBE_RETRY_AFTER:
+            return None  # the relay was down a moment ago: do not make every EHLO wait
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._look())
         try:
@@ -130,6 +137,7 @@ class Relay:
             smtp = await self.connect()
         except RelayUnavailable as e:
             log.warning("relay %s:%d: %s", self.settings.host, self.settings.port, e)
+            self._probe_failed_at = asyncio.get_running_loop().time()
             return None
         try:
             await smtp.quit()
