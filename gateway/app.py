@@ -24,7 +24,7 @@ from gateway import tls
 from gateway.config import Config, ListenAddress
 from gateway.log import setup_logging
 from gateway.pop3.backend import MaildropService
-from gateway.pop3.server import Pop3Factory, Pop3Protocol
+from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
 
 log = logging.getLogger("popgate")
 
@@ -68,15 +68,8 @@ class Gateway:
             ipaddress.ip_network(n, strict=False) for n in config.security.insecure_auth_networks
         )
         for addresses, implicit in ((config.pop3.listen, False), (config.pop3.listen_tls, True)):
-            factory = Pop3Factory(
-                self.maildrops,
-                self.reactor,
-                pop3_tls,
-                implicit,
-                networks,
-                config.pop3.idle_timeout,
-                self.pop3_sessions,
-            )
+            listener = Listener(pop3_tls, implicit, networks, config.pop3.idle_timeout)
+            factory = Pop3Factory(self.maildrops, self.reactor, listener, self.pop3_sessions)
             for address in addresses:
                 endpoint = _endpoint(self.reactor, address, pop3_tls if implicit else None)
                 port = await endpoint.listen(factory)

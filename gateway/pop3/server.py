@@ -14,6 +14,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -80,23 +81,31 @@ def unsent_octets(transport: object) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class Listener:
+    """What one POP3 listener offers: TLS (implicit or via STLS), who may log in without TLS,
+    and how long a session may idle."""
+
+    tls_context: IOpenSSLServerConnectionCreator | None
+    implicit_tls: bool
+    insecure_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    idle_timeout: float
+
+
 class Pop3Protocol(Protocol):
     def __init__(
         self,
         service: MaildropService,
         reactor: IReactorTime,
-        tls_context: IOpenSSLServerConnectionCreator | None,
-        implicit_tls: bool,
-        insecure_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-        idle_timeout: float,
+        listener: Listener,
         on_close: Callable[[Pop3Protocol], None] = lambda p: None,
     ) -> None:
         self.service = service
         self.reactor = reactor
-        self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
-        self.insecure_auth_networks = insecure_auth_networks
-        self.idle_timeout = idle_timeout
+        self.tls_context = listener.tls_context
+        self.implicit_tls = listener.implicit_tls
+        self.insecure_auth_networks = listener.insecure_auth_networks
+        self.idle_timeout = listener.idle_timeout
         self.on_close = on_close
         self.session_id = secrets.token_hex(4)
         self.session: pop3.Pop3Session | None = None
@@ -113,11 +122,12 @@ class Pop3Protocol(Protocol):
 
     # -- logging --------------------------------------------------------------------------
 
-    def _log(self, level: int, message: str, *args: object) -> None:
+    def _log(self, level: int, message: str, *args: object, login: Login | None = None) -> None:
         extra = {"session": self.session_id, "peer": self.peer}
-        if self.login is not None:
-            extra["user"] = self.login.user
-            extra["device"] = self.login.device
+        login = login or self.login
+        if login is not None:
+            extra["user"] = login.user
+            extra["device"] = login.device
         log.log(level, message, *args, extra=extra)
 
     # -- Twisted ------------------------------------------------------------------------
@@ -244,13 +254,13 @@ class Pop3Protocol(Protocol):
         try:
             maildrop = await self.service.open(login, action.password, self.peer_ip)
         except LoginRejected as e:
-            self._log_login(login, f"login failed: {e}", logging.WARNING)
+            self._log(logging.WARNING, "login failed: %s", e, login=login)
             session.login_failed(pop3.BadCredentials())
         except MaildropBusy:
-            self._log_login(login, "login refused: device already in a session", logging.WARNING)
+            self._log(logging.WARNING, "login refused: device already in a session", login=login)
             session.login_failed(pop3.MailboxInUse())
         except (UpstreamUnavailable, ImapError) as e:
-            self._log_login(login, f"login failed, upstream unavailable: {e}", logging.ERROR)
+            self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
             session.login_failed(pop3.UpstreamUnavailable())
         except Exception:
             # A bug must not leave the client waiting for ever: answer, keep the traceback.
@@ -274,18 +284,6 @@ class Pop3Protocol(Protocol):
             session.login_done(maildrop.maildrop)
         self._pump()
 
-    def _log_login(self, login: Login, message: str, level: int) -> None:
-        log.log(
-            level,
-            message,
-            extra={
-                "session": self.session_id,
-                "peer": self.peer,
-                "user": login.user,
-                "device": login.device,
-            },
-        )
-
     def _retrieve(self, action: pop3.Retrieve) -> None:
         assert self.maildrop is not None and self.session is not None
         ok = f"+OK {action.info.size} octets\r\n".encode()
@@ -305,7 +303,7 @@ class Pop3Protocol(Protocol):
                     # Part of the message is out: no -ERR can follow a +OK, so the client must
                     # see a broken connection rather than a short message.
                     self._log(logging.ERROR, "download of UID %d failed", action.info.uid)
-                    self.transport.abortConnection()  # type: ignore[union-attr]
+                    self.abort()
                     return
                 self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
                 self.session.retrieve_unavailable()
@@ -366,33 +364,23 @@ class Pop3Protocol(Protocol):
 class Pop3Factory(Factory):
     """Builds one Pop3Protocol per connection and tracks the live ones for graceful shutdown."""
 
+    noisy = False  # Twisted would log every start and stop of the factory
+
     def __init__(
         self,
         service: MaildropService,
         reactor: IReactorTime,
-        tls_context: IOpenSSLServerConnectionCreator | None,
-        implicit_tls: bool,
-        insecure_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-        idle_timeout: float,
+        listener: Listener,
         sessions: set[Pop3Protocol],
     ) -> None:
         self.service = service
         self.reactor = reactor
-        self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
-        self.insecure_auth_networks = insecure_auth_networks
-        self.idle_timeout = idle_timeout
+        self.listener = listener
         self.sessions = sessions
 
     def buildProtocol(self, addr: object) -> Pop3Protocol:
         protocol = Pop3Protocol(
-            self.service,
-            self.reactor,
-            self.tls_context,
-            self.implicit_tls,
-            self.insecure_auth_networks,
-            self.idle_timeout,
-            on_close=self.sessions.discard,
+            self.service, self.reactor, self.listener, on_close=self.sessions.discard
         )
         self.sessions.add(protocol)
         return protocol

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
 from gateway.pop3.backend import UpdateFailed
-from gateway.pop3.server import Pop3Protocol
+from gateway.pop3.server import Listener, Pop3Protocol
 from gateway.upstream.account import LoginRejected
 
 IDLE = 600.0
@@ -92,10 +92,7 @@ def connect(
     protocol = Pop3Protocol(
         FakeService(drop),  # type: ignore[arg-type]
         reactor,
-        None,
-        False,
-        (ipaddress.ip_network("127.0.0.0/8"),),
-        IDLE,
+        Listener(None, False, (ipaddress.ip_network("127.0.0.0/8"),), IDLE),
     )
     transport = StringTransport(peerAddress=_Peer())
     protocol.makeConnection(transport)
