@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 from typing import cast
 
@@ -37,6 +38,7 @@ from gateway.config import TLSVersion as TLSVersionName
 
 __all__ = [
     "TLSSetupError",
+    "asyncio_server_context",
     "certificate_fingerprint",
     "client_context_factory",
     "ensure_server_certificate",
@@ -293,6 +295,27 @@ def server_context_factory(
             f"cannot use {settings.cert_file} / {settings.key_file}: {exc}"
         ) from None
     return factory
+
+
+_STDLIB_VERSIONS: dict[str, ssl.TLSVersion] = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def asyncio_server_context(settings: TLSSettings, min_version: TLSVersionName) -> ssl.SSLContext:
+    """The same listener TLS as :func:`server_context_factory`, for asyncio servers (aiosmtpd):
+    same certificate checks, same floor, the legacy security level only below TLS 1.2."""
+    load_server_certificate(settings)  # the same checks and messages as for POP3
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    floor = _STDLIB_VERSIONS[min_version]
+    context.minimum_version = floor
+    if floor < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers(f"DEFAULT:@SECLEVEL={LEGACY_SECURITY_LEVEL}")
+    context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    return context
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.config import Config, ListenAddress, TLSSettings, TLSVersion
+from gateway.config import Config, ListenAddress
 from gateway.submission.handler import SubmissionHandler, SubmissionSMTP
 from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
 from gateway.submission.spool import SentSpool, SpoolStore, load_key
-from gateway.tls import load_server_certificate
+from gateway.tls import asyncio_server_context
 from gateway.upstream.account import ImapAccount
 
 log = logging.getLogger("popgate.submission")
@@ -29,26 +28,6 @@ log = logging.getLogger("popgate.submission")
 # RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the client's next command.
 CLIENT_TIMEOUT = 300.0
 IDENT = "popgate ESMTP"
-
-_STDLIB_VERSIONS = {
-    "TLSv1": ssl.TLSVersion.TLSv1,
-    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
-    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
-    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
-}
-
-
-def server_ssl_context(settings: TLSSettings, min_version: TLSVersion) -> ssl.SSLContext:
-    """The listeners' TLS, as gateway/tls.py does it for Twisted: same certificate, same floor,
-    OpenSSL security level 0 only when the floor is below TLS 1.2 (old devices)."""
-    load_server_certificate(settings)  # the same checks and messages as for POP3
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    floor = _STDLIB_VERSIONS[min_version]
-    context.minimum_version = floor
-    if floor < ssl.TLSVersion.TLSv1_2:
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-    return context
 
 
 class SubmissionService:
@@ -96,7 +75,7 @@ class SubmissionService:
             # With a master identity a retry needs no password, so none is kept on disk.
             keep_password=not config.upstream.imap.master_user,
         )
-        context = server_ssl_context(config.tls, config.tls_min_version_for("submission"))
+        context = asyncio_server_context(config.tls, config.tls_min_version_for("submission"))
 
         def protocol(implicit: bool) -> SubmissionSMTP:
             return SubmissionSMTP(
