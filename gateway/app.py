@@ -9,6 +9,7 @@ none of its deletes, as RFC 1939 asks.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import signal
@@ -139,9 +140,19 @@ def install_reactor() -> Any:
     return reactor
 
 
+def tune_garbage_collector() -> None:
+    """A login builds tens of thousands of small objects (one snapshot entry per message); at
+    CPython's default threshold that sets off a collection every few hundred, which made a
+    10,000-message poll take up to twice as long. Objects that live for the whole process are
+    frozen out of the collector's sight."""
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def serve(config: Config) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the process exit status."""
     reactor = install_reactor()
+    tune_garbage_collector()
     setup_logging(config.log)
     for warning in config.warnings:
         log.warning("config: %s", warning)

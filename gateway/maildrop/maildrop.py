@@ -8,12 +8,13 @@ they reach the upstream mailbox in the UPDATE state, through a delete policy.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    """One message as POP sees it; ``uid`` addresses it upstream in the selected mailbox."""
+class MessageInfo(NamedTuple):
+    """One message as POP sees it; ``uid`` addresses it upstream in the selected mailbox.
+
+    A named tuple for the same reason as IndexedMessage: one per message per login."""
 
     uid: int
     size: int
