@@ -86,6 +86,7 @@ class Pop3Settings:
     on_delete: Literal["hide", "seen", "archive", "trash", "expunge"] = "hide"
     archive_folder: str = "POP Archive"
     trash_folder: str = "auto"  # "auto": the SPECIAL-USE \Trash mailbox, else "Trash"
+    snapshot_cache_messages: int = 200_000  # index entries kept for unchanged mailboxes; 0 = off
     state_mailbox: str = "POP Device State"  # where per-device views are kept (docs/pop3.md)
     device_separator: str = "#"
     idle_timeout: float = 600
@@ -235,6 +236,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "archive_folder": _Key("str"),
         "trash_folder": _Key("str"),
         "state_mailbox": _Key("str"),
+        "snapshot_cache_messages": _Key("int", low=0),
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),
         "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from gateway.config import Config
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
 from gateway.maildrop.policy import DeletePolicy, expire_capability, policy_for
+from gateway.maildrop.snapshot_cache import SnapshotCache
 from gateway.maildrop.views import (
     DeviceState,
     IndexedMessage,
@@ -51,6 +52,8 @@ class MaildropService:
             expire_capability(retention.delete_after_days, retention.quota_high_percent),
         )
         self._busy: set[tuple[str, str]] = set()
+        limit = config.pop3.snapshot_cache_messages
+        self.snapshots = SnapshotCache(limit) if limit else None
 
     def parse_login(self, name: str) -> Login:
         return Login.parse(name, self.config.pop3.device_separator)
@@ -78,7 +81,9 @@ class MaildropService:
         # Read-only unless RETR must set \Seen: nothing can change upstream by accident.
         readonly = self.config.pop3.on_retrieve == "keep"
         try:
-            info, index = await account.snapshot(mailbox, readonly=readonly)
+            info, index = await account.snapshot(
+                mailbox, readonly=readonly, cache=self.snapshots, cache_key=(login.user, mailbox)
+            )
             state = None
             if needs_state(index, info.keywords_allowed):
                 state = await device_store.load(account, self.state_mailbox, mailbox, login.device)

@@ -8,7 +8,7 @@ types below, so the POP3 layer can turn each into the right response code in one
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from gateway.config import ImapUpstream
+from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
 from gateway.maildrop.uidset import format_uid_set
 from gateway.maildrop.views import IndexedMessage
 from gateway.proto.imap import (
@@ -58,6 +59,12 @@ class MailboxInfo:
     uidvalidity: int
     exists: int
     keywords_allowed: bool  # PERMANENTFLAGS has \* : the gateway may create its own keywords
+    uidnext: int = 0
+    highestmodseq: int = 0  # 0: the server reports none (no CONDSTORE)
+
+    @property
+    def version(self) -> MailboxVersion:
+        return MailboxVersion(self.uidvalidity, self.uidnext, self.exists, self.highestmodseq)
 
 
 async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientProtocol:
@@ -202,8 +209,12 @@ class ImapAccount:
 
     async def examine(self, mailbox: str, *, readonly: bool = True) -> MailboxInfo:
         verb = Atom("EXAMINE" if readonly else "SELECT")
-        response = await self.proto.command(verb, encode_mailbox(mailbox))
-        uidvalidity, exists, keywords = 0, 0, False
+        if self.proto.has("CONDSTORE"):
+            # Reports HIGHESTMODSEQ: what lets a poll of an unchanged mailbox skip its FETCH.
+            response = await self.proto.command(verb, encode_mailbox(mailbox), [Atom("CONDSTORE")])
+        else:
+            response = await self.proto.command(verb, encode_mailbox(mailbox))
+        uidvalidity, exists, keywords, uidnext, modseq = 0, 0, False, 0, 0
         for item in response.untagged:
             if isinstance(item, Data):
                 if len(item.tokens) >= 2 and str(item.tokens[1]).upper() == "EXISTS":
@@ -212,19 +223,37 @@ class ImapAccount:
                 continue
             elif item.code_name == "UIDVALIDITY" and item.code and len(item.code) > 1:
                 uidvalidity = int(str(item.code[1]))
+            elif item.code_name == "UIDNEXT" and item.code and len(item.code) > 1:
+                uidnext = int(str(item.code[1]))
+            elif item.code_name == "HIGHESTMODSEQ" and item.code and len(item.code) > 1:
+                modseq = int(str(item.code[1]))
             elif item.code_name == "PERMANENTFLAGS" and item.code and len(item.code) > 1:
                 flags = item.code[1]
                 keywords = isinstance(flags, list) and "\\*" in flags
-        return MailboxInfo(uidvalidity, exists, keywords)
+        return MailboxInfo(uidvalidity, exists, keywords, uidnext, modseq)
 
     async def snapshot(
-        self, mailbox: str, *, readonly: bool = True
-    ) -> tuple[MailboxInfo, list[IndexedMessage]]:
-        """Open ``mailbox`` and index it: both commands in one round trip.
+        self,
+        mailbox: str,
+        *,
+        readonly: bool = True,
+        cache: SnapshotCache | None = None,
+        cache_key: tuple[str, str] = ("", ""),
+    ) -> tuple[MailboxInfo, Sequence[IndexedMessage]]:
+        """Open ``mailbox`` and index it.
 
-        ``UID FETCH 1:*`` on an empty mailbox is simply answered OK, so it need not wait for
-        EXISTS; if the open fails, the FETCH fails with it and the open's error is reported.
+        Without a usable cached index both commands go out in one round trip (``UID FETCH
+        1:*`` on an empty mailbox is simply answered OK; if the open fails, the FETCH fails
+        with it and the open's error is reported). With one, the open is awaited first: if the
+        mailbox is unchanged the FETCH is not needed at all.
         """
+        if cache is not None and cache.known(cache_key) and self.proto.has("CONDSTORE"):
+            info = await self.examine(mailbox, readonly=readonly)
+            index = cache.get(cache_key, info.version)
+            if index is None:
+                index = self._index_entries(await self._fetch_index())
+                cache.put(cache_key, info.version, index)
+            return info, index
         opened = Deferred.fromCoroutine(self.examine(mailbox, readonly=readonly))
         indexed = self._fetch_index()
         try:
@@ -232,7 +261,10 @@ class ImapAccount:
         except BaseException:
             indexed.addErrback(lambda failure: failure.trap(ImapError))
             raise
-        return info, self._index_entries(await indexed)
+        entries = self._index_entries(await indexed)
+        if cache is not None:
+            cache.put(cache_key, info.version, entries)
+        return info, entries
 
     def _fetch_index(self) -> Deferred[Response]:
         items = [Atom("UID"), Atom("RFC822.SIZE"), Atom("FLAGS")]

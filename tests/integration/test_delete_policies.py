@@ -303,3 +303,18 @@ def test_update_failing_half_way_is_reported_and_a_retry_is_safe(
     assert delete_and_quit(fixed, seeded.name, seeded.password, [2]) == b"+OK Bye"
     assert subjects(fixed, seeded.name, seeded.password) == ["message 1", "message 3"]
     assert stored_flags(dovecot, seeded.name, seeded.password)[seeded.uids[1]] == {"$POPDeleted"}
+
+
+def test_changes_between_polls_are_seen_even_with_the_snapshot_cache(
+    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = start_gateway()
+    user, pw = seeded.name, seeded.password
+    assert subjects(gw, user, pw) == ["message 1", "message 2", "message 3"]  # cached now
+    assert subjects(gw, user, pw) == ["message 1", "message 2", "message 3"]  # from the cache
+    with dovecot.imap(user, pw) as imap:  # a flag change: same EXISTS and UIDNEXT
+        imap.select("INBOX")
+        imap.uid("STORE", str(seeded.uids[0]), "+FLAGS", "(\\Deleted)")
+    assert subjects(gw, user, pw) == ["message 2", "message 3"]
+    dovecot.append(user, pw, b"From: b@example.org\r\nSubject: new one\r\n\r\nhi\r\n")
+    assert subjects(gw, user, pw) == ["message 2", "message 3", "new one"]
