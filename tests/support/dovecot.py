@@ -252,7 +252,13 @@ class Dovecot:
         master_user: str = "popgate-master",
         master_password: str | None = None,
         lmtp: bool = False,
+        imapc: tuple[str, int] | None = None,
+        extra_config: str = "",
     ) -> None:
+        """``imapc=(host, port)`` makes this instance a proxy over another IMAP server
+        (Dovecot's imapc storage): users log in with their password on that server (passdb
+        imap), mail and flags stay there, only an index cache lives here (``~/imapc``).
+        ``extra_config`` is appended to the generated ``dovecot.conf`` (later settings win)."""
         self._owns_base_dir = base_dir is None
         if base_dir is None:
             base_dir = tempfile.mkdtemp(prefix="popgate-dovecot-")
@@ -267,6 +273,8 @@ class Dovecot:
         self._master_password = master_password or secrets.token_urlsafe(16)
         # An LMTP listener (for a test MTA delivering here): recipients' domains are dropped.
         self.lmtp = lmtp
+        self.imapc = imapc
+        self.extra_config = extra_config
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -538,6 +546,9 @@ class Dovecot:
         for sub in ("state", "home", "users"):
             (self._base / sub).mkdir(exist_ok=True)
             os.chmod(self._base / sub, 0o755)
+        if self.imapc is not None:
+            # users are not added here: their homes (index cache) are made on first login
+            os.chown(self._base / "home", self._mail_uid, self._mail_gid)
         self._write_master_passwd()
         self.log_file.touch()
 
@@ -609,28 +620,12 @@ auth_verbose = yes
 auth_master_user_separator = *
 mail_max_userip_connections = 1000
 
-mail_location = maildir:~/Maildir
 mail_uid = {self._mail_uid}
 mail_gid = {self._mail_gid}
 first_valid_uid = {min(self._mail_uid, 500)}
 first_valid_gid = {min(self._mail_gid, 1)}
 pop3_uidl_format = %08Xu%08Xv
-{quota_global}
-passdb {{
-  driver = passwd-file
-  master = yes
-  args = scheme=PLAIN {b}/master-passwd
-  pass = yes
-}}
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {b}/users/%u
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%u {b}/users/%u
-}}
-
+{quota_global}{self._storage_and_auth_text()}
 namespace inbox {{
   inbox = yes
 {special}
@@ -671,6 +666,44 @@ service imap-login {{
     port = {p["pop3s"]}
     ssl = yes
   }}
+}}
+{self.extra_config}"""
+
+    def _storage_and_auth_text(self) -> str:
+        b = self._base
+        if self.imapc is None:
+            return f"""mail_location = maildir:~/Maildir
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {b}/master-passwd
+  pass = yes
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {b}/users/%u
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {b}/users/%u
+}}
+"""
+        host, port = self.imapc
+        # What makes Dovecot 2.3's POP3-over-imapc work: the password is checked by logging
+        # in upstream (passdb imap) and handed on to the imapc storage; an on-disk index
+        # (without it each login asks for every message's size); rfc822.size (without it
+        # a login fetches every body).
+        return f"""mail_location = imapc:~/imapc
+imapc_host = {host}
+imapc_port = {port}
+imapc_features = rfc822.size
+passdb {{
+  driver = imap
+  args = host={host} port={port}
+  default_fields = userdb_imapc_user=%u userdb_imapc_password=%w userdb_home={b}/home/%u
+}}
+userdb {{
+  driver = prefetch
 }}
 """
 
@@ -825,6 +858,8 @@ protocol lmtp {{
             "master_user": self._master_user,
             "master_password": self._master_password,
             "users": self._users,
+            "imapc": list(self.imapc) if self.imapc else None,
+            "extra_config": self.extra_config,
         }
         _write_private(self._base / STATE_FILE, json.dumps(state, indent=2).encode())
 
@@ -840,6 +875,8 @@ protocol lmtp {{
             host=state["host"],
             master_user=state["master_user"],
             master_password=state["master_password"],
+            imapc=(state["imapc"][0], int(state["imapc"][1])) if state.get("imapc") else None,
+            extra_config=state.get("extra_config", ""),
         )
         dc._ports = {k: int(v) for k, v in state["ports"].items()}
         dc._pid = state["pid"]

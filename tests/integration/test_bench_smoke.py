@@ -1,0 +1,51 @@
+"""The benchmark still works: its tiny mode (20 messages, a 2 MB "big" message, 10 devices,
+one round) against all three systems. No timing is asserted here; ``./tests/bench/run`` is
+the measurement (docs/benchmark.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bench.systems import SYSTEMS
+from tests.bench.workloads import WORKLOADS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_bench_runs_every_workload_on_every_system(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "tests.bench", "--quick", "--work-dir", str(tmp_path / "work")]
+    proc = subprocess.run(
+        [*argv, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+
+    checks = report["checks"]
+    assert checks["bytes_ok"], checks["mismatches"]
+    assert checks["mismatch_count"] == 0
+    # full + pipelined: 20 RETRs each, big: 1, per system (warm-up pass included)
+    assert checks["retr_checked"] == 2 * len(SYSTEMS) * (2 * 20 + 1)
+    assert report["failures"] == []
+
+    for workload in WORKLOADS:
+        for system in SYSTEMS:
+            assert len(report["results"][workload][system]) == 1, (workload, system)
+        assert workload in report["medians"]
+    assert {t["target"] for t in report["targets"]}
+    assert (out / "table.md").read_text().startswith("| workload |")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "ratios.png").stat().st_size > 0
