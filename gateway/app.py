@@ -18,11 +18,12 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway import tls
-from gateway.config import Config, ListenAddress
+from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.log import setup_logging
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
@@ -34,12 +35,13 @@ SHUTDOWN_GRACE = 10.0
 UPDATE_GRACE = 60.0
 
 
-def _endpoint(reactor: Any, address: ListenAddress, tls_context: Any | None) -> Any:
-    if tls_context is not None:
-        return SSL4ServerEndpoint(reactor, address.port, tls_context, interface=address.host)
-    if ":" in address.host:
-        return TCP6ServerEndpoint(reactor, address.port, interface=address.host)
-    return TCP4ServerEndpoint(reactor, address.port, interface=address.host)
+async def _listen(reactor: Any, address: ListenAddress, factory: Any, tls: Any | None) -> Any:
+    """Listen on ``address`` (IPv4 or IPv6), wrapping in TLS when ``tls`` is given."""
+    endpoint_type = TCP6ServerEndpoint if ":" in address.host else TCP4ServerEndpoint
+    endpoint = endpoint_type(reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host)
+    if tls is not None:
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    return await endpoint.listen(factory)
 
 
 class Gateway:
@@ -72,8 +74,7 @@ class Gateway:
             listener = Listener(pop3_tls, implicit, networks, config.pop3.idle_timeout)
             factory = Pop3Factory(self.maildrops, self.reactor, listener, self.pop3_sessions)
             for address in addresses:
-                endpoint = _endpoint(self.reactor, address, pop3_tls if implicit else None)
-                port = await endpoint.listen(factory)
+                port = await _listen(self.reactor, address, factory, pop3_tls if implicit else None)
                 self.ports.append(port)
                 bound = port.getHost()
                 shown = ListenAddress(bound.host, bound.port)

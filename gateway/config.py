@@ -38,6 +38,12 @@ CONFIG_ENV = "POPGATE_CONFIG"  # names the file for the CLI; not a key override
 REDACTED = "<redacted>"
 
 
+# Pending connections the kernel queues for accept() on every listener. Twisted's default of 50
+# overflows when a few hundred devices poll at the same moment (measured with 200: sessions lost,
+# the client's final handshake packet dropped, and POP3 clients wait for the greeting for ever).
+LISTEN_BACKLOG = 1024
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     """One ``host:port`` listener; ``host`` is an IP literal without brackets."""

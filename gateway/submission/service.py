@@ -15,7 +15,7 @@ import socket
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from gateway.config import Config, ListenAddress
+from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.submission.handler import SubmissionHandler, SubmissionSMTP
 from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
@@ -100,6 +100,7 @@ class SubmissionService:
                     address.port,
                     ssl=context if implicit else None,
                     reuse_address=True,
+                    backlog=LISTEN_BACKLOG,
                 )
                 self.servers.append(server)
                 host, port = server.sockets[0].getsockname()[:2]
