@@ -1,11 +1,15 @@
 """Fetching the next messages from IMAP while the current one is still going out to the device.
 
-Without it every RETR costs a full IMAP round trip before its first byte. The session asks for
-the messages a pipelining client has already requested, or the next one a sequential client
-will most likely ask for; their bodies are fetched on the same IMAP connection (pipelined) and
-held here until the RETR comes. Memory stays bounded: only small messages are fetched ahead,
-never more than ``budget`` octets and ``depth`` messages at a time. A large message is always
-streamed, never buffered.
+Without it every RETR costs a full IMAP round trip before its first byte. Two cases:
+
+- *requested*: RETRs a pipelining client has already sent. Their turn comes as soon as the
+  message before them ends, which is also when their body starts arriving (the server answers
+  in order), so next to nothing is ever held here; they are fetched up to a generous limit.
+- *speculative*: the message a sequential client will most likely ask for next. Its body may sit
+  here until the client asks, so only small messages are fetched this way, within a small budget.
+
+Either way at most ``depth`` messages are ahead, and anything larger than the limits is simply
+streamed when its RETR comes.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from twisted.internet.defer import Deferred
 from gateway.maildrop.maildrop import MessageInfo
 from gateway.upstream.imap_client import BodySink
 
-# Messages up to this size are fetched ahead; larger ones stream when asked for.
-MAX_SIZE = 256 * 1024
-# Octets (by RFC822.SIZE) fetched ahead and not yet taken, at most.
-BUDGET = 2 * 1024 * 1024
+# Speculative: messages up to this size, and this many octets (by RFC822.SIZE) in all.
+SPECULATIVE_MAX_SIZE = 256 * 1024
+SPECULATIVE_BUDGET = 2 * 1024 * 1024
+# Requested: octets fetched ahead and not yet taken, at most (also the largest message).
+REQUESTED_BUDGET = 16 * 1024 * 1024
 # Messages fetched ahead and not yet taken, at most.
 DEPTH = 8
 
@@ -83,23 +88,27 @@ class Prefetcher:
         self,
         fetch: Callable[[MessageInfo, BodySink], Deferred[Any]],
         *,
-        max_size: int = MAX_SIZE,
-        budget: int = BUDGET,
+        speculative_max_size: int = SPECULATIVE_MAX_SIZE,
+        speculative_budget: int = SPECULATIVE_BUDGET,
+        requested_budget: int = REQUESTED_BUDGET,
         depth: int = DEPTH,
     ) -> None:
         self._fetch = fetch
-        self._max_size = max_size
-        self._budget = budget
+        self._speculative = (speculative_max_size, speculative_budget)
+        self._requested = (requested_budget, requested_budget)
         self._depth = depth
         self._ahead: dict[int, tuple[MessageInfo, PrefetchedBody]] = {}
         self._octets = 0
 
-    def want(self, candidates: Iterable[MessageInfo]) -> None:
+    def want(self, candidates: Iterable[MessageInfo], *, requested: bool) -> None:
         """Start fetching those candidates that fit the limits, in order."""
+        max_size, budget = self._requested if requested else self._speculative
         for info in candidates:
-            if info.uid in self._ahead or info.size > self._max_size:
+            if info.uid in self._ahead:
                 continue
-            if len(self._ahead) >= self._depth or self._octets + info.size > self._budget:
+            if info.size > max_size:
+                return  # fetching later ones first would make this one wait behind them
+            if len(self._ahead) >= self._depth or self._octets + info.size > budget:
                 return
             body = PrefetchedBody()
             self._ahead[info.uid] = (info, body)

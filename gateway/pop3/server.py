@@ -38,13 +38,25 @@ log = logging.getLogger("popgate.pop3")
 
 
 class _BodyStream:
-    """Receives the IMAP literal and writes it, dot-stuffed, to the POP client."""
+    """Receives the IMAP literal and writes it, dot-stuffed, to the POP client.
 
-    def __init__(self, protocol: Pop3Protocol, ok_line: bytes, top_lines: int | None) -> None:
+    The message is complete at the literal's end, before the FETCH's tagged OK: servers answer
+    pipelined FETCHes first and complete them later, and the next RETR must take over the
+    stream at once rather than have its body buffered meanwhile.
+    """
+
+    def __init__(
+        self,
+        protocol: Pop3Protocol,
+        ok_line: bytes,
+        top_lines: int | None,
+        on_end: Callable[[], None],
+    ) -> None:
         self.protocol = protocol
         self.ok_line = ok_line
         self.stuffer = DotStuffer()
         self.top = TopFilter(top_lines) if top_lines is not None else None
+        self.on_end = on_end
         self.started = False
 
     def literal_begin(self, size: int) -> None:
@@ -59,7 +71,7 @@ class _BodyStream:
             self.protocol.write(self.stuffer.feed(data))
 
     def literal_end(self) -> None:
-        pass
+        self.on_end()
 
 
 def unsent_octets(transport: object) -> int | None:
@@ -287,12 +299,17 @@ class Pop3Protocol(Protocol):
     def _retrieve(self, action: pop3.Retrieve) -> None:
         assert self.maildrop is not None and self.session is not None
         ok = f"+OK {action.info.size} octets\r\n".encode()
-        stream = _BodyStream(self, ok, action.top_lines)
         producer = self.maildrop.imap_transport
         self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
         self._streaming = True
+        done = False
 
         def finished(result: object) -> None:
+            """Once: at the literal's end, or when the FETCH completes without one (or fails)."""
+            nonlocal done
+            if done:
+                return
+            done = True
             self._streaming = False
             self.transport.unregisterProducer()  # type: ignore[union-attr]
             producer.resumeProducing()  # type: ignore[attr-defined]
@@ -314,6 +331,7 @@ class Pop3Protocol(Protocol):
                 self.session.retrieve_done()
             self._pump()
 
+        stream = _BodyStream(self, ok, action.top_lines, on_end=lambda: finished(None))
         prefetched = self.prefetcher.take(action.info.uid) if self.prefetcher else None
         if prefetched is not None:
             prefetched.attach(stream, finished)
@@ -327,11 +345,13 @@ class Pop3Protocol(Protocol):
         session, prefetcher = self.session, self.prefetcher
         if session is None or session.maildrop is None or prefetcher is None:
             return
-        ahead = session.pipelined_retrieves()
-        if not ahead and action.top_lines is None:
+        requested = session.pipelined_retrieves()
+        if requested:
+            prefetcher.want(requested, requested=True)
+        elif action.top_lines is None:
             following = session.maildrop.following(action.number)
-            ahead = [following] if following is not None else []
-        prefetcher.want(ahead)
+            if following is not None:
+                prefetcher.want([following], requested=False)
 
     async def _update(self, action: pop3.Update) -> None:
         assert self.maildrop is not None and self.session is not None

@@ -234,13 +234,30 @@ class ResponseParser:
         self._inline_need = -1  # octets of an inline literal still to arrive whole
         self._stream_left = 0
         self._end_pending = False
+        self._direct: bytes | None = None  # received mid-literal, not yet handed out
 
     def receive_data(self, data: bytes) -> None:
+        if self._stream_left and not self._buf and self._direct is None:
+            # The middle of a message body: hand these bytes out as they are, not copied
+            # into the buffer and out again (most of a download's bytes take this path).
+            self._direct = data
+            return
+        if self._direct is not None:
+            self._buf += self._direct
+            self._direct = None
         self._buf += data
 
     def next_event(self) -> Event | None:
         buf = self._buf
         while True:
+            if self._stream_left and self._direct is not None:
+                data, self._direct = self._direct, None
+                if len(data) > self._stream_left:
+                    buf += data[self._stream_left :]  # the buffer was empty: order is kept
+                    data = data[: self._stream_left]
+                self._stream_left -= len(data)
+                self._end_pending = self._stream_left == 0
+                return LiteralChunk(data)
             if self._stream_left:
                 if not buf:
                     return None

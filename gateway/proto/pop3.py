@@ -181,14 +181,15 @@ class Pop3Session:
     def pipelined_retrieves(self, limit: int = 16) -> list[MessageInfo]:
         """Messages that RETR commands already waiting in the input will ask for, in order.
 
-        Looks without consuming anything, so the I/O layer can fetch them ahead of time.
+        Looks without consuming anything, so the I/O layer can fetch them ahead of time. Stops
+        at a TOP (it needs the upstream too, after everything fetched ahead) and at QUIT.
         """
         if self.state is not State.TRANSACTION or self.maildrop is None:
             return []
         found = []
         for line in bytes(self._buffer).split(b"\n", limit)[:-1][:limit]:
             keyword, _, arg = line.strip().partition(b" ")
-            if keyword.upper() == b"QUIT":
+            if keyword.upper() in (b"QUIT", b"TOP"):
                 break
             if keyword.upper() == b"RETR" and arg.isdigit() and len(arg) <= 9:
                 try:

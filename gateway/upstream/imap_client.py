@@ -76,6 +76,11 @@ class _Pending:
     untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
 
 
+# Bytes read from the socket at once: message bodies are the bulk of the traffic, and every read
+# costs a round through parser, sinks and writes (Twisted's default is 64 KiB).
+READ_SIZE = 256 * 1024
+
+
 class ImapClientProtocol(Protocol):
     def __init__(self) -> None:
         self.parser = ResponseParser()
@@ -134,6 +139,15 @@ class ImapClientProtocol(Protocol):
         self.capabilities = frozenset(str(t).upper() for t in tokens[1:] if isinstance(t, str))
 
     # -- Twisted ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport: object = self.transport
+        for _ in range(3):  # through a TLS wrapper to the TCP connection that does the reads
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = READ_SIZE
+            transport = getattr(transport, "transport", None)
+            if transport is None:
+                break
 
     def dataReceived(self, data: bytes) -> None:
         self.parser.receive_data(data)

@@ -225,3 +225,26 @@ def test_a_stalled_download_is_cut_without_an_error_line_inside_the_message() ->
     reactor.advance(IDLE)
     assert transport.value() == b""  # no "-ERR" that the client would take for message text
     assert transport.disconnecting or transport.disconnected
+
+
+def test_pipelined_retrs_are_fetched_ahead_and_each_ends_at_its_literal() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\nRETR 2\r\nQUIT\r\n")
+    # Both FETCHes went out at once: the second is fetched ahead for the pipelined RETR 2.
+    assert [info.uid for info, _, _ in drop.fetches] == [5, 6]
+    (_, first, first_done), (_, second, second_done) = drop.fetches
+    # The server sends both bodies before either FETCH completes, as Dovecot does.
+    first.literal_begin(12)
+    first.literal_data(b"first body\r\n")
+    first.literal_end()
+    second.literal_begin(3)
+    second.literal_data(b"2\r\n")
+    second.literal_end()
+    assert said(transport) == (
+        b"+OK 12 octets\r\nfirst body\r\n.\r\n+OK 3 octets\r\n2\r\n.\r\n+OK Bye\r\n"
+    )
+    first_done.callback(None)
+    second_done.callback(None)
+    assert said(transport) == b""  # the completions change nothing any more
+    assert drop.retrieved_uids == [(5, True), (6, True)] and drop.finished is False

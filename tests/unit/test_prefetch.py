@@ -41,7 +41,7 @@ def msg(uid: int, size: int = 10) -> MessageInfo:
 def test_a_finished_prefetch_replays_into_the_consumer() -> None:
     fetch = FakeFetch()
     prefetcher = Prefetcher(fetch)
-    prefetcher.want([msg(1)])
+    prefetcher.want([msg(1)], requested=True)
     sink, d = fetch.calls[1]
     sink.literal_begin(5)
     sink.literal_data(b"hello")
@@ -59,7 +59,7 @@ def test_a_finished_prefetch_replays_into_the_consumer() -> None:
 def test_a_running_prefetch_passes_the_rest_through() -> None:
     fetch = FakeFetch()
     prefetcher = Prefetcher(fetch)
-    prefetcher.want([msg(1)])
+    prefetcher.want([msg(1)], requested=True)
     sink, d = fetch.calls[1]
     sink.literal_begin(6)
     sink.literal_data(b"abc")
@@ -78,7 +78,7 @@ def test_a_running_prefetch_passes_the_rest_through() -> None:
 def test_a_failed_prefetch_reports_to_the_consumer_only() -> None:
     fetch = FakeFetch()
     prefetcher = Prefetcher(fetch)
-    prefetcher.want([msg(1)])
+    prefetcher.want([msg(1)], requested=True)
     fetch.calls[1][1].errback(ConnectionError("gone"))  # nobody listening yet: no unhandled error
     results: list[Any] = []
     body = prefetcher.take(1)
@@ -87,16 +87,26 @@ def test_a_failed_prefetch_reports_to_the_consumer_only() -> None:
     assert isinstance(results[0].value, ConnectionError)
 
 
-def test_limits() -> None:
+def test_speculative_limits() -> None:
     fetch = FakeFetch()
-    prefetcher = Prefetcher(fetch, max_size=100, budget=250, depth=2)
-    prefetcher.want([msg(1, 1000), msg(2, 100), msg(3, 100), msg(4, 10)])
-    assert sorted(fetch.calls) == [2, 3]  # too big skipped; then depth reached
+    prefetcher = Prefetcher(fetch, speculative_max_size=100, speculative_budget=150, depth=2)
+    prefetcher.want([msg(1, 1000)], requested=False)
+    assert fetch.calls == {}  # too big to hold while the client makes up its mind
+    prefetcher.want([msg(2, 100)], requested=False)
+    prefetcher.want([msg(3, 100)], requested=False)
+    assert sorted(fetch.calls) == [2]  # 200 octets would exceed the budget of 150
     assert prefetcher.take(2) is not None
-    prefetcher.want([msg(4, 100), msg(5, 100)])
-    assert sorted(fetch.calls) == [2, 3, 4]  # depth 2 again: 3 and 4 waiting
-    prefetcher.want([msg(3, 100)])
-    assert sorted(fetch.calls) == [2, 3, 4]  # never twice
-    big = Prefetcher(fetch, max_size=100, budget=150, depth=5)
-    big.want([msg(6, 100), msg(7, 100)])
-    assert 6 in fetch.calls and 7 not in fetch.calls  # 200 octets would exceed 150
+    prefetcher.want([msg(3, 100)], requested=False)
+    assert sorted(fetch.calls) == [2, 3]
+
+
+def test_requested_limits_keep_the_order() -> None:
+    fetch = FakeFetch()
+    prefetcher = Prefetcher(fetch, requested_budget=1000, depth=3)
+    prefetcher.want([msg(1, 500), msg(2, 2000), msg(3, 10)], requested=True)
+    # 2 is too big to fetch ahead; 3 must not overtake it, or 3's body would wait behind 2.
+    assert sorted(fetch.calls) == [1]
+    prefetcher.want([msg(4, 10), msg(5, 10), msg(6, 10), msg(7, 10)], requested=True)
+    assert sorted(fetch.calls) == [1, 4, 5]  # depth 3
+    prefetcher.want([msg(4, 10)], requested=True)
+    assert sorted(fetch.calls) == [1, 4, 5]  # never twice
