@@ -27,6 +27,13 @@ def _error(message: str) -> None:
     print(f"popgate: {message}", file=sys.stderr)
 
 
+def _report(problems: list[str]) -> bool:
+    """Print each problem on its own stderr line; whether there were any."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return bool(problems)
+
+
 def _config_path(args: argparse.Namespace) -> str | None:
     path: str | None = args.config or os.environ.get(CONFIG_ENV) or None
     if path is None:
@@ -79,10 +86,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
-    problems = _certificate_problems(config, note_missing=True)
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
+    if _report(_certificate_problems(config, note_missing=True)):
         return EXIT_CONFIG
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -99,10 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
-    problems = _certificate_problems(config, note_missing=False)
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
+    if _report(_certificate_problems(config, note_missing=False)):
         return EXIT_CONFIG
     from gateway.tls import TLSSetupError
 
