@@ -49,8 +49,7 @@ def _load(args: argparse.Namespace) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        _report(exc.problems)
         return None
 
 
