@@ -23,7 +23,7 @@ from gateway.proto.imap import Atom, encode_mailbox, fetch_items
 from gateway.submission.message import digest, envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
 from gateway.upstream.account import ImapAccount, LoginRejected, search_result
-from gateway.upstream.imap_client import ImapCommandFailed
+from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed
 
 DEFAULT_SENT = "Sent"
 # A Message-ID shared by more messages than this in one Sent mailbox is not worth comparing.
@@ -42,20 +42,6 @@ def internaldate(when: float) -> str:
 def copy_for(entry: SpoolEntry) -> bytes:
     """The bytes of the Sent copy: the relayed message plus the envelope-only recipients."""
     return sent_copy(entry.message, envelope_only(entry.recipients, entry.message))
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def literal_begin(self, size: int) -> None:
-        self.parts = []
-
-    def literal_data(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def literal_end(self) -> None:
-        pass
 
 
 class SentWriter:
@@ -136,9 +122,9 @@ class SentWriter:
                 same_size.append(int(str(fields.get("UID"))))
         wanted = digest(copy)
         for uid in sorted(same_size):
-            sink = _Collect()
+            sink = BodyCollector()
             await account.fetch_body(uid, sink)
-            if digest(b"".join(sink.parts)) == wanted:
+            if sink.bodies and digest(sink.bodies[0]) == wanted:
                 return uid
         return None
 

@@ -13,24 +13,7 @@ from gateway.maildrop.uidset import format_uid_set
 from gateway.maildrop.views import STATE_HEADER, STATE_KEY_PREFIX, DeviceState, IndexedMessage
 from gateway.proto.imap import Atom, encode_mailbox
 from gateway.upstream.account import ImapAccount, search_result
-from gateway.upstream.imap_client import ImapCommandFailed
-
-
-class _Collect:
-    """A body sink that keeps small bodies (state messages) whole."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self._parts: list[bytes] = []
-
-    def literal_begin(self, size: int) -> None:
-        self._parts = []
-
-    def literal_data(self, data: bytes) -> None:
-        self._parts.append(data)
-
-    def literal_end(self) -> None:
-        self.bodies.append(b"".join(self._parts))
+from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed
 
 
 async def _find(account: ImapAccount, key: str) -> list[int]:
@@ -44,7 +27,7 @@ async def _find(account: ImapAccount, key: str) -> list[int]:
 async def _bodies(account: ImapAccount, uids: list[int]) -> list[bytes]:
     if not uids:
         return []
-    sink = _Collect()
+    sink = BodyCollector()
     await account.proto.command(
         Atom("UID"), Atom("FETCH"), Atom(format_uid_set(uids)), [Atom("BODY.PEEK[]")], sink=sink
     )

@@ -59,6 +59,23 @@ class BodySink(TypingProtocol):
     def literal_end(self) -> None: ...
 
 
+class BodyCollector:
+    """A BodySink that keeps each body whole: for small ones (state messages, Sent copies)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self._parts: list[bytes] = []
+
+    def literal_begin(self, size: int) -> None:
+        self._parts = []
+
+    def literal_data(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def literal_end(self) -> None:
+        self.bodies.append(b"".join(self._parts))
+
+
 @dataclass
 class Response:
     status: Status
