@@ -100,6 +100,15 @@ class Prefetcher:
         self._ahead: dict[int, tuple[MessageInfo, PrefetchedBody]] = {}
         self._octets = 0
 
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def full(self) -> bool:
+        """No more messages may be fetched ahead until one is taken."""
+        return len(self._ahead) >= self._depth
+
     def want(self, candidates: Iterable[MessageInfo], *, requested: bool) -> None:
         """Start fetching those candidates that fit the limits, in order."""
         max_size, budget = self._requested if requested else self._speculative

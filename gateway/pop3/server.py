@@ -343,9 +343,11 @@ class Pop3Protocol(Protocol):
         """Fetch what the client already asked for, else the message a sequential download
         wants next, while this one is going out."""
         session, prefetcher = self.session, self.prefetcher
-        if session is None or session.maildrop is None or prefetcher is None:
+        if session is None or session.maildrop is None or prefetcher is None or prefetcher.full:
             return
-        requested = session.pipelined_retrieves()
+        # Those already fetched ahead come first among the waiting RETRs: beyond ``depth`` of
+        # them nothing could be taken anyway.
+        requested = session.pipelined_retrieves(limit=prefetcher.depth)
         if requested:
             prefetcher.want(requested, requested=True)
         elif action.top_lines is None:

@@ -209,6 +209,12 @@ _FAST_FETCH_RUN = re.compile(
     rb"(?: EMAILID \([!-~]+\))?\)\r\n)+"
 )
 _LITERAL_AT_END = re.compile(rb"~?\{(\d+)\+?\}\Z")
+# A message body whose FETCH names the UID before it: it can go to its sink as it arrives,
+# however small (collecting it into the line first and tokenizing that costs more than the
+# body is worth). Without the UID up front, only the whole line could tell whose body it is.
+_BODY_WITH_UID_FIRST = re.compile(
+    rb"\* \d+ FETCH \((?:[^{]* )?UID \d+ (?:[^{]* )?BODY\[[^\]{]*\](?:<\d+>)? \Z"
+)
 _TOKEN = re.compile(
     rb' *(?:(\()|(\))|"((?:[^"\\\r\n]|\\.)*)"'
     rb"|([^ ()\"\r\n\[\]{]+(?:\[[^\]\r\n]*\](?:<[0-9.]+>)?)?)"
@@ -298,8 +304,11 @@ class ResponseParser:
                 segments, self._segments = self._segments, []
                 return _parse_line(segments)
             size = int(m.group(1))
-            self._segments.append(text[: m.start()])
-            if size > self.stream_threshold:
+            before = text[: m.start()]
+            self._segments.append(before)
+            if size > self.stream_threshold or (
+                len(self._segments) == 1 and _BODY_WITH_UID_FIRST.match(before)
+            ):
                 self._segments.append(StreamedLiteral(size))
                 self._stream_left = size
                 self._end_pending = size == 0

@@ -179,15 +179,22 @@ class Pop3Session:
             return line[:-1] if line.endswith(b"\r") else line
 
     def pipelined_retrieves(self, limit: int = 16) -> list[MessageInfo]:
-        """Messages that RETR commands already waiting in the input will ask for, in order.
+        """Messages that RETR commands among the next ``limit`` lines of input will ask for.
 
         Looks without consuming anything, so the I/O layer can fetch them ahead of time. Stops
         at a TOP (it needs the upstream too, after everything fetched ahead) and at QUIT.
         """
         if self.state is not State.TRANSACTION or self.maildrop is None:
             return []
-        found = []
-        for line in bytes(self._buffer).split(b"\n", limit)[:-1][:limit]:
+        found: list[MessageInfo] = []
+        buffer, pos = self._buffer, 0
+        # Line by line rather than split(): a client may have pipelined thousands of commands,
+        # and this is asked again for every message.
+        for _ in range(limit):
+            end = buffer.find(b"\n", pos)
+            if end < 0:
+                break
+            line, pos = bytes(buffer[pos:end]), end + 1
             keyword, _, arg = line.strip().partition(b" ")
             if keyword.upper() in (b"QUIT", b"TOP"):
                 break

@@ -54,6 +54,15 @@ def test_message_without_final_newline_gets_one_before_the_terminator() -> None:
     assert DotStuffer().finish() == b".\r\n"
 
 
+def test_dot_lines_before_a_long_dotless_tail_are_stuffed() -> None:
+    """The fast path for attachments: only the part up to the last dot is searched."""
+    tail = b"QUJD" * 300 + b"\r\n"
+    s = DotStuffer()
+    wire = s.feed(b"a\r\n.b\r\n" + tail) + s.feed(b".c\r\n" + tail) + s.feed(tail) + s.finish()
+    assert wire == b"a\r\n..b\r\n" + tail + b"..c\r\n" + tail + tail + b".\r\n"
+    assert unstuff(wire) == b"a\r\n.b\r\n" + tail + b".c\r\n" + tail + tail
+
+
 def test_leading_dot_of_the_whole_message() -> None:
     s = DotStuffer()
     assert s.feed(b".start\r\n") == b"..start\r\n"

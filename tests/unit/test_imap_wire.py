@@ -148,6 +148,18 @@ def test_large_literals_stream_in_chunks_whatever_the_packet_size(step: int) -> 
 def test_small_literals_arrive_inline() -> None:
     (ev,) = events(b"* 1 FETCH (BODY[] {3}\r\nabc UID 4)\r\n", step=2)
     assert ev == Data(["1", "FETCH", ["BODY[]", b"abc", "UID", "4"]])
+    (ev,) = events(b'* LIST () "/" {3}\r\na b\r\n')
+    assert ev == Data(["LIST", [], b"/", b"a b"])
+
+
+@pytest.mark.parametrize(
+    "prefix", [b"* 1 FETCH (UID 4 BODY[] ", b"* 1 FETCH (UID 4 FLAGS (\\Seen) BODY[]<0> "]
+)
+def test_small_bodies_stream_when_the_uid_comes_first(prefix: bytes) -> None:
+    evs = events(prefix + b"{3}\r\nabc)\r\n", step=2)
+    assert evs[0] == LiteralBegin(3, prefix)
+    assert b"".join(e.data for e in evs if isinstance(e, LiteralChunk)) == b"abc"
+    assert isinstance(evs[-2], LiteralEnd) and isinstance(evs[-1], Data)
 
 
 def test_nil_and_quoted_escapes() -> None:

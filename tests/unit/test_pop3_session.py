@@ -218,6 +218,18 @@ def test_retr_and_top_wait_for_the_download() -> None:
     assert c.answer(c.session.retrieve_done) == b"+OK 2 420\r\n"
 
 
+def test_pipelined_retrieves_peeks_at_waiting_retrs_without_consuming_them() -> None:
+    c = Client().logged_in()
+    c.send(b"RETR 1\r\nRETR 2\r\nNOOP\r\nRETR 9\r\nretr 1\r\nTOP 2 0\r\nRETR 2\r\nRETR")
+    assert c.take(pop3.Retrieve).info.uid == 10
+    peeked = c.session.pipelined_retrieves()
+    assert [m.uid for m in peeked] == [11, 10]  # no such message 9; stops at TOP
+    assert [m.uid for m in c.session.pipelined_retrieves(limit=1)] == [11]
+    c.answer(c.session.retrieve_done)
+    assert c.take(pop3.Retrieve).info.uid == 11  # nothing was consumed by peeking
+    assert [m.uid for m in c.session.pipelined_retrieves()] == [10]
+
+
 def test_retrieve_of_a_message_gone_upstream() -> None:
     c = Client().logged_in()
     c.line("RETR 1")

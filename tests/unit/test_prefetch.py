@@ -108,5 +108,7 @@ def test_requested_limits_keep_the_order() -> None:
     assert sorted(fetch.calls) == [1]
     prefetcher.want([msg(4, 10), msg(5, 10), msg(6, 10), msg(7, 10)], requested=True)
     assert sorted(fetch.calls) == [1, 4, 5]  # depth 3
+    assert prefetcher.full
     prefetcher.want([msg(4, 10)], requested=True)
     assert sorted(fetch.calls) == [1, 4, 5]  # never twice
+    assert prefetcher.take(4) is not None and not prefetcher.full
