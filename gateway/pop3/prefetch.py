@@ -105,9 +105,13 @@ class Prefetcher:
         return self._depth
 
     @property
-    def full(self) -> bool:
-        """No more messages may be fetched ahead until one is taken."""
-        return len(self._ahead) >= self._depth
+    def hungry(self) -> bool:
+        """At most half of ``depth`` is fetched ahead: worth looking for more to fetch.
+
+        Refilling in batches rather than after every message keeps the look at the client's
+        pipelined input (and the limits here) off the per-message path.
+        """
+        return len(self._ahead) <= self._depth // 2
 
     def want(self, candidates: Iterable[MessageInfo], *, requested: bool) -> None:
         """Start fetching those candidates that fit the limits, in order."""

@@ -43,6 +43,9 @@ class _BodyStream:
     The message is complete at the literal's end, before the FETCH's tagged OK: servers answer
     pipelined FETCHes first and complete them later, and the next RETR must take over the
     stream at once rather than have its body buffered meanwhile.
+
+    The +OK line goes out with the first chunk and the terminator with the last, so a message
+    that arrives in one piece (most do) costs one write.
     """
 
     def __init__(
@@ -58,20 +61,59 @@ class _BodyStream:
         self.top = TopFilter(top_lines) if top_lines is not None else None
         self.on_end = on_end
         self.started = False
+        self.complete = False  # the terminator is written
+        self._left = 0
 
     def literal_begin(self, size: int) -> None:
         if not self.started:
             self.started = True
-            self.protocol.write(self.ok_line)
+            self._left = size
 
     def literal_data(self, data: bytes) -> None:
+        if self.complete:
+            return
+        self._left -= len(data)
         if self.top is not None:
             data = self.top.feed(data)
-        if data:
-            self.protocol.write(self.stuffer.feed(data))
+        pieces = [self.stuffer.feed(data)] if data else []
+        if self._left <= 0:
+            pieces.append(self.stuffer.finish())
+            self.complete = True
+        self._write(pieces)
 
     def literal_end(self) -> None:
+        if not self.complete:  # an empty literal
+            self.complete = True
+            self._write([self.stuffer.finish()])
         self.on_end()
+
+    def _write(self, pieces: list[bytes]) -> None:
+        if self.ok_line:
+            pieces.insert(0, self.ok_line)
+            self.ok_line = b""
+        if pieces:
+            self.protocol.write_sequence(pieces)
+
+
+class _UpstreamReads:
+    """The session's IMAP connection as the producer of what the POP client receives.
+
+    Registered once per session: a slow device pauses the IMAP reads instead of letting
+    bodies pile up here. ``stopProducing`` (the device went away) does not close the IMAP
+    connection: the session still logs out there, or finishes the update after QUIT.
+    """
+
+    def __init__(self, imap_transport: object) -> None:
+        self.imap_transport = imap_transport
+
+    def pauseProducing(self) -> None:
+        self.imap_transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self.imap_transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def unsent_octets(transport: object) -> int | None:
@@ -129,6 +171,7 @@ class Pop3Protocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._queued_at_timeout: int | None = None
         self._streaming = False
+        self._reads: _UpstreamReads | None = None
         self._closed = False
         self.busy_with_update = False
 
@@ -175,6 +218,7 @@ class Pop3Protocol(Protocol):
             self._timer.cancel()
         if self.session is not None:
             self.session.connection_lost()
+        self._release_upstream()
         if self.maildrop is not None and not self.busy_with_update:
             # Dropped before or during TRANSACTION: the deletes are forgotten (RFC 1939).
             Deferred.fromCoroutine(self.maildrop.close())
@@ -183,10 +227,19 @@ class Pop3Protocol(Protocol):
 
     # -- helpers --------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write_sequence(self, pieces: list[bytes]) -> None:
         """Writes to the client count as activity: a slow download is not an idle session."""
         self._reset_timer()
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.writeSequence(pieces)  # type: ignore[union-attr]
+
+    def _release_upstream(self) -> None:
+        """Stop tying the IMAP reads to this client's pace (QUIT, or the client is gone)."""
+        reads, self._reads = self._reads, None
+        if reads is None:
+            return
+        if not self._closed:
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+        reads.resumeProducing()  # it may have been paused while the client was slow
 
     def _peer_is_trusted(self) -> bool:
         try:
@@ -284,6 +337,8 @@ class Pop3Protocol(Protocol):
                 return
             self.maildrop = maildrop
             self.prefetcher = Prefetcher(maildrop.fetch)
+            self._reads = _UpstreamReads(maildrop.imap_transport)
+            self.transport.registerProducer(self._reads, True)  # type: ignore[union-attr]
             self.login = login
             count, octets = maildrop.maildrop.stat()
             self._log(
@@ -299,8 +354,6 @@ class Pop3Protocol(Protocol):
     def _retrieve(self, action: pop3.Retrieve) -> None:
         assert self.maildrop is not None and self.session is not None
         ok = f"+OK {action.info.size} octets\r\n".encode()
-        producer = self.maildrop.imap_transport
-        self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
         self._streaming = True
         done = False
 
@@ -311,11 +364,9 @@ class Pop3Protocol(Protocol):
                 return
             done = True
             self._streaming = False
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
-            producer.resumeProducing()  # type: ignore[attr-defined]
             if self._closed or self.session is None:
                 return
-            if isinstance(result, Failure) or not stream.started:
+            if isinstance(result, Failure) or not stream.complete:
                 if stream.started:
                     # Part of the message is out: no -ERR can follow a +OK, so the client must
                     # see a broken connection rather than a short message.
@@ -325,7 +376,6 @@ class Pop3Protocol(Protocol):
                 self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
                 self.session.retrieve_unavailable()
             else:
-                self.write(stream.stuffer.finish())
                 assert self.maildrop is not None
                 self.maildrop.retrieved(action.info, whole=action.top_lines is None)
                 self.session.retrieve_done()
@@ -343,7 +393,9 @@ class Pop3Protocol(Protocol):
         """Fetch what the client already asked for, else the message a sequential download
         wants next, while this one is going out."""
         session, prefetcher = self.session, self.prefetcher
-        if session is None or session.maildrop is None or prefetcher is None or prefetcher.full:
+        if session is None or session.maildrop is None or prefetcher is None:
+            return
+        if not prefetcher.hungry:
             return
         # Those already fetched ahead come first among the waiting RETRs: beyond ``depth`` of
         # them nothing could be taken anyway.
@@ -358,6 +410,7 @@ class Pop3Protocol(Protocol):
     async def _update(self, action: pop3.Update) -> None:
         assert self.maildrop is not None and self.session is not None
         self.busy_with_update = True
+        self._release_upstream()
         problem = None
         try:
             await self.maildrop.update(action.deleted)

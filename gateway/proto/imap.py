@@ -221,6 +221,8 @@ _TOKEN = re.compile(
     rb"|(\[[^\]\r\n]*\]))"
 )
 _UNESCAPE = re.compile(rb"\\(.)")
+# The answer to the gateway's own body FETCH, once its literal has been streamed out.
+_STREAMED_BODY_LINE = re.compile(rb"\* (\d+) FETCH \(UID (\d+) (BODY\[\]) \Z")
 
 
 class ResponseError(ValueError):
@@ -325,6 +327,10 @@ def _parse_line(segments: list[bytes | StreamedLiteral]) -> Event:
     """
     first = segments[0]
     assert isinstance(first, bytes)
+    if len(segments) == 3 and segments[2] == b")" and (m := _STREAMED_BODY_LINE.match(first)):
+        # One per downloaded message: the general tokenizer would cost more than the rest.
+        seq, uid, item = (Atom(g.decode("ascii")) for g in m.groups())
+        return Data([seq, Atom("FETCH"), [Atom("UID"), uid, item, segments[1]]])
     if first.startswith(b"+"):
         return Continuation(first[1:].strip().decode("utf-8", "replace"))
     tag, _, rest = first.partition(b" ")

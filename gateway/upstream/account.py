@@ -44,6 +44,10 @@ from gateway.upstream.imap_client import (
 CONNECT_TIMEOUT = 15.0
 # Login may involve a slow password backend upstream, but a device should not hang for ever.
 LOGIN_TIMEOUT = 60.0
+# Sent once per downloaded message, so built once. UID first in the request: servers that
+# answer in request order (Dovecot, Cyrus) then name the message before its literal begins, so
+# pipelined bodies go to the right sink and stream without being collected first.
+_UID, _FETCH, _BODY_ITEMS = Atom("UID"), Atom("FETCH"), Atom("(UID BODY.PEEK[])")
 
 
 class UpstreamUnavailable(ImapError):
@@ -296,16 +300,7 @@ class ImapAccount:
 
     def fetch_body(self, uid: int, sink: BodySink) -> Deferred[Response]:
         """Stream the message to ``sink`` without setting \\Seen (BODY.PEEK)."""
-        # UID first in the request, so servers that answer in request order (Dovecot, Cyrus)
-        # name the message before its literal begins: pipelined bodies go to the right sink.
-        return self.proto.command(
-            Atom("UID"),
-            Atom("FETCH"),
-            Atom(str(uid)),
-            [Atom("UID"), Atom("BODY.PEEK[]")],
-            sink=sink,
-            sink_uid=uid,
-        )
+        return self.proto.command(_UID, _FETCH, uid, _BODY_ITEMS, sink=sink, sink_uid=uid)
 
     async def add_flags(self, uids: Iterable[int], flags: Iterable[str]) -> None:
         uid_set = format_uid_set(uids)

@@ -137,16 +137,21 @@ def test_a_slow_download_is_not_idle_while_bytes_move() -> None:
     login(protocol, transport)
     protocol.dataReceived(b"RETR 1\r\n")
     (_, sink, done) = drop.fetches[0]
-    sink.literal_begin(12)
+    sink.literal_begin(11)
     for chunk in (b"a\r\n", b".b\r\n", b"c\r\n."):
         reactor.advance(IDLE - 1)
         sink.literal_data(chunk)
     assert not transport.disconnecting
+    sink.literal_end()
     done.callback(None)
     # Dot-stuffed across chunk boundaries, CRLF added before the terminator.
     assert said(transport) == b"+OK 12 octets\r\na\r\n..b\r\nc\r\n..\r\n.\r\n"
-    assert transport.producer is None and drop.imap_transport.resumed == 1
     assert drop.retrieved_uids == [(5, True)]
+    # The IMAP reads follow the client's pace for the whole session, not beyond QUIT.
+    assert transport.producer is not None and transport.streaming
+    transport.producer.pauseProducing()
+    protocol.dataReceived(b"QUIT\r\n")
+    assert transport.producer is None and drop.imap_transport.resumed == 1
 
 
 def test_pipelined_commands_wait_for_the_download() -> None:
@@ -154,11 +159,13 @@ def test_pipelined_commands_wait_for_the_download() -> None:
     login(protocol, transport)
     protocol.dataReceived(b"RETR 2\r\nSTAT\r\n")
     (_, sink, done) = drop.fetches[0]
-    sink.literal_begin(3)
+    sink.literal_begin(4)
     sink.literal_data(b"x\r\n")
     assert said(transport) == b"+OK 3 octets\r\nx\r\n"  # no STAT answer inside the body
+    sink.literal_data(b"y")
+    assert said(transport) == b"y\r\n.\r\n"  # the literal's size says the message is whole
     done.callback(None)
-    assert said(transport) == b".\r\n+OK 2 15\r\n"
+    assert said(transport) == b"+OK 2 15\r\n"
 
 
 def test_message_gone_upstream_before_any_byte() -> None:
@@ -204,8 +211,11 @@ def test_dropped_connection_applies_nothing() -> None:
     protocol, transport, _reactor, drop = connect()
     login(protocol, transport)
     protocol.dataReceived(b"DELE 1\r\n")
+    assert transport.producer is not None
+    transport.producer.stopProducing()  # what Twisted does first when the client is gone
     protocol.connectionLost(None)
     assert drop.updates == [] and drop.closed
+    assert drop.imap_transport.resumed == 1  # paused or not, the LOGOUT must get through
 
 
 def test_bad_password() -> None:

@@ -108,7 +108,8 @@ def test_requested_limits_keep_the_order() -> None:
     assert sorted(fetch.calls) == [1]
     prefetcher.want([msg(4, 10), msg(5, 10), msg(6, 10), msg(7, 10)], requested=True)
     assert sorted(fetch.calls) == [1, 4, 5]  # depth 3
-    assert prefetcher.full
+    assert not prefetcher.hungry
     prefetcher.want([msg(4, 10)], requested=True)
     assert sorted(fetch.calls) == [1, 4, 5]  # never twice
-    assert prefetcher.take(4) is not None and not prefetcher.full
+    assert prefetcher.take(4) is not None and not prefetcher.hungry  # 2 of 3 still ahead
+    assert prefetcher.take(5) is not None and prefetcher.hungry
