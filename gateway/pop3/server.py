@@ -6,13 +6,9 @@ its actions out and reports the results back.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import logging
 import secrets
-import socket
-import struct
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,8 +27,9 @@ from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, Up
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
 from gateway.proto.dotstuff import DotStuffer, TopFilter
+from gateway.transports import set_buffer_size, unsent_octets
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
-from gateway.upstream.imap_client import ImapError
+from gateway.upstream.imap_client import READ_SIZE, ImapError
 
 log = logging.getLogger("popgate.pop3")
 
@@ -116,25 +113,6 @@ class _UpstreamReads:
         pass
 
 
-def unsent_octets(transport: object) -> int | None:
-    """Octets written to the socket that the peer has not taken yet (Linux SIOCOUTQ).
-
-    Walks down TLS wrappers to the TCP socket; None where that is not possible.
-    """
-    for _ in range(3):
-        handle = getattr(transport, "getHandle", lambda: None)()
-        if isinstance(handle, socket.socket):
-            try:
-                raw = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-            except OSError:
-                return None
-            return int(struct.unpack("i", raw)[0])
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return None
-    return None
-
-
 @dataclass(frozen=True)
 class Listener:
     """What one POP3 listener offers: TLS (implicit or via STLS), who may log in without TLS,
@@ -195,6 +173,9 @@ class Pop3Protocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        # IMAP reads come in chunks of up to READ_SIZE: with Twisted's 64 KiB, every one of
+        # them would pause and resume the IMAP reads even when the client keeps up.
+        set_buffer_size(self.transport, READ_SIZE)
         self.session = pop3.Pop3Session(
             tls_active=self.implicit_tls,
             stls_available=self.tls_context is not None and not self.implicit_tls,

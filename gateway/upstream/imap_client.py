@@ -33,6 +33,7 @@ from gateway.proto.imap import (
     encode_command,
     fetch_uid,
 )
+from gateway.transports import set_buffer_size
 
 
 class ImapError(Exception):
@@ -158,13 +159,7 @@ class ImapClientProtocol(Protocol):
     # -- Twisted ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        transport: object = self.transport
-        for _ in range(3):  # through a TLS wrapper to the TCP connection that does the reads
-            if hasattr(transport, "bufferSize"):
-                transport.bufferSize = READ_SIZE
-            transport = getattr(transport, "transport", None)
-            if transport is None:
-                break
+        set_buffer_size(self.transport, READ_SIZE)
 
     def dataReceived(self, data: bytes) -> None:
         self.parser.receive_data(data)
