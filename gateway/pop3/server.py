@@ -27,7 +27,7 @@ from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, Up
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
 from gateway.proto.dotstuff import DotStuffer, TopFilter
-from gateway.transports import set_buffer_size, unsent_octets
+from gateway.transports import set_buffer_size, unsent_octets, write_through
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
 from gateway.upstream.imap_client import READ_SIZE, ImapError
 
@@ -211,7 +211,7 @@ class Pop3Protocol(Protocol):
     def write_sequence(self, pieces: list[bytes]) -> None:
         """Writes to the client count as activity: a slow download is not an idle session."""
         self._reset_timer()
-        self.transport.writeSequence(pieces)  # type: ignore[union-attr]
+        write_through(self.transport, pieces)
 
     def _release_upstream(self) -> None:
         """Stop tying the IMAP reads to this client's pace (QUIT, or the client is gone)."""
@@ -275,7 +275,7 @@ class Pop3Protocol(Protocol):
         assert session is not None
         while not self._closed and (action := session.next_action()) is not None:
             if isinstance(action, pop3.Send):
-                self.transport.write(action.data)  # type: ignore[union-attr]
+                write_through(self.transport, [action.data])
             elif isinstance(action, pop3.Retrieve):
                 self._retrieve(action)
             elif isinstance(action, pop3.Authenticate):

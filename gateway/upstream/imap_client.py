@@ -33,7 +33,7 @@ from gateway.proto.imap import (
     encode_command,
     fetch_uid,
 )
-from gateway.transports import set_buffer_size
+from gateway.transports import set_buffer_size, write_through
 
 
 class ImapError(Exception):
@@ -182,7 +182,7 @@ class ImapClientProtocol(Protocol):
 
     def _send(self, pending: _Pending) -> None:
         self._pending.append(pending)
-        self.transport.write(pending.parts.popleft())  # type: ignore[union-attr]
+        write_through(self.transport, [pending.parts.popleft()])
         if pending.parts:
             self._continuing = pending
 
@@ -258,7 +258,7 @@ class ImapClientProtocol(Protocol):
         pending = self._continuing
         if pending is None:
             return
-        self.transport.write(pending.parts.popleft())  # type: ignore[union-attr]
+        write_through(self.transport, [pending.parts.popleft()])
         if not pending.parts:
             self._continuing = None
             self._flush_unsent()
