@@ -209,6 +209,9 @@ _FAST_FETCH_RUN = re.compile(
     rb"(?: EMAILID \([!-~]+\))?\)\r\n)+"
 )
 _LITERAL_AT_END = re.compile(rb"~?\{(\d+)\+?\}\Z")
+# How the answer to the gateway's own body FETCH begins (one per downloaded message): matched
+# in the buffer, before the general line handling below.
+_BODY_HEAD = re.compile(rb"(\* \d+ FETCH \(UID \d+ BODY\[\] )\{(\d+)\}\r\n")
 # A message body whose FETCH names the UID before it: it can go to its sink as it arrives,
 # however small (collecting it into the line first and tokenizing that costs more than the
 # body is worth). Without the UID up front, only the whole line could tell whose body it is.
@@ -285,6 +288,14 @@ class ResponseParser:
                 del buf[: self._inline_need]
                 self._inline_need = -1
                 continue
+            if not self._segments and (head := _BODY_HEAD.match(buf)):
+                prefix, size = head.group(1), int(head.group(2))
+                del buf[: head.end()]
+                self._scan_from = 0
+                self._segments = [prefix, StreamedLiteral(size)]
+                self._stream_left = size
+                self._end_pending = size == 0
+                return LiteralBegin(size, prefix)
             if not self._segments and buf[:2] == b"* " and (run := _FAST_FETCH_RUN.match(buf)):
                 end = run.end()
                 rows = _FAST_FETCH.findall(buf, 0, end)
