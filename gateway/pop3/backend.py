@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -126,6 +126,10 @@ class UpstreamMaildrop:
 
     def fetch(self, info: MessageInfo, sink: BodySink) -> Deferred[Response]:
         return self.account.fetch_body(info.uid, sink)
+
+    def fetch_many(self, sinks: Mapping[int, BodySink]) -> Deferred[Response]:
+        """Several bodies in one command (by UID), for fetching ahead."""
+        return self.account.fetch_bodies(sinks)
 
     def retrieved(self, info: MessageInfo, whole: bool) -> None:
         """A download completed; with ``on_retrieve = "seen"`` a whole one marks it read.

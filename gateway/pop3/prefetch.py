@@ -9,12 +9,13 @@ Without it every RETR costs a full IMAP round trip before its first byte. Two ca
   here until the client asks, so only small messages are fetched this way, within a small budget.
 
 Either way at most ``depth`` messages are ahead, and anything larger than the limits is simply
-streamed when its RETR comes.
+streamed when its RETR comes. Each refill is one FETCH of several UIDs, so the per-command work
+upstream and here is paid once per batch rather than once per message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -86,7 +87,7 @@ class PrefetchedBody:
 class Prefetcher:
     def __init__(
         self,
-        fetch: Callable[[MessageInfo, BodySink], Deferred[Any]],
+        fetch: Callable[[Mapping[int, BodySink]], Deferred[Any]],
         *,
         speculative_max_size: int = SPECULATIVE_MAX_SIZE,
         speculative_budget: int = SPECULATIVE_BUDGET,
@@ -114,20 +115,23 @@ class Prefetcher:
         return len(self._ahead) <= self._depth // 2
 
     def want(self, candidates: Iterable[MessageInfo], *, requested: bool) -> None:
-        """Start fetching those candidates that fit the limits, in order."""
+        """Start fetching those candidates that fit the limits, in order, in one command."""
         max_size, budget = self._requested if requested else self._speculative
+        batch: dict[int, PrefetchedBody] = {}
         for info in candidates:
             if info.uid in self._ahead:
                 continue
             if info.size > max_size:
-                return  # fetching later ones first would make this one wait behind them
+                break  # fetching later ones first would make this one wait behind them
             if len(self._ahead) >= self._depth or self._octets + info.size > budget:
-                return
+                break
             body = PrefetchedBody()
             self._ahead[info.uid] = (info, body)
             self._octets += info.size
-            d = self._fetch(info, body)
-            d.addBoth(body.completed)  # returns None: a failure is reported on take()
+            batch[info.uid] = body
+        if batch:
+            d = self._fetch(batch)
+            d.addBoth(_completed, batch.values())  # a failure is reported on take()
 
     def take(self, uid: int) -> PrefetchedBody | None:
         entry = self._ahead.pop(uid, None)
@@ -139,3 +143,8 @@ class Prefetcher:
     def clear(self) -> None:
         self._ahead.clear()
         self._octets = 0
+
+
+def _completed(result: object, bodies: Iterable[PrefetchedBody]) -> None:
+    for body in bodies:
+        body.completed(result)

@@ -317,7 +317,7 @@ class Pop3Protocol(Protocol):
                 maildrop.abort()
                 return
             self.maildrop = maildrop
-            self.prefetcher = Prefetcher(maildrop.fetch)
+            self.prefetcher = Prefetcher(maildrop.fetch_many)
             self._reads = _UpstreamReads(maildrop.imap_transport)
             self.transport.registerProducer(self._reads, True)  # type: ignore[union-attr]
             self.login = login

@@ -8,7 +8,7 @@ types below, so the POP3 layer can turn each into the right response code in one
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -301,6 +301,15 @@ class ImapAccount:
     def fetch_body(self, uid: int, sink: BodySink) -> Deferred[Response]:
         """Stream the message to ``sink`` without setting \\Seen (BODY.PEEK)."""
         return self.proto.command(_UID, _FETCH, uid, _BODY_ITEMS, sink=sink, sink_uid=uid)
+
+    def fetch_bodies(self, sinks: Mapping[int, BodySink]) -> Deferred[Response]:
+        """Several messages in one command, each body to its own sink.
+
+        The server answers in mailbox order, whatever the order of ``sinks``; a UID that no
+        longer exists is left out of the answer, and its sink is never called.
+        """
+        uid_set = Atom(format_uid_set(sinks))
+        return self.proto.command(_UID, _FETCH, uid_set, _BODY_ITEMS, sinks=sinks)
 
     async def add_flags(self, uids: Iterable[int], flags: Iterable[str]) -> None:
         uid_set = format_uid_set(uids)

@@ -9,7 +9,7 @@ transport can be paused as a push producer so a slow POP client slows the IMAP d
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
@@ -89,8 +89,8 @@ class _Pending:
     tag: str
     parts: deque[bytes]
     deferred: Deferred[Response]
-    sink: BodySink | None
-    sink_uid: int | None
+    sink: BodySink | None  # takes any body no UID-bound sink claims
+    sinks: Mapping[int, BodySink]  # the body of each of these UIDs
     untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
 
 
@@ -119,13 +119,15 @@ class ImapClientProtocol(Protocol):
         *parts: CommandPart,
         sink: BodySink | None = None,
         sink_uid: int | None = None,
+        sinks: Mapping[int, BodySink] | None = None,
         continuation: bytes | None = None,
     ) -> Deferred[Response]:
         """Send a command; the Deferred fires with its Response, or fails with ImapError.
 
         Message bodies in the responses go to ``sink``: only the body of UID ``sink_uid`` when
         that is given (servers answer pipelined FETCHes interleaved, so order alone cannot tell
-        whose body is whose), else every body no UID-bound sink claims. ``continuation`` is a
+        whose body is whose), else every body no UID-bound sink claims. ``sinks`` binds several
+        UIDs at once, for a FETCH of many messages. ``continuation`` is a
         line sent when the server asks for more (a SASL response for a server without SASL-IR).
         """
         self._counter += 1
@@ -135,7 +137,9 @@ class ImapClientProtocol(Protocol):
         lines = deque(encoded.parts)
         if continuation is not None:
             lines.append(continuation + b"\r\n")
-        pending = _Pending(name or "command", tag, lines, Deferred(), sink, sink_uid)
+        if sink is not None and sink_uid is not None:
+            sinks, sink = {sink_uid: sink}, None
+        pending = _Pending(name or "command", tag, lines, Deferred(), sink, sinks or {})
         if self._lost:
             pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))
             return pending.deferred
@@ -233,9 +237,9 @@ class ImapClientProtocol(Protocol):
         """The sink waiting for the body of ``uid``, else the first one taking any body."""
         if uid is not None:
             for p in self._pending:
-                if p.sink is not None and p.sink_uid == uid:
-                    return p.sink
-        return next((p.sink for p in self._pending if p.sink and p.sink_uid is None), None)
+                if uid in p.sinks:
+                    return p.sinks[uid]
+        return next((p.sink for p in self._pending if p.sink is not None), None)
 
     def _complete(self, status: Status) -> None:
         if status.code_name == "CAPABILITY" and status.code:

@@ -133,6 +133,23 @@ def test_pipelined_fetches_answered_together_each_get_their_own_body(threshold: 
     assert first.body == b"two" and second.body == b"three"
 
 
+@pytest.mark.parametrize(
+    "second",
+    [
+        b"* 2 FETCH (UID 7 BODY[] {5}\r\nseven)\r\n",  # streamed: the UID comes first
+        b"* 2 FETCH (BODY[] {5}\r\nseven UID 7)\r\n",  # collected: the UID comes at the end
+    ],
+)
+def test_one_fetch_of_several_uids_gives_each_body_to_its_sink(second: bytes) -> None:
+    proto, transport = connected()
+    sinks = {7: Sink(), 3: Sink()}
+    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("3,7"), [], sinks=sinks)
+    assert transport.value().endswith(b"UID FETCH 3,7 ()\r\n")
+    proto.dataReceived(b"* 1 FETCH (UID 3 BODY[] {5}\r\nthree)\r\n" + second + b"G1 OK\r\n")
+    assert sinks[3].body == b"three" and sinks[7].body == b"seven"
+    assert d.result.status.kind == "OK"
+
+
 def test_a_body_nobody_asked_for_is_dropped() -> None:
     proto, _ = connected()
     sink = Sink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -47,6 +48,12 @@ class FakeMaildrop:
     def fetch(self, info: MessageInfo, sink: Any) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.fetches.append((info, sink, d))
+        return d
+
+    def fetch_many(self, sinks: Mapping[int, Any]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        by_uid = {info.uid: info for _, info in self.maildrop.listing()}
+        self.fetches.extend((by_uid[uid], sink, d) for uid, sink in sinks.items())
         return d
 
     async def update(self, deleted: Any) -> None:

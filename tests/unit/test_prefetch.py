@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -25,12 +26,17 @@ class Recorder:
 
 
 class FakeFetch:
+    """One FETCH per call, for the UIDs of ``sinks``; every body's sink and the FETCH's result."""
+
     def __init__(self) -> None:
         self.calls: dict[int, tuple[Any, Deferred[None]]] = {}
+        self.commands: list[list[int]] = []
 
-    def __call__(self, info: MessageInfo, sink: Any) -> Deferred[None]:
+    def __call__(self, sinks: Mapping[int, Any]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self.calls[info.uid] = (sink, d)
+        for uid, sink in sinks.items():
+            self.calls[uid] = (sink, d)
+        self.commands.append(list(sinks))
         return d
 
 
@@ -113,3 +119,23 @@ def test_requested_limits_keep_the_order() -> None:
     assert sorted(fetch.calls) == [1, 4, 5]  # never twice
     assert prefetcher.take(4) is not None and not prefetcher.hungry  # 2 of 3 still ahead
     assert prefetcher.take(5) is not None and prefetcher.hungry
+    assert fetch.commands == [[1], [4, 5]]  # one FETCH per refill
+
+
+def test_every_body_of_a_batch_learns_how_the_fetch_ended() -> None:
+    fetch = FakeFetch()
+    prefetcher = Prefetcher(fetch)
+    prefetcher.want([msg(1), msg(2)], requested=True)
+    sink, d = fetch.calls[1]
+    sink.literal_begin(2)
+    sink.literal_data(b"ok")
+    sink.literal_end()
+    d.errback(ConnectionError("gone"))  # after the first body: the second never came
+    first, second = prefetcher.take(1), prefetcher.take(2)
+    assert first is not None and second is not None
+    results: list[Any] = []
+    consumer = Recorder()
+    first.attach(consumer, results.append)
+    second.attach(Recorder(), results.append)
+    assert consumer.events == [("begin", 2), ("data", b"ok"), ("end",)]
+    assert [isinstance(r.value, ConnectionError) for r in results] == [True, True]
