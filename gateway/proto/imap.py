@@ -139,8 +139,11 @@ def _merge_parenthesized(chunks: list[bytes]) -> None:
 
 # --- response parsing -------------------------------------------------------------------------
 
+# The events made once or more per downloaded message are plain (not frozen) slotted dataclasses:
+# a frozen one costs several times as much to build, and nothing keeps or hashes them.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Status:
     """A status response: tagged completion, or untagged OK/NO/BAD/BYE/PREAUTH."""
 
@@ -154,7 +157,7 @@ class Status:
         return str(self.code[0]).upper() if self.code else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data:
     """An untagged data response, e.g. ``* 3 FETCH (...)`` as ``["3", "FETCH", [...]]``."""
 
@@ -179,19 +182,19 @@ class Continuation:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LiteralBegin:
     size: int
     # The response line up to the literal, e.g. ``* 3 FETCH (UID 7 BODY[] ``: says whose it is.
     prefix: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LiteralChunk:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LiteralEnd:
     pass
 

@@ -202,15 +202,18 @@ class ImapClientProtocol(Protocol):
             if self._streaming_to is not None:
                 self._streaming_to.literal_end()
             self._streaming_to = None
-        elif isinstance(event, Continuation):
-            self._continue()
-        elif isinstance(event, Status) and event.tag != "*":
-            self._complete(event)
+        elif isinstance(event, Data):
+            self._untagged(event)
+        elif isinstance(event, Status):
+            if event.tag != "*":
+                self._complete(event)
+            else:
+                self._untagged(event)
         elif isinstance(event, FetchBatch):
             if self._pending:
                 self._pending[0].untagged.append(event)
-        elif isinstance(event, (Status, Data)):
-            self._untagged(event)
+        elif isinstance(event, Continuation):
+            self._continue()
 
     def _untagged(self, event: Status | Data) -> None:
         if isinstance(event, Status):
@@ -293,6 +296,8 @@ def _deliver_inline_bodies(event: Data, sink_for: Callable[[int | None], BodySin
     if len(tokens) < 3 or str(tokens[1]).upper() != "FETCH" or not isinstance(tokens[2], list):
         return
     items = tokens[2]
+    if not any(isinstance(value, bytes) for value in items[1::2]):
+        return  # every body was streamed already (or there is none)
     uid = None
     for i in range(0, len(items) - 1, 2):
         if str(items[i]).upper() == "UID" and str(items[i + 1]).isdigit():
