@@ -27,7 +27,7 @@ from gateway.retention import RetentionService
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount, UpstreamUnavailable
 from gateway.upstream.folders import resolve_folder
-from gateway.upstream.imap_client import BodySink, ImapError, Response
+from gateway.upstream.imap_client import BodySink, ImapError, ReadObserver, Response
 
 log = logging.getLogger("popgate.pop3")
 
@@ -126,6 +126,10 @@ class UpstreamMaildrop:
 
     def fetch(self, info: MessageInfo, sink: BodySink) -> Deferred[Response]:
         return self.account.fetch_body(info.uid, sink)
+
+    def observe_reads(self, observer: ReadObserver | None) -> None:
+        """Tell ``observer`` when each read from upstream starts and ends being handled."""
+        self.account.proto.read_observer = observer
 
     def fetch_many(self, sinks: Mapping[int, BodySink]) -> Deferred[Response]:
         """Several bodies in one command (by UID), for fetching ahead."""

@@ -150,6 +150,10 @@ class Pop3Protocol(Protocol):
         self._queued_at_timeout: int | None = None
         self._streaming = False
         self._reads: _UpstreamReads | None = None
+        # Writes held while a batch of work is under way (one read from upstream, one round
+        # of client commands), sent together at its end: one system call, not one per answer.
+        self._corked = 0
+        self._out: list[bytes] = []
         self._closed = False
         self.busy_with_update = False
 
@@ -211,13 +215,38 @@ class Pop3Protocol(Protocol):
     def write_sequence(self, pieces: list[bytes]) -> None:
         """Writes to the client count as activity: a slow download is not an idle session."""
         self._reset_timer()
-        write_through(self.transport, pieces)
+        if self._corked:
+            self._out.extend(pieces)
+        else:
+            write_through(self.transport, pieces)
+
+    def read_started(self) -> None:
+        """An upstream read is being handled: hold the writes it causes (ReadObserver)."""
+        self._cork()
+
+    def read_done(self) -> None:
+        self._uncork()
+
+    def _cork(self) -> None:
+        self._corked += 1
+
+    def _uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out and not self._closed:
+            out, self._out = self._out, []
+            write_through(self.transport, out)
 
     def _release_upstream(self) -> None:
         """Stop tying the IMAP reads to this client's pace (QUIT, or the client is gone)."""
         reads, self._reads = self._reads, None
         if reads is None:
             return
+        if self.maildrop is not None:
+            self.maildrop.observe_reads(None)
         if not self._closed:
             self.transport.unregisterProducer()  # type: ignore[union-attr]
         reads.resumeProducing()  # it may have been paused while the client was slow
@@ -273,19 +302,25 @@ class Pop3Protocol(Protocol):
     def _pump(self) -> None:
         session = self.session
         assert session is not None
-        while not self._closed and (action := session.next_action()) is not None:
-            if isinstance(action, pop3.Send):
-                write_through(self.transport, [action.data])
-            elif isinstance(action, pop3.Retrieve):
-                self._retrieve(action)
-            elif isinstance(action, pop3.Authenticate):
-                Deferred.fromCoroutine(self._authenticate(action))
-            elif isinstance(action, pop3.Update):
-                Deferred.fromCoroutine(self._update(action))
-            elif isinstance(action, pop3.StartTLS):
-                self._start_tls()
-            elif isinstance(action, pop3.Close):
-                self.transport.loseConnection()  # type: ignore[union-attr]
+        self._cork()
+        try:
+            while not self._closed and (action := session.next_action()) is not None:
+                if isinstance(action, pop3.Send):
+                    self._out.append(action.data)
+                elif isinstance(action, pop3.Retrieve):
+                    self._retrieve(action)
+                elif isinstance(action, pop3.Authenticate):
+                    Deferred.fromCoroutine(self._authenticate(action))
+                elif isinstance(action, pop3.Update):
+                    Deferred.fromCoroutine(self._update(action))
+                elif isinstance(action, pop3.StartTLS):
+                    self._flush()  # the +OK goes out in the clear, before the handshake
+                    self._start_tls()
+                elif isinstance(action, pop3.Close):
+                    self._flush()
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+        finally:
+            self._uncork()
 
     def _start_tls(self) -> None:
         assert self.session is not None and self.tls_context is not None
@@ -320,6 +355,7 @@ class Pop3Protocol(Protocol):
             self.prefetcher = Prefetcher(maildrop.fetch_many)
             self._reads = _UpstreamReads(maildrop.imap_transport)
             self.transport.registerProducer(self._reads, True)  # type: ignore[union-attr]
+            maildrop.observe_reads(self)
             self.login = login
             count, octets = maildrop.maildrop.stat()
             self._log(

@@ -60,6 +60,17 @@ class BodySink(TypingProtocol):
     def literal_end(self) -> None: ...
 
 
+class ReadObserver(TypingProtocol):
+    """Told when the responses of one read from the server start and end being dispatched.
+
+    A sink that writes per event (one write per message body) can hold its writes meanwhile
+    and send them at ``read_done`` in one system call.
+    """
+
+    def read_started(self) -> None: ...
+    def read_done(self) -> None: ...
+
+
 class BodyCollector:
     """A BodySink that keeps each body whole: for small ones (state messages, Sent copies)."""
 
@@ -111,6 +122,7 @@ class ImapClientProtocol(Protocol):
         self._streaming_to: BodySink | None = None
         self._greeted = False
         self._lost = False
+        self.read_observer: ReadObserver | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -167,12 +179,18 @@ class ImapClientProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.parser.receive_data(data)
+        observer = self.read_observer
+        if observer is not None:
+            observer.read_started()
         try:
             while (event := self.parser.next_event()) is not None:
                 self._dispatch(event)
         except ResponseError as e:
             self._fail_all(ImapError(f"protocol error from IMAP server: {e}"))
             self.transport.loseConnection()  # type: ignore[union-attr]
+        finally:
+            if observer is not None:
+                observer.read_done()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True

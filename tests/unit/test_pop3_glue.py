@@ -43,12 +43,16 @@ class FakeMaildrop:
         self.update_error: str | None = None
         self.retrieved_uids: list[tuple[int, bool]] = []
         self.finished: bool | None = None
+        self.observer: Any = None
         self.closed = False
 
     def fetch(self, info: MessageInfo, sink: Any) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.fetches.append((info, sink, d))
         return d
+
+    def observe_reads(self, observer: Any) -> None:
+        self.observer = observer
 
     def fetch_many(self, sinks: Mapping[int, Any]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -265,3 +269,26 @@ def test_pipelined_retrs_are_fetched_ahead_and_each_ends_at_its_literal() -> Non
     second_done.callback(None)
     assert said(transport) == b""  # the completions change nothing any more
     assert drop.retrieved_uids == [(5, True), (6, True)] and drop.finished is False
+
+
+def test_answers_caused_by_one_upstream_read_go_out_in_one_write() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    writes: list[list[bytes]] = []
+    transport.writeSequence = writes.append  # type: ignore[method-assign]
+    protocol.dataReceived(b"RETR 1\r\nRETR 2\r\n")
+    (_, first, _), (_, second, _) = drop.fetches
+    drop.observer.read_started()
+    first.literal_begin(12)
+    first.literal_data(b"first body\r\n")
+    first.literal_end()
+    second.literal_begin(3)
+    second.literal_data(b"2\r\n")
+    second.literal_end()
+    assert writes == []  # held while the read is being handled
+    drop.observer.read_done()
+    assert [b"".join(w) for w in writes] == [
+        b"+OK 12 octets\r\nfirst body\r\n.\r\n+OK 3 octets\r\n2\r\n.\r\n"
+    ]
+    protocol.dataReceived(b"NOOP\r\nNOOP\r\n")
+    assert b"".join(writes[-1]) == b"+OK\r\n+OK\r\n"  # pipelined commands: one write too
