@@ -3,11 +3,12 @@
 Commands are built from typed parts so user input can only ever become an IMAP *string* (quoted
 or literal), never protocol text: a user name of ``a" LOGOUT`` or ``{5}`` is data, not a command.
 
-Responses are parsed incrementally. Literals up to ``stream_threshold`` octets are delivered
-inside their response; larger ones (message bodies) are handed out as ``LiteralBegin``,
+Responses are parsed incrementally. Message bodies are handed out as ``LiteralBegin``,
 ``LiteralChunk``..., ``LiteralEnd`` events as the bytes arrive, so a 50 MB message never has to
-sit in memory whole. The response line that contained it then carries a ``StreamedLiteral``
-placeholder where the literal was.
+sit in memory whole: every literal over ``stream_threshold`` octets, and every body whose FETCH
+names the UID before it (what the gateway asks for). The response line that contained it then
+carries a ``StreamedLiteral`` placeholder where the literal was. Other literals are delivered
+inside their response.
 """
 
 from __future__ import annotations
