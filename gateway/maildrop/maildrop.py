@@ -63,13 +63,16 @@ class Maildrop:
             if number not in deleted:
                 yield number, info
 
-    def following(self, number: int) -> MessageInfo | None:
-        """The first message after ``number`` not marked deleted: what a sequential download
-        asks for next."""
+    def following(self, number: int, count: int = 1) -> list[MessageInfo]:
+        """The first ``count`` messages after ``number`` not marked deleted: what a sequential
+        download asks for next."""
+        found: list[MessageInfo] = []
         for n in range(number + 1, len(self._messages) + 1):
+            if len(found) == count:
+                break
             if n not in self._deleted:
-                return self._messages[n - 1]
-        return None
+                found.append(self._messages[n - 1])
+        return found
 
     def delete(self, number: int) -> None:
         info = self.message(number)

@@ -107,12 +107,13 @@ class Prefetcher:
 
     @property
     def hungry(self) -> bool:
-        """At most half of ``depth`` is fetched ahead: worth looking for more to fetch.
+        """At most a quarter of ``depth`` is fetched ahead: time to fetch more.
 
-        Refilling in batches rather than after every message keeps the look at the client's
-        pipelined input (and the limits here) off the per-message path.
+        Refilling in batches rather than after every message makes each refill one FETCH of
+        several messages, and keeps the look at the client's input off the per-message path;
+        what is still ahead covers the round trip of the next FETCH.
         """
-        return len(self._ahead) <= self._depth // 2
+        return len(self._ahead) <= self._depth // 4
 
     def want(self, candidates: Iterable[MessageInfo], *, requested: bool) -> None:
         """Start fetching those candidates that fit the limits, in order, in one command."""

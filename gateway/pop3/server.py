@@ -420,9 +420,8 @@ class Pop3Protocol(Protocol):
         if requested:
             prefetcher.want(requested, requested=True)
         elif action.top_lines is None:
-            following = session.maildrop.following(action.number)
-            if following is not None:
-                prefetcher.want([following], requested=False)
+            following = session.maildrop.following(action.number, prefetcher.depth)
+            prefetcher.want(following, requested=False)
 
     async def _update(self, action: pop3.Update) -> None:
         assert self.maildrop is not None and self.session is not None

@@ -301,3 +301,11 @@ def test_connection_lost_forgets_deletes() -> None:
     c.session.connection_lost()
     c.pump()
     assert c.actions == [] and c.session.state is pop3.State.CLOSED
+
+
+def test_the_messages_a_sequential_download_wants_next_skip_deleted_ones() -> None:
+    drop = Maildrop([MessageInfo(uid, 10, f"U{uid}") for uid in range(1, 6)])
+    drop.delete(3)
+    assert [m.uid for m in drop.following(1, 3)] == [2, 4, 5]
+    assert [m.uid for m in drop.following(1)] == [2]
+    assert drop.following(5, 3) == []

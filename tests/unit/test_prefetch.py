@@ -118,7 +118,8 @@ def test_requested_limits_keep_the_order() -> None:
     prefetcher.want([msg(4, 10)], requested=True)
     assert sorted(fetch.calls) == [1, 4, 5]  # never twice
     assert prefetcher.take(4) is not None and not prefetcher.hungry  # 2 of 3 still ahead
-    assert prefetcher.take(5) is not None and prefetcher.hungry
+    assert prefetcher.take(5) is not None and not prefetcher.hungry  # 1 of 3: 3 // 4 is 0
+    assert prefetcher.take(1) is not None and prefetcher.hungry
     assert fetch.commands == [[1], [4, 5]]  # one FETCH per refill
 
 
