@@ -213,11 +213,10 @@ class Pop3Protocol(Protocol):
     # -- helpers --------------------------------------------------------------------------
 
     def write_sequence(self, pieces: list[bytes]) -> None:
-        """Writes to the client count as activity: a slow download is not an idle session."""
-        self._reset_timer()
         if self._corked:
             self._out.extend(pieces)
         else:
+            self._reset_timer()
             write_through(self.transport, pieces)
 
     def read_started(self) -> None:
@@ -238,6 +237,7 @@ class Pop3Protocol(Protocol):
     def _flush(self) -> None:
         if self._out and not self._closed:
             out, self._out = self._out, []
+            self._reset_timer()  # writes count as activity: a slow download is not idle
             write_through(self.transport, out)
 
     def _release_upstream(self) -> None:

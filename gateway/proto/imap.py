@@ -188,6 +188,7 @@ class LiteralBegin:
     size: int
     # The response line up to the literal, e.g. ``* 3 FETCH (UID 7 BODY[] ``: says whose it is.
     prefix: bytes = b""
+    uid: int | None = None  # read from the prefix already, where the parser had to anyway
 
 
 @dataclass(slots=True)
@@ -215,7 +216,7 @@ _FAST_FETCH_RUN = re.compile(
 _LITERAL_AT_END = re.compile(rb"~?\{(\d+)\+?\}\Z")
 # How the answer to the gateway's own body FETCH begins (one per downloaded message): matched
 # in the buffer, before the general line handling below.
-_BODY_HEAD = re.compile(rb"(\* \d+ FETCH \(UID \d+ BODY\[\] )\{(\d+)\}\r\n")
+_BODY_HEAD = re.compile(rb"(\* (\d+) FETCH \(UID (\d+) BODY\[\] )\{(\d+)\}\r\n")
 # A message body whose FETCH names the UID before it: it can go to its sink as it arrives,
 # however small (collecting it into the line first and tokenizing that costs more than the
 # body is worth). Without the UID up front, only the whole line could tell whose body it is.
@@ -228,8 +229,7 @@ _TOKEN = re.compile(
     rb"|(\[[^\]\r\n]*\]))"
 )
 _UNESCAPE = re.compile(rb"\\(.)")
-# The answer to the gateway's own body FETCH, once its literal has been streamed out.
-_STREAMED_BODY_LINE = re.compile(rb"\* (\d+) FETCH \(UID (\d+) (BODY\[\]) \Z")
+_FETCH, _UID, _BODY = Atom("FETCH"), Atom("UID"), Atom("BODY[]")
 
 
 class ResponseError(ValueError):
@@ -250,6 +250,8 @@ class ResponseParser:
         self._stream_left = 0
         self._end_pending = False
         self._direct: bytes | None = None  # received mid-literal, not yet handed out
+        # After a body that _BODY_HEAD found: the response it ends, if only ")" follows.
+        self._body_response: Data | None = None
 
     def receive_data(self, data: bytes) -> None:
         if self._stream_left and not self._buf and self._direct is None:
@@ -292,14 +294,27 @@ class ResponseParser:
                 del buf[: self._inline_need]
                 self._inline_need = -1
                 continue
+            if self._body_response is not None and len(buf) >= 3:
+                response, self._body_response = self._body_response, None
+                if buf[:3] == b")\r\n":
+                    del buf[:3]
+                    self._scan_from = 0
+                    self._segments = []
+                    return response
             if not self._segments and (head := _BODY_HEAD.match(buf)):
-                prefix, size = head.group(1), int(head.group(2))
+                # One per downloaded message: matched in the buffer, and the response built
+                # without the general tokenizer, which would cost more than all the rest.
+                prefix, seq, uid, size = head.groups()
+                literal = StreamedLiteral(int(size))
                 del buf[: head.end()]
                 self._scan_from = 0
-                self._segments = [prefix, StreamedLiteral(size)]
-                self._stream_left = size
-                self._end_pending = size == 0
-                return LiteralBegin(size, prefix)
+                self._segments = [prefix, literal]
+                self._stream_left = literal.size
+                self._end_pending = literal.size == 0
+                self._body_response = Data(
+                    [Atom(seq.decode()), _FETCH, [_UID, Atom(uid.decode()), _BODY, literal]]
+                )
+                return LiteralBegin(literal.size, prefix, int(uid))
             if not self._segments and buf[:2] == b"* " and (run := _FAST_FETCH_RUN.match(buf)):
                 end = run.end()
                 rows = _FAST_FETCH.findall(buf, 0, end)
@@ -342,10 +357,6 @@ def _parse_line(segments: list[bytes | StreamedLiteral]) -> Event:
     """
     first = segments[0]
     assert isinstance(first, bytes)
-    if len(segments) == 3 and segments[2] == b")" and (m := _STREAMED_BODY_LINE.match(first)):
-        # One per downloaded message: the general tokenizer would cost more than the rest.
-        seq, uid, item = (Atom(g.decode("ascii")) for g in m.groups())
-        return Data([seq, Atom("FETCH"), [Atom("UID"), uid, item, segments[1]]])
     if first.startswith(b"+"):
         return Continuation(first[1:].strip().decode("utf-8", "replace"))
     tag, _, rest = first.partition(b" ")

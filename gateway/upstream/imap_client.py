@@ -213,7 +213,8 @@ class ImapClientProtocol(Protocol):
             if self._streaming_to is not None:
                 self._streaming_to.literal_data(event.data)
         elif isinstance(event, LiteralBegin):
-            self._streaming_to = self._sink_for(fetch_uid(event.prefix))
+            uid = event.uid if event.uid is not None else fetch_uid(event.prefix)
+            self._streaming_to = self._sink_for(uid)
             if self._streaming_to is not None:
                 self._streaming_to.literal_begin(event.size)
         elif isinstance(event, LiteralEnd):
