@@ -185,3 +185,61 @@ def test_garbage_is_a_protocol_error() -> None:
         events(b"* 1 FETCH (UID 1))\r\n")
     with pytest.raises(ResponseError):
         events(b"A1 FOO bar\r\n")
+
+
+WIRE = (
+    b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n"
+    + SNAPSHOT
+    + b"* 1 FETCH (UID 5 BODY[] {13}\r\nhello\r\n.world)\r\n"  # the gateway's own shape
+    + b"* 2 FETCH (UID 6 BODY[] {0}\r\n)\r\n"
+    + b"* 3 FETCH (UID 7 BODY[] {5}\r\nabcde FLAGS (\\Seen))\r\n"
+    + b"* 4 FETCH (BODY[] {4}\r\nwxyz UID 8)\r\n"  # UID after the body: collected
+    + b"* 5 FETCH (UID 9 BODY[] {70}\r\n"
+    + b"x" * 68
+    + b"\r\n)\r\n"
+    + b'* LIST (\\HasNoChildren) "/" {3}\r\na b\r\n'
+    + b"+ go ahead\r\n"
+    + b"A2 OK [READ-ONLY] done\r\n"
+    + b"* 9 EXISTS\r\n"
+)
+
+
+def normalized(chunks: list[bytes], threshold: int) -> list[object]:
+    """Events with chunk boundaries taken out: literal chunks joined, fetch batches merged."""
+    parser = ResponseParser(stream_threshold=threshold)
+    out: list[object] = []
+    for chunk in chunks:
+        parser.receive_data(chunk)
+        while (event := parser.next_event()) is not None:
+            if isinstance(event, LiteralChunk) and out and isinstance(out[-1], bytearray):
+                out[-1] += event.data
+            elif isinstance(event, LiteralChunk):
+                out.append(bytearray(event.data))
+            elif isinstance(event, FetchBatch) and out and isinstance(out[-1], FetchBatch):
+                out[-1] = FetchBatch(out[-1].rows + event.rows)
+            elif isinstance(event, LiteralBegin):
+                out.append(("begin", event.size, event.prefix))  # uid: a shortcut, not data
+            else:
+                out.append(event)
+    return out
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(WIRE)), max_size=12), st.booleans())
+def test_any_chunking_gives_the_same_events(cuts: list[int], small_threshold: bool) -> None:
+    threshold = 10 if small_threshold else 64 * 1024
+    bounds = [0, *sorted(cuts), len(WIRE)]
+    chunks = [WIRE[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert normalized(chunks, threshold) == normalized([WIRE], threshold)
+
+
+def test_the_reference_stream_parses_as_expected() -> None:
+    events = normalized([WIRE], 64 * 1024)
+    bodies = [bytes(e) for e in events if isinstance(e, bytearray)]
+    assert bodies == [b"hello\r\n.world", b"abcde", b"x" * 68 + b"\r\n"]
+    assert Data(["4", "FETCH", ["BODY[]", b"wxyz", "UID", "8"]]) in events
+    assert Data(["LIST", ["\\HasNoChildren"], b"/", b"a b"]) in events
+    assert events[-3:] == [
+        Continuation("go ahead"),
+        Status("A2", "OK", ("READ-ONLY",), "done"),
+        Data(["9", "EXISTS"]),
+    ]
