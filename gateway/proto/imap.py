@@ -243,44 +243,40 @@ class ResponseParser:
 
     def __init__(self, stream_threshold: int = 64 * 1024) -> None:
         self.stream_threshold = stream_threshold
-        self._buf = bytearray()
-        self._scan_from = 0
+        # Input not yet parsed: ``_data[_pos:]``. Bytes are read where they arrived, by offset:
+        # a body is sliced out of the received chunk once (or handed on whole), never copied
+        # into a buffer and out again; only a line cut by the end of a read is carried over.
+        self._data = b""
+        self._pos = 0
+        self._scan_from = 0  # where to look for the end of the current line, in _data
         self._segments: list[bytes | StreamedLiteral] = []
         self._inline_need = -1  # octets of an inline literal still to arrive whole
         self._stream_left = 0
         self._end_pending = False
-        self._direct: bytes | None = None  # received mid-literal, not yet handed out
         # After a body that _BODY_HEAD found: the response it ends, if only ")" follows.
         self._body_response: Data | None = None
 
     def receive_data(self, data: bytes) -> None:
-        if self._stream_left and not self._buf and self._direct is None:
-            # The middle of a message body: hand these bytes out as they are, not copied
-            # into the buffer and out again (most of a download's bytes take this path).
-            self._direct = data
-            return
-        if self._direct is not None:
-            self._buf += self._direct
-            self._direct = None
-        self._buf += data
+        if self._pos >= len(self._data):
+            self._data, self._pos, self._scan_from = data, 0, 0
+        else:
+            # The rest of a line (or of a small inline literal) that the last read cut off.
+            # A line that spans many reads is copied once per read: fine for the lines IMAP
+            # servers send, bounded by max_line for any other.
+            self._scan_from = max(0, self._scan_from - self._pos)
+            self._data = self._data[self._pos :] + data
+            self._pos = 0
 
     def next_event(self) -> Event | None:
-        buf = self._buf
         while True:
-            if self._stream_left and self._direct is not None:
-                data, self._direct = self._direct, None
-                if len(data) > self._stream_left:
-                    buf += data[self._stream_left :]  # the buffer was empty: order is kept
-                    data = data[: self._stream_left]
-                self._stream_left -= len(data)
-                self._end_pending = self._stream_left == 0
-                return LiteralChunk(data)
+            data, pos = self._data, self._pos
+            available = len(data) - pos
             if self._stream_left:
-                if not buf:
+                if not available:
                     return None
-                n = min(len(buf), self._stream_left)
-                chunk = bytes(buf[:n]) if n < len(buf) else bytes(buf)
-                del buf[:n]
+                n = min(available, self._stream_left)
+                chunk = data if n == len(data) else data[pos : pos + n]
+                self._pos = pos + n
                 self._stream_left -= n
                 self._end_pending = self._stream_left == 0
                 return LiteralChunk(chunk)
@@ -288,26 +284,24 @@ class ResponseParser:
                 self._end_pending = False
                 return LiteralEnd()
             if self._inline_need >= 0:
-                if len(buf) < self._inline_need:
+                if available < self._inline_need:
                     return None
-                self._segments.append(bytes(buf[: self._inline_need]))
-                del buf[: self._inline_need]
+                self._segments.append(data[pos : pos + self._inline_need])
+                self._pos = pos + self._inline_need
                 self._inline_need = -1
                 continue
-            if self._body_response is not None and len(buf) >= 3:
+            if self._body_response is not None and available >= 3:
                 response, self._body_response = self._body_response, None
-                if buf[:3] == b")\r\n":
-                    del buf[:3]
-                    self._scan_from = 0
+                if data.startswith(b")\r\n", pos):
+                    self._pos = self._scan_from = pos + 3
                     self._segments = []
                     return response
-            if not self._segments and (head := _BODY_HEAD.match(buf)):
-                # One per downloaded message: matched in the buffer, and the response built
+            if not self._segments and (head := _BODY_HEAD.match(data, pos)):
+                # One per downloaded message: matched where it arrived, and the response built
                 # without the general tokenizer, which would cost more than all the rest.
                 prefix, seq, uid, size = head.groups()
                 literal = StreamedLiteral(int(size))
-                del buf[: head.end()]
-                self._scan_from = 0
+                self._pos = self._scan_from = head.end()
                 self._segments = [prefix, literal]
                 self._stream_left = literal.size
                 self._end_pending = literal.size == 0
@@ -315,21 +309,23 @@ class ResponseParser:
                     [Atom(seq.decode()), _FETCH, [_UID, Atom(uid.decode()), _BODY, literal]]
                 )
                 return LiteralBegin(literal.size, prefix, int(uid))
-            if not self._segments and buf[:2] == b"* " and (run := _FAST_FETCH_RUN.match(buf)):
+            if (
+                not self._segments
+                and data.startswith(b"* ", pos)
+                and (run := _FAST_FETCH_RUN.match(data, pos))
+            ):
                 end = run.end()
-                rows = _FAST_FETCH.findall(buf, 0, end)
-                del buf[:end]
-                self._scan_from = 0
+                rows = _FAST_FETCH.findall(data, pos, end)
+                self._pos = self._scan_from = end
                 return FetchBatch(rows)
-            end = buf.find(b"\r\n", self._scan_from)
+            end = data.find(b"\r\n", max(pos, self._scan_from))
             if end < 0:
-                self._scan_from = max(0, len(buf) - 1)
-                if len(buf) > self.max_line:
+                self._scan_from = max(pos, len(data) - 1)
+                if available > self.max_line:
                     raise ResponseError("response line too long")
                 return None
-            text = bytes(buf[:end])
-            del buf[: end + 2]
-            self._scan_from = 0
+            text = data[pos:end]
+            self._pos = self._scan_from = end + 2
             m = _LITERAL_AT_END.search(text)
             if m is None:
                 self._segments.append(text)

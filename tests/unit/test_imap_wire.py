@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -228,7 +230,7 @@ def normalized(chunks: list[bytes], threshold: int) -> list[object]:
 def test_any_chunking_gives_the_same_events(cuts: list[int], small_threshold: bool) -> None:
     threshold = 10 if small_threshold else 64 * 1024
     bounds = [0, *sorted(cuts), len(WIRE)]
-    chunks = [WIRE[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    chunks = [WIRE[a:b] for a, b in itertools.pairwise(bounds)]
     assert normalized(chunks, threshold) == normalized([WIRE], threshold)
 
 
