@@ -130,10 +130,9 @@ class Gateway:
 def install_reactor() -> Any:
     """The asyncio reactor: Twisted (POP3, IMAP) and aiosmtpd (submission) share one loop.
 
-    The loop is uvloop's where installed: Twisted's asyncio reactor registers and unregisters
-    a writer for every turn that writes, and libuv does that far more cheaply than the standard
-    selector loop (measured with the benchmark: pipelined download 1.88x -> 1.61x Dovecot
-    direct). Must run before anything imports ``twisted.internet.reactor``.
+    The loop is uvloop's where installed: its reads and its fd registrations cost less CPU than
+    the standard selector loop's (docs/benchmark.md: 5-10 % less server CPU per download).
+    Must run before anything imports ``twisted.internet.reactor``.
     """
     if "twisted.internet.reactor" not in sys.modules:
         from twisted.internet import asyncioreactor
