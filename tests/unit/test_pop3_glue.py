@@ -115,6 +115,13 @@ class _Peer:
     port = 40000
 
 
+def deliver(sink: Any, body: bytes) -> None:
+    """A whole body arriving at once, as a small message does."""
+    sink.literal_begin(len(body))
+    sink.literal_data(body)
+    sink.literal_end()
+
+
 def said(transport: StringTransport) -> bytes:
     value = transport.value()
     transport.clear()
@@ -256,12 +263,8 @@ def test_pipelined_retrs_are_fetched_ahead_and_each_ends_at_its_literal() -> Non
     assert [info.uid for info, _, _ in drop.fetches] == [5, 6]
     (_, first, first_done), (_, second, second_done) = drop.fetches
     # The server sends both bodies before either FETCH completes, as Dovecot does.
-    first.literal_begin(12)
-    first.literal_data(b"first body\r\n")
-    first.literal_end()
-    second.literal_begin(3)
-    second.literal_data(b"2\r\n")
-    second.literal_end()
+    deliver(first, b"first body\r\n")
+    deliver(second, b"2\r\n")
     assert said(transport) == (
         b"+OK 12 octets\r\nfirst body\r\n.\r\n+OK 3 octets\r\n2\r\n.\r\n+OK Bye\r\n"
     )
@@ -279,12 +282,8 @@ def test_answers_caused_by_one_upstream_read_go_out_in_one_write() -> None:
     protocol.dataReceived(b"RETR 1\r\nRETR 2\r\n")
     (_, first, _), (_, second, _) = drop.fetches
     drop.observer.read_started()
-    first.literal_begin(12)
-    first.literal_data(b"first body\r\n")
-    first.literal_end()
-    second.literal_begin(3)
-    second.literal_data(b"2\r\n")
-    second.literal_end()
+    deliver(first, b"first body\r\n")
+    deliver(second, b"2\r\n")
     assert writes == []  # held while the read is being handled
     drop.observer.read_done()
     assert [b"".join(w) for w in writes] == [
