@@ -55,7 +55,8 @@ def write_through(transport: object, pieces: list[bytes]) -> None:
     empty queue, this sends straight away; whatever the socket does not take (or any error,
     which Twisted then finds and handles itself) goes through the transport as usual, so the
     order of bytes, flow control and connection loss behave exactly as before. On TLS, or if
-    Twisted's internals ever change shape, it simply writes through the transport.
+    Twisted's internals ever change shape, it simply writes through the transport. ``pieces``
+    is consumed: callers hand over a list of their own.
     """
     sock = _idle_socket(transport)
     if sock is not None:
