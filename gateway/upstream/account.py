@@ -300,7 +300,7 @@ class ImapAccount:
 
     def fetch_body(self, uid: int, sink: BodySink) -> Deferred[Response]:
         """Stream the message to ``sink`` without setting \\Seen (BODY.PEEK)."""
-        return self.proto.command(_UID, _FETCH, uid, _BODY_ITEMS, sink=sink, sink_uid=uid)
+        return self.fetch_bodies({uid: sink})
 
     def fetch_bodies(self, sinks: Mapping[int, BodySink]) -> Deferred[Response]:
         """Several messages in one command, each body to its own sink.

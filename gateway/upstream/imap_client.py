@@ -130,16 +130,14 @@ class ImapClientProtocol(Protocol):
         self,
         *parts: CommandPart,
         sink: BodySink | None = None,
-        sink_uid: int | None = None,
         sinks: Mapping[int, BodySink] | None = None,
         continuation: bytes | None = None,
     ) -> Deferred[Response]:
         """Send a command; the Deferred fires with its Response, or fails with ImapError.
 
-        Message bodies in the responses go to ``sink``: only the body of UID ``sink_uid`` when
-        that is given (servers answer pipelined FETCHes interleaved, so order alone cannot tell
-        whose body is whose), else every body no UID-bound sink claims. ``sinks`` binds several
-        UIDs at once, for a FETCH of many messages. ``continuation`` is a
+        Message bodies in the responses go to the sink ``sinks`` names for their UID (servers
+        answer pipelined FETCHes interleaved, so order alone cannot tell whose body is whose),
+        else to ``sink``, which takes every body no UID-bound sink claims. ``continuation`` is a
         line sent when the server asks for more (a SASL response for a server without SASL-IR).
         """
         self._counter += 1
@@ -149,8 +147,6 @@ class ImapClientProtocol(Protocol):
         lines = deque(encoded.parts)
         if continuation is not None:
             lines.append(continuation + b"\r\n")
-        if sink is not None and sink_uid is not None:
-            sinks, sink = {sink_uid: sink}, None
         pending = _Pending(name or "command", tag, lines, Deferred(), sink, sinks or {})
         if self._lost:
             pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))

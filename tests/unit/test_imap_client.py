@@ -122,8 +122,8 @@ def test_pipelined_fetches_answered_together_each_get_their_own_body(threshold: 
     proto, _ = connected()
     proto.parser.stream_threshold = threshold
     first, second = Sink(), Sink()
-    proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sink=first, sink_uid=2)
-    proto.command(Atom("UID"), Atom("FETCH"), Atom("3"), [], sink=second, sink_uid=3)
+    proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sinks={2: first})
+    proto.command(Atom("UID"), Atom("FETCH"), Atom("3"), [], sinks={3: second})
     # Dovecot answers pipelined FETCHes before their completions, in any order it likes.
     proto.dataReceived(
         b"* 3 FETCH (UID 3 BODY[] {5}\r\nthree)\r\n"
@@ -153,6 +153,6 @@ def test_one_fetch_of_several_uids_gives_each_body_to_its_sink(second: bytes) ->
 def test_a_body_nobody_asked_for_is_dropped() -> None:
     proto, _ = connected()
     sink = Sink()
-    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sink=sink, sink_uid=2)
+    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sinks={2: sink})
     proto.dataReceived(b"* 9 FETCH (UID 9 BODY[] {3}\r\nbad)\r\nG1 OK\r\n")
     assert sink.events == [] and d.result.status.kind == "OK"
