@@ -148,33 +148,32 @@ async def _stat_uidl(t: Target, client: PopClient, exp: Expected, name: str, chk
     return count
 
 
-async def full_download(t: Target, exp: Expected, chk: Checker) -> Result:
+async def _download(t: Target, exp: Expected, chk: Checker, *, pipelined: bool) -> Result:
+    """Login, STAT, UIDL, RETR of every message (sent one by one, or all in one write), QUIT."""
     box = exp.boxes["full"]
     wire = exp.retr["full"]
     start = time.perf_counter()
     client = await _login(t, box)
     count = await _stat_uidl(t, client, exp, "full", chk)
+    if pipelined:
+        client.send(pipelined_retr(range(1, count + 1)))
     for n in range(1, count + 1):
-        _, body = await client.multiline(f"RETR {n}")
+        if pipelined:
+            _, body = await client.read_multiline()
+        else:
+            _, body = await client.multiline(f"RETR {n}")
         chk.retr(t.name, box, n, body, wire[n - 1])
     await client.quit()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "mb_per_s": exp.octets["full"] / seconds / 1e6}
+
+
+async def full_download(t: Target, exp: Expected, chk: Checker) -> Result:
+    return await _download(t, exp, chk, pipelined=False)
 
 
 async def pipelined_download(t: Target, exp: Expected, chk: Checker) -> Result:
-    box = exp.boxes["full"]
-    wire = exp.retr["full"]
-    start = time.perf_counter()
-    client = await _login(t, box)
-    count = await _stat_uidl(t, client, exp, "full", chk)
-    client.send(pipelined_retr(range(1, count + 1)))
-    for n in range(1, count + 1):
-        _, body = await client.read_multiline()
-        chk.retr(t.name, box, n, body, wire[n - 1])
-    await client.quit()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "mb_per_s": exp.octets["full"] / seconds / 1e6}
+    return await _download(t, exp, chk, pipelined=True)
 
 
 async def _one_poll(t: Target, exp: Expected, chk: Checker, device: int | None) -> float:
