@@ -21,7 +21,10 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
 fi
 
-PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix curl openssl fetchmail mpop getmail6 swaks msmtp ca-certificates)
+# libnet-ssleay-perl is only a Recommends of swaks, and without it swaks has no TLS; the
+# install uses --no-install-recommends, so every capability a test relies on is named here and
+# checked below (verify_clients).
+PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates)
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
@@ -105,6 +108,37 @@ if [ "${#missing[@]}" -gt 0 ]; then
     stop_system_dovecot
     stop_system_postfix
 fi
+
+# The real clients must be able to do what the tests ask of them (TLS above all): a client that
+# installed without a capability fails here, loudly, instead of as a puzzling test failure.
+verify_clients() {
+    local problems=() swaks_support curl_version fetchmail_version
+    # Output is captured first: `cmd | grep -q` would fail under pipefail when grep stops early.
+    swaks_support=$(swaks --support 2>&1 || true)
+    grep -q '^=== TLS supported' <<<"$swaks_support" ||
+        problems+=("swaks has no TLS (needs libnet-ssleay-perl)")
+    grep -q '^=== Basic AUTH supported' <<<"$swaks_support" || problems+=("swaks has no AUTH")
+    curl_version=$(curl --version)
+    for proto in pop3 pop3s smtp smtps; do
+        grep -q "^Protocols:.* $proto\( \|$\)" <<<"$curl_version" ||
+            problems+=("curl lacks the $proto protocol")
+    done
+    grep -q '^Features:.* SSL\( \|$\)' <<<"$curl_version" || problems+=("curl has no TLS")
+    fetchmail_version=$(fetchmail -V 2>/dev/null || true)
+    grep -q '^This is fetchmail release .*+SSL' <<<"$fetchmail_version" ||
+        problems+=("fetchmail has no SSL")
+    for client in mpop msmtp; do
+        grep -qE '^TLS/SSL library: (GnuTLS|OpenSSL|libtls)' <<<"$("$client" --version 2>&1)" ||
+            problems+=("$client has no TLS library")
+    done
+    getmail --version >/dev/null 2>&1 || problems+=("getmail does not run")
+    openssl version >/dev/null 2>&1 || problems+=("openssl does not run")
+    if [ "${#problems[@]}" -gt 0 ]; then
+        for problem in "${problems[@]}"; do log "client check failed: $problem"; done
+        exit 1
+    fi
+}
+verify_clients
 
 # Python environment: .venv with popgate editable + test extras, redone when pyproject changes.
 if [ ! -x .venv/bin/python ]; then
