@@ -21,13 +21,21 @@ from email.utils import formatdate, make_msgid
 from typing import NamedTuple
 
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
-from gateway.maildrop.uidset import format_uid_set, parse_uid_set
+from gateway.maildrop.uidset import MAX_UID, UidSet, parse_uid_set
 
 POP_DELETED = "$POPDeleted"
 DEFAULT_DEVICE = "default"
 STATE_HEADER = "X-Popgate-State"
 STATE_KEY_PREFIX = "pg1-"
 _STATE_VERSION = 1
+# A state message is written by popgate but readable and writable by anyone with the user's
+# password, so reading one must cost a bounded amount whatever it holds. The budget: 4 MiB holds
+# some 500,000 single UIDs (alternating deletes in a mailbox of a million) or 140,000 EMAILIDs;
+# parsing the largest costs a few tens of MiB for a moment (docs/security.md).
+MAX_STATE_BYTES = 4 * 1024 * 1024
+_MAX_UID_RANGES = MAX_STATE_BYTES // 2  # "1," is the shortest range
+_MAX_EMAILID = 255  # RFC 8474 objectid: 1 to 255 characters
+_STATE_FIELDS = frozenset({"version", "mailbox", "device", "uidvalidity", "uids", "emailids"})
 # RFC 1939: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _MAX_UIDL = 70
 
@@ -61,6 +69,14 @@ class IndexedMessage(NamedTuple):
     emailid: str | None = None
 
 
+class InvalidState(ValueError):
+    """A stored state message that cannot be used; ``str(self)`` says why, quoting none of it.
+
+    The one error state parsing raises, whatever the input: the caller ignores that copy and
+    rewrites the state, so a broken or forged message never locks a device out.
+    """
+
+
 @dataclass
 class DeviceState:
     """The messages one device has hidden in one mailbox.
@@ -68,14 +84,19 @@ class DeviceState:
     Messages are remembered by EMAILID where the server has OBJECTID (RFC 8474), which survives a
     UIDVALIDITY change; otherwise by UID under the UIDVALIDITY it was valid for. After a
     UIDVALIDITY change without EMAILIDs the UIDs mean nothing any more and the device sees
-    everything again: a re-download, never a loss.
+    everything again: a re-download, never a loss. UIDs are kept as ranges (``UidSet``), so a
+    stored ``1:4294967295`` costs two numbers.
     """
 
     mailbox: str
     device: str
     uidvalidity: int = 0
-    uids: set[int] = field(default_factory=set)
+    uids: UidSet = field(default_factory=UidSet)
     emailids: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uids, UidSet):
+            self.uids = UidSet(self.uids)
 
     def hides(self, msg: IndexedMessage, uidvalidity: int) -> bool:
         if msg.emailid is not None and msg.emailid in self.emailids:
@@ -87,23 +108,20 @@ class DeviceState:
         self.emailids |= other.emailids
         if other.uidvalidity == self.uidvalidity or not self.uids:
             self.uidvalidity = other.uidvalidity or self.uidvalidity
-            self.uids |= other.uids
+            self.uids = self.uids | other.uids
 
     def hide(self, messages: Iterable[IndexedMessage], uidvalidity: int) -> None:
         if uidvalidity != self.uidvalidity:
-            self.uids = set()
+            self.uids = UidSet()
             self.uidvalidity = uidvalidity
-        for msg in messages:
-            self.uids.add(msg.uid)
-            if msg.emailid is not None:
-                self.emailids.add(msg.emailid)
+        messages = list(messages)
+        self.uids = self.uids | UidSet(msg.uid for msg in messages)
+        self.emailids.update(msg.emailid for msg in messages if msg.emailid is not None)
 
     def prune(self, present: Sequence[IndexedMessage]) -> None:
         """Forget messages no longer in the mailbox, so the state never outgrows it."""
-        uids = {m.uid for m in present}
-        emailids = {m.emailid for m in present if m.emailid is not None}
-        self.uids &= uids
-        self.emailids &= emailids
+        self.uids = self.uids.intersection(m.uid for m in present)
+        self.emailids &= {m.emailid for m in present if m.emailid is not None}
 
     @property
     def key(self) -> str:
@@ -117,7 +135,7 @@ class DeviceState:
                 "mailbox": self.mailbox,
                 "device": self.device,
                 "uidvalidity": self.uidvalidity,
-                "uids": format_uid_set(self.uids),
+                "uids": self.uids.format(),
                 "emailids": sorted(self.emailids),
             },
             separators=(",", ":"),
@@ -136,38 +154,56 @@ class DeviceState:
         return ("\r\n".join(headers) + "\r\n\r\n" + body + "\r\n").encode("utf-8")
 
     @classmethod
-    def from_message(cls, raw: bytes, mailbox: str, device: str) -> DeviceState | None:
-        """Parse a state message; None when it is not one for this mailbox and device."""
+    def from_message(cls, raw: bytes, mailbox: str, device: str) -> DeviceState:
+        """Parse the state message of this mailbox and device; raises InvalidState only."""
         state = cls.parse(raw)
-        if state is None or state.mailbox != mailbox or state.device != device:
-            return None
+        if state.mailbox != mailbox or state.device != device:
+            # The search token is a hash of both names: only a forged message gets here.
+            raise InvalidState("state names another mailbox or device")
         return state
 
     @classmethod
-    def parse(cls, raw: bytes) -> DeviceState | None:
-        """Parse a state message of any device; None when it is not a valid one."""
+    def parse(cls, raw: bytes) -> DeviceState:
+        """Parse a state message of any device; raises InvalidState, and nothing else.
+
+        Bounded before any work (``MAX_STATE_BYTES``), strict about every field, and UID sets
+        stay ranges: no input makes this loop, recurse without bound or allocate much more
+        than its own size.
+        """
+        if len(raw) > MAX_STATE_BYTES:
+            raise InvalidState(f"state larger than {MAX_STATE_BYTES} bytes")
         _, sep, body = raw.partition(b"\r\n\r\n")
         if not sep:
             _, _, body = raw.partition(b"\n\n")
         try:
             data = json.loads(body.decode("utf-8"))
+        except RecursionError:
+            # json's C scanner counts its own depth and stops cleanly at the recursion limit;
+            # no valid state nests deeper than two levels.
+            raise InvalidState("state nested too deeply") from None
         except (UnicodeDecodeError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
-            return None
-        mailbox, device = data.get("mailbox"), data.get("device")
+            raise InvalidState("state is not JSON") from None
+        if not isinstance(data, dict) or set(data) != _STATE_FIELDS:
+            raise InvalidState("state has the wrong fields")
+        if type(data["version"]) is not int or data["version"] != _STATE_VERSION:
+            raise InvalidState("state has an unknown version")
+        mailbox, device, uidvalidity = data["mailbox"], data["device"], data["uidvalidity"]
+        uids, emailids = data["uids"], data["emailids"]
         if not isinstance(mailbox, str) or not isinstance(device, str):
-            return None
+            raise InvalidState("state names no mailbox or device")
+        if type(uidvalidity) is not int or not 0 <= uidvalidity <= MAX_UID:
+            raise InvalidState("state has an invalid UIDVALIDITY")
+        if not isinstance(uids, str):
+            raise InvalidState("state has an invalid UID set")
         try:
-            return cls(
-                mailbox,
-                device,
-                int(data.get("uidvalidity", 0)),
-                parse_uid_set(str(data.get("uids", ""))),
-                {str(e) for e in data.get("emailids", [])},
-            )
-        except (TypeError, ValueError):
-            return None
+            uid_set = parse_uid_set(uids, max_ranges=_MAX_UID_RANGES)
+        except ValueError:
+            raise InvalidState("state has an invalid UID set") from None
+        if not isinstance(emailids, list) or not all(
+            isinstance(e, str) and 0 < len(e) <= _MAX_EMAILID for e in emailids
+        ):
+            raise InvalidState("state has invalid EMAILIDs")
+        return cls(mailbox, device, uidvalidity, uid_set, set(emailids))
 
 
 def state_key(mailbox: str, device: str) -> str:

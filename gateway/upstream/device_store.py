@@ -3,17 +3,36 @@
 One small message per (mailbox, device), found by a header token (``STATE_HEADER``). Writing is
 append-new-then-remove-old, so a crash in between leaves two copies that the next read merges;
 the state is never absent. See gateway/maildrop/views.py for what the state means.
+
+Anyone with the user's password can write into the state mailbox, so reading is bounded: at most
+``MAX_COPIES`` copies, each fetched only up to ``MAX_STATE_BYTES`` (a partial FETCH, so the
+server sends no more). A copy that cannot be used is ignored and the state rewritten without
+it, with one log line: a broken state costs a device at most a re-download, never a lockout.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from gateway.maildrop.uidset import format_uid_set
-from gateway.maildrop.views import STATE_HEADER, STATE_KEY_PREFIX, DeviceState, IndexedMessage
+from gateway.maildrop.views import (
+    MAX_STATE_BYTES,
+    STATE_HEADER,
+    STATE_KEY_PREFIX,
+    DeviceState,
+    IndexedMessage,
+    InvalidState,
+)
 from gateway.proto.imap import Atom, encode_mailbox
 from gateway.upstream.account import ImapAccount, search_result
 from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed
+
+log = logging.getLogger("popgate.state")
+
+# Normally one copy, two after an interrupted write; more only by hand or by forgery. The
+# newest are read, the others removed at the next write.
+MAX_COPIES = 8
 
 
 async def _find(account: ImapAccount, key: str) -> list[int]:
@@ -25,20 +44,44 @@ async def _find(account: ImapAccount, key: str) -> list[int]:
 
 
 async def _bodies(account: ImapAccount, uids: list[int]) -> list[bytes]:
+    """The bodies of the newest ``MAX_COPIES`` of ``uids``, each cut after MAX_STATE_BYTES + 1
+    bytes (more than that is invalid anyway, and the cut is what tells)."""
+    uids = sorted(uids)[-MAX_COPIES:]
     if not uids:
         return []
     sink = BodyCollector()
     await account.proto.command(
-        Atom("UID"), Atom("FETCH"), Atom(format_uid_set(uids)), [Atom("BODY.PEEK[]")], sink=sink
+        Atom("UID"),
+        Atom("FETCH"),
+        Atom(format_uid_set(uids)),
+        [Atom(f"BODY.PEEK[]<0.{MAX_STATE_BYTES + 1}>")],
+        sink=sink,
     )
     return sink.bodies
 
 
-async def _read(account: ImapAccount, state: DeviceState, uids: list[int]) -> None:
+async def _read(account: ImapAccount, state: DeviceState, uids: list[int]) -> list[str]:
+    """Merge every usable copy into ``state``; the reasons the others were not usable."""
+    problems = []
+    if len(uids) > MAX_COPIES:
+        problems.append(f"{len(uids)} copies, only the newest {MAX_COPIES} read")
     for raw in await _bodies(account, uids):
-        found = DeviceState.from_message(raw, state.mailbox, state.device)
-        if found is not None:
-            state.merge(found)
+        try:
+            state.merge(DeviceState.from_message(raw, state.mailbox, state.device))
+        except InvalidState as e:
+            problems.append(str(e))
+    return problems
+
+
+def _report(state: DeviceState, problems: list[str]) -> None:
+    # Names the device (a login name, not a secret) and never quotes the stored content.
+    log.warning(
+        "device %r: ignored %d unusable state message(s) in %s (%s); rewriting its state",
+        state.device,
+        len(problems),
+        state.mailbox,
+        "; ".join(sorted(set(problems))),
+    )
 
 
 async def _remove(account: ImapAccount, uids: list[int]) -> None:
@@ -54,8 +97,36 @@ async def load(account: ImapAccount, state_mailbox: str, mailbox: str, device: s
         await account.examine(state_mailbox)
     except ImapCommandFailed:
         return state  # no state mailbox: nothing hidden anywhere yet
-    await _read(account, state, await _find(account, state.key))
+    found = await _find(account, state.key)
+    problems = await _read(account, state, found)
+    if problems:
+        _report(state, problems)
+        await _repair(account, state_mailbox, state, found)
     return state
+
+
+async def _repair(
+    account: ImapAccount, state_mailbox: str, state: DeviceState, old: list[int]
+) -> None:
+    """Replace every stored copy with the state merged from the usable ones.
+
+    Best effort: if the server refuses (no rights, over quota) the device still logs in with
+    what could be read, and the next write tries again.
+    """
+    try:
+        await account.examine(state_mailbox, readonly=False)
+        await _write(account, state_mailbox, state, old)
+    except ImapCommandFailed as e:
+        log.warning("device %r: state not rewritten: %s", state.device, e.status.text)
+
+
+async def _write(
+    account: ImapAccount, state_mailbox: str, state: DeviceState, old: list[int]
+) -> None:
+    await account.proto.command(
+        Atom("APPEND"), encode_mailbox(state_mailbox), [Atom("\\Seen")], state.to_message()
+    )
+    await _remove(account, old)
 
 
 async def save(
@@ -71,12 +142,11 @@ async def save(
     await account.create_mailbox(state_mailbox)
     await account.examine(state_mailbox, readonly=False)
     old = await _find(account, state.key)
-    await _read(account, state, old)
+    problems = await _read(account, state, old)
+    if problems:
+        _report(state, problems)
     state.prune(present)
-    await account.proto.command(
-        Atom("APPEND"), encode_mailbox(state_mailbox), [Atom("\\Seen")], state.to_message()
-    )
-    await _remove(account, old)
+    await _write(account, state_mailbox, state, old)
 
 
 async def reset(account: ImapAccount, state_mailbox: str, mailbox: str, device: str) -> int:
@@ -97,8 +167,13 @@ async def load_all(account: ImapAccount, state_mailbox: str, mailbox: str) -> li
     except ImapCommandFailed:
         return []
     states: dict[str, DeviceState] = {}
-    for raw in await _bodies(account, await _find(account, STATE_KEY_PREFIX)):
-        found = DeviceState.parse(raw)
-        if found is not None and found.mailbox == mailbox:
-            states.setdefault(found.device, DeviceState(mailbox, found.device)).merge(found)
+    uids = await _find(account, STATE_KEY_PREFIX)
+    for i in range(0, len(uids), MAX_COPIES):  # a batch at a time: memory stays bounded
+        for raw in await _bodies(account, uids[i : i + MAX_COPIES]):
+            try:
+                found = DeviceState.parse(raw)
+            except InvalidState:
+                continue  # repaired when that device next logs in
+            if found.mailbox == mailbox:
+                states.setdefault(found.device, DeviceState(mailbox, found.device)).merge(found)
     return sorted(states.values(), key=lambda s: s.device)

@@ -11,6 +11,7 @@ from gateway.maildrop.uidset import format_uid_set, parse_uid_set
 from gateway.maildrop.views import (
     POP_DELETED,
     DeviceState,
+    InvalidState,
     IndexedMessage,
     Login,
     build_maildrop,
@@ -80,8 +81,10 @@ def test_state_message_round_trip_and_foreign_messages() -> None:
     assert raw.count(b"\r\n\r\n") == 1 and state.key.encode() in raw
     back = DeviceState.from_message(raw, "INBOX", 'ph\u00f6ne "x"')
     assert back == state
-    assert DeviceState.from_message(raw, "INBOX", "other") is None
-    assert DeviceState.from_message(b"Subject: hi\r\n\r\nnot json", "INBOX", "d") is None
+    with pytest.raises(InvalidState):
+        DeviceState.from_message(raw, "INBOX", "other")
+    with pytest.raises(InvalidState):
+        DeviceState.from_message(b"Subject: hi\r\n\r\nnot json", "INBOX", "d")
     assert state_key("INBOX", "a") != state_key("INBOX", "b")
 
 
