@@ -90,6 +90,11 @@ class UidSet:
         """Those of ``uids`` in this set: work follows ``uids``, whatever this set covers."""
         return UidSet(uid for uid in uids if uid in self)
 
+    def below(self, limit: int) -> UidSet:
+        """The UIDs less than ``limit``: O(number of ranges)."""
+        kept = [(a, min(b, limit - 1)) for a, b in self.ranges() if a < limit]
+        return UidSet.from_ranges(kept)
+
     def format(self) -> str:
         return ",".join(
             str(low) if low == high else f"{low}:{high}"

@@ -123,6 +123,20 @@ class DeviceState:
         self.uids = self.uids.intersection(m.uid for m in present)
         self.emailids &= {m.emailid for m in present if m.emailid is not None}
 
+    def drop_unborn(self, uidvalidity: int, uidnext: int) -> bool:
+        """Forget UIDs the mailbox has not given out yet; True if there were any.
+
+        Only a forged or corrupt state holds them, and they would hide messages that arrive
+        later from this device.
+        """
+        if uidnext <= 0 or uidvalidity != self.uidvalidity or not self.uids:
+            return False
+        kept = self.uids.below(uidnext)
+        if kept == self.uids:
+            return False
+        self.uids = kept
+        return True
+
     @property
     def key(self) -> str:
         return state_key(self.mailbox, self.device)

@@ -86,7 +86,14 @@ class MaildropService:
             )
             state = None
             if needs_state(index, info.keywords_allowed):
-                state = await device_store.load(account, self.state_mailbox, mailbox, login.device)
+                state = await device_store.load(
+                    account,
+                    self.state_mailbox,
+                    mailbox,
+                    login.device,
+                    uidvalidity=info.uidvalidity,
+                    uidnext=info.uidnext,
+                )
                 again = await account.examine(mailbox, readonly=readonly)
                 if again.uidvalidity != info.uidvalidity:
                     raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")

@@ -60,16 +60,30 @@ async def _bodies(account: ImapAccount, uids: list[int]) -> list[bytes]:
     return sink.bodies
 
 
-async def _read(account: ImapAccount, state: DeviceState, uids: list[int]) -> list[str]:
-    """Merge every usable copy into ``state``; the reasons the others were not usable."""
+async def _read(
+    account: ImapAccount,
+    state: DeviceState,
+    uids: list[int],
+    uidvalidity: int = 0,
+    uidnext: int = 0,
+) -> list[str]:
+    """Merge every usable copy into ``state``; the reasons the others were not (fully) usable.
+
+    With the mailbox's ``uidvalidity`` and ``uidnext``, UIDs it has not given out yet are
+    dropped (and reported): they would hide future messages.
+    """
     problems = []
     if len(uids) > MAX_COPIES:
         problems.append(f"{len(uids)} copies, only the newest {MAX_COPIES} read")
     for raw in await _bodies(account, uids):
         try:
-            state.merge(DeviceState.from_message(raw, state.mailbox, state.device))
+            found = DeviceState.from_message(raw, state.mailbox, state.device)
         except InvalidState as e:
             problems.append(str(e))
+            continue
+        if found.drop_unborn(uidvalidity, uidnext):
+            problems.append("state hides UIDs not given out yet")
+        state.merge(found)
     return problems
 
 
@@ -90,15 +104,27 @@ async def _remove(account: ImapAccount, uids: list[int]) -> None:
         await account.proto.command(Atom("EXPUNGE"))
 
 
-async def load(account: ImapAccount, state_mailbox: str, mailbox: str, device: str) -> DeviceState:
-    """The device's state; empty when it has none yet. Leaves ``state_mailbox`` selected."""
+async def load(
+    account: ImapAccount,
+    state_mailbox: str,
+    mailbox: str,
+    device: str,
+    *,
+    uidvalidity: int = 0,
+    uidnext: int = 0,
+) -> DeviceState:
+    """The device's state; empty when it has none yet. Leaves ``state_mailbox`` selected.
+
+    ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs not
+    given out yet be caught and repaired.
+    """
     state = DeviceState(mailbox, device)
     try:
         await account.examine(state_mailbox)
     except ImapCommandFailed:
         return state  # no state mailbox: nothing hidden anywhere yet
     found = await _find(account, state.key)
-    problems = await _read(account, state, found)
+    problems = await _read(account, state, found, uidvalidity, uidnext)
     if problems:
         _report(state, problems)
         await _repair(account, state_mailbox, state, found)

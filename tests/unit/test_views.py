@@ -11,8 +11,8 @@ from gateway.maildrop.uidset import format_uid_set, parse_uid_set
 from gateway.maildrop.views import (
     POP_DELETED,
     DeviceState,
-    InvalidState,
     IndexedMessage,
+    InvalidState,
     Login,
     build_maildrop,
     needs_state,
