@@ -64,6 +64,7 @@ class ImapUpstream:
     ca_file: Path | None = None
     master_user: str = ""
     master_password: str = field(default="", repr=False)
+    timeout: float = 60  # seconds: the longest wait for any one IMAP response
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "ca_file": _Key("path", optional=True),
         "master_user": _Key("str", optional=True),
         "master_password": _Key("str", optional=True, secret=True),
+        "timeout": _Key("number", low=0),
     },
     "upstream.smtp": {
         "host": _Key("str", optional=True),

@@ -128,8 +128,9 @@ class UpstreamMaildrop:
 
     @property
     def imap_transport(self) -> object:
-        """The upstream transport, to pause while the POP client is slow (push producer)."""
-        return self.account.proto.transport
+        """What to pause while the POP client is slow (push producer): the IMAP client, which
+        pauses its transport and stops its response timer meanwhile."""
+        return self.account.proto
 
     def fetch(self, info: MessageInfo, sink: BodySink) -> Deferred[Response]:
         return self.account.fetch_body(info.uid, sink)

@@ -390,8 +390,13 @@ class Pop3Protocol(Protocol):
                     self._log(logging.ERROR, "download of UID %d failed", action.info.uid)
                     self.abort()
                     return
-                self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
-                self.session.retrieve_unavailable()
+                if isinstance(result, Failure) and result.check(ImapError):
+                    # Nothing sent yet (e.g. the upstream timed out): an answer, not a drop.
+                    self._log(logging.ERROR, "download failed upstream: %s", result.value)
+                    self.session.retrieve_failed()
+                else:
+                    self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
+                    self.session.retrieve_unavailable()
             else:
                 assert self.maildrop is not None
                 self.maildrop.retrieved(action.info, whole=action.top_lines is None)

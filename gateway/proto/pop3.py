@@ -240,6 +240,11 @@ class Pop3Session:
         self._reply_err("Message no longer available upstream")
         self._busy = False
 
+    def retrieve_failed(self) -> None:
+        """The upstream failed before any of the answer went out (timeout, lost link)."""
+        self._reply_err(UpstreamUnavailable.text, code=UpstreamUnavailable.code)
+        self._busy = False
+
     def update_done(self, problem: str | None = None) -> None:
         """The UPDATE finished; ``problem`` names what was not done if it failed part way."""
         if problem is None:

@@ -81,7 +81,7 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     )
     if tls is not None and settings.security == "tls":
         endpoint = wrapClientTLS(tls, endpoint)
-    proto = ImapClientProtocol()
+    proto = ImapClientProtocol(reactor, settings.timeout)
     try:
         await connectProtocol(endpoint, proto)
         await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)

@@ -4,6 +4,11 @@ Commands may be pipelined; untagged responses belong to the oldest command still
 is exact for how the gateway pipelines (FETCHes of one mailbox, in order). Large literals are not
 collected: they go to the ``sink`` of the command that asked for them, chunk by chunk, and the
 transport can be paused as a push producer so a slow POP client slows the IMAP download too.
+
+Every wait for the server is bounded: while a command is outstanding and reading is not paused
+by us, ``timeout`` seconds without a byte from the server fail every command with
+``ImapTimeout`` and close the connection (a hung server must not hold a device for ever). The
+clock is injected, so tests drive it with ``twisted.internet.task.Clock``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ITLSTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -42,6 +52,10 @@ class ImapError(Exception):
 
 class ImapConnectionLost(ImapError):
     pass
+
+
+class ImapTimeout(ImapError):
+    """The server did not answer within the timeout; the connection has been closed."""
 
 
 class ImapCommandFailed(ImapError):
@@ -111,8 +125,14 @@ READ_SIZE = 256 * 1024
 
 
 class ImapClientProtocol(Protocol):
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None, timeout: float = 0) -> None:
+        """``timeout`` > 0 (with a ``clock``): the longest wait for the server while a command
+        is outstanding; 0 waits for ever (only for tests of other things)."""
         self.parser = ResponseParser()
+        self._clock = clock
+        self._timeout = timeout
+        self._timer: IDelayedCall | None = None
+        self._paused = False
         self.greeting: Deferred[Status] = Deferred()
         self.capabilities: frozenset[str] = frozenset()
         self._counter = 0
@@ -168,6 +188,17 @@ class ImapClientProtocol(Protocol):
     def update_capabilities(self, tokens: Sequence[object]) -> None:
         self.capabilities = frozenset(str(t).upper() for t in tokens[1:] if isinstance(t, str))
 
+    def pauseProducing(self) -> None:
+        """Stop reading (the POP client is slow); the server is not waited for meanwhile."""
+        self._paused = True
+        self._watch()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._watch()
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
     # -- Twisted ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -187,6 +218,7 @@ class ImapClientProtocol(Protocol):
         finally:
             if observer is not None:
                 observer.read_done()
+            self._watch(progress=True)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
@@ -203,6 +235,36 @@ class ImapClientProtocol(Protocol):
         write_through(self.transport, [pending.parts.popleft()])
         if pending.parts:
             self._continuing = pending
+        self._watch()
+
+    def _watch(self, progress: bool = False) -> None:
+        """Run the timer exactly while the server owes an answer and we are reading.
+
+        ``progress``: bytes just arrived, so the wait starts again from now.
+        """
+        if self._clock is None or self._timeout <= 0:
+            return
+        timer = self._timer
+        waiting = bool(self._pending) and not self._paused and not self._lost
+        if not waiting:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = None
+        elif timer is None or not timer.active():
+            self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        elif progress:
+            timer.reset(self._timeout)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        waited_for = self._pending[0].name if self._pending else "command"
+        self._fail_all(
+            ImapTimeout(f"no answer from IMAP server to {waited_for} within {self._timeout:g}s")
+        )
+        if self.transport is not None:
+            # No LOGOUT: the server is not answering; nothing more is read or written.
+            abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+            abort()
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, LiteralChunk):
@@ -298,6 +360,7 @@ class ImapClientProtocol(Protocol):
         self._unsent.clear()
         self._continuing = None
         self._lost = True
+        self._watch()
         for pending in waiting:
             pending.deferred.errback(error)
 

@@ -770,3 +770,14 @@ def test_documentation_lists_every_key() -> None:
         assert f"### `[{section}]`" in text
         for key in keys:
             assert f"| `{key}` |" in text, f"[{section}] {key} is not documented"
+
+
+def test_imap_timeout_defaults_to_60_and_must_be_positive(conf_dir: Path) -> None:
+    assert load(conf_dir, MINIMAL).upstream.imap.timeout == 60
+    assert load(conf_dir, MINIMAL + "timeout = 2.5\n").upstream.imap.timeout == 2.5
+    env = {"POPGATE_UPSTREAM_IMAP_TIMEOUT": "7"}
+    assert load(conf_dir, MINIMAL, env).upstream.imap.timeout == 7
+    [problem] = problems(conf_dir, MINIMAL + "timeout = 0\n")
+    assert "[upstream.imap] timeout: must be greater than 0" in problem
+    [problem] = problems(conf_dir, MINIMAL + 'timeout = "soon"\n')
+    assert "[upstream.imap] timeout:" in problem

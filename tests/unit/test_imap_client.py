@@ -5,13 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from gateway.proto.imap import Atom
 from gateway.upstream.imap_client import (
     ImapClientProtocol,
     ImapCommandFailed,
     ImapConnectionLost,
+    ImapTimeout,
 )
 
 
@@ -156,3 +160,78 @@ def test_a_body_nobody_asked_for_is_dropped() -> None:
     d = proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sinks={2: sink})
     proto.dataReceived(b"* 9 FETCH (UID 9 BODY[] {3}\r\nbad)\r\nG1 OK\r\n")
     assert sink.events == [] and d.result.status.kind == "OK"
+
+
+# --------------------------------------------------------------------- response timeout
+def timed(timeout: float = 60) -> tuple[ImapClientProtocol, StringTransport, Clock]:
+    clock = Clock()
+    proto = ImapClientProtocol(clock, timeout)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+    return proto, transport, clock
+
+
+def failure_of(d: Deferred[Any]) -> BaseException:
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, "the command has not failed"
+    return failures[0].value
+
+
+def test_a_command_without_answer_times_out_and_closes_the_connection() -> None:
+    proto, transport, clock = timed(60)
+    first, second = proto.command(Atom("NOOP")), proto.command(Atom("NOOP"))
+    clock.advance(59.9)
+    assert not first.called and not transport.disconnecting
+    clock.advance(0.2)
+    for d in (first, second):
+        error = failure_of(d)
+        assert isinstance(error, ImapTimeout) and "within 60s" in str(error)
+    assert transport.disconnecting  # the link is closed, not left to a hung server
+    assert clock.getDelayedCalls() == []
+    assert isinstance(failure_of(proto.command(Atom("NOOP"))), ImapConnectionLost)
+
+
+def test_bytes_arriving_restart_the_wait() -> None:
+    proto, _transport, clock = timed(60)
+    sink = Sink()
+    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("1"), Atom("BODY[]"), sink=sink)
+    clock.advance(50)
+    proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {10}\r\n01234")
+    clock.advance(50)
+    proto.dataReceived(b"56789)\r\n")
+    clock.advance(50)
+    assert not d.called
+    clock.advance(10)  # 60 s after the last byte, inside nothing of this command's answer
+    assert isinstance(failure_of(d), ImapTimeout)
+    assert sink.body == b"0123456789"
+
+
+def test_a_stall_inside_a_literal_times_out() -> None:
+    proto, _transport, clock = timed(5)
+    sink = Sink()
+    d = proto.command(Atom("UID"), Atom("FETCH"), Atom("1"), Atom("BODY[]"), sink=sink)
+    proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {100000}\r\n" + b"x" * 1000)
+    clock.advance(5)
+    assert isinstance(failure_of(d), ImapTimeout)
+    assert ("end",) not in sink.events  # the sink never sees a complete body
+
+
+def test_no_timer_runs_while_nothing_is_awaited_or_reading_is_paused() -> None:
+    proto, transport, clock = timed(60)
+    assert clock.getDelayedCalls() == []
+    d = proto.command(Atom("NOOP"))
+    proto.dataReceived(b"G1 OK done\r\n")
+    assert d.called and clock.getDelayedCalls() == []
+    waiting = proto.command(Atom("UID"), Atom("FETCH"), Atom("1"), Atom("BODY[]"))
+    proto.pauseProducing()  # the POP client reads slowly: not the server's fault
+    assert transport.producerState == "paused"
+    clock.advance(3600)
+    assert not waiting.called
+    proto.resumeProducing()
+    assert transport.producerState == "producing"
+    clock.advance(59)
+    assert not waiting.called
+    clock.advance(1)
+    assert isinstance(failure_of(waiting), ImapTimeout)
