@@ -8,11 +8,12 @@ types below, so the POP3 layer can turn each into the right response code in one
 from __future__ import annotations
 
 import base64
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -33,6 +34,7 @@ from gateway.proto.imap import (
 )
 from gateway.tls import client_context_factory
 from gateway.upstream.imap_client import (
+    BodyCollector,
     BodySink,
     ImapClientProtocol,
     ImapCommandFailed,
@@ -48,6 +50,11 @@ LOGIN_TIMEOUT = 60.0
 # answer in request order (Dovecot, Cyrus) then name the message before its literal begins, so
 # pipelined bodies go to the right sink and stream without being collected first.
 _UID, _FETCH, _BODY_ITEMS = Atom("UID"), Atom("FETCH"), Atom("(UID BODY.PEEK[])")
+# Set on messages just before they are moved; the copies carry it. A later move that finds it
+# on its sources knows an earlier one may have been cut off half way (see ImapAccount.move).
+MOVE_MARKER = "$POPMoving"
+# Messages per MOVE command: an interrupted move leaves at most this many to reconcile.
+MOVE_BATCH = 100
 
 
 class UpstreamUnavailable(ImapError):
@@ -116,11 +123,19 @@ async def _with_timeout(d: Deferred, reactor: IReactorTime, seconds: float) -> o
     return await d
 
 
+@dataclass(frozen=True, slots=True)
+class Selected:
+    name: str
+    readonly: bool
+    info: MailboxInfo
+
+
 class ImapAccount:
     """A logged-in connection; each POP session owns one."""
 
     def __init__(self, proto: ImapClientProtocol) -> None:
         self.proto = proto
+        self.selected: Selected | None = None  # the mailbox the last EXAMINE/SELECT opened
 
     @classmethod
     async def open(
@@ -234,7 +249,9 @@ class ImapAccount:
             elif item.code_name == "PERMANENTFLAGS" and item.code and len(item.code) > 1:
                 flags = item.code[1]
                 keywords = isinstance(flags, list) and "\\*" in flags
-        return MailboxInfo(uidvalidity, exists, keywords, uidnext, modseq)
+        info = MailboxInfo(uidvalidity, exists, keywords, uidnext, modseq)
+        self.selected = Selected(mailbox, readonly, info)
+        return info
 
     async def snapshot(
         self,
@@ -411,12 +428,35 @@ class ImapAccount:
         return None
 
     async def move(self, uids: Iterable[int], target: str) -> None:
-        """Move messages of the selected mailbox to ``target``, touching no other message.
+        """Move messages of the selected mailbox to ``target``: once, even across retries.
 
-        UID MOVE where offered; else COPY, flag and UID EXPUNGE of exactly these UIDs; without
-        UIDPLUS the originals are left flagged \\Deleted rather than risk a plain EXPUNGE.
+        A MOVE is not atomic on every server (Dovecot copies, then expunges): a link that
+        breaks half way can leave copies in ``target`` with the sources still here, and the
+        retry would copy them again. So messages move in batches of MOVE_BATCH, each marked
+        with MOVE_MARKER first (copies carry it). Sources found already marked may have a copy
+        in ``target`` from an attempt that was cut off; those whose copy is there (marked, same
+        Message-ID, size and INTERNALDATE) are expunged instead of moved again. A source without
+        a Message-ID is moved again: a possible duplicate, never a loss. Where keywords cannot
+        be stored, batches are moved without this safeguard.
         """
-        uids = list(uids)
+        selected = self.selected
+        guarded = selected is not None and not selected.readonly and selected.info.keywords_allowed
+        ordered = sorted(set(uids))
+        for i in range(0, len(ordered), MOVE_BATCH):
+            batch = ordered[i : i + MOVE_BATCH]
+            if guarded:
+                assert selected is not None
+                copied = await self._copied_before(batch, selected.name, target)
+                if copied:
+                    await self.expunge(copied)
+                    batch = [uid for uid in batch if uid not in copied]
+                await self.add_flags(batch, [MOVE_MARKER])
+            await self._move_batch(batch, target)
+
+    async def _move_batch(self, uids: list[int], target: str) -> None:
+        """UID MOVE where offered; else COPY, flag and UID EXPUNGE of exactly these UIDs;
+        without UIDPLUS the originals are left flagged \\Deleted rather than risk a plain
+        EXPUNGE."""
         uid_set = Atom(format_uid_set(uids))
         if not uid_set:
             return
@@ -425,6 +465,81 @@ class ImapAccount:
             return
         await self.proto.command(Atom("UID"), Atom("COPY"), uid_set, encode_mailbox(target))
         await self.expunge(uids)
+
+    async def _copied_before(self, batch: list[int], source: str, target: str) -> set[int]:
+        """Those of ``batch`` an interrupted earlier move already copied to ``target``.
+
+        Leaves ``source`` selected read-write again.
+        """
+        response = await self.proto.command(
+            Atom("UID"),
+            Atom("SEARCH"),
+            Atom("UID"),
+            Atom(format_uid_set(batch)),
+            Atom("KEYWORD"),
+            Atom(MOVE_MARKER),
+        )
+        suspects = search_result(response)
+        if not suspects:
+            return set()
+        sources = await self._identities(suspects)
+        if not sources:
+            return set()
+        await self.examine(target)
+        try:
+            searches = [
+                self.proto.command(
+                    Atom("UID"),
+                    Atom("SEARCH"),
+                    Atom("KEYWORD"),
+                    Atom(MOVE_MARKER),
+                    Atom("HEADER"),
+                    "Message-ID",
+                    message_id,
+                )
+                for message_id in sorted({identity[0] for identity in sources.values()})
+            ]
+            found = sorted({uid for r in await gatherResults(searches) for uid in search_result(r)})
+            copies = Counter((await self._identities(found)).values())
+        finally:
+            await self.examine(source, readonly=False)
+        copied = set()
+        for uid, identity in sorted(sources.items()):
+            if copies[identity] > 0:  # each copy stands for one source only
+                copies[identity] -= 1
+                copied.add(uid)
+        return copied
+
+    async def _identities(self, uids: list[int]) -> dict[int, tuple[str, int, bytes]]:
+        """UID → (Message-ID, RFC822.SIZE, INTERNALDATE) of those of ``uids`` that have a
+        Message-ID: what a copy shares with its original."""
+        if not uids:
+            return {}
+        headers = {uid: BodyCollector() for uid in uids}
+        response = await self.proto.command(
+            Atom("UID"),
+            Atom("FETCH"),
+            Atom(format_uid_set(uids)),
+            Atom("(UID RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"),
+            sinks=headers,
+        )
+        result = {}
+        for item in response.untagged:
+            if not isinstance(item, Data) or len(item.tokens) < 3:
+                continue
+            if str(item.tokens[1]).upper() != "FETCH":
+                continue
+            _, fields = fetch_items(item.tokens)
+            uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
+            date = fields.get("INTERNALDATE")
+            if uid is None or size is None or not isinstance(date, bytes | str):
+                continue
+            collector = headers.get(int(str(uid)))
+            message_id = _message_id(b"".join(collector.bodies) if collector else b"")
+            if message_id:
+                date_bytes = date if isinstance(date, bytes) else date.encode()
+                result[int(str(uid))] = (message_id, int(str(size)), date_bytes)
+        return result
 
     async def expunge(self, uids: Iterable[int]) -> bool:
         """Remove exactly ``uids``; False when the server lacks UIDPLUS and they stay flagged
@@ -494,3 +609,13 @@ def _first_str(token: Token) -> str | None:
     if isinstance(token, bytes):
         return token.decode("ascii", "replace")
     return str(token) if token is not None else None
+
+
+def _message_id(header: bytes) -> str:
+    """The Message-ID in a ``HEADER.FIELDS (MESSAGE-ID)`` answer, unfolded; "" if none."""
+    text = header.decode("utf-8", "replace").replace("\r\n ", " ").replace("\r\n\t", " ")
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "message-id":
+            return value.strip()
+    return ""
