@@ -495,22 +495,17 @@ class ImapAccount:
                     Atom(MOVE_MARKER),
                     Atom("HEADER"),
                     "Message-ID",
-                    message_id,
+                    mid,
                 )
-                for message_id in sorted({identity[0] for identity in sources.values()})
+                for mid in sorted({identity[0] for identity in sources.values()})
             ]
             found = sorted({uid for r in await gatherResults(searches) for uid in search_result(r)})
-            copies = Counter((await self._identities(found)).values())
+            copies = (await self._identities(found)).values()
         finally:
             await self.examine(source, readonly=False)
-        copied = set()
-        for uid, identity in sorted(sources.items()):
-            if copies[identity] > 0:  # each copy stands for one source only
-                copies[identity] -= 1
-                copied.add(uid)
-        return copied
+        return sources_with_copies(sources, copies)
 
-    async def _identities(self, uids: list[int]) -> dict[int, tuple[str, int, bytes]]:
+    async def _identities(self, uids: list[int]) -> dict[int, Identity]:
         """UID → (Message-ID, RFC822.SIZE, INTERNALDATE) of those of ``uids`` that have a
         Message-ID: what a copy shares with its original."""
         if not uids:
@@ -535,10 +530,10 @@ class ImapAccount:
             if uid is None or size is None or not isinstance(date, bytes | str):
                 continue
             collector = headers.get(int(str(uid)))
-            message_id = _message_id(b"".join(collector.bodies) if collector else b"")
-            if message_id:
+            found = message_id(b"".join(collector.bodies)) if collector else ""
+            if found:
                 date_bytes = date if isinstance(date, bytes) else date.encode()
-                result[int(str(uid))] = (message_id, int(str(size)), date_bytes)
+                result[int(str(uid))] = (found, int(str(size)), date_bytes)
         return result
 
     async def expunge(self, uids: Iterable[int]) -> bool:
@@ -611,7 +606,22 @@ def _first_str(token: Token) -> str | None:
     return str(token) if token is not None else None
 
 
-def _message_id(header: bytes) -> str:
+Identity = tuple[str, int, bytes]  # Message-ID, RFC822.SIZE, INTERNALDATE
+
+
+def sources_with_copies(sources: Mapping[int, Identity], copies: Iterable[Identity]) -> set[int]:
+    """The UIDs of ``sources`` that one of ``copies`` stands for; each copy stands for one
+    source only (two sources with the same identity need two copies)."""
+    available = Counter(copies)
+    matched = set()
+    for uid, identity in sorted(sources.items()):
+        if available[identity] > 0:
+            available[identity] -= 1
+            matched.add(uid)
+    return matched
+
+
+def message_id(header: bytes) -> str:
     """The Message-ID in a ``HEADER.FIELDS (MESSAGE-ID)`` answer, unfolded; "" if none."""
     text = header.decode("utf-8", "replace").replace("\r\n ", " ").replace("\r\n\t", " ")
     for line in text.splitlines():

@@ -282,3 +282,13 @@ def test_state_messages_round_trip(
     raw = state.to_message()
     assert len(raw) <= MAX_STATE_BYTES
     assert DeviceState.from_message(raw, mailbox, device) == state
+
+
+def test_uids_not_given_out_yet_are_dropped() -> None:
+    state = DeviceState.parse(message(state_json(uidvalidity=7, uids=f"2:5,9,100:{MAX_UID}")))
+    assert state.drop_unborn(7, uidnext=10)
+    assert state.uids == {2, 3, 4, 5, 9}
+    assert not state.drop_unborn(7, uidnext=10)  # nothing more to drop
+    other = DeviceState.parse(message(state_json(uidvalidity=8, uids=f"1:{MAX_UID}")))
+    assert not other.drop_unborn(7, uidnext=10)  # void anyway under another UIDVALIDITY
+    assert len(other.uids) == MAX_UID
