@@ -149,8 +149,19 @@ async def _repair(
 async def _write(
     account: ImapAccount, state_mailbox: str, state: DeviceState, old: list[int]
 ) -> None:
+    message = state.to_message()
+    if len(message) > MAX_STATE_BYTES:
+        # Written anyway (it is the truth), but the next read will refuse it: the device will
+        # see its hidden messages again. Only a mailbox with well over 100,000 hidden messages
+        # gets here.
+        log.error(
+            "device %r: state of %d bytes exceeds the %d-byte limit; it will not be readable",
+            state.device,
+            len(message),
+            MAX_STATE_BYTES,
+        )
     await account.proto.command(
-        Atom("APPEND"), encode_mailbox(state_mailbox), [Atom("\\Seen")], state.to_message()
+        Atom("APPEND"), encode_mailbox(state_mailbox), [Atom("\\Seen")], message
     )
     await _remove(account, old)
 
