@@ -1,7 +1,14 @@
 """Where a POP3 session meets the upstream mailbox: login, snapshot, download, UPDATE.
 
-``MaildropService`` is shared by all sessions (it knows which user+device pairs are busy);
-``UpstreamMaildrop`` belongs to one session and owns its IMAP connection.
+``MaildropService`` is shared by all sessions; ``UpstreamMaildrop`` belongs to one session and
+owns its IMAP connection.
+
+Sessions of one user and device may run at the same time, here or on other replicas: there is
+no lock to take, so a device whose old connection vanished without a FIN logs in again at once.
+That is safe because nothing a session writes upstream depends on another session of the same
+device: every UPDATE step is idempotent (flags, UID MOVE/EXPUNGE of UIDs that may be gone
+already) and the per-device state is merged with what is stored at every write
+(``device_store.save``: read, merge, append, then remove only the copies it read).
 """
 
 from __future__ import annotations
@@ -32,10 +39,6 @@ from gateway.upstream.imap_client import BodySink, ImapError, ReadObserver, Resp
 log = logging.getLogger("popgate.pop3")
 
 
-class MaildropBusy(Exception):
-    """Another session of the same user and device is open (RFC 2449 ``[IN-USE]``)."""
-
-
 class UpdateFailed(Exception):
     """The UPDATE did not complete; ``str(self)`` says what was not done."""
 
@@ -51,7 +54,6 @@ class MaildropService:
         self.capabilities = (
             expire_capability(retention.delete_after_days, retention.quota_high_percent),
         )
-        self._busy: set[tuple[str, str]] = set()
         limit = config.pop3.snapshot_cache_messages
         self.snapshots = SnapshotCache(limit) if limit else None
 
@@ -59,20 +61,13 @@ class MaildropService:
         return Login.parse(name, self.config.pop3.device_separator)
 
     async def open(self, login: Login, password: str, peer_ip: str | None) -> UpstreamMaildrop:
-        """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable,
-        MaildropBusy."""
+        """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable."""
         account = await ImapAccount.open(
             self.reactor, self.config.upstream.imap, login.user, password, peer_ip
         )
-        key = (login.user, login.device)
-        if key in self._busy:
-            await account.logout()
-            raise MaildropBusy(f"{login.user} on device {login.device} is already in a session")
-        self._busy.add(key)
         try:
             return await self._snapshot(account, login)
         except BaseException:
-            self._busy.discard(key)
             account.abort()
             raise
 
@@ -102,9 +97,6 @@ class MaildropService:
         except ImapError as e:
             raise UpstreamUnavailable(f"cannot open {mailbox}: {e}") from e
         return UpstreamMaildrop(self, account, login, info.uidvalidity, index, state)
-
-    def release(self, login: Login) -> None:
-        self._busy.discard((login.user, login.device))
 
 
 class UpstreamMaildrop:
@@ -200,21 +192,17 @@ class UpstreamMaildrop:
         """After QUIT was answered: retention on this connection if due, then log out."""
         if self._closed:
             return
-        # The device may start its next session while retention runs: it is not busy any more.
-        self.service.release(self.login)
         await self.service.retention.after_quit(self.account, self.login.user, deleted_any)
         await self.close()
 
     async def close(self) -> None:
-        """Log out and free the user+device pair; safe to call more than once."""
+        """Log out; safe to call more than once."""
         if self._closed:
             return
         self._closed = True
-        self.service.release(self.login)
         await self.account.logout()
 
     def abort(self) -> None:
         if not self._closed:
             self._closed = True
-            self.service.release(self.login)
             self.account.abort()

@@ -11,6 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -23,15 +24,19 @@ from twisted.python.failure import Failure
 
 import gateway
 from gateway.maildrop.views import Login
-from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, UpstreamMaildrop
+from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
 from gateway.proto.dotstuff import DotStuffer, TopFilter
-from gateway.transports import set_buffer_size, unsent_octets, write_through
+from gateway.transports import enable_keepalive, set_buffer_size, unsent_octets, write_through
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
 from gateway.upstream.imap_client import READ_SIZE, ImapError
 
 log = logging.getLogger("popgate.pop3")
+
+# Answers to pipelined commands are written once this much has gathered, so that a client which
+# does not read them is noticed (Twisted pauses ``_ClientPace``) before more are made.
+OUT_BATCH = 64 * 1024
 
 
 class _BodyStream:
@@ -92,22 +97,43 @@ class _BodyStream:
             self.protocol.write_sequence(pieces)
 
 
-class _UpstreamReads:
-    """The session's IMAP connection as the producer of what the POP client receives.
+class _ClientPace:
+    """Everything that produces what the POP client receives, paused while it does not take it.
 
-    Registered once per session: a slow device pauses the IMAP reads instead of letting
-    bodies pile up here. ``stopProducing`` (the device went away) does not close the IMAP
-    connection: the session still logs out there, or finishes the update after QUIT.
+    Registered on the client transport for the whole connection, so Twisted says when its write
+    buffer is full: then the session answers no further commands (a client that pipelines
+    without reading cannot make answers pile up here) and the session's IMAP connection, while
+    attached, is paused too (bodies wait upstream, not here). ``stopProducing`` (the device went
+    away) does not close the IMAP connection: the session still logs out there, or finishes the
+    update after QUIT.
     """
 
-    def __init__(self, imap_transport: object) -> None:
-        self.imap_transport = imap_transport
+    def __init__(self, on_resume: Callable[[], None]) -> None:
+        self.paused = False
+        self.upstream: Any = None  # the IMAP transport while downloads feed this client
+        self._on_resume = on_resume
+
+    def attach(self, imap_transport: object) -> None:
+        self.upstream = imap_transport
+        if self.paused:
+            self.upstream.pauseProducing()
+
+    def detach(self) -> None:
+        """Stop tying the IMAP reads to this client; they may have been paused meanwhile."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.resumeProducing()
 
     def pauseProducing(self) -> None:
-        self.imap_transport.pauseProducing()  # type: ignore[attr-defined]
+        self.paused = True
+        if self.upstream is not None:
+            self.upstream.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.imap_transport.resumeProducing()  # type: ignore[attr-defined]
+        self.paused = False
+        if self.upstream is not None:
+            self.upstream.resumeProducing()
+        self._on_resume()
 
     def stopProducing(self) -> None:
         pass
@@ -148,12 +174,14 @@ class Pop3Protocol(Protocol):
         self.peer_ip: str | None = None
         self._timer: IDelayedCall | None = None
         self._queued_at_timeout: int | None = None
-        self._streaming = False
-        self._reads: _UpstreamReads | None = None
+        self._pace = _ClientPace(self._pump)
+        self._reading = True  # the client transport is not paused by us
+        self._pumping = False
         # Writes held while a batch of work is under way (one read from upstream, one round
         # of client commands), sent together at its end: one system call, not one per answer.
         self._corked = 0
         self._out: list[bytes] = []
+        self._out_size = 0
         self._closed = False
         self.busy_with_update = False
 
@@ -177,6 +205,10 @@ class Pop3Protocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        # A device that vanished without a FIN (NAT drop, pulled cable) is noticed and its
+        # session freed in minutes rather than at the idle timeout or never.
+        enable_keepalive(self.transport)
+        self.transport.registerProducer(self._pace, True)  # type: ignore[union-attr]
         # IMAP reads come in chunks of up to READ_SIZE: with Twisted's 64 KiB, every one of
         # them would pause and resume the IMAP reads even when the client keeps up.
         set_buffer_size(self.transport, READ_SIZE)
@@ -196,6 +228,7 @@ class Pop3Protocol(Protocol):
         assert self.session is not None
         self.session.receive_data(data)
         self._pump()
+        self._regulate_input()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
@@ -213,8 +246,11 @@ class Pop3Protocol(Protocol):
     # -- helpers --------------------------------------------------------------------------
 
     def write_sequence(self, pieces: list[bytes]) -> None:
+        if self._closed:  # dropped: a body still arriving from upstream goes nowhere
+            return
         if self._corked:
             self._out.extend(pieces)
+            self._out_size += sum(len(p) for p in pieces)
         else:
             self._reset_timer()
             write_through(self.transport, pieces)
@@ -236,20 +272,30 @@ class Pop3Protocol(Protocol):
 
     def _flush(self) -> None:
         if self._out and not self._closed:
-            out, self._out = self._out, []
+            out, self._out, self._out_size = self._out, [], 0
             self._reset_timer()  # writes count as activity: a slow download is not idle
             write_through(self.transport, out)
 
     def _release_upstream(self) -> None:
         """Stop tying the IMAP reads to this client's pace (QUIT, or the client is gone)."""
-        reads, self._reads = self._reads, None
-        if reads is None:
-            return
         if self.maildrop is not None:
             self.maildrop.observe_reads(None)
-        if not self._closed:
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
-        reads.resumeProducing()  # it may have been paused while the client was slow
+        self._pace.detach()
+
+    def _regulate_input(self) -> None:
+        """Read from the client only while the session wants more input: a busy session (a
+        login, a download the client does not read, the UPDATE) leaves the rest in the kernel,
+        whose buffers and TCP window then hold the client back."""
+        if self._closed or self.session is None or self.session.state is pop3.State.CLOSED:
+            return  # closing: the transport stops reading by itself
+        wanted = self.session.wants_input
+        if wanted == self._reading:
+            return
+        self._reading = wanted
+        if wanted:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        else:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _peer_is_trusted(self) -> bool:
         try:
@@ -267,15 +313,22 @@ class Pop3Protocol(Protocol):
             self._timer = self.reactor.callLater(self.idle_timeout, self._idle)
 
     def shut_down(self) -> None:
-        """Tell the client why and close; its deletes are not applied (no QUIT was seen)."""
-        if not self._closed and self.transport is not None:
-            self.transport.write(b"-ERR [SYS/TEMP] Server shutting down\r\n")
+        """Tell the client why and close (inside a download: drop it); its deletes are not
+        applied (no QUIT was seen)."""
+        if self._closed or self.transport is None:
+            return
+        if self.session is None:
             self.transport.loseConnection()
+            return
+        self.session.abandon("Server shutting down", code="SYS/TEMP")
+        self._pump()
 
     def abort(self) -> None:
         """Drop the connection now, without flushing what is queued."""
         if self._closed or self.transport is None:
             return
+        self._closed = True  # nothing more is written, whatever still completes
+        self._out, self._out_size = [], 0
         abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
         abort()
 
@@ -292,21 +345,35 @@ class Pop3Protocol(Protocol):
             self._reset_timer()
             return
         self._log(logging.INFO, "idle timeout after %ss, closing", self.idle_timeout)
-        if self._streaming or queued:
-            # Inside a multi-line answer an -ERR would read as part of the message.
-            self.abort()
+        if queued:
+            self.abort()  # the client takes nothing any more: no point queueing a goodbye
             return
-        self.transport.write(b"-ERR Idle timeout, closing connection\r\n")  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        assert self.session is not None
+        self.session.abandon("Idle timeout, closing connection")
+        self._pump()
 
     def _pump(self) -> None:
+        """Carry out the session's actions until it waits for something, or until the client
+        stops taking what is written to it (then ``_ClientPace`` pumps again when it does)."""
         session = self.session
         assert session is not None
+        if self._pumping:  # called back from inside the loop below: it carries on anyway
+            return
+        self._pumping = True
         self._cork()
         try:
-            while not self._closed and (action := session.next_action()) is not None:
+            while not self._closed and not self._pace.paused:
+                action = session.next_action()
+                if action is None:
+                    break
                 if isinstance(action, pop3.Send):
                     self._out.append(action.data)
+                    self._out_size += len(action.data)
+                    if self._out_size >= OUT_BATCH:
+                        self._flush()  # may pause us: large answers to pipelined commands
+                elif isinstance(action, pop3.Abort):
+                    self._log(logging.INFO, "session ended inside a multi-line answer, dropping")
+                    self.abort()
                 elif isinstance(action, pop3.Retrieve):
                     self._retrieve(action)
                 elif isinstance(action, pop3.Authenticate):
@@ -321,6 +388,8 @@ class Pop3Protocol(Protocol):
                     self.transport.loseConnection()  # type: ignore[union-attr]
         finally:
             self._uncork()
+            self._pumping = False
+        self._regulate_input()
 
     def _start_tls(self) -> None:
         assert self.session is not None and self.tls_context is not None
@@ -337,9 +406,6 @@ class Pop3Protocol(Protocol):
         except LoginRejected as e:
             self._log(logging.WARNING, "login failed: %s", e, login=login)
             session.login_failed(pop3.BadCredentials())
-        except MaildropBusy:
-            self._log(logging.WARNING, "login refused: device already in a session", login=login)
-            session.login_failed(pop3.MailboxInUse())
         except (UpstreamUnavailable, ImapError) as e:
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
             session.login_failed(pop3.UpstreamUnavailable())
@@ -348,13 +414,12 @@ class Pop3Protocol(Protocol):
             log.exception("unexpected error during login", extra={"session": self.session_id})
             session.login_failed(pop3.UpstreamUnavailable())
         else:
-            if self._closed:
+            if self._closed or session.state is pop3.State.CLOSED:
                 maildrop.abort()
                 return
             self.maildrop = maildrop
             self.prefetcher = Prefetcher(maildrop.fetch_many)
-            self._reads = _UpstreamReads(maildrop.imap_transport)
-            self.transport.registerProducer(self._reads, True)  # type: ignore[union-attr]
+            self._pace.attach(maildrop.imap_transport)
             maildrop.observe_reads(self)
             self.login = login
             count, octets = maildrop.maildrop.stat()
@@ -371,7 +436,6 @@ class Pop3Protocol(Protocol):
     def _retrieve(self, action: pop3.Retrieve) -> None:
         assert self.maildrop is not None and self.session is not None
         ok = f"+OK {action.info.size} octets\r\n".encode()
-        self._streaming = True
         done = False
 
         def finished(result: object) -> None:
@@ -380,15 +444,13 @@ class Pop3Protocol(Protocol):
             if done:
                 return
             done = True
-            self._streaming = False
             if self._closed or self.session is None:
                 return
             if isinstance(result, Failure) or not stream.complete:
                 if stream.started:
-                    # Part of the message is out: no -ERR can follow a +OK, so the client must
-                    # see a broken connection rather than a short message.
                     self._log(logging.ERROR, "download of UID %d failed", action.info.uid)
-                    self.abort()
+                    self.session.retrieve_broken()
+                    self._pump()
                     return
                 if isinstance(result, Failure) and result.check(ImapError):
                     # Nothing sent yet (e.g. the upstream timed out): an answer, not a drop.

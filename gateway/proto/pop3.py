@@ -24,6 +24,14 @@ from gateway.maildrop.maildrop import Maildrop, MaildropError, MessageInfo
 MAX_LINE = 8192
 # Failed logins allowed in one connection before it is closed, to slow password guessing.
 MAX_AUTH_FAILURES = 3
+# Input held for commands not yet looked at (a pipelining client, or one that keeps talking
+# while a login, a download or the UPDATE is under way). At this much the I/O layer is asked to
+# stop reading (``wants_input``): thousands of pipelined commands, yet a bounded cost per
+# connection whatever the client sends.
+MAX_BACKLOG = 64 * 1024
+# Input beyond this means the I/O layer kept reading after ``wants_input`` turned False (it may
+# overshoot by one read, 256 KiB at most): the connection is dropped rather than the memory spent.
+MAX_INPUT = 1024 * 1024
 
 
 class State(enum.Enum):
@@ -86,7 +94,14 @@ class Close:
     """Close the connection once everything queued has been written."""
 
 
-Action = Send | StartTLS | Authenticate | Retrieve | Update | Close
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Drop the connection now, discarding whatever is queued: the session had to end inside a
+    multi-line answer, where no ``-ERR`` can be said (the client would read it as message text),
+    so the client must see a broken connection rather than a complete-looking answer."""
+
+
+Action = Send | StartTLS | Authenticate | Retrieve | Update | Close | Abort
 
 
 # --- errors the I/O layer reports back ---------------------------------------------------------
@@ -106,11 +121,6 @@ class BadCredentials(LoginError):
 class UpstreamUnavailable(LoginError):
     code = "SYS/TEMP"
     text = "Mail server temporarily unavailable, try again later"
-
-
-class MailboxInUse(LoginError):
-    code = "IN-USE"
-    text = "Mailbox in use by another session of this device"
 
 
 class PlaintextDisallowed(LoginError):
@@ -140,6 +150,9 @@ class Pop3Session:
         self._discarding = False  # inside an over-long line, dropping bytes up to its end
         self._actions: deque[Action] = deque()
         self._busy = False
+        # A RETR/TOP answer is under way: from the Retrieve handed out (its +OK may be on the
+        # wire from then on) until the I/O layer reports it finished.
+        self._in_multiline = False
         self._user: str | None = None
         self._auth_failures = 0
         # A pending SASL exchange waits for the client's next line instead of a command.
@@ -152,7 +165,22 @@ class Pop3Session:
     def receive_data(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
+        if len(self._buffer) + len(data) > MAX_INPUT:
+            self._buffer.clear()
+            self._abort()
+            return
         self._buffer += data
+
+    @property
+    def wants_input(self) -> bool:
+        """Whether the I/O layer should read from the client now. False while the commands
+        already received fill the backlog: a busy session stops reading instead of buffering."""
+        return self.state is not State.CLOSED and len(self._buffer) < MAX_BACKLOG
+
+    @property
+    def in_multiline_answer(self) -> bool:
+        """A multi-line answer (RETR, TOP) is under way: nothing but its own bytes may follow."""
+        return self._in_multiline
 
     def next_action(self) -> Action | None:
         while not self._actions and not self._busy and self.state is not State.CLOSED:
@@ -218,6 +246,8 @@ class Pop3Session:
         self._busy = False
 
     def login_done(self, maildrop: Maildrop) -> None:
+        if self.state is State.CLOSED:  # abandoned meanwhile; the I/O layer lets go of it
+            return
         self.maildrop = maildrop
         self.state = State.TRANSACTION
         count, octets = maildrop.stat()
@@ -225,6 +255,8 @@ class Pop3Session:
         self._busy = False
 
     def login_failed(self, error: LoginError) -> None:
+        if self.state is State.CLOSED:
+            return
         self._user = None
         self._reply_err(error.text, code=error.code)
         self._busy = False
@@ -234,19 +266,45 @@ class Pop3Session:
                 self._close()
 
     def retrieve_done(self) -> None:
+        """The whole answer, terminator included, has been handed to the I/O layer."""
+        self._in_multiline = False
         self._busy = False
 
     def retrieve_unavailable(self) -> None:
+        """The message is gone upstream and not one byte of the answer went out."""
+        if self.state is State.CLOSED:
+            return
+        self._in_multiline = False
         self._reply_err("Message no longer available upstream")
         self._busy = False
 
     def retrieve_failed(self) -> None:
         """The upstream failed before any of the answer went out (timeout, lost link)."""
+        if self.state is State.CLOSED:
+            return
+        self._in_multiline = False
         self._reply_err(UpstreamUnavailable.text, code=UpstreamUnavailable.code)
         self._busy = False
 
+    def retrieve_broken(self) -> None:
+        """The download broke after its ``+OK``: a short message must not look complete."""
+        self._abort()
+
+    def abandon(self, text: str, code: str | None = None) -> None:
+        """The server ends the session on its own (idle timeout, shutdown, a dead upstream).
+
+        Between answers the client is told why; inside a multi-line answer ``_reply_err``
+        turns that into a dropped connection.
+        """
+        if self.state is State.CLOSED:
+            return
+        self._reply_err(text, code=code)
+        self._close()
+
     def update_done(self, problem: str | None = None) -> None:
         """The UPDATE finished; ``problem`` names what was not done if it failed part way."""
+        if self.state is State.CLOSED:
+            return
         if problem is None:
             self._reply_ok("Bye")
         else:
@@ -256,6 +314,7 @@ class Pop3Session:
     def connection_lost(self) -> None:
         """The client went away; nothing of the session's deletes is applied (RFC 1939)."""
         self.state = State.CLOSED
+        self._in_multiline = False
         self._actions.clear()
 
     # -- command dispatch ------------------------------------------------------------------
@@ -429,6 +488,7 @@ class Pop3Session:
             return
         self._actions.append(Retrieve(number, info, top_lines))
         self._busy = True
+        self._in_multiline = True
 
     def _dele(self, arg: str) -> None:
         number = self._number(arg)
@@ -473,6 +533,11 @@ class Pop3Session:
         self._actions.append(Send(f"+OK {text}\r\n".encode() if text else b"+OK\r\n"))
 
     def _reply_err(self, text: str, code: str | None = None) -> None:
+        # The one place every -ERR passes: never inside a multi-line answer, where it would
+        # read as part of the message (RFC 1939 has no way to end such an answer early).
+        if self._in_multiline:
+            self._abort()
+            return
         prefix = f"-ERR [{code}] " if code else "-ERR "
         self._actions.append(Send(f"{prefix}{text}\r\n".encode()))
 
@@ -482,8 +547,16 @@ class Pop3Session:
         self._actions.append(Send(f"+OK {first}\r\n{body}.\r\n".encode()))
 
     def _close(self) -> None:
+        if self.state is State.CLOSED:  # already closing, or aborted
+            return
         self.state = State.CLOSED
         self._actions.append(Close())
+
+    def _abort(self) -> None:
+        self.state = State.CLOSED
+        self._in_multiline = False
+        self._actions.clear()
+        self._actions.append(Abort())
 
     _A, _T = State.AUTHORIZATION, State.TRANSACTION
     _handlers: dict[tuple[State, str], Callable[[Pop3Session, str], None]] = {

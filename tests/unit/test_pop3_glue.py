@@ -21,12 +21,14 @@ IDLE = 600.0
 class FakeProducer:
     def __init__(self) -> None:
         self.resumed = 0
+        self.paused = False
 
     def pauseProducing(self) -> None:
-        pass
+        self.paused = True
 
     def resumeProducing(self) -> None:
         self.resumed += 1
+        self.paused = False
 
     def stopProducing(self) -> None:
         pass
@@ -85,11 +87,15 @@ class FakeService:
     def __init__(self, drop: FakeMaildrop, password: str = "pw") -> None:
         self.drop = drop
         self.password = password
+        # Set to a Deferred to hold logins until the test fires it (a slow upstream, a delay).
+        self.gate: Deferred[None] | None = None
 
     def parse_login(self, name: str) -> Login:
         return Login.parse(name, "#")
 
     async def open(self, login: Login, password: str, peer_ip: str | None) -> FakeMaildrop:
+        if self.gate is not None:
+            await self.gate
         if password != self.password:
             raise LoginRejected("no")
         return self.drop
@@ -168,8 +174,12 @@ def test_a_slow_download_is_not_idle_while_bytes_move() -> None:
     # The IMAP reads follow the client's pace for the whole session, not beyond QUIT.
     assert transport.producer is not None and transport.streaming
     transport.producer.pauseProducing()
+    assert drop.imap_transport.paused
+    transport.producer.resumeProducing()
+    assert not drop.imap_transport.paused
     protocol.dataReceived(b"QUIT\r\n")
-    assert transport.producer is None and drop.imap_transport.resumed == 1
+    transport.producer.pauseProducing()
+    assert not drop.imap_transport.paused  # the LOGOUT must get through
 
 
 def test_pipelined_commands_wait_for_the_download() -> None:
@@ -291,3 +301,97 @@ def test_answers_caused_by_one_upstream_read_go_out_in_one_write() -> None:
     ]
     protocol.dataReceived(b"NOOP\r\nNOOP\r\n")
     assert b"".join(writes[-1]) == b"+OK\r\n+OK\r\n"  # pipelined commands: one write too
+
+
+# --- bug: -ERR written inside a download at shutdown (issue 9) ---------------------------------
+
+
+def test_shutdown_inside_a_download_drops_the_connection_without_an_error_line() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    (_, sink, _) = drop.fetches[0]
+    sink.literal_begin(12)
+    sink.literal_data(b"part of")
+    assert said(transport) == b"+OK 12 octets\r\npart of"
+    protocol.shut_down()
+    sink.literal_data(b" it\r\n")  # the rest arriving after the drop goes nowhere
+    assert transport.value() == b""  # no "-ERR" that the client would take for message text
+    assert transport.disconnected  # aborted: loseConnection leaves this False
+
+
+def test_shutdown_between_answers_tells_the_client() -> None:
+    protocol, transport, _reactor, _drop = connect()
+    login(protocol, transport)
+    protocol.shut_down()
+    assert said(transport) == b"-ERR [SYS/TEMP] Server shutting down\r\n"
+    assert transport.disconnecting and not transport.disconnected
+
+
+def test_shutdown_while_a_login_is_under_way_forgets_the_login() -> None:
+    protocol, transport, _reactor, drop = connect()
+    service = protocol.service
+    service.gate = Deferred()  # type: ignore[attr-defined]
+    protocol.dataReceived(b"USER alice\r\nPASS pw\r\n")
+    said(transport)
+    protocol.shut_down()
+    assert said(transport) == b"-ERR [SYS/TEMP] Server shutting down\r\n"
+    service.gate.callback(None)  # type: ignore[attr-defined]
+    assert said(transport) == b""  # no "+OK Logged in" after the goodbye
+    assert drop.closed
+
+
+# --- bug: unbounded input while a session is busy (issue 9) ------------------------------------
+
+
+def test_a_session_busy_with_a_download_stops_reading_instead_of_buffering() -> None:
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"NOOP\r\n" * 20_000)  # 120 KB while the download has not started
+    assert transport.producerState == "paused"
+    (_, sink, done) = drop.fetches[0]
+    deliver(sink, b"twelve bytes")
+    done.callback(None)
+    # The download finished, the backlog was answered, reading goes on.
+    assert said(transport).count(b"+OK\r\n") == 20_000
+    assert transport.producerState == "producing"
+
+
+def test_an_unauthenticated_session_busy_with_its_login_stops_reading() -> None:
+    protocol, transport, _reactor, _drop = connect()
+    service = protocol.service
+    service.gate = Deferred()  # type: ignore[attr-defined]
+    protocol.dataReceived(b"USER alice\r\nPASS wrong\r\n")
+    protocol.dataReceived(b"\x00junk" * 20_000)  # no line end at all
+    assert transport.producerState == "paused"
+    service.gate.callback(None)  # type: ignore[attr-defined]
+    assert said(transport).endswith(b"-ERR [AUTH] Authentication failed\r\n-ERR Line too long\r\n")
+    assert transport.producerState == "producing"
+
+
+def test_a_client_that_does_not_read_its_answers_is_not_answered_further() -> None:
+    protocol, transport, _reactor, _drop = connect()
+    login(protocol, transport)
+    assert transport.producer is not None
+    transport.producer.pauseProducing()  # Twisted: the client's write buffer is full
+    protocol.dataReceived(b"LIST\r\n" * 20_000)
+    assert said(transport) == b""  # no answers pile up in the gateway
+    assert transport.producerState == "paused"  # and the commands wait in the kernel
+    transport.producer.resumeProducing()
+    assert said(transport).count(b"+OK 2 messages, scan listing follows") == 20_000
+    assert transport.producerState == "producing"
+
+
+def test_input_that_overshoots_the_pause_is_still_bounded() -> None:
+    """A transport that delivers more after being paused (one read's worth may) is cut off
+    before the session's buffer outgrows its hard limit."""
+    protocol, transport, _reactor, _drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    said(transport)
+    for _ in range(32):
+        protocol.dataReceived(b"y" * 65536)
+    assert transport.disconnected
+    assert protocol.session is not None and not protocol.session.wants_input

@@ -104,10 +104,6 @@ def test_user_pass_login_and_password_not_in_repr() -> None:
             pop3.UpstreamUnavailable(),
             b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n",
         ),
-        (
-            pop3.MailboxInUse(),
-            b"-ERR [IN-USE] Mailbox in use by another session of this device\r\n",
-        ),
     ],
 )
 def test_login_failures_carry_response_codes(error: pop3.LoginError, answer: bytes) -> None:
@@ -309,3 +305,77 @@ def test_the_messages_a_sequential_download_wants_next_skip_deleted_ones() -> No
     assert [m.uid for m in drop.following(1, 3)] == [2, 4, 5]
     assert [m.uid for m in drop.following(1)] == [2]
     assert drop.following(5, 3) == []
+
+
+# --- ending a session inside a multi-line answer, and bounded input ----------------------------
+
+
+def test_abandoned_between_answers_the_client_is_told_why() -> None:
+    c = Client().logged_in()
+    assert c.answer(c.session.abandon, "Server shutting down", "SYS/TEMP") == (
+        b"-ERR [SYS/TEMP] Server shutting down\r\n"
+    )
+    assert c.closed and c.session.state is pop3.State.CLOSED
+
+
+def test_abandoned_inside_a_download_the_connection_is_dropped_without_an_error_line() -> None:
+    c = Client().logged_in()
+    c.line("RETR 1")
+    c.take(pop3.Retrieve)
+    assert c.session.in_multiline_answer
+    assert c.answer(c.session.abandon, "Server shutting down", "SYS/TEMP") == b""
+    c.take(pop3.Abort)
+    assert not c.closed and c.session.state is pop3.State.CLOSED  # Abort, not a polite Close
+
+
+def test_no_error_line_can_follow_a_retrieve_whatever_ends_the_session() -> None:
+    """Every way the session can end with an -ERR, tried inside a multi-line answer."""
+    for end in (
+        lambda s: s.abandon("Idle timeout, closing connection"),
+        lambda s: s.retrieve_broken(),
+        lambda s: s.receive_data(b"x" * (pop3.MAX_INPUT + 1)),
+    ):
+        c = Client().logged_in()
+        c.line("RETR 2")
+        c.take(pop3.Retrieve)
+        assert c.answer(end, c.session) == b""
+        c.take(pop3.Abort)
+        assert c.answer(c.session.retrieve_done) == b""  # a late completion changes nothing
+
+
+def test_after_the_answer_is_complete_errors_are_lines_again() -> None:
+    c = Client().logged_in()
+    c.line("RETR 1")
+    c.take(pop3.Retrieve)
+    c.answer(c.session.retrieve_done)
+    assert not c.session.in_multiline_answer
+    assert c.answer(c.session.abandon, "Idle timeout, closing connection") == (
+        b"-ERR Idle timeout, closing connection\r\n"
+    )
+
+
+def test_a_busy_session_stops_wanting_input_at_the_backlog_limit() -> None:
+    c = Client()
+    c.line("USER alice")
+    c.line("PASS secret")
+    c.take(pop3.Authenticate)  # busy: the login is under way
+    assert c.session.wants_input
+    c.send(b"NOOP\r\n" * (pop3.MAX_BACKLOG // 6 + 1))
+    assert not c.session.wants_input
+    c.answer(c.session.login_failed, pop3.BadCredentials())
+    # The login answered, the backlog is worked off (NOOP is not valid before login) and
+    # input is wanted again.
+    assert c.session.wants_input and c.out.count(b"-ERR Command not valid in this state") > 1000
+
+
+def test_input_beyond_the_hard_limit_drops_the_connection() -> None:
+    c = Client()
+    c.line("USER alice")
+    c.line("PASS secret")
+    c.take(pop3.Authenticate)
+    for _ in range(pop3.MAX_INPUT // 65536):
+        c.send(b"x" * 65536)
+    assert c.actions == []
+    c.send(b"x")
+    c.take(pop3.Abort)
+    assert not c.session.wants_input
