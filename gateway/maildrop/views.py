@@ -119,10 +119,21 @@ class DeviceState:
         self.uids = self.uids | UidSet(msg.uid for msg in messages)
         self.emailids.update(msg.emailid for msg in messages if msg.emailid is not None)
 
-    def prune(self, present: Sequence[IndexedMessage]) -> None:
-        """Forget messages no longer in the mailbox, so the state never outgrows it."""
-        self.uids = self.uids.intersection(m.uid for m in present)
-        self.emailids &= {m.emailid for m in present if m.emailid is not None}
+    def prune(self, present: Sequence[IndexedMessage], newer_from: int | None = None) -> None:
+        """Forget messages no longer in the mailbox, so the state never outgrows it.
+
+        ``present`` may be older than what is stored: another session of the same device may
+        have hidden a message that arrived after this snapshot. ``newer_from`` (the snapshot's
+        UIDNEXT, given when the mailbox has had arrivals since) keeps every UID from there on,
+        and every EMAILID (they carry no order); a later UPDATE prunes them.
+        """
+        kept = self.uids.intersection(m.uid for m in present)
+        if newer_from is None:
+            self.uids = kept
+            self.emailids &= {m.emailid for m in present if m.emailid is not None}
+        else:
+            newer = [(max(a, newer_from), b) for a, b in self.uids.ranges() if b >= newer_from]
+            self.uids = kept | UidSet.from_ranges(newer)
 
     def drop_unborn(self, uidvalidity: int, uidnext: int) -> bool:
         """Forget UIDs the mailbox has not given out yet; True if there were any.

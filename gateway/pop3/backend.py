@@ -32,7 +32,7 @@ from gateway.maildrop.views import (
 )
 from gateway.retention import RetentionService
 from gateway.upstream import device_store
-from gateway.upstream.account import ImapAccount, UpstreamUnavailable
+from gateway.upstream.account import ImapAccount, MailboxInfo, UpstreamUnavailable
 from gateway.upstream.folders import resolve_folder
 from gateway.upstream.imap_client import BodySink, ImapError, ReadObserver, Response
 
@@ -96,7 +96,7 @@ class MaildropService:
             raise
         except ImapError as e:
             raise UpstreamUnavailable(f"cannot open {mailbox}: {e}") from e
-        return UpstreamMaildrop(self, account, login, info.uidvalidity, index, state)
+        return UpstreamMaildrop(self, account, login, info, index, state)
 
 
 class UpstreamMaildrop:
@@ -105,17 +105,18 @@ class UpstreamMaildrop:
         service: MaildropService,
         account: ImapAccount,
         login: Login,
-        uidvalidity: int,
+        info: MailboxInfo,
         index: Sequence[IndexedMessage],
         state: DeviceState | None,
     ) -> None:
         self.service = service
         self.account = account
         self.login = login
-        self.uidvalidity = uidvalidity
+        self.uidvalidity = info.uidvalidity
+        self.uidnext = info.uidnext  # at the snapshot; 0 if the server did not say
         self.index = index
         self.state = state
-        self.maildrop: Maildrop = build_maildrop(index, uidvalidity, state)
+        self.maildrop: Maildrop = build_maildrop(index, self.uidvalidity, state)
         self._closed = False
 
     @property
@@ -184,9 +185,23 @@ class UpstreamMaildrop:
                 step = f"recording the deletes of device {self.login.device}"
                 state = self.state or DeviceState(config.mailbox, self.login.device)
                 state.hide(messages, self.uidvalidity)
-                await device_store.save(self.account, self.service.state_mailbox, state, self.index)
+                await device_store.save(
+                    self.account,
+                    self.service.state_mailbox,
+                    state,
+                    self.index,
+                    self._arrived_since_snapshot(info),
+                )
         except ImapError as e:
             raise UpdateFailed(f"{len(uids)} deletes not applied ({step} failed: {e})") from e
+
+    def _arrived_since_snapshot(self, now: MailboxInfo) -> int | None:
+        """The snapshot's UIDNEXT if messages may have arrived since (then the snapshot cannot
+        tell what left the mailbox from what another session of the device hid meanwhile);
+        None when it is still complete."""
+        if self.uidnext and now.uidnext == self.uidnext:
+            return None
+        return self.uidnext or max((m.uid for m in self.index), default=0) + 1
 
     async def finish(self, deleted_any: bool) -> None:
         """After QUIT was answered: retention on this connection if due, then log out."""

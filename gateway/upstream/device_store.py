@@ -171,10 +171,12 @@ async def save(
     state_mailbox: str,
     state: DeviceState,
     present: Sequence[IndexedMessage],
+    newer_from: int | None = None,
 ) -> None:
     """Merge with what is stored now, write the result, then remove the older copies.
 
-    Entries for messages not in ``present`` (gone from the mailbox) are dropped on the way.
+    Entries for messages not in ``present`` (gone from the mailbox) are dropped on the way,
+    except those ``DeviceState.prune`` keeps for ``newer_from``.
     """
     await account.create_mailbox(state_mailbox)
     await account.examine(state_mailbox, readonly=False)
@@ -182,7 +184,7 @@ async def save(
     problems = await _read(account, state, old)
     if problems:
         _report(state, problems)
-    state.prune(present)
+    state.prune(present, newer_from)
     await _write(account, state_mailbox, state, old)
 
 

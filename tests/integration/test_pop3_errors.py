@@ -36,7 +36,6 @@ pytestmark = pytest.mark.integration
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed\r\n"
 SYS_TEMP = b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n"
-IN_USE = b"-ERR [IN-USE] Mailbox in use by another session of this device\r\n"
 NOT_IN_STATE = b"-ERR Command not valid in this state\r\n"
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ ")
 
@@ -142,18 +141,21 @@ def test_upstream_down_is_a_temporary_failure(
     gw.wait_for_log(r"ERROR popgate\.pop3 login failed, upstream unavailable: cannot reach IMAP")
 
 
-# --------------------------------------------------------------------- one session per device
-def test_second_session_of_the_same_device_is_in_use(
+# --------------------------------------------------------------------- sessions of one device
+def test_second_session_of_the_same_device_is_let_in(
     dovecot: Dovecot, gateway: GatewayProcess, victim: Account
 ) -> None:
+    """No [IN-USE]: the first session may belong to a connection that silently vanished.
+    Each session sees its own snapshot; deletes take effect at each one's QUIT."""
     acct = victim
     with connect(gateway) as first:
         first.login(acct.name, acct.password)
         assert first.command("DELE 1") == b"+OK message 1 deleted\r\n"
         with connect(gateway) as second:
-            assert second.command(f"USER {acct.name}") == b"+OK Send your password\r\n"
-            assert second.command(f"PASS {acct.password}") == IN_USE
-            assert second.auth_plain(acct.name, acct.password) == IN_USE
+            assert second.auth_plain(acct.name, acct.password).startswith(
+                b"+OK Logged in, 2 messages"
+            )
+            assert second.quit() == b"+OK Bye\r\n"
             with connect(gateway) as phone:
                 phone.login(f"{acct.name}#phone", acct.password)
                 assert phone.command("STAT").startswith(b"+OK 2 ")
@@ -162,14 +164,14 @@ def test_second_session_of_the_same_device_is_in_use(
             assert first.command("STAT") == f"+OK 1 {len(acct.messages[1])}\r\n".encode()
             assert first.fetch("RETR 2")[1] == on_the_wire(acct.messages[1])
             assert first.quit() == b"+OK Bye\r\n"
-            # and once it is over, the device is free again
-            second.login(acct.name, acct.password)
-            assert second.command("STAT") == f"+OK 1 {len(acct.messages[1])}\r\n".encode()
-            assert second.quit() == b"+OK Bye\r\n"
+        with connect(gateway) as third:
+            third.login(acct.name, acct.password)
+            assert third.command("STAT") == f"+OK 1 {len(acct.messages[1])}\r\n".encode()
+            assert third.quit() == b"+OK Bye\r\n"
     assert upstream(dovecot, acct.name).hidden_uids() == {acct.uids[0]}
 
 
-def test_simultaneous_logins_of_one_device_let_exactly_one_in(
+def test_simultaneous_logins_of_one_device_all_get_in(
     gateway: GatewayProcess, victim: Account
 ) -> None:
     clients = [connect(gateway) for _ in range(4)]
@@ -190,8 +192,7 @@ def test_simultaneous_logins_of_one_device_let_exactly_one_in(
         for t in threads:
             t.join(30)
         assert len(answers) == 4
-        assert sorted(a.startswith(b"+OK Logged in") for a in answers) == [False] * 3 + [True]
-        assert sorted(a for a in answers if not a.startswith(b"+OK")) == [IN_USE] * 3
+        assert all(a.startswith(b"+OK Logged in") for a in answers), answers
     finally:
         for client in clients:
             client.close()

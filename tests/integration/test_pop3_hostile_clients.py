@@ -195,3 +195,26 @@ def test_a_device_whose_connection_vanished_logs_in_again_and_deletes_apply_once
         assert set(view.inbox_flags) == set(acct.uids) - deleted
         in_trash = Counter(dovecot.fetch_bodies(acct.name, acct.password, "Trash").values())
         assert in_trash == Counter(acct.messages[i] for i in (1, 2, 3))  # each exactly once
+
+
+def test_a_session_with_an_older_snapshot_keeps_what_a_newer_one_of_the_device_hid(
+    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """The older session's UPDATE rewrites the device state with its own snapshot, which never
+    saw the message that arrived later: that message must stay hidden all the same."""
+    gw = start_gateway()
+    acct = make_account(dovecot, [messages.plain("old", n=1)], "older-snapshot")
+    device = f"{acct.name}#phone"
+    with PopWire.connect(gw.host, gw.pop3_port) as older:
+        assert older.login(device, acct.password).startswith(b"+OK Logged in, 1 messages")
+        dovecot.append_many(acct.name, acct.password, [messages.plain("new", n=2)])
+        with PopWire.connect(gw.host, gw.pop3_port) as newer:
+            assert newer.login(device, acct.password).startswith(b"+OK Logged in, 2 messages")
+            assert newer.command("DELE 2") == b"+OK message 2 deleted\r\n"
+            assert newer.quit() == b"+OK Bye\r\n"
+        assert older.command("DELE 1") == b"+OK message 1 deleted\r\n"
+        assert older.quit() == b"+OK Bye\r\n"
+    with PopWire.connect(gw.host, gw.pop3_port) as after:
+        assert after.login(device, acct.password).startswith(b"+OK Logged in, 0 messages")
+        assert after.quit() == b"+OK Bye\r\n"
+    assert len(upstream(dovecot, acct.name).hidden_uids()) == 2

@@ -2,8 +2,9 @@
 
 A state machine drives the pure parts of the gateway (snapshot → Maildrop, DeviceState with its
 stored message form, the delete policy's flags) over an in-memory mailbox, the way
-gateway/pop3/backend.py does over IMAP: several devices with overlapping sessions, deletes,
-RSET, dropped connections, QUIT in any order, IMAP clients appending and expunging meanwhile.
+gateway/pop3/backend.py does over IMAP: several devices with overlapping sessions (two at once
+of the same device too: there is no IN-USE lock), deletes, RSET, dropped connections, QUIT in
+any order, IMAP clients appending and expunging meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.maildrop.views import (
 
 UIDVALIDITY = 77
 DEVICES = ["default", "phone", "office"]
+SLOTS = [0, 1]  # two sessions of one device may be open at once
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Session:
     maildrop: Maildrop
     index: list[IndexedMessage]
     state: DeviceState | None
+    uidnext: int  # the mailbox's UIDNEXT when the snapshot was taken
 
 
 @dataclass
@@ -58,7 +61,7 @@ class NeverLoses(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.upstream = Upstream()
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[tuple[str, int], Session] = {}
         self.alive: set[int] = set()  # what IMAP put in and did not take out
         self.hidden: dict[str, set[int]] = {d: set() for d in DEVICES}  # the model's view
         self.policy = policy_for("hide")
@@ -81,35 +84,36 @@ class NeverLoses(RuleBasedStateMachine):
         del self.upstream.flags[uid]
         self.alive.discard(uid)
 
-    @rule(device=st.sampled_from(DEVICES))
-    def login(self, device: str) -> None:
-        if device in self.sessions:
-            return  # the gateway answers [IN-USE]
+    @rule(device=st.sampled_from(DEVICES), slot=st.sampled_from(SLOTS))
+    def login(self, device: str, slot: int) -> None:
+        if (device, slot) in self.sessions:
+            return
         index = self.upstream.index()
         state = self.upstream.load_state(device) if needs_state(index, True) else None
-        self.sessions[device] = Session(build_maildrop(index, UIDVALIDITY, state), index, state)
+        maildrop = build_maildrop(index, UIDVALIDITY, state)
+        self.sessions[device, slot] = Session(maildrop, index, state, self.upstream.next_uid)
 
-    @rule(device=st.sampled_from(DEVICES), data=st.data())
-    def dele(self, device: str, data: st.DataObject) -> None:
-        session = self.sessions.get(device)
+    @rule(device=st.sampled_from(DEVICES), slot=st.sampled_from(SLOTS), data=st.data())
+    def dele(self, device: str, slot: int, data: st.DataObject) -> None:
+        session = self.sessions.get((device, slot))
         if session is None:
             return
         numbers = [n for n, _ in session.maildrop.listing()]
         if numbers:
             session.maildrop.delete(data.draw(st.sampled_from(numbers)))
 
-    @rule(device=st.sampled_from(DEVICES))
-    def rset(self, device: str) -> None:
-        if device in self.sessions:
-            self.sessions[device].maildrop.reset()
+    @rule(device=st.sampled_from(DEVICES), slot=st.sampled_from(SLOTS))
+    def rset(self, device: str, slot: int) -> None:
+        if (device, slot) in self.sessions:
+            self.sessions[device, slot].maildrop.reset()
 
-    @rule(device=st.sampled_from(DEVICES))
-    def drop(self, device: str) -> None:
-        self.sessions.pop(device, None)
+    @rule(device=st.sampled_from(DEVICES), slot=st.sampled_from(SLOTS))
+    def drop(self, device: str, slot: int) -> None:
+        self.sessions.pop((device, slot), None)
 
-    @rule(device=st.sampled_from(DEVICES))
-    def quit(self, device: str) -> None:
-        session = self.sessions.pop(device, None)
+    @rule(device=st.sampled_from(DEVICES), slot=st.sampled_from(SLOTS))
+    def quit(self, device: str, slot: int) -> None:
+        session = self.sessions.pop((device, slot), None)
         if session is None:
             return
         deleted = session.maildrop.deleted()
@@ -127,7 +131,8 @@ class NeverLoses(RuleBasedStateMachine):
             found = DeviceState.from_message(raw, "INBOX", device)
             assert found is not None
             state.merge(found)
-        state.prune(session.index)
+        newer = None if self.upstream.next_uid == session.uidnext else session.uidnext
+        state.prune(session.index, newer)
         self.upstream.stored_state[device] = [state.to_message()]
         self.hidden[device] |= {m.uid for m in messages}
 
@@ -150,6 +155,29 @@ class NeverLoses(RuleBasedStateMachine):
         fresh = self.upstream.load_state("brand-new") if needs_state(index, True) else None
         seen = {info.uid for _, info in build_maildrop(index, UIDVALIDITY, fresh).listing()}
         assert seen == self.alive
+
+
+def test_an_older_snapshot_keeps_a_delete_another_session_of_the_device_made() -> None:
+    """Session 0 of phone logs in, a message arrives, session 1 logs in, hides it and quits;
+    session 0 then quits: its snapshot never knew that message, which must stay hidden."""
+
+    class Pick:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def draw(self, _strategy: object) -> int:
+            return self.value
+
+    m = NeverLoses()
+    m.imap_append()
+    m.login("phone", 0)
+    m.imap_append()
+    m.login("phone", 1)
+    m.dele("phone", 1, Pick(2))  # type: ignore[arg-type]
+    m.quit("phone", 1)
+    m.dele("phone", 0, Pick(1))  # type: ignore[arg-type]
+    m.quit("phone", 0)
+    m.each_device_sees_what_it_did_not_delete()
 
 
 NeverLoses.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
