@@ -181,7 +181,7 @@ class Pop3Protocol(Protocol):
         # of client commands), sent together at its end: one system call, not one per answer.
         self._corked = 0
         self._out: list[bytes] = []
-        self._out_size = 0
+        self._out_size = 0  # of the answers in _out (see OUT_BATCH)
         self._closed = False
         self.busy_with_update = False
 
@@ -249,8 +249,7 @@ class Pop3Protocol(Protocol):
         if self._closed:  # dropped: a body still arriving from upstream goes nowhere
             return
         if self._corked:
-            self._out.extend(pieces)
-            self._out_size += sum(len(p) for p in pieces)
+            self._out.extend(pieces)  # one upstream read's worth at most: not counted
         else:
             self._reset_timer()
             write_through(self.transport, pieces)
