@@ -178,6 +178,11 @@ class Pop3Session:
         return self.state is not State.CLOSED and len(self._buffer) < MAX_BACKLOG
 
     @property
+    def backlog(self) -> int:
+        """Octets received and not yet looked at."""
+        return len(self._buffer)
+
+    @property
     def in_multiline_answer(self) -> bool:
         """A multi-line answer (RETR, TOP) is under way: nothing but its own bytes may follow."""
         return self._in_multiline

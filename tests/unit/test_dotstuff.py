@@ -86,3 +86,31 @@ def test_top_passes_header_blank_line_and_n_lines_for_every_chunk_size() -> None
 def test_top_of_a_message_with_empty_header_or_no_body() -> None:
     assert top(b"\r\nbody\r\nmore\r\n", 1, 3) == b"\r\nbody\r\n"
     assert top(b"Subject: x\r\n", 5, 4) == b"Subject: x\r\n"
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b".", b"\r\n", b"\n", b"\r", b"x: y", b""]), max_size=60).map(
+        b"".join
+    ),
+    st.integers(min_value=0, max_value=5),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=8),
+)
+def test_top_is_a_prefix_and_chunking_never_changes_it(
+    message: bytes, n: int, cuts: list[int]
+) -> None:
+    """Hostile line ends included (bare CR/LF, blank lines split anywhere): TOP only ever cuts
+    the message short, the same wherever the chunks fall, and stuffs to a well-formed answer."""
+    whole = TopFilter(n).feed(message)
+    assert message.startswith(whole)
+    f, pieces, prev = TopFilter(n), [], 0
+    for cut in [*sorted(c % (len(message) + 1) for c in cuts), len(message)]:
+        pieces.append(f.feed(message[prev:cut]))
+        prev = max(prev, cut)
+    assert b"".join(pieces) == whole
+    wire = stuff(whole, cuts)
+    assert wire.endswith(b".\r\n")
+    body = wire[:-3]
+    # The terminator starts a line, and no line before it (split on LF, as lenient clients
+    # do) is a lone "." that would end the answer early.
+    assert body == b"" or body.endswith(b"\n")
+    assert not any(line in (b".", b".\r") for line in body.split(b"\n"))
