@@ -129,7 +129,7 @@ async def slow(host: str, port: int, box: Mailbox, tally: Tally, end: float) -> 
 
 
 async def flood(host: str, port: int, box: Mailbox, tally: Tally, end: float) -> None:
-    reader, writer = await login(host, port, box)
+    _reader, writer = await login(host, port, box)
     writer.write(f"RETR {len(box.wire)}\r\n".encode())
     junk = b"NOOP\r\n" * 10_000
     tally.sessions["flood"] += 1
