@@ -208,7 +208,6 @@ class Pop3Protocol(Protocol):
         # A device that vanished without a FIN (NAT drop, pulled cable) is noticed and its
         # session freed in minutes rather than at the idle timeout or never.
         enable_keepalive(self.transport)
-        self.transport.registerProducer(self._pace, True)  # type: ignore[union-attr]
         # IMAP reads come in chunks of up to READ_SIZE: with Twisted's 64 KiB, every one of
         # them would pause and resume the IMAP reads even when the client keeps up.
         set_buffer_size(self.transport, READ_SIZE)
@@ -219,6 +218,7 @@ class Pop3Protocol(Protocol):
             implementation=f"popgate-{gateway.__version__}",
             capabilities_extra=self.service.capabilities,
         )
+        self.transport.registerProducer(self._pace, True)  # type: ignore[union-attr]
         self._log(logging.INFO, "connect tls=%s", "implicit" if self.implicit_tls else "no")
         self._reset_timer()
         self._pump()
