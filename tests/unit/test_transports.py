@@ -10,7 +10,15 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 
-from gateway.transports import set_buffer_size, unsent_octets, write_through
+from gateway.transports import (
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_PROBES,
+    enable_keepalive,
+    set_buffer_size,
+    unsent_octets,
+    write_through,
+)
 
 
 class _Tcp:
@@ -107,3 +115,15 @@ def test_what_the_socket_does_not_take_is_queued_in_order(pair: tuple) -> None:
         received += chunk
     assert 0 < len(received) < len(data)
     assert bytes(received) + queued(conn) == data
+
+
+def test_keepalive_is_turned_on_through_tls_with_short_timings() -> None:
+    """A client gone without a FIN is found in minutes, not Linux's two hours."""
+    a, b = socket.socketpair(socket.AF_INET, socket.SOCK_STREAM)
+    with a, b:
+        enable_keepalive(_Tls(_Tcp(a)))
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+        assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL
+        assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
+        assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES <= 180
