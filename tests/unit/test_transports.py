@@ -119,8 +119,8 @@ def test_what_the_socket_does_not_take_is_queued_in_order(pair: tuple) -> None:
 
 def test_keepalive_is_turned_on_through_tls_with_short_timings() -> None:
     """A client gone without a FIN is found in minutes, not Linux's two hours."""
-    a, b = socket.socketpair(socket.AF_INET, socket.SOCK_STREAM)
-    with a, b:
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket() as a:
+        a.connect(server.getsockname())
         enable_keepalive(_Tls(_Tcp(a)))
         assert a.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
