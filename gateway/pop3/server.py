@@ -384,6 +384,9 @@ class Pop3Protocol(Protocol):
                     self._start_tls()
                 elif isinstance(action, pop3.Close):
                     self._flush()
+                    # With a producer registered Twisted would wait for it before closing (a
+                    # TLS connection would never send its close alert).
+                    self.transport.unregisterProducer()  # type: ignore[union-attr]
                     self.transport.loseConnection()  # type: ignore[union-attr]
         finally:
             self._uncork()

@@ -177,9 +177,15 @@ def test_a_slow_download_is_not_idle_while_bytes_move() -> None:
     assert drop.imap_transport.paused
     transport.producer.resumeProducing()
     assert not drop.imap_transport.paused
-    protocol.dataReceived(b"QUIT\r\n")
     transport.producer.pauseProducing()
-    assert not drop.imap_transport.paused  # the LOGOUT must get through
+    protocol.dataReceived(b"QUIT\r\n")  # waits: the client takes nothing
+    assert drop.updates == [] and drop.imap_transport.paused
+    transport.producer.resumeProducing()
+    assert drop.updates == [[]]
+    # After QUIT nothing ties the IMAP reads to the client any more (the LOGOUT must get
+    # through), and nothing holds the close back.
+    assert transport.producer is None and transport.disconnecting
+    assert not drop.imap_transport.paused
 
 
 def test_pipelined_commands_wait_for_the_download() -> None:
