@@ -62,6 +62,10 @@ def stuffed_answer(message: bytes) -> bytes:
     return b"".join(b"." + ln if ln.startswith(b".") else ln for ln in lines) + b".\r\n"
 
 
+class UpstreamBusy(Exception):
+    """The gateway answered a login with -ERR [SYS/TEMP]: the IMAP server did not serve it."""
+
+
 async def read_answer(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n.\r\n")
 
@@ -75,6 +79,9 @@ async def login(
     writer.write(f"USER {box.user}#{device}\r\nPASS {box.password}\r\n".encode())
     assert (await reader.readline()).startswith(b"+OK"), "USER"
     answer = await reader.readline()
+    if answer.startswith(b"-ERR [SYS/TEMP]"):
+        writer.close()
+        raise UpstreamBusy(answer.decode().strip())
     assert answer.startswith(b"+OK Logged in"), answer
     return reader, writer
 
@@ -180,6 +187,8 @@ BEHAVIOURS = {"idle": idle, "slow": slow, "flood": flood, "vanish": vanish, "val
 async def run_client(kind: str, host: str, port: int, box: Mailbox, tally: Tally, end: float):
     try:
         await BEHAVIOURS[kind](host, port, box, tally, end)
+    except UpstreamBusy:
+        tally.sessions["login_sys_temp"] += 1  # counted, not a gateway failure: see docs
     except (AssertionError, ConnectionError, asyncio.IncompleteReadError, OSError, ValueError) as e:
         if time.monotonic() < end - 1:  # the gateway being stopped at the end is not a problem
             tally.problems.append(f"{kind}: {type(e).__name__}: {e}"[:200])
