@@ -352,8 +352,9 @@ class Pop3Protocol(Protocol):
         self._pump()
 
     def _pump(self) -> None:
-        """Carry out the session's actions until it waits for something, or until the client
-        stops taking what is written to it (then ``_ClientPace`` pumps again when it does)."""
+        """Carry out the session's actions until it waits for something. While the client does
+        not take what is written to it no command is taken (``_ClientPace`` pumps again when it
+        does)."""
         session = self.session
         assert session is not None
         if self._pumping:  # called back from inside the loop below: it carries on anyway
@@ -361,8 +362,10 @@ class Pop3Protocol(Protocol):
         self._pumping = True
         self._cork()
         try:
-            while not self._closed and not self._pace.paused:
-                action = session.next_action()
+            while not self._closed:
+                # While the client takes nothing, what is decided still goes (a goodbye, an
+                # abort), but no further command is answered.
+                action = session.next_action(take_commands=not self._pace.paused)
                 if action is None:
                     break
                 if isinstance(action, pop3.Send):

@@ -187,8 +187,15 @@ class Pop3Session:
         """A multi-line answer (RETR, TOP) is under way: nothing but its own bytes may follow."""
         return self._in_multiline
 
-    def next_action(self) -> Action | None:
-        while not self._actions and not self._busy and self.state is not State.CLOSED:
+    def next_action(self, *, take_commands: bool = True) -> Action | None:
+        """The next thing to do, or None. With ``take_commands`` False only what is already
+        decided comes out and no further command is read (the client is not taking answers)."""
+        while (
+            take_commands
+            and not self._actions
+            and not self._busy
+            and self.state is not State.CLOSED
+        ):
             line = self._next_line()
             if line is None:
                 break

@@ -401,3 +401,18 @@ def test_input_that_overshoots_the_pause_is_still_bounded() -> None:
         protocol.dataReceived(b"y" * 65536)
     assert transport.disconnected
     assert protocol.session is not None and not protocol.session.wants_input
+
+
+def test_shutdown_reaches_a_client_that_stopped_reading_its_download() -> None:
+    """The client's buffer is full (Twisted paused us): the drop must not wait for it."""
+    protocol, transport, _reactor, drop = connect()
+    login(protocol, transport)
+    protocol.dataReceived(b"RETR 1\r\n")
+    (_, sink, _) = drop.fetches[0]
+    sink.literal_begin(12)
+    sink.literal_data(b"part")
+    assert transport.producer is not None
+    transport.producer.pauseProducing()
+    said(transport)
+    protocol.shut_down()
+    assert transport.value() == b"" and transport.disconnected  # aborted at once
