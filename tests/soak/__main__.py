@@ -95,7 +95,9 @@ async def retr(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: in
 
 async def valid(host: str, port: int, box: Mailbox, tally: Tally, end: float) -> None:
     while time.monotonic() < end:
-        reader, writer = await login(host, port, box)
+        # A device of its own per session: they overlap, and a gateway with a per-device lock
+        # (before issue 9) can be soaked for comparison.
+        reader, writer = await login(host, port, box, f"valid{random.randrange(10**9)}")
         writer.write(b"LIST\r\n")
         assert (await reader.readline()).startswith(b"+OK")
         listing = await read_answer(reader)
@@ -114,7 +116,7 @@ async def valid(host: str, port: int, box: Mailbox, tally: Tally, end: float) ->
 async def slow(host: str, port: int, box: Mailbox, tally: Tally, end: float) -> None:
     big = len(box.wire)  # the last message is the large one
     while time.monotonic() < end:
-        reader, writer = await login(host, port, box)
+        reader, writer = await login(host, port, box, f"slow{random.randrange(10**9)}")
         writer.write(f"RETR {big}\r\n".encode())
         assert (await reader.readline()).startswith(b"+OK")
         got = bytearray()
@@ -211,7 +213,8 @@ async def soak(args: argparse.Namespace, gw: GatewayProcess, boxes: list[Mailbox
     assert gw.pid is not None
     start = time.monotonic()
     end = start + args.duration
-    kinds = random.Random(1).choices(list(MIX), weights=list(MIX.values()), k=args.connections)
+    mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
+    kinds = random.Random(1).choices(list(mix), weights=list(mix.values()), k=args.connections)
     tasks = [asyncio.create_task(sample(gw.pid, tally, end, start))]
     for i, kind in enumerate(kinds):
         box = boxes[i % len(boxes)]
@@ -248,6 +251,11 @@ def main() -> int:
         help="extra popgate setting, value as TOML (e.g. security.max_connections_per_ip=100000)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--mix",
+        default=",".join(f"{k}={v}" for k, v in MIX.items()),
+        help="behaviour shares, e.g. valid=1 or idle=0.5,slow=0.5 (default: %(default)s)",
+    )
     args = parser.parse_args()
 
     import tomllib
