@@ -138,17 +138,21 @@ class Driver:
             self.pending_login = True
 
     def progress_retrieve(self) -> None:
-        """The download's fate: finished, gone before a byte, broken part way, or still on."""
-        outcome = self.draw(st.sampled_from(["later", "done", "gone", "broken"]))
+        """The download's fate: finished, gone or failed upstream before a byte, broken part
+        way, or still on."""
+        outcome = self.draw(st.sampled_from(["later", "done", "gone", "failed", "broken"]))
         if outcome == "done":
             self.retrieving = False  # the terminator is out
             self.session.retrieve_done()
         elif outcome == "gone" and not self.body_started:
             self.retrieving = False
             self.session.retrieve_unavailable()
+        elif outcome == "failed" and not self.body_started:
+            self.retrieving = False
+            self.session.retrieve_failed()
         elif outcome == "broken":
             self.body_started = True
-            self.session.retrieve_failed()
+            self.session.retrieve_broken()
         else:
             self.body_started = True  # the +OK and some of the body are out
 
