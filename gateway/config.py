@@ -95,6 +95,9 @@ class Pop3Settings:
     trash_folder: str = "auto"  # "auto": the SPECIAL-USE \Trash mailbox, else "Trash"
     snapshot_cache_messages: int = 200_000  # index entries kept for unchanged mailboxes; 0 = off
     state_mailbox: str = "POP Device State"  # where per-device views are kept (docs/pop3.md)
+    # "metadata": private IMAP METADATA entries; "mailbox": state_mailbox; "auto": METADATA
+    # when the server takes it, else the mailbox (docs/pop3.md)
+    state_store: Literal["auto", "metadata", "mailbox"] = "auto"
     device_separator: str = "#"
     idle_timeout: float = 600
     tls_min_version: TLSVersion | None = None  # None: inherit [tls] min_version
@@ -244,6 +247,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "archive_folder": _Key("str"),
         "trash_folder": _Key("str"),
         "state_mailbox": _Key("str"),
+        "state_store": _Key("choice", ("auto", "metadata", "mailbox")),
         "snapshot_cache_messages": _Key("int", low=0),
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),

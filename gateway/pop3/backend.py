@@ -45,7 +45,6 @@ class MaildropService:
         self.reactor = reactor
         self.config = config
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
-        self.state_mailbox = config.pop3.state_mailbox
         self.retention = RetentionService(reactor, config)
         retention = config.retention
         self.capabilities = (
@@ -88,7 +87,7 @@ class MaildropService:
             if needs_state(index, info.keywords_allowed):
                 state = await device_store.load(
                     account,
-                    self.state_mailbox,
+                    self.config.pop3,
                     mailbox,
                     login.device,
                     uidvalidity=info.uidvalidity,
@@ -192,7 +191,7 @@ class UpstreamMaildrop:
                 step = f"recording the deletes of device {self.login.device}"
                 state = self.state or DeviceState(config.mailbox, self.login.device)
                 state.hide(messages, self.uidvalidity)
-                await device_store.save(self.account, self.service.state_mailbox, state, self.index)
+                await device_store.save(self.account, self.service.config.pop3, state, self.index)
         except ImapError as e:
             raise UpdateFailed(f"{len(uids)} deletes not applied ({step} failed: {e})") from e
 
