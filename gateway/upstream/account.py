@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -28,6 +28,7 @@ from gateway.proto.imap import (
     Data,
     FetchBatch,
     Status,
+    StreamedLiteral,
     Token,
     decode_mailbox,
     encode_mailbox,
@@ -555,7 +556,7 @@ class ImapAccount:
     ) -> Metadata:
         """RFC 5464 GETMETADATA: the values of ``entries`` of ``mailbox`` (with ``depth`` "1" or
         "infinity", of the entries below them too). Values over ``max_size`` octets (when > 0)
-        are left out and only counted in ``Metadata.long_entries``."""
+        are left out; ``Metadata.long_entries`` is then the size of the largest of them."""
         options: list[CommandPart] = []
         if max_size > 0:
             options += [Atom("MAXSIZE"), max_size]
@@ -567,6 +568,7 @@ class ImapAccount:
         parts += [encode_mailbox(mailbox), list(entries)]
         response = await self.proto.command(*parts)
         values: dict[str, bytes] = {}
+        streamed: list[str] = []
         for item in response.untagged:
             if not isinstance(item, Data) or len(item.tokens) < 3:
                 continue
@@ -575,15 +577,19 @@ class ImapAccount:
             pairs = item.tokens[2]
             for i in range(0, len(pairs) - 1, 2):
                 name, value = pairs[i], pairs[i + 1]
-                if isinstance(value, bytes) and isinstance(name, (str, bytes)):
-                    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+                if not isinstance(name, (str, bytes)):
+                    continue
+                text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+                if isinstance(value, bytes):
                     values[text.lower()] = value
+                elif isinstance(value, StreamedLiteral):
+                    streamed.append(text.lower())  # too large to keep: its bytes were dropped
         long_entries = 0
         status = response.status
         if status.code_name == "METADATA" and status.code and len(status.code) >= 3:
             if str(status.code[1]).upper() == "LONGENTRIES" and str(status.code[2]).isdigit():
                 long_entries = int(str(status.code[2]))
-        return Metadata(values, long_entries)
+        return Metadata(values, long_entries, streamed)
 
     async def set_metadata(self, mailbox: str, values: Mapping[str, bytes | None]) -> None:
         """RFC 5464 SETMETADATA: set each entry (``None`` removes it), in one command, which
@@ -641,7 +647,10 @@ class Metadata:
     """What GETMETADATA returned: entry name (lower-cased) → value; NIL entries are left out."""
 
     values: dict[str, bytes]
-    long_entries: int = 0  # entries left out for being over MAXSIZE ([METADATA LONGENTRIES n])
+    long_entries: int = 0  # [METADATA LONGENTRIES n]: the largest value left out over MAXSIZE
+    # Entries whose values came as literals too large to keep (over the parser's stream
+    # threshold, 64 KiB): named, their bytes dropped unread.
+    streamed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,12 +147,13 @@ def merge_copies(
     return problems
 
 
-def _report(state: DeviceState, problems: list[str]) -> None:
+def _report(state: DeviceState, problems: list[str], what: str = "state message(s)") -> None:
     # Names the device (a login name, not a secret) and never quotes the stored content.
     log.warning(
-        "device %r: ignored %d unusable state cop(ies) in %s (%s); rewriting its state",
+        "device %r: ignored %d unusable %s in %s (%s); rewriting its state",
         state.device,
         len(problems),
+        what,
         state.mailbox,
         "; ".join(sorted(set(problems))),
     )
@@ -424,8 +425,14 @@ class MetadataStore:
         found = await account.get_metadata(mailbox, [prefix], depth="1", max_size=self.chunk_size)
         copies = assemble(found.values, prefix, time.time())
         if found.long_entries:
-            log.warning("%d state entries of %s are over %d octets: ignored", found.long_entries,
-                        mailbox, self.chunk_size)  # fmt: skip
+            # [METADATA LONGENTRIES n]: n is the size of the largest value left out. None of
+            # ours is that large: learn the names (values over 64 KiB are not kept) so the
+            # next write removes them.
+            log.warning("state entries of %s over %d octets ignored (the largest: %d octets)",
+                        mailbox, self.chunk_size, found.long_entries)  # fmt: skip
+            again = await account.get_metadata(mailbox, [prefix], depth="1")
+            oversized = [n for n, v in again.values.items() if len(v) > self.chunk_size]
+            copies.names += [n for n in [*oversized, *again.streamed] if n.startswith(prefix)]
         return copies
 
     async def _write(self, account: ImapAccount, state: DeviceState, remove: Sequence[str]) -> None:
@@ -495,7 +502,7 @@ class MetadataStore:
         state = DeviceState(mailbox, device)
         copies, problems = await self._read(account, state, uidvalidity, uidnext)
         if problems:
-            _report(state, problems)
+            _report(state, problems, "state copies in METADATA")
             try:  # best effort, as in the mailbox store: the next write tries again
                 await self._write(account, state, copies.names)
             except ImapCommandFailed as e:
@@ -508,7 +515,7 @@ class MetadataStore:
         await self.migrate(account, state.mailbox)
         copies, problems = await self._read(account, state)
         if problems:
-            _report(state, problems)
+            _report(state, problems, "state copies in METADATA")
         state.prune(present)
         await self._write(account, state, copies.names)
 

@@ -318,3 +318,34 @@ async def test_a_10000_message_state_fits_in_chunks_and_reads_back(
     entries = state_entries(metadata_dovecot, acct.name)
     assert len(entries) == -(-len(data) // CHUNK_SIZE)
     assert all(len(v) <= CHUNK_SIZE for v in entries.values())
+
+
+def test_forged_metadata_state_never_locks_a_device_out(
+    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Anyone with the password can write METADATA: broken copies are ignored and replaced,
+    UIDs the mailbox has not given out are dropped, and the device logs in."""
+    acct = four_messages(metadata_dovecot, "forged")
+    key = DeviceState("INBOX", "phone").key
+    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1])
+        [(_name, value)] = state_entries(metadata_dovecot, acct.name).items()
+        stored = DeviceState.parse(value)
+        unborn = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[1], 999_999})
+        with metadata_dovecot.imap_as_master(acct.name) as conn:
+            set_metadata(
+                conn,
+                "INBOX",
+                {
+                    f"{STATE_ROOT}/{key}/00000000000000aa0001-0-1": b"\r\n\r\n" + b"[" * 50_000,
+                    f"{STATE_ROOT}/{key}/00000000000000aa0002-0-1": b"\r\n\r\n{}",
+                    f"{STATE_ROOT}/{key}/00000000000000aa0003-0-1": unborn.to_message(),
+                },
+            )
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[2:]
+        gw.wait_for_log(r"state entries of INBOX over 32768 octets ignored \(the largest: 50004")
+        gw.wait_for_log(r"ignored 2 unusable state copies in METADATA")
+        entries = state_entries(metadata_dovecot, acct.name)
+        assert len(entries) == 1  # rewritten once, from the usable copies; the rest removed
+        assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[1]}}
