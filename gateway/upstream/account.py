@@ -592,8 +592,8 @@ class ImapAccount:
         return Metadata(values, long_entries, streamed)
 
     async def set_metadata(self, mailbox: str, values: Mapping[str, bytes | None]) -> None:
-        """RFC 5464 SETMETADATA: set each entry (``None`` removes it), in one command, which
-        servers apply as one transaction. Fails with ImapCommandFailed; its status code tells
+        """RFC 5464 SETMETADATA: set each entry (``None`` removes it), in one command (Dovecot
+        applies it as one transaction). Fails with ImapCommandFailed; its status code tells
         ``METADATA MAXSIZE n``, ``METADATA TOOMANY`` or ``METADATA NOPRIVATE``."""
         pairs: list[CommandPart] = []
         for name, value in values.items():
