@@ -418,7 +418,9 @@ def _convert_number(spec: _Key, value: object) -> int | float:
         number = float(value)
         if not math.isfinite(number):
             raise _Invalid(f"must be a finite number, got {value}")
-    if spec.kind == "number" and spec.zero_allowed and number == 0:
+    if spec.kind == "number" and spec.zero_allowed and number <= 0:
+        if number < 0:
+            raise _Invalid(f"must not be negative, got {value}")
         return number
     if spec.kind == "number" and spec.low is not None and number <= spec.low:
         raise _Invalid(f"must be greater than {spec.low:g}, got {value}")

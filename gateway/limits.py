@@ -46,6 +46,7 @@ REFUSAL_LOG_INTERVAL = 10.0
 class _Record:
     failures: int  # since the last success
     free_at: float  # no login from this address is checked before this (clock time)
+    waiting: int = 0  # attempts handed a turn and not yet answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +106,11 @@ class FailureThrottle:
         if record.free_at - now > self.max_delay * MAX_QUEUED_SLOTS:
             return Attempt(key, refused=True)
         start = max(now, record.free_at)
-        slot_end = start + self.delay_after(record.failures + 1)
+        # Each attempt already waiting will most likely fail too: count it, so that a queue
+        # of parallel attempts doubles its delays as a series of failures would.
+        slot_end = start + self.delay_after(record.failures + record.waiting + 1)
         record.free_at = slot_end
+        record.waiting += 1
         self._records.move_to_end(key)
         return Attempt(key, start - now, slot_end)
 
@@ -122,6 +126,7 @@ class FailureThrottle:
                 self._records.popitem(last=False)
         record.failures += 1
         if attempt.slot_end is not None:
+            record.waiting = max(0, record.waiting - 1)
             answer_at = attempt.slot_end
         else:
             # Checked without a turn (the first failures of a burst): each still takes its own
@@ -138,15 +143,21 @@ class FailureThrottle:
         if record is None:
             return
         record.failures = 0
-        if record.free_at <= self.clock():
+        if attempt.slot_end is not None:
+            record.waiting = max(0, record.waiting - 1)
+        if record.waiting == 0 and record.free_at <= self.clock():
             del self._records[attempt.key]
 
     def abandoned(self, attempt: Attempt) -> None:
         """The client left while waiting for its turn: give the turn back if it was the last."""
         record = self._records.get(attempt.key)
-        if record is None or attempt.slot_end is None or record.free_at != attempt.slot_end:
+        if record is None or attempt.slot_end is None:
             return
-        record.free_at = attempt.slot_end - self.delay_after(record.failures + 1)
+        record.waiting = max(0, record.waiting - 1)
+        if record.free_at == attempt.slot_end:
+            record.free_at = attempt.slot_end - self.delay_after(
+                record.failures + record.waiting + 1
+            )
 
     def _prune(self, now: float) -> None:
         while self._records:

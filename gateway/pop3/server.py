@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 import gateway
 from gateway.addresses import Networks, format_peer, limit_key
-from gateway.limits import Attempt, ClientLimits, Refusal
+from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.views import Login
 from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, UpstreamMaildrop
 from gateway.pop3.prefetch import Prefetcher
@@ -140,7 +140,12 @@ class Pop3Protocol(Protocol):
         self.implicit_tls = listener.implicit_tls
         self.insecure_auth_networks = listener.insecure_auth_networks
         self.idle_timeout = listener.idle_timeout
-        self.limits = listener.limits
+        # Without limits (tests of other things) failures are simply not delayed.
+        self.throttle = (
+            listener.limits.failures
+            if listener.limits is not None
+            else FailureThrottle(0.0, 0.0, reactor.seconds)
+        )
         self.on_close = on_close
         self.session_id = secrets.token_hex(4)
         self.session: pop3.Pop3Session | None = None
@@ -348,27 +353,25 @@ class Pop3Protocol(Protocol):
         session = self.session
         assert session is not None
         login = self.service.parse_login(action.username)
-        throttle = self.limits.failures if self.limits is not None else None
-        attempt = throttle.begin(limit_key(self.peer_ip)) if throttle else Attempt("-")
+        throttle = self.throttle
+        attempt = throttle.begin(limit_key(self.peer_ip))
         if attempt.refused:
             self._log(logging.WARNING, "login refused unchecked: too many failures", login=login)
             session.login_failed(pop3.TooManyFailures())
             self._pump()
             return
         if not await self._hold(attempt.wait):  # its turn in this address's schedule
-            if throttle:
-                throttle.abandoned(attempt)
+            throttle.abandoned(attempt)
             return
         try:
             maildrop = await self.service.open(login, action.password, self.peer_ip)
         except LoginRejected as e:
             self._log(logging.WARNING, "login failed: %s", e, login=login)
-            if not await self._hold(throttle.failed(attempt) if throttle else 0):
+            if not await self._hold(throttle.failed(attempt)):
                 return
             session.login_failed(pop3.BadCredentials())
         except MaildropBusy:
-            if throttle:
-                throttle.succeeded(attempt)  # the password was right
+            throttle.succeeded(attempt)  # the password was right
             self._log(logging.WARNING, "login refused: device already in a session", login=login)
             session.login_failed(pop3.MailboxInUse())
         except (UpstreamUnavailable, ImapError) as e:
@@ -379,8 +382,7 @@ class Pop3Protocol(Protocol):
             log.exception("unexpected error during login", extra={"session": self.session_id})
             session.login_failed(pop3.UpstreamUnavailable())
         else:
-            if throttle:
-                throttle.succeeded(attempt)
+            throttle.succeeded(attempt)
             if self._closed:
                 maildrop.abort()
                 return
@@ -514,7 +516,9 @@ class Pop3Factory(Factory):
         if limits is not None:
             refusal = limits.connections.open(key)
             if refusal is not None:
-                line = limits.refusal_log_line(refusal, "pop3", format_peer(host, None))
+                line = limits.refusal_log_line(
+                    refusal, "pop3", format_peer(host, getattr(addr, "port", None))
+                )
                 if line is not None:
                     log.warning("%s", line)
                 return _Refused(self.reactor, refusal)

@@ -28,7 +28,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 
 from gateway.addresses import format_peer, limit_key
 from gateway.config import SecuritySettings
-from gateway.limits import MAX_AUTH_FAILURES, Attempt, ClientLimits
+from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
 from gateway.proto import sasl
 from gateway.submission.message import (
@@ -228,6 +228,9 @@ class SubmissionHandler:
         self.hostname = hostname
         self.keep_password = keep_password
         self.limits = limits  # None: no connection limits and no failure delays
+        self.throttle = (
+            limits.failures if limits is not None else FailureThrottle(0.0, 0.0, time.monotonic)
+        )
 
     # -- EHLO ------------------------------------------------------------------------------
 
@@ -326,8 +329,8 @@ class SubmissionHandler:
         context = {"user": login.user, "device": login.device, "peer": srv.peer_text}
         if not login.user or "\0" in name or "\0" in password:
             return await self._failed(srv, name, "malformed credentials")
-        throttle = self.limits.failures if self.limits is not None else None
-        attempt = throttle.begin(limit_key(srv.peer_ip)) if throttle else Attempt("-")
+        throttle = self.throttle
+        attempt = throttle.begin(limit_key(srv.peer_ip))
         if attempt.refused:
             log.warning("auth refused unchecked: too many failures", extra=context)
             return await self._failed(srv, name, "too many failures", _TOO_MANY_FAILURES)
@@ -335,19 +338,17 @@ class SubmissionHandler:
             # Its turn in this address's schedule; a timer, so nobody else waits.
             await asyncio.sleep(attempt.wait)
         except asyncio.CancelledError:
-            if throttle:
-                throttle.abandoned(attempt)
+            throttle.abandoned(attempt)
             raise
         try:
             await self.authenticate(login.user, password, srv.peer_ip)
         except LoginRejected:
-            await asyncio.sleep(throttle.failed(attempt) if throttle else 0)
+            await asyncio.sleep(throttle.failed(attempt))
             return await self._failed(srv, name, "rejected by the IMAP server")
         except UpstreamUnavailable as e:
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
             return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
-        if throttle:
-            throttle.succeeded(attempt)
+        throttle.succeeded(attempt)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)
         return AuthResult(success=True, auth_data=identity)
