@@ -343,8 +343,8 @@ class SubmissionHandler:
         try:
             await self.authenticate(login.user, password, srv.peer_ip)
         except LoginRejected:
-            await asyncio.sleep(throttle.failed(attempt))
-            return await self._failed(srv, name, "rejected by the IMAP server")
+            delay = throttle.failed(attempt)
+            return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
         except UpstreamUnavailable as e:
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
             return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
@@ -354,10 +354,18 @@ class SubmissionHandler:
         return AuthResult(success=True, auth_data=identity)
 
     async def _failed(
-        self, srv: SubmissionSMTP, name: str | None, why: str, reply: str = _AUTH_INVALID
+        self,
+        srv: SubmissionSMTP,
+        name: str | None,
+        why: str,
+        reply: str = _AUTH_INVALID,
+        delay: float = 0.0,
     ) -> AuthResult:
+        """Count the failure and answer it, ``delay`` seconds from now (a timer: nobody else
+        waits meanwhile, and aiosmtpd reads no further command from this client)."""
         srv.auth_failures += 1
         log.info("auth failed: %s", why, extra={"user": name, "peer": srv.peer_text})
+        await asyncio.sleep(delay)
         if srv.auth_failures >= MAX_AUTH_FAILURES:
             await srv.push("421 4.7.0 Too many failed authentications; closing")
             srv.close()
