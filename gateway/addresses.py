@@ -34,6 +34,13 @@ def client_ip(address: str | None) -> ClientIP | None:
     return ip
 
 
+def client_address(address: str | None) -> str | None:
+    """:func:`client_ip` as text, for handing on (the IP popgate forwards upstream with IMAP ID,
+    so the upstream's own per-IP rules see ``127.0.0.1``, not ``::ffff:127.0.0.1``)."""
+    ip = client_ip(address)
+    return str(ip) if ip is not None else None
+
+
 def limit_key(address: str | None) -> str:
     """What connections and failed logins are counted under: the IPv4 address, or the IPv6
     /64 the address lies in. Peers without an IP address share one key."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -23,7 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway import tls
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
-from gateway.limits import ClientLimits
+from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
@@ -159,6 +160,25 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
+def ensure_open_files(config: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE as far as max_connections needs (up to the hard limit),
+    and say so at start when even the hard limit is too low."""
+    needed = open_files_needed(config.security.max_connections)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open file limit %d is below the %d that [security] max_connections = %d needs;"
+            " raise it (ulimit -n, LimitNOFILE=) or lower max_connections",
+            soft,
+            needed,
+            config.security.max_connections,
+        )
+
+
 def serve(config: Config) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the process exit status."""
     reactor = install_reactor()
@@ -166,6 +186,7 @@ def serve(config: Config) -> int:
     setup_logging(config.log)
     for warning in config.warnings:
         log.warning("config: %s", warning)
+    ensure_open_files(config)
     gateway = Gateway(reactor, config)
     status = {"code": 0}
 

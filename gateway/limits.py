@@ -213,6 +213,14 @@ class ConnectionLimits:
         return self._per_key.get(key, 0)
 
 
+def open_files_needed(max_connections: int) -> int:
+    """Descriptors the process needs with ``max_connections`` clients: each POP3 session (and
+    each submission session while it relays) holds its client's and one upstream connection,
+    plus listeners, log and spool files. Past the limit, accept() fails and clients see nothing
+    at all: the lockout issue 9 found with 1,024."""
+    return 2 * max_connections + 64
+
+
 class LogBudget:
     """At most one line per ``interval``; the next line tells how many were left out."""
 

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 import gateway
-from gateway.addresses import Networks, format_peer, limit_key
+from gateway.addresses import Networks, client_address, format_peer, limit_key
 from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.views import Login
 from gateway.pop3.backend import MaildropBusy, MaildropService, UpdateFailed, UpstreamMaildrop
@@ -364,7 +364,7 @@ class Pop3Protocol(Protocol):
             throttle.abandoned(attempt)
             return
         try:
-            maildrop = await self.service.open(login, action.password, self.peer_ip)
+            maildrop = await self.service.open(login, action.password, client_address(self.peer_ip))
         except LoginRejected as e:
             self._log(logging.WARNING, "login failed: %s", e, login=login)
             if not await self._hold(throttle.failed(attempt)):

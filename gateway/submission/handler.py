@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
-from gateway.addresses import format_peer, limit_key
+from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
@@ -341,7 +341,7 @@ class SubmissionHandler:
             throttle.abandoned(attempt)
             raise
         try:
-            await self.authenticate(login.user, password, srv.peer_ip)
+            await self.authenticate(login.user, password, client_address(srv.peer_ip))
         except LoginRejected:
             delay = throttle.failed(attempt)
             return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.addresses import Networks, client_ip, format_peer, limit_key
+from gateway.addresses import Networks, client_address, client_ip, format_peer, limit_key
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,7 @@ from gateway.addresses import Networks, client_ip, format_peer, limit_key
 def test_client_ip(address: str | None, expected: str | None) -> None:
     ip = client_ip(address)
     assert (str(ip) if ip is not None else None) == expected
+    assert client_address(address) == expected
 
 
 @pytest.mark.parametrize(
