@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--gateway-src", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="popgate-guessing-"))
+    work.chmod(0o755)  # Dovecot's own users must reach the users and mail below it
     dovecot = Dovecot(work / "dovecot")
     dovecot.start()
     try:
