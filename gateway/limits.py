@@ -149,7 +149,8 @@ class FailureThrottle:
             del self._records[attempt.key]
 
     def abandoned(self, attempt: Attempt) -> None:
-        """The client left while waiting for its turn: give the turn back if it was the last."""
+        """The attempt ended without a verdict (the client left while it waited, the upstream
+        could not say): give its turn back if it was the last one handed out."""
         record = self._records.get(attempt.key)
         if record is None or attempt.slot_end is None:
             return

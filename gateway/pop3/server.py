@@ -375,9 +375,11 @@ class Pop3Protocol(Protocol):
             self._log(logging.WARNING, "login refused: device already in a session", login=login)
             session.login_failed(pop3.MailboxInUse())
         except (UpstreamUnavailable, ImapError) as e:
+            throttle.abandoned(attempt)  # no verdict: its turn is given back
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
             session.login_failed(pop3.UpstreamUnavailable())
         except Exception:
+            throttle.abandoned(attempt)
             # A bug must not leave the client waiting for ever: answer, keep the traceback.
             log.exception("unexpected error during login", extra={"session": self.session_id})
             session.login_failed(pop3.UpstreamUnavailable())

@@ -346,8 +346,12 @@ class SubmissionHandler:
             delay = throttle.failed(attempt)
             return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
         except UpstreamUnavailable as e:
+            throttle.abandoned(attempt)  # no verdict: its turn is given back
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
             return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+        except asyncio.CancelledError:  # the client left during the check
+            throttle.abandoned(attempt)
+            raise
         throttle.succeeded(attempt)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)

@@ -41,7 +41,7 @@ def rss_kib(pid: int) -> int:
 
 
 def guesser(port: int, stop: threading.Event, patience: float | None, counts: list[int]) -> None:
-    """Guess until ``stop``; ``counts[0]`` += answered failures."""
+    """Guess until ``stop``; ``counts[0]`` += failures answered after a check upstream."""
     while not stop.is_set():
         try:
             with socket.create_connection(("127.0.0.1", port), 30) as sock:
@@ -61,8 +61,8 @@ def guesser(port: int, stop: threading.Event, patience: float | None, counts: li
                     sock.settimeout(30)
                     if not answer:
                         break
-                    if answer.startswith(b"-ERR"):
-                        counts[0] += 1
+                    if answer.startswith(b"-ERR [AUTH]"):
+                        counts[0] += 1  # not the unchecked [SYS/TEMP] refusals
         except OSError:
             time.sleep(0.01)
 
