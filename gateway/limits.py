@@ -47,6 +47,7 @@ class _Record:
     failures: int  # since the last success
     free_at: float  # no login from this address is checked before this (clock time)
     waiting: int = 0  # attempts handed a turn and not yet answered
+    checking: int = 0  # attempts begun and without a verdict yet, turn or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,14 @@ class FailureThrottle:
         *,
         forget_after: float = FORGET_AFTER,
         max_tracked: int = MAX_TRACKED_ADDRESSES,
+        max_checking: int = 50,
     ) -> None:
         self.delay = delay
+        # Checks one address may have under way at once. A client cannot hold more connections
+        # than max_connections_per_ip, but one that hangs up and reconnects leaves its checks
+        # running: without this, before the first failure is back from a slow upstream it
+        # could start as many as it can reconnect.
+        self.max_checking = max_checking
         self.max_delay = max(delay, max_delay)
         self.clock = clock
         self.forget_after = forget_after
@@ -101,7 +108,12 @@ class FailureThrottle:
         now = self.clock()
         self._prune(now)
         record = self._records.get(key)
-        if record is None or (record.failures == 0 and record.free_at <= now):
+        if record is None:
+            record = self._add(key, now)
+        if record.checking >= self.max_checking:
+            return Attempt(key, refused=True)
+        if record.failures == 0 and record.free_at <= now:
+            record.checking += 1
             return Attempt(key)
         if record.free_at - now > self.max_delay * MAX_QUEUED_SLOTS:
             return Attempt(key, refused=True)
@@ -111,6 +123,7 @@ class FailureThrottle:
         slot_end = start + self.delay_after(record.failures + record.waiting + 1)
         record.free_at = slot_end
         record.waiting += 1
+        record.checking += 1
         self._records.move_to_end(key)
         return Attempt(key, start - now, slot_end)
 
@@ -119,11 +132,8 @@ class FailureThrottle:
         if not self.enabled:
             return 0.0
         now = self.clock()
-        record = self._records.get(attempt.key)
-        if record is None:
-            record = self._records[attempt.key] = _Record(0, now)
-            while len(self._records) > self.max_tracked:
-                self._records.popitem(last=False)
+        record = self._records.get(attempt.key) or self._add(attempt.key, now)
+        record.checking = max(0, record.checking - 1)
         record.failures += 1
         if attempt.slot_end is not None:
             record.waiting = max(0, record.waiting - 1)
@@ -143,22 +153,37 @@ class FailureThrottle:
         if record is None:
             return
         record.failures = 0
+        record.checking = max(0, record.checking - 1)
         if attempt.slot_end is not None:
             record.waiting = max(0, record.waiting - 1)
-        if record.waiting == 0 and record.free_at <= self.clock():
-            del self._records[attempt.key]
+        self._drop_if_idle(attempt.key, record)
 
     def abandoned(self, attempt: Attempt) -> None:
         """The attempt ended without a verdict (the client left while it waited, the upstream
         could not say): give its turn back if it was the last one handed out."""
         record = self._records.get(attempt.key)
-        if record is None or attempt.slot_end is None:
+        if record is None or attempt.refused:
             return
-        record.waiting = max(0, record.waiting - 1)
-        if record.free_at == attempt.slot_end:
-            record.free_at = attempt.slot_end - self.delay_after(
-                record.failures + record.waiting + 1
-            )
+        record.checking = max(0, record.checking - 1)
+        if attempt.slot_end is not None:
+            record.waiting = max(0, record.waiting - 1)
+            if record.free_at == attempt.slot_end:
+                record.free_at = attempt.slot_end - self.delay_after(
+                    record.failures + record.waiting + 1
+                )
+        self._drop_if_idle(attempt.key, record)
+
+    def _add(self, key: str, now: float) -> _Record:
+        record = self._records[key] = _Record(0, now)
+        while len(self._records) > self.max_tracked:
+            self._records.popitem(last=False)
+        return record
+
+    def _drop_if_idle(self, key: str, record: _Record) -> None:
+        """Nothing on record that matters any more: no failures, nothing under way."""
+        idle = record.failures == 0 and record.waiting == 0 and record.checking == 0
+        if idle and record.free_at <= self.clock():
+            del self._records[key]
 
     def _prune(self, now: float) -> None:
         while self._records:
@@ -247,7 +272,10 @@ class ClientLimits:
 
     def __init__(self, settings: SecuritySettings, clock: Clock) -> None:
         self.failures = FailureThrottle(
-            settings.auth_failure_delay, settings.auth_failure_max_delay, clock
+            settings.auth_failure_delay,
+            settings.auth_failure_max_delay,
+            clock,
+            max_checking=settings.max_connections_per_ip,
         )
         self.connections = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_ip

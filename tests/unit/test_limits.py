@@ -161,6 +161,23 @@ def test_a_quiet_address_is_forgotten(throttle: FailureThrottle, clock: Clock) -
     assert fail_serially(throttle, clock) == 2.0
 
 
+def test_checks_under_way_per_address_are_bounded(clock: Clock) -> None:
+    throttle = FailureThrottle(2.0, 15.0, clock, max_checking=50)
+    attempts = [throttle.begin("192.0.2.1") for _ in range(60)]
+
+    assert [a.refused for a in attempts] == [False] * 50 + [True] * 10
+    assert not throttle.begin("198.51.100.9").refused
+    throttle.failed(attempts[0])
+    assert not throttle.begin("192.0.2.1").refused
+
+
+def test_a_success_leaves_nothing_on_record(throttle: FailureThrottle) -> None:
+    for _ in range(3):
+        throttle.succeeded(throttle.begin("192.0.2.1"))
+
+    assert len(throttle) == 0
+
+
 def test_the_table_is_bounded(clock: Clock) -> None:
     throttle = FailureThrottle(2.0, 15.0, clock, max_tracked=100)
     for n in range(1000):
@@ -182,11 +199,12 @@ def test_zero_delay_turns_it_off(clock: Clock) -> None:
 
 
 def checks_in(
-    seconds: float, connections: int, give_up_after: float | None = None
+    seconds: float, connections: int, give_up_after: float | None = None, latency: float = 0.0
 ) -> tuple[int, int]:
     """Simulate one address guessing for ``seconds`` with ``connections`` in parallel, each
     trying again as soon as it has its answer (or, with ``give_up_after``, as soon as no answer
-    came that quickly: it hangs up and reconnects). Returns (credentials checked, refused)."""
+    came that quickly: it hangs up and reconnects, its check still under way upstream). Each
+    check takes ``latency`` seconds. Returns (credentials checked, refused)."""
     clock = Clock()
     start = clock.now
     throttle = FailureThrottle(2.0, 15.0, clock)
@@ -212,6 +230,14 @@ def checks_in(
     def check(a: Attempt) -> None:
         nonlocal checked
         checked += 1
+        asked = clock.now
+        if give_up_after is not None and latency > give_up_after:
+            at(asked + give_up_after, attempt)  # hung up; the check goes on upstream
+            at(asked + latency, lambda: throttle.failed(a))
+            return
+        at(asked + latency, lambda: verdict(a))
+
+    def verdict(a: Attempt) -> None:
         answer = throttle.failed(a)
         if give_up_after is not None and answer > give_up_after:
             at(clock.now + give_up_after, attempt)
@@ -234,6 +260,16 @@ def test_parallel_connections_guess_no_faster_than_one() -> None:
     assert serial <= period / 15 + 4
     # The first burst is checked at once (nothing on record yet); after that, one schedule.
     assert parallel <= serial + 30
+
+
+def test_hanging_up_before_a_slow_upstream_answers_does_not_guess_faster() -> None:
+    """An upstream that takes 3 s to refuse (Cyrus' failedloginpause): clients that hang up
+    after 0.2 s and reconnect leave their checks running; still no more than a connection
+    limit's worth of checks run before the first failure puts the address on the schedule."""
+    period = 1200.0
+    impatient, _ = checks_in(period, 30, give_up_after=0.2, latency=3.0)
+
+    assert impatient <= period / 15 + 50
 
 
 def test_hanging_up_early_does_not_guess_faster() -> None:
