@@ -49,9 +49,7 @@ async def _as_user(
 
 async def device_list(reactor: Any, config: Config, user: str) -> list[str]:
     async def work(account: ImapAccount) -> list[str]:
-        states = await device_store.load_all(
-            account, config.pop3.state_mailbox, config.pop3.mailbox
-        )
+        states = await device_store.load_all(account, config.pop3, config.pop3.mailbox)
         if not states:
             return [f"{user}: no device has hidden any message in {config.pop3.mailbox}"]
         return [f"{s.device}\t{len(s.emailids or s.uids)} messages hidden" for s in states]
@@ -61,9 +59,7 @@ async def device_list(reactor: Any, config: Config, user: str) -> list[str]:
 
 async def device_reset(reactor: Any, config: Config, user: str, device: str) -> list[str]:
     async def work(account: ImapAccount) -> list[str]:
-        removed = await device_store.reset(
-            account, config.pop3.state_mailbox, config.pop3.mailbox, device
-        )
+        removed = await device_store.reset(account, config.pop3, config.pop3.mailbox, device)
         if not removed:
             return [f"{user}#{device}: nothing to reset (the device has hidden nothing)"]
         return [

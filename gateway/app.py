@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -24,6 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway import tls
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
+from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
@@ -53,6 +54,9 @@ class Gateway:
         self.ports: list[IListeningPort] = []
         self.pop3_sessions: set[Pop3Protocol] = set()
         self.maildrops = MaildropService(reactor, config)
+        # One set of limits for every listener: connections and failed logins are counted per
+        # client address across POP3 and submission alike.
+        self.limits = ClientLimits(config.security, reactor.seconds)
         self.submission: Any = None  # gateway.submission.service.SubmissionService when configured
 
     async def start(self) -> None:
@@ -67,11 +71,9 @@ class Gateway:
         pop3_tls = tls.server_context_factory(
             config.tls, config.pop3.tls_min_version or config.tls.min_version
         )
-        networks = tuple(
-            ipaddress.ip_network(n, strict=False) for n in config.security.insecure_auth_networks
-        )
+        networks = config.security.insecure_auth
         for addresses, implicit in ((config.pop3.listen, False), (config.pop3.listen_tls, True)):
-            listener = Listener(pop3_tls, implicit, networks, config.pop3.idle_timeout)
+            listener = Listener(pop3_tls, implicit, networks, config.pop3.idle_timeout, self.limits)
             factory = Pop3Factory(self.maildrops, self.reactor, listener, self.pop3_sessions)
             for address in addresses:
                 port = await _listen(self.reactor, address, factory, pop3_tls if implicit else None)
@@ -109,7 +111,7 @@ class Gateway:
 
         # callWhenRunning starts us before the asyncio loop runs; asyncio code needs it running.
         await task.deferLater(self.reactor, 0, lambda: None)
-        self.submission = SubmissionService(self.reactor, self.config)
+        self.submission = SubmissionService(self.reactor, self.config, self.limits)
         await defer.Deferred.fromFuture(asyncio.ensure_future(self.submission.start()))
 
     def _stop_submission(self) -> defer.Deferred[None]:
@@ -158,6 +160,25 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
+def ensure_open_files(config: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE as far as max_connections needs (up to the hard limit),
+    and say so at start when even the hard limit is too low."""
+    needed = open_files_needed(config.security.max_connections)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open file limit %d is below the %d that [security] max_connections = %d needs;"
+            " raise it (ulimit -n, LimitNOFILE=) or lower max_connections",
+            soft,
+            needed,
+            config.security.max_connections,
+        )
+
+
 def serve(config: Config) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the process exit status."""
     reactor = install_reactor()
@@ -165,6 +186,7 @@ def serve(config: Config) -> int:
     setup_logging(config.log)
     for warning in config.warnings:
         log.warning("config: %s", warning)
+    ensure_open_files(config)
     gateway = Gateway(reactor, config)
     status = {"code": 0}
 

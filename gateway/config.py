@@ -22,8 +22,11 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+
+from gateway.addresses import Networks
 
 Security = Literal["tls", "starttls", "none"]
 TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
@@ -95,6 +98,9 @@ class Pop3Settings:
     trash_folder: str = "auto"  # "auto": the SPECIAL-USE \Trash mailbox, else "Trash"
     snapshot_cache_messages: int = 200_000  # index entries kept for unchanged mailboxes; 0 = off
     state_mailbox: str = "POP Device State"  # where per-device views are kept (docs/pop3.md)
+    # "metadata": private IMAP METADATA entries; "mailbox": state_mailbox; "auto": METADATA
+    # when the server takes it, else the mailbox (docs/pop3.md)
+    state_store: Literal["auto", "metadata", "mailbox"] = "auto"
     device_separator: str = "#"
     idle_timeout: float = 600
     tls_min_version: TLSVersion | None = None  # None: inherit [tls] min_version
@@ -124,23 +130,22 @@ class TLSSettings:
 @dataclass(frozen=True)
 class SecuritySettings:
     insecure_auth_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Throttling and limits (docs/security.md): seconds before a failed login is answered,
+    # doubling per further failure from the same client address up to the maximum ...
+    auth_failure_delay: float = 2.0
+    auth_failure_max_delay: float = 15.0
+    # ... and the client connections the process, and each client address, may hold.
+    max_connections: int = 2000
+    max_connections_per_ip: int = 50
 
-    def allows_insecure_auth(self, address: str) -> bool:
-        """Whether a client at ``address`` may send credentials without TLS.
+    @cached_property
+    def insecure_auth(self) -> Networks:
+        """Where USER/PASS or AUTH may run without TLS (matched by gateway.addresses rules)."""
+        return Networks(self.insecure_auth_networks)
 
-        An IPv4 client reaching a dual-stack ``::`` listener shows up as ``::ffff:a.b.c.d``;
-        it is matched against the IPv4 networks too, or ``127.0.0.0/8`` would silently stop
-        covering local clients.
-        """
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            candidates.append(ip.ipv4_mapped)
-        networks = [ipaddress.ip_network(n, strict=False) for n in self.insecure_auth_networks]
-        return any(c in n for c in candidates for n in networks if c.version == n.version)
+    def allows_insecure_auth(self, address: str | None) -> bool:
+        """Whether a client at ``address`` may send credentials without TLS."""
+        return address in self.insecure_auth
 
 
 @dataclass(frozen=True)
@@ -207,9 +212,10 @@ class _Key:
     kind: Kind
     choices: tuple[str, ...] = ()
     optional: bool = False
-    low: float | None = None
+    low: float | None = None  # exclusive for numbers, unless zero_allowed ...
     high: float | None = None
     secret: bool = False
+    zero_allowed: bool = False  # ... for numbers where 0 means "off"
 
 
 _SECURITY = ("tls", "starttls", "none")
@@ -244,6 +250,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "archive_folder": _Key("str"),
         "trash_folder": _Key("str"),
         "state_mailbox": _Key("str"),
+        "state_store": _Key("choice", ("auto", "metadata", "mailbox")),
         "snapshot_cache_messages": _Key("int", low=0),
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),
@@ -267,6 +274,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "security": {
         "insecure_auth_networks": _Key("networks"),
+        "auth_failure_delay": _Key("number", low=0, zero_allowed=True),
+        "auth_failure_max_delay": _Key("number", low=0, zero_allowed=True),
+        "max_connections": _Key("int", low=1),
+        "max_connections_per_ip": _Key("int", low=1),
     },
     "retention": {
         "delete_after_days": _Key("int", low=0),
@@ -407,6 +418,10 @@ def _convert_number(spec: _Key, value: object) -> int | float:
         number = float(value)
         if not math.isfinite(number):
             raise _Invalid(f"must be a finite number, got {value}")
+    if spec.kind == "number" and spec.zero_allowed and number <= 0:
+        if number < 0:
+            raise _Invalid(f"must not be negative, got {value}")
+        return number
     if spec.kind == "number" and spec.low is not None and number <= spec.low:
         raise _Invalid(f"must be greater than {spec.low:g}, got {value}")
     if spec.kind == "int" and spec.low is not None and number < spec.low:
@@ -730,6 +745,25 @@ class _Loader:
                 f"must be at least retry_initial_delay ({initial:g})",
             )
 
+    def check_security(self, security: dict[str, Any]) -> None:
+        defaults = SecuritySettings()
+        delay = security.get("auth_failure_delay", defaults.auth_failure_delay)
+        max_delay = security.get("auth_failure_max_delay", defaults.auth_failure_max_delay)
+        if max_delay < delay and ("security", "auth_failure_delay") not in self.failed:
+            self.problem(
+                "security",
+                "auth_failure_max_delay",
+                f"must be at least auth_failure_delay ({delay:g}), got {max_delay:g}",
+            )
+        total = security.get("max_connections", defaults.max_connections)
+        per_ip = security.get("max_connections_per_ip", defaults.max_connections_per_ip)
+        if per_ip > total and ("security", "max_connections") not in self.failed:
+            self.problem(
+                "security",
+                "max_connections_per_ip",
+                f"must not exceed max_connections ({total}), got {per_ip}",
+            )
+
     def check_retention(self, retention: dict[str, Any]) -> None:
         high = retention.get("quota_high_percent", 0)
         target = retention.get("quota_target_percent", 80)
@@ -783,6 +817,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_smtp(smtp, converted["submission"])
     loader.check_pop3(converted["pop3"])
     loader.check_submission(converted["submission"])
+    loader.check_security(converted["security"])
     loader.check_retention(converted["retention"])
     loader.check_listeners(converted)
     for key in ("cert_file", "key_file"):

@@ -33,7 +33,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClien
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from gateway.config import TLSSettings
+from gateway.config import TLS_VERSIONS, TLSSettings
 from gateway.config import TLSVersion as TLSVersionName
 
 __all__ = [
@@ -50,12 +50,21 @@ __all__ = [
 # Ten years, yet still short of 2038: devices with a 32-bit time_t reject later dates.
 CERT_VALIDITY = datetime.timedelta(days=3650)
 
-_VERSIONS: dict[str, TLSVersion] = {
-    "TLSv1": TLSVersion.TLSv1_0,
-    "TLSv1.1": TLSVersion.TLSv1_1,
-    "TLSv1.2": TLSVersion.TLSv1_2,
-    "TLSv1.3": TLSVersion.TLSv1_3,
+# The one table of client-facing TLS versions: the configuration's name -> (Twisted's constant,
+# the standard library's), for the POP3 (Twisted) and submission (asyncio) listeners alike.
+_VERSIONS: dict[str, tuple[TLSVersion, ssl.TLSVersion]] = {
+    "TLSv1": (TLSVersion.TLSv1_0, ssl.TLSVersion.TLSv1),
+    "TLSv1.1": (TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1),
+    "TLSv1.2": (TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2),
+    "TLSv1.3": (TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3),
 }
+assert tuple(_VERSIONS) == TLS_VERSIONS
+
+
+def _is_legacy(min_version: TLSVersionName) -> bool:
+    """Below TLS 1.2 OpenSSL 3 also needs the lower security level (LEGACY_SECURITY_LEVEL)."""
+    return TLS_VERSIONS.index(min_version) < TLS_VERSIONS.index("TLSv1.2")
+
 
 # OpenSSL 3 refuses TLS 1.0/1.1 (and their SHA-1 handshake signatures) at its default security
 # level 2, even when the protocol version is allowed. Level 0 lifts that; the cipher list itself
@@ -272,10 +281,10 @@ def server_context_factory(
     """
     if min_version not in _VERSIONS:
         raise ValueError(f"unknown TLS version {min_version!r}")
-    floor = _VERSIONS[min_version]
+    floor = _VERSIONS[min_version][0]
     leaf, intermediates, key = load_server_certificate(settings)
     options: dict[str, object] = {}
-    if floor < TLSVersion.TLSv1_2:
+    if _is_legacy(min_version):
         options["insecurelyLowerMinimumTo"] = floor
         options["acceptableCiphers"] = _WithSecurityLevel(LEGACY_SECURITY_LEVEL)
     else:
@@ -297,22 +306,13 @@ def server_context_factory(
     return factory
 
 
-_STDLIB_VERSIONS: dict[str, ssl.TLSVersion] = {
-    "TLSv1": ssl.TLSVersion.TLSv1,
-    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
-    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
-    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
-}
-
-
 def asyncio_server_context(settings: TLSSettings, min_version: TLSVersionName) -> ssl.SSLContext:
     """The same listener TLS as :func:`server_context_factory`, for asyncio servers (aiosmtpd):
     same certificate checks, same floor, the legacy security level only below TLS 1.2."""
     load_server_certificate(settings)  # the same checks and messages as for POP3
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    floor = _STDLIB_VERSIONS[min_version]
-    context.minimum_version = floor
-    if floor < ssl.TLSVersion.TLSv1_2:
+    context.minimum_version = _VERSIONS[min_version][1]
+    if _is_legacy(min_version):
         context.set_ciphers(f"DEFAULT:@SECLEVEL={LEGACY_SECURITY_LEVEL}")
     context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
     return context

@@ -48,7 +48,6 @@ class MaildropService:
         self.reactor = reactor
         self.config = config
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
-        self.state_mailbox = config.pop3.state_mailbox
         self.retention = RetentionService(reactor, config)
         retention = config.retention
         self.capabilities = (
@@ -83,7 +82,7 @@ class MaildropService:
             if needs_state(index, info.keywords_allowed):
                 state = await device_store.load(
                     account,
-                    self.state_mailbox,
+                    self.config.pop3,
                     mailbox,
                     login.device,
                     uidvalidity=info.uidvalidity,
@@ -187,7 +186,7 @@ class UpstreamMaildrop:
                 state.hide(messages, self.uidvalidity)
                 await device_store.save(
                     self.account,
-                    self.service.state_mailbox,
+                    self.service.config.pop3,
                     state,
                     self.index,
                     self._arrived_since_snapshot(info),

@@ -6,14 +6,13 @@ its actions out and reports the results back.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLServerConnectionCreator,
@@ -23,6 +22,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 import gateway
+from gateway.addresses import Networks, client_address, format_peer, limit_key
+from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.views import Login
 from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
 from gateway.pop3.prefetch import Prefetcher
@@ -142,12 +143,13 @@ class _ClientPace:
 @dataclass(frozen=True)
 class Listener:
     """What one POP3 listener offers: TLS (implicit or via STLS), who may log in without TLS,
-    and how long a session may idle."""
+    how long a session may idle, and the process's client limits (None: unlimited)."""
 
     tls_context: IOpenSSLServerConnectionCreator | None
     implicit_tls: bool
-    insecure_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    insecure_auth_networks: Networks
     idle_timeout: float
+    limits: ClientLimits | None = None
 
 
 class Pop3Protocol(Protocol):
@@ -164,6 +166,12 @@ class Pop3Protocol(Protocol):
         self.implicit_tls = listener.implicit_tls
         self.insecure_auth_networks = listener.insecure_auth_networks
         self.idle_timeout = listener.idle_timeout
+        # Without limits (tests of other things) failures are simply not delayed.
+        self.throttle = (
+            listener.limits.failures
+            if listener.limits is not None
+            else FailureThrottle(0.0, 0.0, reactor.seconds)
+        )
         self.on_close = on_close
         self.session_id = secrets.token_hex(4)
         self.session: pop3.Pop3Session | None = None
@@ -173,6 +181,7 @@ class Pop3Protocol(Protocol):
         self.peer = "?"
         self.peer_ip: str | None = None
         self._timer: IDelayedCall | None = None
+        self._login_delay: Deferred[None] | None = None  # a failed login's answer, held back
         self._queued_at_timeout: int | None = None
         self._pace = _ClientPace(self._pump)
         self._reading = True  # the client transport is not paused by us
@@ -200,7 +209,7 @@ class Pop3Protocol(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer_ip = getattr(peer, "host", None)
-        self.peer = f"{self.peer_ip}:{getattr(peer, 'port', '?')}"
+        self.peer = format_peer(self.peer_ip, getattr(peer, "port", None))
         # Replies are small and answered one by one: waiting for Nagle would add latency.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -234,6 +243,8 @@ class Pop3Protocol(Protocol):
         self._closed = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._login_delay is not None:
+            self._login_delay.cancel()
         if self.session is not None:
             self.session.connection_lost()
         self._release_upstream()
@@ -297,11 +308,7 @@ class Pop3Protocol(Protocol):
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _peer_is_trusted(self) -> bool:
-        try:
-            ip = ipaddress.ip_address(self.peer_ip or "")
-        except ValueError:
-            return False
-        return any(ip in net for net in self.insecure_auth_networks)
+        return self.peer_ip in self.insecure_auth_networks
 
     def _reset_timer(self) -> None:
         if self._closed:
@@ -402,23 +409,52 @@ class Pop3Protocol(Protocol):
         self.session.tls_started()
         self._log(logging.INFO, "STLS started")
 
+    async def _hold(self, seconds: float) -> bool:
+        """Wait without blocking anyone else; False if the client left meanwhile."""
+        if seconds > 0 and not self._closed:
+            self._login_delay = Deferred()
+            call = self.reactor.callLater(seconds, self._login_delay.callback, None)
+            try:
+                await self._login_delay
+            except CancelledError:
+                if call.active():
+                    call.cancel()
+            finally:
+                self._login_delay = None
+        return not self._closed
+
     async def _authenticate(self, action: pop3.Authenticate) -> None:
         session = self.session
         assert session is not None
         login = self.service.parse_login(action.username)
+        throttle = self.throttle
+        attempt = throttle.begin(limit_key(self.peer_ip))
+        if attempt.refused:
+            self._log(logging.WARNING, "login refused unchecked: too many failures", login=login)
+            session.login_failed(pop3.TooManyFailures())
+            self._pump()
+            return
+        if not await self._hold(attempt.wait):  # its turn in this address's schedule
+            throttle.abandoned(attempt)
+            return
         try:
-            maildrop = await self.service.open(login, action.password, self.peer_ip)
+            maildrop = await self.service.open(login, action.password, client_address(self.peer_ip))
         except LoginRejected as e:
             self._log(logging.WARNING, "login failed: %s", e, login=login)
+            if not await self._hold(throttle.failed(attempt)):
+                return
             session.login_failed(pop3.BadCredentials())
         except (UpstreamUnavailable, ImapError) as e:
+            throttle.abandoned(attempt)  # no verdict: its turn is given back
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
             session.login_failed(pop3.UpstreamUnavailable())
         except Exception:
+            throttle.abandoned(attempt)
             # A bug must not leave the client waiting for ever: answer, keep the traceback.
             log.exception("unexpected error during login", extra={"session": self.session_id})
             session.login_failed(pop3.UpstreamUnavailable())
         else:
+            throttle.succeeded(attempt)
             if self._closed or session.state is pop3.State.CLOSED:
                 maildrop.abort()
                 return
@@ -541,9 +577,55 @@ class Pop3Factory(Factory):
         self.listener = listener
         self.sessions = sessions
 
-    def buildProtocol(self, addr: object) -> Pop3Protocol:
-        protocol = Pop3Protocol(
-            self.service, self.reactor, self.listener, on_close=self.sessions.discard
-        )
+    def buildProtocol(self, addr: object) -> Protocol:
+        limits = self.listener.limits
+        host = getattr(addr, "host", None)
+        key = limit_key(host)
+        if limits is not None:
+            refusal = limits.connections.open(key)
+            if refusal is not None:
+                line = limits.refusal_log_line(
+                    refusal, "pop3", format_peer(host, getattr(addr, "port", None))
+                )
+                if line is not None:
+                    log.warning("%s", line)
+                return _Refused(self.reactor, refusal)
+
+        def closed(protocol: Pop3Protocol) -> None:
+            self.sessions.discard(protocol)
+            if limits is not None:
+                limits.connections.close(key)
+
+        protocol = Pop3Protocol(self.service, self.reactor, self.listener, on_close=closed)
         self.sessions.add(protocol)
         return protocol
+
+
+class _Refused(Protocol):
+    """A connection over the limits: told so and closed, before any command is read.
+
+    Over TLS the answer waits for the handshake; a client that never completes it is dropped
+    after ``LINGER`` seconds rather than holding a descriptor.
+    """
+
+    LINGER = 5.0
+
+    def __init__(self, reactor: IReactorTime, refusal: Refusal) -> None:
+        self.reactor = reactor
+        self.refusal = refusal
+        self._abort: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(f"-ERR [SYS/TEMP] {self.refusal.value}\r\n".encode())
+        self.transport.loseConnection()
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            self._abort = self.reactor.callLater(self.LINGER, abort)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass  # nothing a refused client says is read
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()

@@ -10,20 +10,18 @@ methods. Nothing here knows about sockets, Twisted or IMAP.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.limits import MAX_AUTH_FAILURES
 from gateway.maildrop.maildrop import Maildrop, MaildropError, MessageInfo
+from gateway.proto import sasl
 
 # RFC 2449 section 4 caps a command line at 255 octets, but AUTH PLAIN initial responses of long
 # passwords exceed that (RFC 5034 lifts the limit for them); anything longer is not a real client.
 MAX_LINE = 8192
-# Failed logins allowed in one connection before it is closed, to slow password guessing.
-MAX_AUTH_FAILURES = 3
 # Input held for commands not yet looked at (a pipelining client, or one that keeps talking
 # while a login, a download or the UPDATE is under way). At this much the I/O layer is asked to
 # stop reading (``wants_input``): thousands of pipelined commands, yet a bounded cost per
@@ -121,6 +119,13 @@ class BadCredentials(LoginError):
 class UpstreamUnavailable(LoginError):
     code = "SYS/TEMP"
     text = "Mail server temporarily unavailable, try again later"
+
+
+class TooManyFailures(BadCredentials):
+    """The client address has too many failed logins waiting; not even checked upstream."""
+
+    code = "SYS/TEMP"
+    text = "Too many failed logins from your address, try again later"
 
 
 class PlaintextDisallowed(LoginError):
@@ -411,29 +416,12 @@ class Pop3Session:
             self._continuation = self._sasl_plain
 
     def _sasl_plain(self, response: bytes) -> None:
-        if response.strip() == b"*":
-            self._reply_err("Authentication cancelled", code="AUTH")
-            return
-        if response.strip() == b"=":
-            response = b""
         try:
-            decoded = base64.b64decode(response.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self._reply_err("Invalid base64 in authentication response", code="AUTH")
+            credentials = sasl.decode_plain(response)
+        except sasl.SaslError as e:
+            self._reply_err(e.text, code="AUTH")
             return
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            self._reply_err("Malformed PLAIN authentication response", code="AUTH")
-            return
-        try:
-            authzid, authcid, password = (p.decode("utf-8") for p in parts)
-        except UnicodeDecodeError:
-            self._reply_err("Credentials are not valid UTF-8", code="AUTH")
-            return
-        if authzid and authzid != authcid:
-            self._reply_err("Acting as another user is not allowed", code="AUTH")
-            return
-        self._authenticate(authcid, password, "PLAIN")
+        self._authenticate(credentials.user, credentials.password, "PLAIN")
 
     def _authenticate(self, username: str, password: str, mechanism: str) -> None:
         if not username:

@@ -18,18 +18,19 @@ with the client's.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
+from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
+from gateway.proto import sasl
 from gateway.submission.message import (
     MessageRefused,
     check_content,
@@ -47,14 +48,11 @@ log = logging.getLogger("popgate.submission")
 #: Checks a user's password upstream; raises LoginRejected or UpstreamUnavailable.
 Authenticator = Callable[[str, str, str | None], Awaitable[None]]
 
-# After this many failed AUTH attempts the connection is closed (a slow brute force per
-# connection; Dovecot's own penalties apply per client IP, passed on with IMAP ID).
-MAX_AUTH_FAILURES = 3
-
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 _AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
 _NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 _NEED_AUTH = "530 5.7.0 Authentication required"
+_TOO_MANY_FAILURES = "454 4.7.0 Too many failed authentications from your address; try again later"
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,7 @@ class Identity:
 
 def _peer_text(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = str(peer[0]), peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_peer(str(peer[0]), peer[1])
     return str(peer or "")
 
 
@@ -101,6 +98,7 @@ class SubmissionSMTP(SMTP):
         self.relay_session: RelaySession = handler.relay.session()
         self.advertise_enhanced = False  # set when EHLO advertised ENHANCEDSTATUSCODES
         self.auth_failures = 0
+        self.limit_key: str | None = None  # counted against the connection limits under this
         self._greeting_done = False
         self._plain_reply = False  # EHLO/HELO replies never carry enhanced codes (RFC 2034)
         self._sessions = sessions
@@ -111,12 +109,34 @@ class SubmissionSMTP(SMTP):
         return _Session(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        upgrade = self._original_transport is not None  # STARTTLS: the same connection
+        limits = self.event_handler.limits
+        if not upgrade and limits is not None:
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            key = limit_key(host)
+            refusal = limits.connections.open(key)
+            if refusal is not None:
+                line = limits.refusal_log_line(refusal, "submission", _peer_text(peer))
+                if line is not None:
+                    log.warning("%s", line)
+                cast(asyncio.WriteTransport, transport).write(
+                    f"421 4.7.0 {refusal.value}\r\n".encode()
+                )
+                transport.close()
+                return
+            self.limit_key = key
         super().connection_made(transport)
         self._sessions.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.session is None:  # refused in connection_made: nothing was set up
+            return
         self.relay_session.close()
         self._sessions.discard(self)
+        key, self.limit_key = self.limit_key, None
+        if key is not None and self.event_handler.limits is not None:
+            self.event_handler.limits.connections.close(key)
         super().connection_lost(error)
 
     @property
@@ -161,6 +181,18 @@ class SubmissionSMTP(SMTP):
         self.advertise_enhanced = False
         await super().smtp_HELO(hostname)
 
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that cannot (or will not) speak our TLS: one line, as on POP3. aiosmtpd
+            # closes the connection after this; no reply can reach the client any more.
+            cause = error.__cause__
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            log.info(
+                "TLS handshake failed after STARTTLS: %s", reason, extra={"peer": self.peer_text}
+            )
+            return "454 4.7.0 TLS not available"
+        return cast(str, await super().handle_exception(error))
+
     async def check_auth_needed(self, caller_method: str) -> bool:
         """No relay without AUTH, ever (HELP/VRFY/MAIL/RCPT/DATA)."""
         if self.session is not None and self.session.authenticated:
@@ -184,6 +216,7 @@ class SubmissionHandler:
         max_message_size: int,
         hostname: str,
         keep_password: bool,
+        limits: ClientLimits | None = None,
     ) -> None:
         self.relay = relay
         self.authenticate = authenticate
@@ -194,6 +227,10 @@ class SubmissionHandler:
         self.max_message_size = max_message_size
         self.hostname = hostname
         self.keep_password = keep_password
+        self.limits = limits  # None: no connection limits and no failure delays
+        self.throttle = (
+            limits.failures if limits is not None else FailureThrottle(0.0, 0.0, time.monotonic)
+        )
 
     # -- EHLO ------------------------------------------------------------------------------
 
@@ -243,54 +280,48 @@ class SubmissionHandler:
             return _NEED_TLS
         return MISSING
 
+    # The base64 of a response to a 334 challenge is decoded by aiosmtpd's challenge_auth;
+    # everything after that, and initial responses, by gateway.proto.sasl.
+
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         srv = cast(SubmissionSMTP, server)
-        if len(args) == 1:
-            blob = await srv.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        elif args[1] == "=":  # an empty initial response (RFC 4954 4)
-            blob = b""
-        else:
-            try:
-                blob = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
-                await srv.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        assert isinstance(blob, bytes)
-        parts = blob.split(b"\0")
-        if len(parts) != 3:
-            await srv.push("501 5.5.2 Malformed PLAIN response")
-            return AuthResult(success=False, handled=True)
         try:
-            authzid, authcid, password = (p.decode("utf-8") for p in parts)
-        except UnicodeDecodeError:
-            await srv.push("501 5.5.2 Credentials must be UTF-8")
+            if len(args) == 1:
+                blob = await srv.challenge_auth("")
+                if blob is MISSING:
+                    return AuthResult(success=False, handled=True)
+                assert isinstance(blob, bytes)
+                credentials = sasl.parse_plain(blob)
+            else:
+                credentials = sasl.decode_plain(args[1])
+        except sasl.ForeignIdentity:
+            return await self._failed(srv, None, "may not act for another user")
+        except sasl.SaslError as e:
+            await srv.push(f"501 5.5.2 {e.text}")
             return AuthResult(success=False, handled=True)
-        if authzid and authzid != authcid:
-            return await self._failed(srv, authcid, "may not act for another user")
-        return await self._verify(srv, authcid, password)
+        return await self._verify(srv, credentials.user, credentials.password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         srv = cast(SubmissionSMTP, server)
-        if len(args) == 1:
-            login = await srv.challenge_auth("Username:")
-        else:
-            try:
-                login = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
-                await srv.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        if login is MISSING:
-            return AuthResult(success=False, handled=True)
-        password = await srv.challenge_auth("Password:")
-        if password is MISSING:
-            return AuthResult(success=False, handled=True)
-        assert isinstance(login, bytes) and isinstance(password, bytes)
         try:
-            return await self._verify(srv, login.decode("utf-8"), password.decode("utf-8"))
+            if len(args) == 1:
+                login = await srv.challenge_auth("Username:")
+                if login is MISSING:
+                    return AuthResult(success=False, handled=True)
+                assert isinstance(login, bytes)
+                user = login.decode("utf-8")
+            else:
+                user = sasl.decode_text(args[1])
+            password = await srv.challenge_auth("Password:")
+            if password is MISSING:
+                return AuthResult(success=False, handled=True)
+            assert isinstance(password, bytes)
+            return await self._verify(srv, user, password.decode("utf-8"))
         except UnicodeDecodeError:
-            await srv.push("501 5.5.2 Credentials must be UTF-8")
+            await srv.push(f"501 5.5.2 {sasl.NotUtf8.text}")
+            return AuthResult(success=False, handled=True)
+        except sasl.SaslError as e:
+            await srv.push(f"501 5.5.2 {e.text}")
             return AuthResult(success=False, handled=True)
 
     async def _verify(self, srv: SubmissionSMTP, name: str, password: str) -> AuthResult:
@@ -298,25 +329,52 @@ class SubmissionHandler:
         context = {"user": login.user, "device": login.device, "peer": srv.peer_text}
         if not login.user or "\0" in name or "\0" in password:
             return await self._failed(srv, name, "malformed credentials")
+        throttle = self.throttle
+        attempt = throttle.begin(limit_key(srv.peer_ip))
+        if attempt.refused:
+            log.warning("auth refused unchecked: too many failures", extra=context)
+            return await self._failed(srv, name, "too many failures", _TOO_MANY_FAILURES)
         try:
-            await self.authenticate(login.user, password, srv.peer_ip)
+            # Its turn in this address's schedule; a timer, so nobody else waits.
+            await asyncio.sleep(attempt.wait)
+        except asyncio.CancelledError:
+            throttle.abandoned(attempt)
+            raise
+        try:
+            await self.authenticate(login.user, password, client_address(srv.peer_ip))
         except LoginRejected:
-            return await self._failed(srv, name, "rejected by the IMAP server")
+            delay = throttle.failed(attempt)
+            return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
         except UpstreamUnavailable as e:
+            throttle.abandoned(attempt)  # no verdict: its turn is given back
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
             return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+        except asyncio.CancelledError:  # the client left during the check
+            throttle.abandoned(attempt)
+            raise
+        throttle.succeeded(attempt)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)
         return AuthResult(success=True, auth_data=identity)
 
-    async def _failed(self, srv: SubmissionSMTP, name: str, why: str) -> AuthResult:
+    async def _failed(
+        self,
+        srv: SubmissionSMTP,
+        name: str | None,
+        why: str,
+        reply: str = _AUTH_INVALID,
+        delay: float = 0.0,
+    ) -> AuthResult:
+        """Count the failure and answer it, ``delay`` seconds from now (a timer: nobody else
+        waits meanwhile, and aiosmtpd reads no further command from this client)."""
         srv.auth_failures += 1
         log.info("auth failed: %s", why, extra={"user": name, "peer": srv.peer_text})
+        await asyncio.sleep(delay)
         if srv.auth_failures >= MAX_AUTH_FAILURES:
             await srv.push("421 4.7.0 Too many failed authentications; closing")
             srv.close()
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False, message=_AUTH_INVALID)
+        return AuthResult(success=False, handled=False, message=reply)
 
     # -- the transaction -------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ every byte it does not mean to change.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import time
@@ -191,7 +190,3 @@ def sent_copy(message: bytes, bcc: Sequence[str]) -> bytes:
             fields[index] = (name, _fold(kept, bcc))
             return join_header(b"".join(r for _, r in fields), body)
     return join_header(header + _fold(b"Bcc:", bcc), body)
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

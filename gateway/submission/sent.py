@@ -5,29 +5,47 @@ spool calls. The mailbox is the SPECIAL-USE ``\\Sent`` one (matched case-insensi
 says ``\\sent``), else ``Sent``, or what ``[submission] sent_folder`` names; it is created when
 missing.
 
-A retry first looks for the copy an earlier attempt may have stored before it lost its
-connection or the gateway died: same Message-ID *and* same bytes. The Message-ID alone is not
-enough (some senders reuse one for different messages), and every send gets its copy.
+Every copy is stored once. Before appending, the Sent mailbox is searched for the same copy:
+the same Message-ID *and* byte for byte the same copy (the message as relayed plus the same
+blind recipients). That one check covers both ways a copy can come twice:
+
+- a spool retry after an earlier attempt stored the copy but lost its connection, or the
+  gateway died, before it could forget the entry (the crash window between APPEND and spool
+  removal);
+- a device that never heard its ``250`` and sends the same message again: the relay gets it
+  twice (de-duplication never drops a send), the Sent mailbox once.
+
+The Message-ID alone is not enough (some senders reuse one for different messages), and every
+different message gets its copy. Looking upstream, not in local memory, makes the check hold
+across restarts and replicas; within one process, copies of one Message-ID are stored one after
+the other, so two of them never both miss each other. The cost is bounded: one SEARCH, the sizes
+of at most ``MAX_CANDIDATES`` newest matches, and bodies only of those of the same size, streamed
+through a hash, newest first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import ImapUpstream
-from gateway.proto.imap import Atom, encode_mailbox, fetch_items
-from gateway.submission.message import digest, envelope_only, sent_copy
+from gateway.proto.imap import Atom, Data, encode_mailbox, fetch_items
+from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
 from gateway.upstream.account import ImapAccount, LoginRejected, search_result
-from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed
+from gateway.upstream.imap_client import ImapCommandFailed
 
 DEFAULT_SENT = "Sent"
-# A Message-ID shared by more messages than this in one Sent mailbox is not worth comparing.
-MAX_CANDIDATES = 50
+# Only the newest messages with one Message-ID are compared: a copy stored twice is a recent
+# one, and a Message-ID that a device reuses for everything must not make each send read the
+# whole Sent mailbox.
+MAX_CANDIDATES = 20
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -44,6 +62,47 @@ def copy_for(entry: SpoolEntry) -> bytes:
     return sent_copy(entry.message, envelope_only(entry.recipients, entry.message))
 
 
+class DigestSink:
+    """A BodySink that keeps only the SHA-256 of each body: comparing costs no memory."""
+
+    def __init__(self) -> None:
+        self.digests: list[bytes] = []
+        self._hash = hashlib.sha256()
+
+    def literal_begin(self, size: int) -> None:
+        self._hash = hashlib.sha256()
+
+    def literal_data(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def literal_end(self) -> None:
+        self.digests.append(self._hash.digest())
+
+
+class KeyedLocks:
+    """One asyncio lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class SentWriter:
     def __init__(
         self,
@@ -56,11 +115,16 @@ class SentWriter:
         self.settings = settings
         self.sent_folder = sent_folder
         self.loop = loop
+        self._storing = KeyedLocks()
 
-    async def store(self, entry: SpoolEntry, retry: bool) -> str:
-        """asyncio entry point: store the copy (looking for an earlier one when ``retry``)."""
-        d = Deferred.fromCoroutine(self._store(entry, retry))
-        return await d.asFuture(self.loop)
+    async def store(self, entry: SpoolEntry) -> str:
+        """asyncio entry point: store the copy unless the same copy is in Sent already.
+
+        Copies of one user's Message-ID go one at a time, so the second one finds the first.
+        """
+        async with self._storing.hold((entry.user, entry.message_id)):
+            d = Deferred.fromCoroutine(self._store(entry))
+            return await d.asFuture(self.loop)
 
     async def _login(self, entry: SpoolEntry) -> ImapAccount:
         if entry.password is not None:
@@ -72,15 +136,14 @@ class SentWriter:
             return await ImapAccount.open_as_master(self.reactor, self.settings, entry.user)
         raise LoginRejected("no credential for this entry and no master identity configured")
 
-    async def _store(self, entry: SpoolEntry, retry: bool) -> str:
+    async def _store(self, entry: SpoolEntry) -> str:
         copy = copy_for(entry)
         account = await self._login(entry)
         try:
             mailbox = await self._mailbox(account)
-            if retry:
-                uid = await self._find_copy(account, mailbox, entry.message_id, copy)
-                if uid is not None:
-                    return f"already in {mailbox} (uid {uid}), stored by an earlier attempt"
+            uid = await self._find_copy(account, mailbox, entry.message_id, copy)
+            if uid is not None:
+                return f"already in {mailbox} (uid {uid}): the same message, stored before"
             uid_text = await self._append(account, mailbox, copy, entry.created)
             return f"appended to {mailbox}{uid_text}"
         finally:
@@ -103,7 +166,7 @@ class SentWriter:
         response = await account.proto.command(
             Atom("UID"), Atom("SEARCH"), *charset, Atom("HEADER"), "Message-ID", message_id
         )
-        candidates = search_result(response)[:MAX_CANDIDATES]
+        candidates = search_result(response)[-MAX_CANDIDATES:]
         if not candidates:
             return None
         sizes = await account.proto.command(
@@ -114,17 +177,19 @@ class SentWriter:
         )
         same_size = []
         for item in sizes.untagged:
-            tokens = getattr(item, "tokens", None)
-            if not tokens or len(tokens) < 3 or str(tokens[1]).upper() != "FETCH":
+            if not isinstance(item, Data) or len(item.tokens) < 3:
                 continue
-            _, fields = fetch_items(tokens)
-            if str(fields.get("RFC822.SIZE")) == str(len(copy)):
-                same_size.append(int(str(fields.get("UID"))))
-        wanted = digest(copy)
-        for uid in sorted(same_size):
-            sink = BodyCollector()
+            if str(item.tokens[1]).upper() != "FETCH":
+                continue
+            _, fields = fetch_items(item.tokens)
+            found_uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
+            if found_uid is not None and str(size) == str(len(copy)):
+                same_size.append(int(str(found_uid)))
+        wanted = hashlib.sha256(copy).digest()
+        for uid in sorted(same_size, reverse=True):  # newest first: a copy stored twice is recent
+            sink = DigestSink()
             await account.fetch_body(uid, sink)
-            if sink.bodies and digest(sink.bodies[0]) == wanted:
+            if sink.digests == [wanted]:
                 return uid
         return None
 

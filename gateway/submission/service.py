@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
+from gateway.limits import ClientLimits
 from gateway.submission.handler import SubmissionHandler, SubmissionSMTP
 from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
@@ -31,9 +32,12 @@ IDENT = "popgate ESMTP"
 
 
 class SubmissionService:
-    def __init__(self, reactor: IReactorTime, config: Config) -> None:
+    def __init__(
+        self, reactor: IReactorTime, config: Config, limits: ClientLimits | None = None
+    ) -> None:
         self.reactor = reactor
         self.config = config
+        self.limits = limits
         self.sessions: set[SubmissionSMTP] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.spool: SentSpool | None = None
@@ -74,6 +78,7 @@ class SubmissionService:
             hostname=hostname,
             # With a master identity a retry needs no password, so none is kept on disk.
             keep_password=not config.upstream.imap.master_user,
+            limits=self.limits,
         )
         context = asyncio_server_context(config.tls, config.tls_min_version_for("submission"))
 

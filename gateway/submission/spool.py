@@ -263,9 +263,10 @@ class SpoolStore:
 # --------------------------------------------------------------------------------------------
 # The retry loop
 
-#: Stores the Sent copy of an entry; ``retry`` says an earlier attempt may have stored it already.
+#: Stores the Sent copy of an entry unless the same copy is there already (an earlier attempt
+#: may have stored it just before it failed, or the device sent the message twice).
 #: Returns a short description for the log ("uid 7 in Sent"); raises on failure.
-StoreCopy = Callable[[SpoolEntry, bool], Awaitable[str]]
+StoreCopy = Callable[[SpoolEntry], Awaitable[str]]
 
 
 class SentSpool:
@@ -343,7 +344,7 @@ class SentSpool:
         try:
             if entry is None:
                 entry = await asyncio.to_thread(self.store.load, entry_id)
-            done = await self.store_copy(entry, attempts > 0)
+            done = await self.store_copy(entry)
         except asyncio.CancelledError:
             raise
         except FileNotFoundError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -24,9 +24,11 @@ from gateway.maildrop.uidset import format_uid_set
 from gateway.maildrop.views import IndexedMessage
 from gateway.proto.imap import (
     Atom,
+    CommandPart,
     Data,
     FetchBatch,
     Status,
+    StreamedLiteral,
     Token,
     decode_mailbox,
     encode_mailbox,
@@ -549,6 +551,84 @@ class ImapAccount:
         await self.proto.command(Atom("UID"), Atom("EXPUNGE"), Atom(uid_set))
         return True
 
+    async def get_metadata(
+        self, mailbox: str, entries: Sequence[str], *, depth: str = "0", max_size: int = 0
+    ) -> Metadata:
+        """RFC 5464 GETMETADATA: the values of ``entries`` of ``mailbox`` (with ``depth`` "1" or
+        "infinity", of the entries below them too). Values over ``max_size`` octets (when > 0)
+        are left out; ``Metadata.long_entries`` is then the size of the largest of them."""
+        options: list[CommandPart] = []
+        if max_size > 0:
+            options += [Atom("MAXSIZE"), max_size]
+        if depth != "0":
+            options += [Atom("DEPTH"), Atom(depth)]
+        parts: list[CommandPart] = [Atom("GETMETADATA")]
+        if options:
+            parts.append(options)
+        parts += [encode_mailbox(mailbox), list(entries)]
+        response = await self.proto.command(*parts)
+        values: dict[str, bytes] = {}
+        streamed: list[str] = []
+        for item in response.untagged:
+            if not isinstance(item, Data) or len(item.tokens) < 3:
+                continue
+            if str(item.tokens[0]).upper() != "METADATA" or not isinstance(item.tokens[2], list):
+                continue
+            pairs = item.tokens[2]
+            for i in range(0, len(pairs) - 1, 2):
+                name, value = pairs[i], pairs[i + 1]
+                if not isinstance(name, (str, bytes)):
+                    continue
+                text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+                if isinstance(value, bytes):
+                    values[text.lower()] = value
+                elif isinstance(value, StreamedLiteral):
+                    streamed.append(text.lower())  # too large to keep: its bytes were dropped
+        long_entries = 0
+        status = response.status
+        if status.code_name == "METADATA" and status.code and len(status.code) >= 3:
+            if str(status.code[1]).upper() == "LONGENTRIES" and str(status.code[2]).isdigit():
+                long_entries = int(str(status.code[2]))
+        return Metadata(values, long_entries, streamed)
+
+    async def set_metadata(self, mailbox: str, values: Mapping[str, bytes | None]) -> None:
+        """RFC 5464 SETMETADATA: set each entry (``None`` removes it), in one command (Dovecot
+        applies it as one transaction). Fails with ImapCommandFailed; its status code tells
+        ``METADATA MAXSIZE n``, ``METADATA TOOMANY`` or ``METADATA NOPRIVATE``."""
+        pairs: list[CommandPart] = []
+        for name, value in values.items():
+            pairs += [name, Atom("NIL") if value is None else value]
+        if pairs:
+            await self.proto.command(Atom("SETMETADATA"), encode_mailbox(mailbox), pairs)
+
+    async def mailbox_messages(self, mailbox: str) -> int | None:
+        """STATUS MESSAGES of ``mailbox``; None when it does not exist (or cannot be read)."""
+        try:
+            response = await self.proto.command(
+                Atom("STATUS"), encode_mailbox(mailbox), [Atom("MESSAGES")]
+            )
+        except ImapCommandFailed:
+            return None
+        for item in response.untagged:
+            if isinstance(item, Data) and len(item.tokens) >= 3:
+                if str(item.tokens[0]).upper() == "STATUS" and isinstance(item.tokens[2], list):
+                    attrs = item.tokens[2]
+                    for i in range(0, len(attrs) - 1, 2):
+                        if str(attrs[i]).upper() == "MESSAGES" and str(attrs[i + 1]).isdigit():
+                            return int(str(attrs[i + 1]))
+        return None
+
+    async def delete_mailbox(self, name: str) -> None:
+        await self.proto.command(Atom("DELETE"), encode_mailbox(name))
+
+    async def unselect(self) -> None:
+        """Leave the selected mailbox without expunging (UNSELECT, RFC 3691); else EXAMINE
+        INBOX read-only, which has the same effect on the selection."""
+        if self.proto.has("UNSELECT"):
+            await self.proto.command(Atom("UNSELECT"))
+        else:
+            await self.examine("INBOX")
+
     async def logout(self) -> None:
         try:
             await self.proto.command(Atom("LOGOUT"))
@@ -560,6 +640,17 @@ class ImapAccount:
 
     def abort(self) -> None:
         _abort(self.proto)
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    """What GETMETADATA returned: entry name (lower-cased) → value; NIL entries are left out."""
+
+    values: dict[str, bytes]
+    long_entries: int = 0  # [METADATA LONGENTRIES n]: the largest value left out over MAXSIZE
+    # Entries whose values came as literals too large to keep (over the parser's stream
+    # threshold, 64 KiB): named, their bytes dropped unread.
+    streamed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

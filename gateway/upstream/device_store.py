@@ -1,21 +1,45 @@
-"""Reads and writes per-device state messages in the user's state mailbox upstream.
+"""Where each device's state lives upstream: IMAP METADATA entries, or the state mailbox.
 
-One small message per (mailbox, device), found by a header token (``STATE_HEADER``). Writing is
-append-new-then-remove-old, so a crash in between leaves two copies that the next read merges;
-the state is never absent. See gateway/maildrop/views.py for what the state means.
+``[pop3] state_store`` chooses (docs/pop3.md, "Where the per-device state lives"):
 
-Anyone with the user's password can write into the state mailbox, so reading is bounded: at most
-``MAX_COPIES`` copies, each fetched only up to ``MAX_STATE_BYTES`` (a partial FETCH, so the
-server sends no more). A copy that cannot be used is ignored and the state rewritten without
-it, with one log line: a broken state costs a device at most a re-download, never a lockout.
+``mailbox`` (:class:`MailboxStore`)
+    one small message per (mailbox, device) in ``[pop3] state_mailbox``, found by a header token
+    (``STATE_HEADER``). IMAP clients see that mailbox.
+``metadata`` (:class:`MetadataStore`)
+    private METADATA entries (RFC 5464) of the served mailbox, under ``ENTRY_ROOT``: nothing an
+    IMAP client lists, searches or downloads. State found in the state mailbox is carried over
+    first, then removed (and the mailbox, once empty).
+``auto``
+    METADATA when the server takes a private entry on the served mailbox (tried once per user
+    and remembered in the entry ``MARKER``), else the mailbox.
+
+Both stores hold the same bytes (:meth:`DeviceState.to_message`) and merge the same way. A
+write never replaces in place: it adds a new copy, then removes the copies it read (in
+METADATA both in one SETMETADATA). Two writers that overlap each leave their copy, and the next
+read merges them (a union), so no writer's hidden messages are lost and the state is never
+absent. See gateway/maildrop/views.py for what the state means.
+
+Anyone with the user's password can write the state, so reading is bounded: at most
+``MAX_COPIES`` copies, each read only up to ``MAX_STATE_BYTES`` (a partial FETCH; METADATA
+entries over ``CHUNK_SIZE`` are not sent). A copy that cannot be used is ignored and the state
+rewritten without it, with one log line: a broken state costs a device at most a re-download,
+never a lockout.
+
+A copy in METADATA is spread over entries of at most ``CHUNK_SIZE`` octets (``<writer>-<i>-<n>``,
+``i`` of ``n``), because servers limit a value's size; it counts only when all ``n`` are there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from gateway.maildrop.uidset import format_uid_set
+from gateway.config import Pop3Settings
 from gateway.maildrop.views import (
     MAX_STATE_BYTES,
     STATE_HEADER,
@@ -26,7 +50,7 @@ from gateway.maildrop.views import (
 )
 from gateway.proto.imap import Atom, encode_mailbox
 from gateway.upstream.account import ImapAccount, search_result
-from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed
+from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed, ImapError
 
 log = logging.getLogger("popgate.state")
 
@@ -34,38 +58,80 @@ log = logging.getLogger("popgate.state")
 # newest are read, the others removed at the next write.
 MAX_COPIES = 8
 
-
-async def _find(account: ImapAccount, key: str) -> list[int]:
-    """UIDs of the state messages whose header holds ``key`` (a substring match)."""
-    response = await account.proto.command(
-        Atom("UID"), Atom("SEARCH"), Atom("HEADER"), STATE_HEADER, key
-    )
-    return search_result(response)
-
-
-async def _bodies(account: ImapAccount, uids: list[int]) -> list[bytes]:
-    """The bodies of the newest ``MAX_COPIES`` of ``uids``, each cut after MAX_STATE_BYTES + 1
-    bytes (more than that is invalid anyway, and the cut is what tells)."""
-    uids = sorted(uids)[-MAX_COPIES:]
-    if not uids:
-        return []
-    sink = BodyCollector()
-    await account.proto.command(
-        Atom("UID"),
-        Atom("FETCH"),
-        Atom(format_uid_set(uids)),
-        [Atom(f"BODY.PEEK[]<0.{MAX_STATE_BYTES + 1}>")],
-        sink=sink,
-    )
-    return sink.bodies
+# Entry names are lower case throughout: Dovecot lower-cases them.
+ENTRY_ROOT = "/private/vendor/popgate"
+STATE_ROOT = f"{ENTRY_ROOT}/state"
+# Set once METADATA proved usable for this mailbox ("auto" then never tries the mailbox again).
+MARKER = f"{ENTRY_ROOT}/store"
+MARKER_VALUE = b"metadata 1"
+# Octets per entry value, under every limit found: Dovecot's file dict takes any size (20 MB
+# tried) but rewrites the user's whole attribute file at each change; its SQL dict schema keeps
+# values in a VARCHAR(65535); Cyrus reads literals of any size but a quoted value over its
+# maxquoted setting ends the connection. A 10,000-message state is 55 KB with scattered UIDs
+# (Dovecot), 335 KB with Cyrus's EMAILIDs too: 2 or 11 entries. A server answering
+# [METADATA MAXSIZE n] to a write gets entries of n octets instead.
+CHUNK_SIZE = 32 * 1024
+MIN_CHUNK_SIZE = 1024
+# A copy missing some of its entries is being written right now, or its writer crashed in the
+# middle on a server that does not apply SETMETADATA whole. Only the latter is removed.
+STALE_PARTIAL_SECONDS = 600.0
 
 
-async def _read(
-    account: ImapAccount,
-    state: DeviceState,
-    uids: list[int],
-    uidvalidity: int = 0,
-    uidnext: int = 0,
+class StateStoreError(ImapError):
+    """The chosen store cannot be used on this server (e.g. ``metadata`` without METADATA)."""
+
+
+class StateStore(Protocol):
+    name: str
+
+    async def load(
+        self,
+        account: ImapAccount,
+        mailbox: str,
+        device: str,
+        *,
+        uidvalidity: int = 0,
+        uidnext: int = 0,
+    ) -> DeviceState: ...
+
+    async def save(
+        self,
+        account: ImapAccount,
+        state: DeviceState,
+        present: Sequence[IndexedMessage],
+        newer_from: int | None = None,
+    ) -> None: ...
+
+    async def reset(self, account: ImapAccount, mailbox: str, device: str) -> int: ...
+
+    async def load_all(self, account: ImapAccount, mailbox: str) -> list[DeviceState]: ...
+
+
+async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str) -> StateStore:
+    """The store ``[pop3] state_store`` names for this account and served mailbox.
+
+    ``auto`` tries: METADATA is used when the server offers it *and* takes our private entry
+    on ``mailbox``; the outcome is kept in that entry, so later logins only read it.
+    """
+    legacy = MailboxStore(settings.state_mailbox)
+    if settings.state_store == "mailbox":
+        return legacy
+    metadata = MetadataStore(legacy)
+    if settings.state_store == "metadata":
+        if not _offers_metadata(account):
+            raise StateStoreError("state_store is metadata, but the IMAP server has no METADATA")
+        return metadata
+    if _offers_metadata(account) and await metadata.usable(account, mailbox):
+        return metadata
+    return legacy
+
+
+def _offers_metadata(account: ImapAccount) -> bool:
+    return account.proto.has("METADATA")
+
+
+def merge_copies(
+    state: DeviceState, copies: Sequence[bytes], uidvalidity: int = 0, uidnext: int = 0
 ) -> list[str]:
     """Merge every usable copy into ``state``; the reasons the others were not (fully) usable.
 
@@ -73,9 +139,7 @@ async def _read(
     dropped (and reported): they would hide future messages.
     """
     problems = []
-    if len(uids) > MAX_COPIES:
-        problems.append(f"{len(uids)} copies, only the newest {MAX_COPIES} read")
-    for raw in await _bodies(account, uids):
+    for raw in copies:
         try:
             found = DeviceState.from_message(raw, state.mailbox, state.device)
         except InvalidState as e:
@@ -87,69 +151,19 @@ async def _read(
     return problems
 
 
-def _report(state: DeviceState, problems: list[str]) -> None:
+def _report(state: DeviceState, problems: list[str], what: str = "state message(s)") -> None:
     # Names the device (a login name, not a secret) and never quotes the stored content.
     log.warning(
-        "device %r: ignored %d unusable state message(s) in %s (%s); rewriting its state",
+        "device %r: ignored %d unusable %s in %s (%s); rewriting its state",
         state.device,
         len(problems),
+        what,
         state.mailbox,
         "; ".join(sorted(set(problems))),
     )
 
 
-async def _remove(account: ImapAccount, uids: list[int]) -> None:
-    if uids and not await account.expunge(uids):
-        # No UIDPLUS: only the gateway's own state messages live here, all marked for removal.
-        await account.proto.command(Atom("EXPUNGE"))
-
-
-async def load(
-    account: ImapAccount,
-    state_mailbox: str,
-    mailbox: str,
-    device: str,
-    *,
-    uidvalidity: int = 0,
-    uidnext: int = 0,
-) -> DeviceState:
-    """The device's state; empty when it has none yet. Leaves ``state_mailbox`` selected.
-
-    ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs not
-    given out yet be caught and repaired.
-    """
-    state = DeviceState(mailbox, device)
-    try:
-        await account.examine(state_mailbox)
-    except ImapCommandFailed:
-        return state  # no state mailbox: nothing hidden anywhere yet
-    found = await _find(account, state.key)
-    problems = await _read(account, state, found, uidvalidity, uidnext)
-    if problems:
-        _report(state, problems)
-        await _repair(account, state_mailbox, state, found)
-    return state
-
-
-async def _repair(
-    account: ImapAccount, state_mailbox: str, state: DeviceState, old: list[int]
-) -> None:
-    """Replace every stored copy with the state merged from the usable ones.
-
-    Best effort: if the server refuses (no rights, over quota) the device still logs in with
-    what could be read, and the next write tries again.
-    """
-    try:
-        await account.examine(state_mailbox, readonly=False)
-        await _write(account, state_mailbox, state, old)
-    except ImapCommandFailed as e:
-        log.warning("device %r: state not rewritten: %s", state.device, e.status.text)
-
-
-async def _write(
-    account: ImapAccount, state_mailbox: str, state: DeviceState, old: list[int]
-) -> None:
-    message = state.to_message()
+def _check_size(state: DeviceState, message: bytes) -> None:
     if len(message) > MAX_STATE_BYTES:
         # Written anyway (it is the truth), but the next read will refuse it: the device will
         # see its hidden messages again. Only a mailbox with well over 100,000 hidden messages
@@ -160,59 +174,441 @@ async def _write(
             len(message),
             MAX_STATE_BYTES,
         )
-    await account.proto.command(
-        Atom("APPEND"), encode_mailbox(state_mailbox), [Atom("\\Seen")], message
-    )
-    await _remove(account, old)
+
+
+def merge_by_device(mailbox: str, copies: Sequence[DeviceState]) -> list[DeviceState]:
+    states: dict[str, DeviceState] = {}
+    for found in copies:
+        states.setdefault(found.device, DeviceState(mailbox, found.device)).merge(found)
+    return sorted(states.values(), key=lambda s: s.device)
+
+
+# --------------------------------------------------------------------------------------------
+# The state mailbox
+
+
+@dataclass
+class MailboxStore:
+    """State messages in ``state_mailbox`` (visible to IMAP clients)."""
+
+    state_mailbox: str
+    name: str = "mailbox"
+
+    async def _find(self, account: ImapAccount, key: str) -> list[int]:
+        """UIDs of the state messages whose header holds ``key`` (a substring match)."""
+        response = await account.proto.command(
+            Atom("UID"), Atom("SEARCH"), Atom("HEADER"), STATE_HEADER, key
+        )
+        return search_result(response)
+
+    async def _bodies(self, account: ImapAccount, uids: list[int]) -> dict[int, bytes]:
+        """The bodies of the newest ``MAX_COPIES`` of ``uids``, each cut after MAX_STATE_BYTES
+        + 1 bytes (more than that is invalid anyway, and the cut is what tells)."""
+        uids = sorted(uids)[-MAX_COPIES:]
+        if not uids:
+            return {}
+        sinks = {uid: BodyCollector() for uid in uids}
+        await account.proto.command(
+            Atom("UID"),
+            Atom("FETCH"),
+            Atom(",".join(str(u) for u in uids)),
+            [Atom("UID"), Atom(f"BODY.PEEK[]<0.{MAX_STATE_BYTES + 1}>")],
+            sinks=sinks,
+        )
+        return {uid: sink.bodies[0] for uid, sink in sinks.items() if sink.bodies}
+
+    async def _read(
+        self,
+        account: ImapAccount,
+        state: DeviceState,
+        uids: list[int],
+        uidvalidity: int = 0,
+        uidnext: int = 0,
+    ) -> list[str]:
+        problems = []
+        if len(uids) > MAX_COPIES:
+            problems.append(f"{len(uids)} copies, only the newest {MAX_COPIES} read")
+        bodies = await self._bodies(account, uids)
+        return problems + merge_copies(state, list(bodies.values()), uidvalidity, uidnext)
+
+    async def remove(self, account: ImapAccount, uids: list[int]) -> None:
+        if uids and not await account.expunge(uids):
+            # No UIDPLUS: only the gateway's own state messages live here, all marked for removal.
+            await account.proto.command(Atom("EXPUNGE"))
+
+    async def load(
+        self,
+        account: ImapAccount,
+        mailbox: str,
+        device: str,
+        *,
+        uidvalidity: int = 0,
+        uidnext: int = 0,
+    ) -> DeviceState:
+        """The device's state; empty when it has none yet. Leaves ``state_mailbox`` selected.
+
+        ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs
+        not given out yet be caught and repaired.
+        """
+        state = DeviceState(mailbox, device)
+        try:
+            await account.examine(self.state_mailbox)
+        except ImapCommandFailed:
+            return state  # no state mailbox: nothing hidden anywhere yet
+        found = await self._find(account, state.key)
+        problems = await self._read(account, state, found, uidvalidity, uidnext)
+        if problems:
+            _report(state, problems)
+            await self._repair(account, state, found)
+        return state
+
+    async def _repair(self, account: ImapAccount, state: DeviceState, old: list[int]) -> None:
+        """Replace every stored copy with the state merged from the usable ones.
+
+        Best effort: if the server refuses (no rights, over quota) the device still logs in with
+        what could be read, and the next write tries again.
+        """
+        try:
+            await account.examine(self.state_mailbox, readonly=False)
+            await self._write(account, state, old)
+        except ImapCommandFailed as e:
+            log.warning("device %r: state not rewritten: %s", state.device, e.status.text)
+
+    async def _write(self, account: ImapAccount, state: DeviceState, old: list[int]) -> None:
+        message = state.to_message()
+        _check_size(state, message)
+        await account.proto.command(
+            Atom("APPEND"), encode_mailbox(self.state_mailbox), [Atom("\\Seen")], message
+        )
+        await self.remove(account, old)
+
+    async def save(
+        self,
+        account: ImapAccount,
+        state: DeviceState,
+        present: Sequence[IndexedMessage],
+        newer_from: int | None = None,
+    ) -> None:
+        """Merge with what is stored now, write the result, then remove the older copies.
+
+        Entries for messages not in ``present`` (gone from the mailbox) are dropped on the way.
+        """
+        await account.create_mailbox(self.state_mailbox)
+        await account.examine(self.state_mailbox, readonly=False)
+        old = await self._find(account, state.key)
+        problems = await self._read(account, state, old)
+        if problems:
+            _report(state, problems)
+        state.prune(present, newer_from)
+        await self._write(account, state, old)
+
+    async def reset(self, account: ImapAccount, mailbox: str, device: str) -> int:
+        """Forget everything ``device`` has hidden; returns the number of state copies removed."""
+        try:
+            await account.examine(self.state_mailbox, readonly=False)
+        except ImapCommandFailed:
+            return 0
+        old = await self._find(account, DeviceState(mailbox, device).key)
+        await self.remove(account, old)
+        return len(old)
+
+    async def states(
+        self, account: ImapAccount, mailbox: str
+    ) -> tuple[list[DeviceState], list[int]]:
+        """Every state copy for ``mailbox`` and the UIDs to remove once they are carried over:
+        theirs, and those of our state messages nobody can read (the mailbox store would
+        replace those at the device's next login). Selects the state mailbox read-write;
+        empty when there is none. Read a batch at a time: memory stays bounded."""
+        try:
+            await account.examine(self.state_mailbox, readonly=False)
+        except ImapCommandFailed:
+            return [], []
+        found, done = [], []
+        uids = await self._find(account, STATE_KEY_PREFIX)
+        for i in range(0, len(uids), MAX_COPIES):
+            for uid, raw in (await self._bodies(account, uids[i : i + MAX_COPIES])).items():
+                try:
+                    state = DeviceState.parse(raw)
+                except InvalidState:
+                    done.append(uid)
+                    continue
+                if state.mailbox == mailbox:
+                    found.append(state)
+                    done.append(uid)
+        return found, done
+
+    async def load_all(self, account: ImapAccount, mailbox: str) -> list[DeviceState]:
+        """Every device's state for ``mailbox`` (for ``popgate device list``)."""
+        copies, _ = await self.states(account, mailbox)
+        return merge_by_device(mailbox, copies)
+
+
+# --------------------------------------------------------------------------------------------
+# METADATA
+
+
+def new_writer_id() -> str:
+    """Lower-case hex, sortable by time (nanoseconds), unique without coordination."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+def writer_time(writer: str) -> float:
+    try:
+        return int(writer[:16], 16) / 1e9
+    except ValueError:
+        return 0.0
+
+
+def chunk_entries(key: str, writer: str, data: bytes, size: int) -> dict[str, bytes]:
+    """``data`` as entries ``STATE_ROOT/key/writer-i-n`` of at most ``size`` octets each."""
+    pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+    n = len(pieces)
+    return {f"{STATE_ROOT}/{key}/{writer}-{i}-{n}": piece for i, piece in enumerate(pieces)}
+
+
+@dataclass
+class StoredCopies:
+    """The copies of one key found in METADATA: whole ones joined, partial ones set aside."""
+
+    whole: dict[str, bytes] = field(default_factory=dict)  # writer → the copy's bytes
+    names: list[str] = field(default_factory=list)  # entries of whole and of stale partial copies
+    partial: int = 0
+
+    def newest(self) -> list[bytes]:
+        """At most ``MAX_COPIES`` whole copies, the newest writers'."""
+        return [self.whole[w] for w in sorted(self.whole)[-MAX_COPIES:]]
+
+
+def assemble(values: dict[str, bytes], prefix: str, now: float) -> StoredCopies:
+    """Group entries ``prefix/writer-i-n`` by writer; a copy counts when all ``n`` are there."""
+    parts: dict[str, dict[int, bytes]] = {}
+    counts: dict[str, int] = {}
+    names: dict[str, list[str]] = {}
+    for name, value in values.items():
+        if not name.startswith(prefix + "/"):
+            continue
+        writer, _, rest = name[len(prefix) + 1 :].partition("-")
+        index, _, count = rest.partition("-")
+        if not (writer and index.isdigit() and count.isdigit()) or "/" in writer:
+            continue
+        i, n = int(index), int(count)
+        if i >= n or counts.setdefault(writer, n) != n:
+            continue
+        parts.setdefault(writer, {})[i] = value
+        names.setdefault(writer, []).append(name)
+    found = StoredCopies()
+    for writer, pieces in parts.items():
+        if len(pieces) == counts[writer]:
+            found.whole[writer] = b"".join(pieces[i] for i in range(counts[writer]))
+            found.names += names[writer]
+        else:
+            found.partial += 1
+            if now - writer_time(writer) > STALE_PARTIAL_SECONDS:
+                found.names += names[writer]
+    return found
+
+
+@dataclass
+class MetadataStore:
+    """State in private METADATA entries of the served mailbox; carries the state mailbox over."""
+
+    legacy: MailboxStore
+    name: str = "metadata"
+    chunk_size: int = CHUNK_SIZE
+
+    async def usable(self, account: ImapAccount, mailbox: str) -> bool:
+        """Whether the server keeps our private entry on ``mailbox``: read it, else try it."""
+        try:
+            found = await account.get_metadata(mailbox, [MARKER])
+            if found.values.get(MARKER) == MARKER_VALUE:
+                return True
+            await account.set_metadata(mailbox, {MARKER: MARKER_VALUE})
+        except ImapCommandFailed as e:
+            log.info("METADATA not usable on %s (%s); using the state mailbox", mailbox, e)
+            return False
+        return True
+
+    async def _copies(self, account: ImapAccount, mailbox: str, key: str) -> StoredCopies:
+        prefix = f"{STATE_ROOT}/{key}"
+        found = await account.get_metadata(mailbox, [prefix], depth="1", max_size=self.chunk_size)
+        copies = assemble(found.values, prefix, time.time())
+        if found.long_entries:
+            # [METADATA LONGENTRIES n]: n is the size of the largest value left out. None of
+            # ours is that large: learn the names (values over 64 KiB are not kept) so the
+            # next write removes them.
+            log.warning("state entries of %s over %d octets ignored (the largest: %d octets)",
+                        mailbox, self.chunk_size, found.long_entries)  # fmt: skip
+            again = await account.get_metadata(mailbox, [prefix], depth="1")
+            oversized = [n for n, v in again.values.items() if len(v) > self.chunk_size]
+            copies.names += [n for n in [*oversized, *again.streamed] if n.startswith(prefix)]
+        return copies
+
+    async def _write(self, account: ImapAccount, state: DeviceState, remove: Sequence[str]) -> None:
+        """One SETMETADATA: the new copy first, then the removal of what it replaces."""
+        data = state.to_message()
+        _check_size(state, data)
+        size = self.chunk_size
+        while True:
+            values: dict[str, bytes | None] = dict(
+                chunk_entries(state.key, new_writer_id(), data, size)
+            )
+            values.update((name, None) for name in remove)
+            try:
+                await account.set_metadata(state.mailbox, values)
+                return
+            except ImapCommandFailed as e:
+                code = e.status.code or ()
+                if len(code) >= 3 and str(code[1]).upper() == "MAXSIZE":
+                    limit = int(str(code[2])) if str(code[2]).isdigit() else 0
+                    if MIN_CHUNK_SIZE <= limit < size:
+                        size = limit  # the server said how much it takes: spread thinner
+                        continue
+                raise
+
+    async def migrate(self, account: ImapAccount, mailbox: str) -> int:
+        """Carry every state message for ``mailbox`` over from the state mailbox, then remove
+        them (and the mailbox, once nothing is left in it). Returns the messages removed.
+
+        Written to METADATA first, removed only afterwards: a failure in between leaves the
+        state in both places, which the next read merges.
+        """
+        if await account.mailbox_messages(self.legacy.state_mailbox) is None:
+            return 0
+        copies, uids = await self.legacy.states(account, mailbox)
+        for state in merge_by_device(mailbox, copies):
+            await self._write(account, state, ())
+        if uids:
+            await self.legacy.remove(account, uids)
+        with contextlib.suppress(ImapCommandFailed):  # nothing selected if it could not be opened
+            await account.unselect()
+        if await account.mailbox_messages(self.legacy.state_mailbox) == 0:
+            await account.delete_mailbox(self.legacy.state_mailbox)
+            log.info("state mailbox %s carried over to METADATA and removed",
+                     self.legacy.state_mailbox)  # fmt: skip
+        return len(uids)
+
+    async def _read(
+        self, account: ImapAccount, state: DeviceState, uidvalidity: int = 0, uidnext: int = 0
+    ) -> tuple[StoredCopies, list[str]]:
+        copies = await self._copies(account, state.mailbox, state.key)
+        problems = []
+        if len(copies.whole) > MAX_COPIES:
+            problems.append(f"{len(copies.whole)} copies, only the newest {MAX_COPIES} read")
+        problems += merge_copies(state, copies.newest(), uidvalidity, uidnext)
+        return copies, problems
+
+    async def load(
+        self,
+        account: ImapAccount,
+        mailbox: str,
+        device: str,
+        *,
+        uidvalidity: int = 0,
+        uidnext: int = 0,
+    ) -> DeviceState:
+        await self.migrate(account, mailbox)
+        state = DeviceState(mailbox, device)
+        copies, problems = await self._read(account, state, uidvalidity, uidnext)
+        if problems:
+            _report(state, problems, "state copies in METADATA")
+            try:  # best effort, as in the mailbox store: the next write tries again
+                await self._write(account, state, copies.names)
+            except ImapCommandFailed as e:
+                log.warning("device %r: state not rewritten: %s", state.device, e.status.text)
+        return state
+
+    async def save(
+        self,
+        account: ImapAccount,
+        state: DeviceState,
+        present: Sequence[IndexedMessage],
+        newer_from: int | None = None,
+    ) -> None:
+        await self.migrate(account, state.mailbox)
+        copies, problems = await self._read(account, state)
+        if problems:
+            _report(state, problems, "state copies in METADATA")
+        state.prune(present, newer_from)
+        await self._write(account, state, copies.names)
+
+    async def reset(self, account: ImapAccount, mailbox: str, device: str) -> int:
+        key = DeviceState(mailbox, device).key
+        prefix = f"{STATE_ROOT}/{key}"
+        found = await account.get_metadata(mailbox, [prefix], depth="1")
+        names = [n for n in found.values if n.startswith(prefix + "/")]
+        if names:
+            await account.set_metadata(mailbox, dict.fromkeys(names))
+        copies = len(assemble(found.values, prefix, time.time()).whole)
+        return copies + await self.legacy.reset(account, mailbox, device)
+
+    async def load_all(self, account: ImapAccount, mailbox: str) -> list[DeviceState]:
+        """Every device's state for ``mailbox``, also what still waits in the state mailbox."""
+        found = await account.get_metadata(
+            mailbox, [STATE_ROOT], depth="infinity", max_size=self.chunk_size
+        )
+        by_key: dict[str, dict[str, bytes]] = {}
+        for name, value in found.values.items():
+            key = name[len(STATE_ROOT) + 1 :].partition("/")[0]
+            if name.startswith(STATE_ROOT + "/") and key:
+                by_key.setdefault(key, {})[name] = value
+        copies = []
+        for key, values in by_key.items():
+            for raw in assemble(values, f"{STATE_ROOT}/{key}", time.time()).newest():
+                try:
+                    state = DeviceState.parse(raw)
+                except InvalidState:
+                    continue  # repaired when that device next logs in
+                if state.mailbox == mailbox and state.key == key:
+                    copies.append(state)
+        legacy, _ = await self.legacy.states(account, mailbox)
+        return merge_by_device(mailbox, [*copies, *legacy])
+
+
+# --------------------------------------------------------------------------------------------
+# The module's face for the POP3 backend and the admin commands
+
+
+async def load(
+    account: ImapAccount,
+    settings: Pop3Settings,
+    mailbox: str,
+    device: str,
+    *,
+    uidvalidity: int = 0,
+    uidnext: int = 0,
+) -> DeviceState:
+    """The device's state; empty when it has none yet. May change the selected mailbox.
+
+    ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs not
+    given out yet be caught and repaired.
+    """
+    store = await open_store(account, settings, mailbox)
+    return await store.load(account, mailbox, device, uidvalidity=uidvalidity, uidnext=uidnext)
 
 
 async def save(
     account: ImapAccount,
-    state_mailbox: str,
+    settings: Pop3Settings,
     state: DeviceState,
     present: Sequence[IndexedMessage],
     newer_from: int | None = None,
 ) -> None:
-    """Merge with what is stored now, write the result, then remove the older copies.
+    """Merge with what is stored now and write the result.
 
     Entries for messages not in ``present`` (gone from the mailbox) are dropped on the way,
     except those ``DeviceState.prune`` keeps for ``newer_from``.
     """
-    await account.create_mailbox(state_mailbox)
-    await account.examine(state_mailbox, readonly=False)
-    old = await _find(account, state.key)
-    problems = await _read(account, state, old)
-    if problems:
-        _report(state, problems)
-    state.prune(present, newer_from)
-    await _write(account, state_mailbox, state, old)
+    store = await open_store(account, settings, state.mailbox)
+    await store.save(account, state, present, newer_from)
 
 
-async def reset(account: ImapAccount, state_mailbox: str, mailbox: str, device: str) -> int:
+async def reset(account: ImapAccount, settings: Pop3Settings, mailbox: str, device: str) -> int:
     """Forget everything ``device`` has hidden; returns the number of state copies removed."""
-    try:
-        await account.examine(state_mailbox, readonly=False)
-    except ImapCommandFailed:
-        return 0
-    old = await _find(account, DeviceState(mailbox, device).key)
-    await _remove(account, old)
-    return len(old)
+    store = await open_store(account, settings, mailbox)
+    return await store.reset(account, mailbox, device)
 
 
-async def load_all(account: ImapAccount, state_mailbox: str, mailbox: str) -> list[DeviceState]:
+async def load_all(account: ImapAccount, settings: Pop3Settings, mailbox: str) -> list[DeviceState]:
     """Every device's state for ``mailbox`` (for ``popgate device list``)."""
-    try:
-        await account.examine(state_mailbox)
-    except ImapCommandFailed:
-        return []
-    states: dict[str, DeviceState] = {}
-    uids = await _find(account, STATE_KEY_PREFIX)
-    for i in range(0, len(uids), MAX_COPIES):  # a batch at a time: memory stays bounded
-        for raw in await _bodies(account, uids[i : i + MAX_COPIES]):
-            try:
-                found = DeviceState.parse(raw)
-            except InvalidState:
-                continue  # repaired when that device next logs in
-            if found.mailbox == mailbox:
-                states.setdefault(found.device, DeviceState(mailbox, found.device)).merge(found)
-    return sorted(states.values(), key=lambda s: s.device)
+    store = await open_store(account, settings, mailbox)
+    return await store.load_all(account, mailbox)

@@ -253,11 +253,14 @@ class Dovecot:
         master_password: str | None = None,
         lmtp: bool = False,
         imapc: tuple[str, int] | None = None,
+        metadata: bool = False,
         extra_config: str = "",
     ) -> None:
         """``imapc=(host, port)`` makes this instance a proxy over another IMAP server
         (Dovecot's imapc storage): users log in with their password on that server (passdb
         imap), mail and flags stay there, only an index cache lives here (``~/imapc``).
+        ``metadata=True`` turns on IMAP METADATA (RFC 5464), entries kept in
+        ``~/Maildir/dovecot-attributes``; :meth:`set_metadata` switches it while running.
         ``extra_config`` is appended to the generated ``dovecot.conf`` (later settings win)."""
         self._owns_base_dir = base_dir is None
         if base_dir is None:
@@ -274,6 +277,7 @@ class Dovecot:
         # An LMTP listener (for a test MTA delivering here): recipients' domains are dropped.
         self.lmtp = lmtp
         self.imapc = imapc
+        self.metadata = metadata
         self.extra_config = extra_config
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
@@ -631,9 +635,9 @@ namespace inbox {{
 {special}
 }}
 
-protocol imap {{
+{self._metadata_global()}protocol imap {{
   mail_max_userip_connections = 1000
-{quota_imap}}}
+{quota_imap}{self._metadata_imap()}}}
 protocol pop3 {{
   mail_max_userip_connections = 1000
 }}
@@ -668,6 +672,32 @@ service imap-login {{
   }}
 }}
 {self.extra_config}"""
+
+    def _metadata_global(self) -> str:
+        return "mail_attribute_dict = file:%h/Maildir/dovecot-attributes\n" if self.metadata else ""
+
+    def _metadata_imap(self) -> str:
+        return "  imap_metadata = yes\n" if self.metadata else ""
+
+    def set_metadata(self, on: bool, user: str, password: str, timeout: float = 20.0) -> None:
+        """Switch METADATA on or off in the running instance (same ports, same mail): rewrite
+        the configuration, have the master reload it (SIGHUP), and wait until a new login of
+        ``user`` sees the change in CAPABILITY."""
+        self.metadata = on
+        self.config_file.write_text(self._config_text())
+        self._save_state()
+        if self._pid is None:
+            raise DovecotError("Dovecot has not been started")
+        os.kill(self._pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.imap(user, password) as conn:
+                _, caps = conn.capability()
+                if (b"METADATA" in (caps[0] or b"").split()) == on:
+                    return
+            if time.monotonic() > deadline:
+                raise DovecotError(f"METADATA still {'off' if on else 'on'} after the reload")
+            time.sleep(0.05)
 
     def _storage_and_auth_text(self) -> str:
         b = self._base
@@ -859,6 +889,7 @@ protocol lmtp {{
             "master_password": self._master_password,
             "users": self._users,
             "imapc": list(self.imapc) if self.imapc else None,
+            "metadata": self.metadata,
             "extra_config": self.extra_config,
         }
         _write_private(self._base / STATE_FILE, json.dumps(state, indent=2).encode())
@@ -876,6 +907,7 @@ protocol lmtp {{
             master_user=state["master_user"],
             master_password=state["master_password"],
             imapc=(state["imapc"][0], int(state["imapc"][1])) if state.get("imapc") else None,
+            metadata=state.get("metadata", False),
             extra_config=state.get("extra_config", ""),
         )
         dc._ports = {k: int(v) for k, v in state["ports"].items()}

@@ -781,3 +781,61 @@ def test_imap_timeout_defaults_to_60_and_must_be_positive(conf_dir: Path) -> Non
     assert "[upstream.imap] timeout: must be greater than 0" in problem
     [problem] = problems(conf_dir, MINIMAL + 'timeout = "soon"\n')
     assert "[upstream.imap] timeout:" in problem
+
+
+# --------------------------------------------------------------------------- throttling and limits
+
+
+def test_limits_defaults(conf_dir: Path) -> None:
+    security = load(conf_dir, MINIMAL).security
+
+    assert security.auth_failure_delay == 2.0
+    assert security.auth_failure_max_delay == 15.0
+    assert security.max_connections == 2000
+    assert security.max_connections_per_ip == 50
+
+
+def test_failure_delay_zero_turns_it_off(conf_dir: Path) -> None:
+    text = MINIMAL + "[security]\nauth_failure_delay = 0\nauth_failure_max_delay = 0\n"
+
+    assert load(conf_dir, text).security.auth_failure_delay == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("auth_failure_delay = -1.5", "auth_failure_delay: must not be negative, got -1.5"),
+        ("auth_failure_max_delay = -1", "auth_failure_max_delay: must not be negative, got -1"),
+        ("auth_failure_delay = nan", "auth_failure_delay: must be a finite number, got nan"),
+        ('auth_failure_delay = "2"', "auth_failure_delay: expected a number, got string"),
+        ("max_connections = 0", "max_connections: must be at least 1, got 0"),
+        ("max_connections_per_ip = -5", "max_connections_per_ip: must be at least 1, got -5"),
+        ("max_connections = 2.5", "max_connections: expected an integer, got float"),
+        (
+            "auth_failure_delay = 20.0",
+            "auth_failure_max_delay: must be at least auth_failure_delay (20), got 15",
+        ),
+        (
+            "max_connections = 10",
+            "max_connections_per_ip: must not exceed max_connections (10), got 50",
+        ),
+    ],
+)
+def test_bad_limits_are_refused(conf_dir: Path, setting: str, problem: str) -> None:
+    found = problems(conf_dir, MINIMAL + f"[security]\n{setting}\n")
+
+    assert found == [f"{conf_dir / 'popgate.toml'}: [security] {problem}"]
+
+
+def test_limits_from_the_environment(conf_dir: Path) -> None:
+    env = {
+        "POPGATE_SECURITY_MAX_CONNECTIONS": "100",
+        "POPGATE_SECURITY_MAX_CONNECTIONS_PER_IP": "200",
+    }
+
+    found = problems(conf_dir, MINIMAL, env)
+
+    assert found == [
+        f"{conf_dir / 'popgate.toml'}: [security] max_connections_per_ip: "
+        "must not exceed max_connections (100), got 200"
+    ]

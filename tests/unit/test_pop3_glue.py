@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from gateway.addresses import Networks
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
 from gateway.pop3.backend import UpdateFailed
@@ -109,7 +109,7 @@ def connect(
     protocol = Pop3Protocol(
         FakeService(drop),  # type: ignore[arg-type]
         reactor,
-        Listener(None, False, (ipaddress.ip_network("127.0.0.0/8"),), IDLE),
+        Listener(None, False, Networks(["127.0.0.0/8"]), IDLE),
     )
     transport = StringTransport(peerAddress=_Peer())
     protocol.makeConnection(transport)

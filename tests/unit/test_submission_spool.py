@@ -149,14 +149,14 @@ def test_listing_says_why(tmp_path: Path) -> None:
 
 def test_retry_loop_until_stored_then_removed(tmp_path: Path) -> None:
     store = SpoolStore(tmp_path, KEY)
-    calls: list[tuple[str, bool, str | None]] = []
+    calls: list[tuple[str, str | None]] = []
 
     async def scenario() -> None:
         results = [OSError("IMAP down"), OSError("IMAP still down"), "appended"]
         stored = asyncio.Event()
 
-        async def store_copy(e: SpoolEntry, retry: bool) -> str:
-            calls.append((e.id, retry, e.password))
+        async def store_copy(e: SpoolEntry) -> str:
+            calls.append((e.id, e.password))
             outcome = results.pop(0)
             if isinstance(outcome, Exception):
                 raise outcome
@@ -176,9 +176,8 @@ def test_retry_loop_until_stored_then_removed(tmp_path: Path) -> None:
         await spool.stop(1)
 
     asyncio.run(scenario())
-    assert [retry for _, retry, _ in calls] == [False, True, True]
     # the first attempt has the password from memory, retries only what the file holds
-    assert [password for _, _, password in calls] == ["pw\nwith newline", None, None]
+    assert [password for _, password in calls] == ["pw\nwith newline", None, None]
     assert store.ids(".pending") == [] and list(tmp_path.iterdir()) == []
 
 
@@ -188,13 +187,13 @@ def test_start_drops_unknown_outcomes_and_retries_pending(tmp_path: Path) -> Non
     store.write_relaying(relaying, keep_password=True)
     store.write_relaying(pending, keep_password=True)
     store.mark_relayed(pending.id)
-    seen: list[tuple[str, bool]] = []
+    seen: list[str] = []
 
     async def scenario() -> None:
         done = asyncio.Event()
 
-        async def store_copy(e: SpoolEntry, retry: bool) -> str:
-            seen.append((e.id, retry))
+        async def store_copy(e: SpoolEntry) -> str:
+            seen.append(e.id)
             done.set()
             return "ok"
 
@@ -204,7 +203,7 @@ def test_start_drops_unknown_outcomes_and_retries_pending(tmp_path: Path) -> Non
         await spool.stop(1)
 
     asyncio.run(scenario())
-    assert seen == [(pending.id, True)]  # after a restart, look for an earlier copy first
+    assert seen == [pending.id]
     assert store.ids(".relaying") == [] and store.ids(".pending") == []
 
 
@@ -216,7 +215,7 @@ def test_one_attempt_at_a_time_per_entry(tmp_path: Path) -> None:
     async def scenario() -> None:
         started, release = asyncio.Event(), asyncio.Event()
 
-        async def store_copy(e: SpoolEntry, retry: bool) -> str:
+        async def store_copy(e: SpoolEntry) -> str:
             nonlocal running, most
             running += 1
             most = max(most, running)

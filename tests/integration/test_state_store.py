@@ -1,0 +1,351 @@
+"""Where device state lives: IMAP METADATA when the server takes it, the state mailbox otherwise.
+
+A private Dovecot with METADATA on (``Dovecot(metadata=True)``) next to the session's, which has
+it off. Every check reads the server back: LIST and SEARCH as an IMAP client sees the account,
+GETMETADATA for the entries (tests/support/metadata.py, not popgate's client).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+
+from gateway.config import ImapUpstream, Pop3Settings
+from gateway.maildrop.views import DeviceState, IndexedMessage
+from gateway.upstream import device_store
+from gateway.upstream.account import ImapAccount
+from gateway.upstream.device_store import CHUNK_SIZE, STATE_ROOT, MetadataStore
+from tests.integration.pop3_helpers import (
+    STATE_MAILBOX,
+    PopWire,
+    make_account,
+    report_logs,
+    running_gateway,
+    upstream,
+)
+from tests.support import messages
+from tests.support.dovecot import Dovecot
+from tests.support.gateway import GatewayProcess
+from tests.support.metadata import get_metadata, set_metadata
+
+pytestmark = pytest.mark.integration
+
+STANDARD_MAILBOXES = {"INBOX", "Drafts", "Sent", "Trash", "Junk", "Archive"}
+
+
+@pytest.fixture(scope="module")
+def metadata_dovecot() -> Iterator[Dovecot]:
+    with Dovecot(metadata=True) as dc:
+        yield dc
+
+
+def four_messages(dovecot: Dovecot, tag: str) -> Any:
+    return make_account(
+        dovecot, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 5)], tag
+    )
+
+
+def delete(gw: GatewayProcess, login: str, password: str, numbers: list[int]) -> None:
+    with PopWire.connect(gw.host, gw.pop3_port) as client:
+        client.login(login, password)
+        for n in numbers:
+            assert client.command(f"DELE {n}").startswith(b"+OK")
+        assert client.quit() == b"+OK Bye\r\n"
+
+
+def visible(gw: GatewayProcess, login: str, password: str) -> list[int]:
+    """Upstream UIDs the device is offered (Dovecot's UIDL format starts with the UID)."""
+    with PopWire.connect(gw.host, gw.pop3_port) as client:
+        client.login(login, password)
+        status, lines = client.listing("UIDL")
+        assert status.startswith(b"+OK"), status
+        assert client.quit() == b"+OK Bye\r\n"
+    return [int(line.split(b" ")[1][:8], 16) for line in lines]
+
+
+def state_entries(dovecot: Dovecot, user: str) -> dict[str, bytes]:
+    with dovecot.imap_as_master(user) as conn:
+        return get_metadata(conn, "INBOX", STATE_ROOT)
+
+
+def states_in(entries: dict[str, bytes]) -> dict[str, set[int]]:
+    """device → hidden UIDs, from whole single-entry copies (what small states are)."""
+    found: dict[str, set[int]] = {}
+    for value in entries.values():
+        state = DeviceState.parse(value)
+        assert state is not None, value[:200]
+        found.setdefault(state.device, set()).update(state.uids)
+    return found
+
+
+def imap_client_view(dovecot: Dovecot, user: str) -> tuple[set[str], dict[str, int]]:
+    """What an IMAP client (Thunderbird, a phone) sees: mailbox names and message counts."""
+    seen = upstream(dovecot, user)
+    counts = {}
+    with dovecot.imap_as_master(user) as conn:
+        for name in seen.mailboxes:
+            typ, data = conn.select(f'"{name}"', readonly=True)
+            assert typ == "OK", data
+            typ, data = conn.search(None, "ALL")
+            counts[name] = len((data[0] or b"").split())
+    return set(seen.mailboxes), counts
+
+
+def test_state_lands_in_metadata_and_no_imap_client_sees_anything(
+    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    acct = four_messages(metadata_dovecot, "md")
+    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1, 3])
+        assert visible(gw, f"{acct.name}#phone", acct.password) == [acct.uids[1], acct.uids[3]]
+        assert visible(gw, f"{acct.name}#pc", acct.password) == acct.uids
+    names, counts = imap_client_view(metadata_dovecot, acct.name)
+    assert names == STANDARD_MAILBOXES  # no state mailbox, nothing else of popgate's
+    assert counts == {"INBOX": 4, **{n: 0 for n in STANDARD_MAILBOXES - {"INBOX"}}}
+    entries = state_entries(metadata_dovecot, acct.name)
+    assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[2]}}
+
+
+def test_state_mailbox_is_carried_over_when_the_server_gains_metadata(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    with Dovecot() as dc:  # METADATA off, as before an upgrade
+        acct = four_messages(dc, "mig")
+        with running_gateway(dc, tmp_path / "gw") as gw:
+            report_logs(request, gw)
+            delete(gw, f"{acct.name}#phone", acct.password, [1])
+            delete(gw, f"{acct.name}#pc", acct.password, [2, 4])
+            assert len(upstream(dc, acct.name).state_messages) == 2
+
+            dc.set_metadata(True, acct.name, acct.password)
+            # The phone logs in first; the pc's state must come over with it, not be lost.
+            assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
+            names, _ = imap_client_view(dc, acct.name)
+            assert STATE_MAILBOX not in names
+            assert states_in(state_entries(dc, acct.name)) == {
+                "phone": {acct.uids[0]},
+                "pc": {acct.uids[1], acct.uids[3]},
+            }
+            assert visible(gw, f"{acct.name}#pc", acct.password) == [acct.uids[0], acct.uids[2]]
+            delete(gw, f"{acct.name}#pc", acct.password, [1])
+            assert visible(gw, f"{acct.name}#pc", acct.password) == [acct.uids[2]]
+            assert "carried over to METADATA" in gw.log_text()
+
+
+def test_copies_of_overlapping_writers_are_merged_then_replaced_by_one(
+    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two replicas that wrote at the same moment each leave a copy; a read merges them, the
+    next write replaces both with one."""
+    acct = four_messages(metadata_dovecot, "merge")
+    key = DeviceState("INBOX", "phone").key
+    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1])  # learn the UIDVALIDITY
+        [(name, value)] = state_entries(metadata_dovecot, acct.name).items()
+        stored = DeviceState.parse(value)
+        assert stored is not None
+        first = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[1]})
+        second = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[2]})
+        with metadata_dovecot.imap_as_master(acct.name) as conn:
+            set_metadata(
+                conn,
+                "INBOX",
+                {
+                    name: None,
+                    f"{STATE_ROOT}/{key}/00000000000000aa0001-0-1": first.to_message(),
+                    f"{STATE_ROOT}/{key}/00000000000000bb0002-0-1": second.to_message(),
+                },
+            )
+        assert visible(gw, f"{acct.name}#phone", acct.password) == [acct.uids[0], acct.uids[3]]
+        delete(gw, f"{acct.name}#phone", acct.password, [2])
+        entries = state_entries(metadata_dovecot, acct.name)
+        assert len(entries) == 1
+        assert states_in(entries) == {"phone": set(acct.uids[1:])}
+
+
+def test_mailbox_store_is_unchanged_on_a_metadata_server(
+    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    acct = four_messages(metadata_dovecot, "mbx")
+    overrides = {"pop3": {"state_store": "mailbox"}}
+    with running_gateway(metadata_dovecot, tmp_path / "gw", overrides) as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [2])
+        assert visible(gw, f"{acct.name}#phone", acct.password) == [
+            acct.uids[0],
+            *acct.uids[2:],
+        ]
+    [state] = upstream(metadata_dovecot, acct.name).state_messages.values()
+    assert DeviceState.from_message(state, "INBOX", "phone") is not None
+    with metadata_dovecot.imap_as_master(acct.name) as conn:
+        assert get_metadata(conn, "INBOX", "/private/vendor/popgate") == {}
+
+
+def test_auto_on_a_server_without_metadata_uses_the_mailbox(
+    dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    acct = four_messages(dovecot, "auto")
+    with running_gateway(dovecot, tmp_path / "gw") as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1])
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
+    assert len(upstream(dovecot, acct.name).state_messages) == 1
+
+
+def test_metadata_required_but_missing_is_a_clear_error_and_changes_nothing(
+    dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``state_store = "metadata"`` on a server without METADATA: a login that needs the state
+    is refused as a temporary failure, and the log says why; nothing is written anywhere."""
+    acct = four_messages(dovecot, "req")
+    before = upstream(dovecot, acct.name)
+    with running_gateway(dovecot, tmp_path / "gw", {"pop3": {"state_store": "metadata"}}) as gw:
+        report_logs(request, gw)
+        with PopWire.connect(gw.host, gw.pop3_port) as client:
+            assert client.command(f"USER {acct.name}#phone").startswith(b"+OK")
+            assert client.command(f"PASS {acct.password}").startswith(b"-ERR [SYS/TEMP]")
+        gw.wait_for_log("state_store is metadata, but the IMAP server has no METADATA")
+    after = upstream(dovecot, acct.name)
+    assert after == before
+
+
+def admin(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "device", *args, "-c", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("store", ["metadata", "mailbox"])
+def test_device_list_and_reset_with_either_store(
+    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest, store: str
+) -> None:
+    acct = four_messages(metadata_dovecot, f"adm-{store}")
+    with running_gateway(metadata_dovecot, tmp_path / "gw", {"pop3": {"state_store": store}}) as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1, 2])
+        delete(gw, f"{acct.name}#pc", acct.password, [4])
+        listed = admin(gw, "list", acct.name)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines() == ["pc\t1 messages hidden", "phone\t2 messages hidden"]
+        reset = admin(gw, "reset", acct.name, "phone")
+        assert reset.returncode == 0, reset.stderr
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids
+        assert visible(gw, f"{acct.name}#pc", acct.password) == acct.uids[:3]
+        assert admin(gw, "list", acct.name).stdout.splitlines() == ["pc\t1 messages hidden"]
+
+
+# --------------------------------------------------------------------- the store itself
+
+
+def imap_settings(dc: Dovecot) -> ImapUpstream:
+    return ImapUpstream(
+        host=dc.host,
+        port=dc.imap_port,
+        security="starttls",
+        ca_file=dc.ca_file,
+        master_user=dc.master_user,
+        master_password=dc.master_password,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_saves_keep_every_writers_deletes(metadata_dovecot: Dovecot) -> None:
+    acct = four_messages(metadata_dovecot, "conc")
+    settings = Pop3Settings()
+    present = [IndexedMessage(uid, 100, frozenset()) for uid in acct.uids]
+    accounts = [
+        await ImapAccount.open_as_master(reactor, imap_settings(metadata_dovecot), acct.name)
+        for _ in range(2)
+    ]
+    try:
+        uidvalidity = (await accounts[0].examine("INBOX")).uidvalidity
+        for round_ in range(3):  # the two saves run side by side, round trip for round trip
+            states = []
+            for i in range(len(accounts)):
+                state = DeviceState("INBOX", "phone")
+                state.hide([present[(2 * round_ + i) % 4]], uidvalidity)
+                states.append(state)
+            await DeferredList(
+                [
+                    Deferred.fromCoroutine(device_store.save(a, settings, s, present))
+                    for a, s in zip(accounts, states, strict=True)
+                ],
+                fireOnOneErrback=True,
+                consumeErrors=True,
+            )
+        loaded = await device_store.load(accounts[0], settings, "INBOX", "phone")
+        assert set(loaded.uids) == set(acct.uids)  # both writers' deletes of all three rounds
+    finally:
+        for account in accounts:
+            await account.logout()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_10000_message_state_fits_in_chunks_and_reads_back(
+    metadata_dovecot: Dovecot,
+) -> None:
+    """The worst case: 10,000 scattered UIDs and 10,000 Cyrus-style EMAILIDs."""
+    acct = four_messages(metadata_dovecot, "big")
+    uids = set(range(1, 20_000, 2))
+    emailids = {f"M{n:024x}" for n in range(10_000)}
+    big = DeviceState("INBOX", "phone", 7, uids, emailids)
+    present = [IndexedMessage(u, 1, frozenset(), f"M{(u // 2):024x}") for u in uids]
+    data = big.to_message()
+    assert len(data) > 8 * CHUNK_SIZE  # really spread over several entries
+    account = await ImapAccount.open_as_master(reactor, imap_settings(metadata_dovecot), acct.name)
+    try:
+        store = MetadataStore(device_store.MailboxStore(STATE_MAILBOX))
+        await store.save(account, DeviceState("INBOX", "phone", 7, set(uids), set(emailids)),
+                         present)  # fmt: skip
+        loaded = await store.load(account, "INBOX", "phone")
+        assert set(loaded.uids) == uids and loaded.emailids == emailids
+    finally:
+        await account.logout()
+    entries = state_entries(metadata_dovecot, acct.name)
+    assert len(entries) == -(-len(data) // CHUNK_SIZE)
+    assert all(len(v) <= CHUNK_SIZE for v in entries.values())
+
+
+def test_forged_metadata_state_never_locks_a_device_out(
+    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Anyone with the password can write METADATA: broken copies are ignored and replaced,
+    UIDs the mailbox has not given out are dropped, and the device logs in."""
+    acct = four_messages(metadata_dovecot, "forged")
+    key = DeviceState("INBOX", "phone").key
+    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1])
+        [(_name, value)] = state_entries(metadata_dovecot, acct.name).items()
+        stored = DeviceState.parse(value)
+        unborn = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[1], 999_999})
+        with metadata_dovecot.imap_as_master(acct.name) as conn:
+            set_metadata(
+                conn,
+                "INBOX",
+                {
+                    f"{STATE_ROOT}/{key}/00000000000000aa0001-0-1": b"\r\n\r\n" + b"[" * 50_000,
+                    f"{STATE_ROOT}/{key}/00000000000000aa0002-0-1": b"\r\n\r\n{}",
+                    f"{STATE_ROOT}/{key}/00000000000000aa0003-0-1": unborn.to_message(),
+                },
+            )
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[2:]
+        gw.wait_for_log(r"state entries of INBOX over 32768 octets ignored \(the largest: 50004")
+        gw.wait_for_log(r"ignored 2 unusable state copies in METADATA")
+        entries = state_entries(metadata_dovecot, acct.name)
+        assert len(entries) == 1  # rewritten once, from the usable copies; the rest removed
+        assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[1]}}
