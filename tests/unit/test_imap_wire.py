@@ -245,3 +245,53 @@ def test_the_reference_stream_parses_as_expected() -> None:
         Status("A2", "OK", ("READ-ONLY",), "done"),
         Data(["9", "EXISTS"]),
     ]
+
+
+HOSTILE_PIECES = [
+    b"* ",
+    b"A1 OK done\r\n",
+    b"A9 BAD [PARSE] x\r\n",
+    b"{5}\r\n",
+    b"{0}\r\n",
+    b"{99999999999}\r\n",
+    b"~{3}\r\n",
+    b"(",
+    b")",
+    b'"',
+    b"\\",
+    b"[",
+    b"]",
+    b"NIL",
+    b"+ \r\n",
+    b"\r\n",
+    b"\n",
+    b"* 1 FETCH (UID 7 BODY[] {3}\r\nabc)\r\n",
+    b"* 2 FETCH (UID 8 RFC822.SIZE 10 FLAGS (\\Seen))\r\n",
+    b"* 3 FETCH (BODY[] {2}\r\nab UID 9)\r\n",
+]
+
+
+@given(
+    st.lists(st.one_of(st.sampled_from(HOSTILE_PIECES), st.binary(max_size=30)), max_size=40),
+    st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+    st.booleans(),
+)
+def test_any_bytes_from_the_server_give_events_or_a_response_error(
+    pieces: list[bytes], cuts: list[int], small_threshold: bool
+) -> None:
+    """A broken or hostile upstream can make the parser refuse (the client then drops the
+    link), never raise anything else, and never hold more than it was sent plus one literal's
+    announced size for streaming."""
+    wire = b"".join(pieces)
+    parser = ResponseParser(stream_threshold=10 if small_threshold else 64 * 1024)
+    bounds = [0, *sorted(c for c in cuts if c <= len(wire)), len(wire)]
+    held = 0
+    try:
+        for a, b in itertools.pairwise(bounds):
+            parser.receive_data(wire[a:b])
+            while (event := parser.next_event()) is not None:
+                if isinstance(event, LiteralChunk):
+                    held += len(event.data)
+    except ResponseError:
+        return
+    assert held <= len(wire)
