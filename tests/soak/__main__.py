@@ -14,7 +14,7 @@ number of sessions of each kind, any byte mismatch or protocol error, and the ga
 ERROR/Traceback log lines. Exit status 1 if a valid or slow download was not byte-exact, a
 client got an unexpected answer, or the gateway logged a traceback.
 
-Not part of CI (it runs for minutes); see docs/soak.md for results.
+Not part of CI (it runs for minutes); see docs/security.md ("Soak") for results.
 """
 
 from __future__ import annotations
@@ -260,7 +260,13 @@ def main() -> int:
 
     import tomllib
 
-    overrides: dict[str, dict[str, object]] = {}
+    # Every soak connection comes from 127.0.0.1: the connection limits must let them all in.
+    room = args.connections + 100
+    overrides: dict[str, dict[str, object]] = {
+        "log": {"level": "info"},
+        "pop3": {"listen_tls": []},
+        "security": {"max_connections": room, "max_connections_per_ip": room},
+    }
     for item in args.set:
         name, _, value = item.partition("=")
         section, _, key = name.rpartition(".")
@@ -274,7 +280,7 @@ def main() -> int:
         boxes = seed(dovecot)
         config = merge_config(
             conftest.base_gateway_config(dovecot, work),
-            {"log": {"level": "info"}, "pop3": {"listen_tls": []}, **overrides},
+            overrides,
         )
         gw = GatewayProcess(config, work / "popgate.toml")
         gw.start()
