@@ -109,6 +109,28 @@ if [ "${#missing[@]}" -gt 0 ]; then
     stop_system_postfix
 fi
 
+# --- podman (the container test, tests/integration/test_container.py) ---------------------------
+# It builds docker/Dockerfile and runs the image: rootful podman with runc (crun 1.8 refuses
+# hybrid cgroups), CNI plugins and iptables for its networks, and mmdebstrap, which makes a
+# stand-in for the official Python base image where no registry can be reached.
+# tests/support/container.py keeps podman's settings in a private CONTAINERS_CONF; nothing is
+# written to /etc/containers.
+CONTAINER_PACKAGES=(podman runc mmdebstrap containernetworking-plugins iptables)
+container_missing=()
+for pkg in "${CONTAINER_PACKAGES[@]}"; do
+    installed "$pkg" || container_missing+=("$pkg")
+done
+if [ "${#container_missing[@]}" -gt 0 ]; then
+    if [ "${SUDO[0]:-}" = __no_sudo__ ]; then
+        log "missing Debian packages: ${container_missing[*]}; run as root or install sudo"
+        exit 1
+    fi
+    log "installing: ${container_missing[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --no-install-recommends "${container_missing[@]}" >/dev/null
+fi
+
 # The real clients must be able to do what the tests ask of them (TLS above all): a client that
 # installed without a capability fails here, loudly, instead of as a puzzling test failure.
 verify_clients() {
