@@ -426,10 +426,14 @@ def test_the_healthcheck_fails_when_a_configured_submission_listener_does_not_an
     sick = check(POPGATE_SUBMISSION_LISTEN_TLS=silent)
     assert sick.returncode == 1, sick.stdout
     assert re.search(rf"submission {re.escape(silent)} \(tls\): .*refused", sick.stdout)
-    # a POP3 greeting where submission is expected is not health either
-    crossed = check(POPGATE_SUBMISSION_LISTEN=by_kind[("pop3", "plain")])
+    # a greeting of the other protocol is not health either (the two plain ports swapped)
+    crossed = check(
+        POPGATE_POP3_LISTEN=by_kind[("submission", "plain")],
+        POPGATE_SUBMISSION_LISTEN=by_kind[("pop3", "plain")],
+    )
     assert crossed.returncode == 1
-    assert "unexpected greeting b'+OK" in crossed.stdout
+    assert re.search(r"^pop3 .*\(plain\): unexpected greeting b'220 ", crossed.stdout, re.M)
+    assert re.search(r"^submission .*\(plain\): unexpected greeting b'\+OK", crossed.stdout, re.M)
 
 
 # --------------------------------------------------------------------- the files
