@@ -44,7 +44,9 @@ SUITE = "bookworm"
 BASE_MAX_AGE_DAYS = 7
 #: what the stand-in adds to Debian's minimal system: the official slim image's Python and what
 #: its Debian base has that the Dockerfile uses (useradd)
-STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
+#: usr-is-merged: what satisfies "usrmerge | usr-is-merged" (init-system-helpers) on a tree that
+#: mmdebstrap made merged already; apt would otherwise take usrmerge, and with it perl (30 MB)
+STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd", "usr-is-merged")
 STANDIN_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -187,9 +189,8 @@ def _apt_options() -> list[str]:
 
 
 def _hooks() -> list[str]:
-    """mmdebstrap's own hooks: merged-usr lays out a merged /usr itself (else the usrmerge
-    package comes in, and with it perl, 30 MB); eatmydata skips dpkg's fsyncs while the tree is
-    made (the hook fetches eatmydata into the tree and removes it again)."""
+    """mmdebstrap's own hooks: merged-usr lays out a merged /usr itself; eatmydata skips dpkg's
+    fsyncs while the tree is made (the hook fetches eatmydata into the tree and removes it)."""
     hooks = Path("/usr/share/mmdebstrap/hooks")
     return [
         f"--hook-dir={hooks / name}"
