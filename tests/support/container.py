@@ -44,9 +44,7 @@ SUITE = "bookworm"
 BASE_MAX_AGE_DAYS = 7
 #: what the stand-in adds to Debian's minimal system: the official slim image's Python and what
 #: its Debian base has that the Dockerfile uses (useradd)
-#: usr-is-merged: what satisfies "usrmerge | usr-is-merged" (init-system-helpers) on a tree that
-#: mmdebstrap made merged already; apt would otherwise take usrmerge, and with it perl (30 MB)
-STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd", "usr-is-merged")
+STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
 STANDIN_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -188,6 +186,17 @@ def _apt_options() -> list[str]:
     return options
 
 
+RECIPE_LABEL = "org.popgate.standin-recipe"
+
+
+def _standin_recipe() -> str:
+    """What the stand-in is made of: a change makes it again."""
+    recipe = json.dumps(
+        [SUITE, STANDIN_PACKAGES, STANDIN_PATH, [h.rsplit("/", 1)[1] for h in _hooks()]]
+    )
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
 def _hooks() -> list[str]:
     """mmdebstrap's own hooks: merged-usr lays out a merged /usr itself; eatmydata skips dpkg's
     fsyncs while the tree is made (the hook fetches eatmydata into the tree and removes it)."""
@@ -270,11 +279,17 @@ class Podman:
         return STANDIN_BASE
 
     def _standin_is_current(self) -> bool:
+        """Made by this recipe, and not older than BASE_MAX_AGE_DAYS (a current Debian 12)."""
         if not self.exists("image", STANDIN_BASE):
             return False
-        created = self.run("image", "inspect", STANDIN_BASE, "--format", "{{.Created.Unix}}")
-        age = time.time() - int(created.stdout.strip())
-        return age < BASE_MAX_AGE_DAYS * 86400
+        fmt = '{{.Created.Unix}} {{index .Labels "' + RECIPE_LABEL + '"}}'
+        created, _, recipe = (
+            self.run("image", "inspect", STANDIN_BASE, "--format", fmt)
+            .stdout.strip()
+            .partition(" ")
+        )
+        age = time.time() - int(created)
+        return recipe == _standin_recipe() and age < BASE_MAX_AGE_DAYS * 86400
 
     def _make_standin(self) -> None:
         for tool in ("mmdebstrap", "apt-get"):
@@ -314,6 +329,8 @@ class Podman:
                 f"ENV PATH={STANDIN_PATH}",
                 "--change",
                 "ENV LANG=C.UTF-8",
+                "--change",
+                f"LABEL {RECIPE_LABEL}={_standin_recipe()}",
                 "--change",
                 'CMD ["python3"]',
                 "--message",
