@@ -404,6 +404,41 @@ def test_certificates_and_spool_survive_recreating_the_container(
     assert len(smtp_sink.messages) == 1  # relayed once, before the restart; never again
 
 
+def test_the_images_own_configuration_serves_the_standard_ports_on_a_bridge_network(
+    podman: Podman, image: str
+) -> None:
+    """Without listener overrides, as compose.yaml runs it: POP3 110/995 and submission
+    587/465 bound by the unprivileged user (with the sysctl Docker sets by default), reached
+    through published ports."""
+    ports = Ports.free()
+    name = f"popgate-test-{secrets.token_hex(4)}"
+    published = {ports.pop3: 110, ports.pop3s: 995, ports.submission: 587, ports.submissions: 465}
+    argv = ["run", "-d", "--name", name, "--sysctl", "net.ipv4.ip_unprivileged_port_start=0"]
+    for host_port, port in published.items():
+        argv += ["-p", f"127.0.0.1:{host_port}:{port}"]
+    argv += ["-e", "POPGATE_UPSTREAM_IMAP_HOST=mail.invalid"]
+    argv += ["-e", "POPGATE_UPSTREAM_SMTP_HOST=mail.invalid"]
+    container = Container(podman, name, ports)
+    try:
+        podman.run(*argv, image, timeout=120)
+        health = container.wait_healthy()
+        for address in ("0.0.0.0:110 (plain)", "0.0.0.0:995 (tls)", "0.0.0.0:587 (plain)"):
+            assert f"{address}: ok" in health, health
+        assert "0.0.0.0:465 (tls): ok" in health, health
+        pop = poplib.POP3("127.0.0.1", ports.pop3, timeout=30)
+        assert pop.getwelcome().startswith(b"+OK")
+        pop.stls(_unverified())
+        pop.quit()
+        with smtplib.SMTP("127.0.0.1", ports.submission, timeout=30) as client:
+            client.starttls(context=_unverified())
+            assert client.ehlo()[0] == 250
+        assert container.exec("id", "-u").stdout.strip() == str(IMAGE_UID)
+        assert container.stop() == 0
+    finally:
+        print(f"--- logs of {name}:\n{container.logs()}", file=sys.stderr)
+        podman.remove([name])
+
+
 # --------------------------------------------------------------------- the healthcheck itself
 def test_the_healthcheck_fails_when_a_configured_submission_listener_does_not_answer(
     submission_gateway: Callable[..., GatewayProcess], mail_user: MailUser
