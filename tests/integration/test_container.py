@@ -141,11 +141,13 @@ def run_container(
     dovecot: Dovecot,
     smtp_sink: SmtpSink,
     tmp_path: Path,
-    request: pytest.FixtureRequest,
+    volumes: Callable[[str], Path],
 ) -> Iterator[Callable[..., Container]]:
     """Factory: ``run_container(volumes={name: path}, **env)`` runs the image detached, on the
     host's network, against the session Dovecot (STARTTLS, its CA and master user mounted as a
-    file and a secret) and the sink; every container and volume is removed at test end."""
+    file and a secret) and the sink; every container (with its anonymous volumes) is removed at
+    test end, before the named volumes of ``volumes`` (which depends on it for that order:
+    removing a volume in use would remove its container without its anonymous volumes)."""
     containers: list[Container] = []
     secret = tmp_path / "imap_master"
     secret.write_text(dovecot.master_password + "\n")
@@ -201,7 +203,7 @@ def volumes(podman: Podman) -> Iterator[Callable[[str], Path]]:
         return podman.volume(name)
 
     yield make
-    podman.remove(volumes=made)
+    podman.remove(volumes=made)  # after run_container's containers are gone (it requests this)
 
 
 def _volume_name(path: Path) -> str:
