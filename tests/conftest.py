@@ -30,9 +30,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.dovecot import Dovecot, issue_server_cert
 from tests.support.gateway import GatewayProcess, merge_config
+
+# Property tests check what happens, not how fast: on shared CI cores Hypothesis' deadline and
+# its too-slow health check fail for reasons that have nothing to do with the code under test.
+settings.register_profile("popgate", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("popgate")
 
 _dovecot_log_offset = pytest.StashKey[int]()
 _gateways_key = pytest.StashKey[list[GatewayProcess]]()

@@ -149,6 +149,10 @@ class _Connection:
             self.server.sendall(tag + b" UID COPY " + subset.encode() + b" " + target + b"\r\n")
             return True  # the server side closes once the COPY is answered
         if fault.kind == "cut":
+            with self.lock:
+                # A crash right after the command arrived: an answer the server gives before the
+                # link is closed below must not reach the client either.
+                self.frozen = True
             if fault.forward:
                 self.server.sendall(line)
             self._cut(fault)
