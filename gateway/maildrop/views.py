@@ -37,8 +37,6 @@ MAX_STATE_BYTES = 4 * 1024 * 1024
 _MAX_UID_RANGES = MAX_STATE_BYTES // 2  # "1," is the shortest range
 _MAX_EMAILID = 255  # RFC 8474 objectid: 1 to 255 characters
 _STATE_FIELDS = frozenset({"version", "mailbox", "device", "uidvalidity", "uids", "emailids"})
-# RFC 1939: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
-_MAX_UIDL = 70
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +98,13 @@ class DeviceState:
             self.uids = UidSet(self.uids)
 
     def hides(self, msg: IndexedMessage, uidvalidity: int) -> bool:
-        if msg.emailid is not None and msg.emailid in self.emailids:
-            return True
-        return uidvalidity == self.uidvalidity and msg.uid in self.uids
+        """By UID while the UIDVALIDITY is the one the UIDs were recorded under; by EMAILID
+        only after it changed. An EMAILID alone never decides in the same UIDVALIDITY: Cyrus
+        derives it from the content, so byte-identical messages share one, and one DELE must
+        hide one message, not its twins too."""
+        if uidvalidity == self.uidvalidity:
+            return msg.uid in self.uids
+        return msg.emailid is not None and msg.emailid in self.emailids
 
     def merge(self, other: DeviceState) -> None:
         """Union with another copy (two replicas may each have written one)."""
@@ -239,17 +241,18 @@ def state_key(mailbox: str, device: str) -> str:
 
 
 def uidl_for(msg: IndexedMessage, uidvalidity: int) -> str:
-    """A UIDL stable across sessions, restarts and replicas.
+    """The message's UIDL: its UID and the mailbox's UIDVALIDITY, as Dovecot's default
+    ``pop3_uidl_format = %08Xu%08Xv`` writes them (lower-case hex, despite the ``X``).
 
-    With an EMAILID it survives UIDVALIDITY changes. Otherwise it is what Dovecot's default
-    ``pop3_uidl_format = %08Xu%08Xv`` produces (lower-case hex, despite the ``X``), so devices
-    moving from Dovecot's own POP3 to popgate do not download everything again.
+    RFC 1939 asks for a unique-id that is unique in the maildrop and persistent across
+    sessions. A UID is never reused under one UIDVALIDITY, so this one never names another
+    message, on any server, from any replica. The EMAILID is not used: Cyrus derives it from
+    the content (byte-identical messages share it, RFC 8474 allows that), so no rule built on
+    it alone is unique, and a rule that made twins unique by looking at the other messages would
+    change a UIDL's meaning when a twin leaves. The cost is a one-time re-download on servers
+    with OBJECTID, where popgate used to serve EMAILIDs (docs/pop3.md); devices moving from
+    Dovecot's own POP3 keep their UIDLs.
     """
-    if msg.emailid:
-        uidl = "".join(c for c in msg.emailid if "!" <= c <= "~")
-        if 0 < len(uidl) <= _MAX_UIDL:
-            return uidl
-        return "E" + hashlib.sha256(msg.emailid.encode()).hexdigest()[:40]
     return f"{msg.uid:08x}{uidvalidity:08x}"
 
 
@@ -257,12 +260,12 @@ def build_maildrop(
     index: Sequence[IndexedMessage], uidvalidity: int, state: DeviceState | None
 ) -> Maildrop:
     """The session's maildrop: everything not ``\\Deleted`` upstream nor hidden for the device."""
-    suffix = f"{uidvalidity:08x}"  # the common UIDL, inlined: this runs once per message
+    # uidl_for, inlined: this runs once per message and a call was 15 % of a poll's time
+    # (docs/benchmark.md); tests/unit/test_views.py holds the two to the same result.
+    suffix = f"{uidvalidity:08x}"
     return Maildrop(
         [
-            MessageInfo(
-                m.uid, m.size, uidl_for(m, uidvalidity) if m.emailid else f"{m.uid:08x}{suffix}"
-            )
+            MessageInfo(m.uid, m.size, f"{m.uid:08x}{suffix}")
             for m in index
             if "\\Deleted" not in m.flags
             and not (state is not None and state.hides(m, uidvalidity))

@@ -29,12 +29,48 @@ def test_login_names_split_on_the_last_separator() -> None:
     assert Login.parse("alice#phone", "") == Login("alice#phone", "default")
 
 
-def test_uidl_matches_dovecots_default_format_and_prefers_emailid() -> None:
+def test_uidl_is_dovecots_default_format() -> None:
     assert uidl_for(IndexedMessage(1, 10, frozenset()), 0x6B03D89E) == "000000016b03d89e"
-    assert uidl_for(IndexedMessage(1, 10, frozenset(), "M6d0c7a"), 5) == "M6d0c7a"
-    long_id = "x" * 200
-    uidl = uidl_for(IndexedMessage(1, 10, frozenset(), long_id), 5)
-    assert len(uidl) <= 70 and uidl == uidl_for(IndexedMessage(2, 1, frozenset(), long_id), 9)
+    assert uidl_for(IndexedMessage(0xFFFFFFFF, 1, frozenset()), 1) == "ffffffff00000001"
+
+
+def test_uidl_is_unique_even_where_emailids_repeat() -> None:
+    # Cyrus gives byte-identical messages one EMAILID (derived from the content).
+    twins = [
+        IndexedMessage(1, 10, frozenset(), "Mcaf7b7e1"),
+        IndexedMessage(2, 10, frozenset(), "Mcaf7b7e1"),
+    ]
+    drop = build_maildrop(twins, 77, None)
+    uidls = [info.uidl for _, info in drop.listing()]
+    assert uidls == ["000000010000004d", "000000020000004d"]
+
+
+def test_uidl_never_depends_on_the_other_messages() -> None:
+    # A UIDL a device holds must keep naming the same message whatever comes or goes around it
+    # (a twin expunged, hidden for this device, a new one appended), and the maildrop's UIDLs
+    # are exactly uidl_for's.
+    a, b, c = (IndexedMessage(uid, 10, frozenset(), "E") for uid in (4, 9, 12))
+    for index in ([a, b, c], [b, c], [b], [c, b]):
+        drop = build_maildrop(index, 3, None)
+        assert {info.uid: info.uidl for _, info in drop.listing()} == {
+            m.uid: uidl_for(m, 3) for m in index
+        }
+    hidden_a = build_maildrop([a, b], 3, DeviceState("INBOX", "d", 3, {4}, {"E"}))
+    assert [(info.uid, info.uidl) for _, info in hidden_a.listing()] == [(9, uidl_for(b, 3))]
+
+
+def test_a_hidden_message_does_not_hide_its_byte_identical_twin() -> None:
+    state = DeviceState("INBOX", "phone")
+    first, twin = IndexedMessage(1, 10, frozenset(), "E"), IndexedMessage(2, 10, frozenset(), "E")
+    state.hide([first], 5)
+    assert state.hides(first, 5) and not state.hides(twin, 5)
+    assert [info.uid for _, info in build_maildrop([first, twin], 5, state).listing()] == [2]
+
+
+def test_after_a_uidvalidity_change_hidden_messages_are_found_by_emailid() -> None:
+    state = DeviceState("INBOX", "phone", 5, {1}, {"E"})
+    renumbered = [IndexedMessage(1, 10, frozenset(), "F"), IndexedMessage(2, 10, frozenset(), "E")]
+    assert [info.uid for _, info in build_maildrop(renumbered, 6, state).listing()] == [1]
 
 
 def test_maildrop_skips_deleted_and_hidden_messages() -> None:
