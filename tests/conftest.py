@@ -1,12 +1,20 @@
-"""Shared fixtures: a private Dovecot, fresh users on it, seeded mailboxes, and the gateway
-as a subprocess.
+"""Shared fixtures: the private upstream IMAP servers, fresh users on them, seeded mailboxes,
+and the gateway as a subprocess.
 
 Fixtures
 --------
+``upstream`` (session, one per server)
+    the upstream IMAP server of the test: a running :class:`tests.support.dovecot.Dovecot` or
+    :class:`tests.support.cyrus.Cyrus`. Every test that uses it (directly or through the
+    fixtures below) runs once per server in ``UPSTREAMS``, with ids ``[dovecot]``/``[cyrus]``;
+    ``--upstream NAME`` (repeatable) or ``POPGATE_TEST_UPSTREAMS=dovecot,cyrus`` narrows that.
 ``dovecot`` (session)
-    a running :class:`tests.support.dovecot.Dovecot`.
+    the running Dovecot itself, for the tests that need Dovecot and nothing else (its own POP3,
+    LMTP, quota plugin, the harness tests).
+``cyrus`` (session)
+    the running Cyrus itself.
 ``mail_user`` (function)
-    a fresh :class:`MailUser` ``(name, password)`` on that Dovecot.
+    a fresh :class:`MailUser` ``(name, password)`` on the upstream server.
 ``seeded_user`` (function)
     factory ``seeded_user(messages, mailbox="INBOX", user=None) -> SeededUser``.
 ``start_gateway`` (function)
@@ -14,15 +22,17 @@ Fixtures
     timeout=30, **overrides) -> GatewayProcess``; every gateway is stopped at test end.
 ``pop3_endpoint`` (function)
     factory ``pop3_endpoint(target) -> Pop3Endpoint`` for target "dovecot-pop3" or
-    "popgate", used to run the same client test against both.
+    "popgate", used to run the same client test against both ("dovecot-pop3" only exists with
+    Dovecot as the upstream).
 
-On a failed test, the Dovecot log lines written during it and every gateway log are
+On a failed test, the upstream server's log lines written during it and every gateway log are
 attached to the report.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,15 +42,17 @@ from typing import Any, NamedTuple
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot, issue_server_cert
 from tests.support.gateway import GatewayProcess, merge_config
+from tests.support.upstreams import UPSTREAMS, Upstream
 
 # Property tests check what happens, not how fast: on shared CI cores Hypothesis' deadline and
 # its too-slow health check fail for reasons that have nothing to do with the code under test.
 settings.register_profile("popgate", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("popgate")
 
-_dovecot_log_offset = pytest.StashKey[int]()
+_upstream_log_offset = pytest.StashKey[int]()
 _gateways_key = pytest.StashKey[list[GatewayProcess]]()
 _user_counter = itertools.count(1)
 
@@ -81,7 +93,36 @@ class Pop3Endpoint:
         return self.gateway.log_text() if self.gateway else ""
 
 
-# --------------------------------------------------------------------- Dovecot
+# --------------------------------------------------------------------- upstream servers
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--upstream",
+        action="append",
+        choices=UPSTREAMS,
+        help="run the upstream-facing tests against this server only (repeatable; default: "
+        "POPGATE_TEST_UPSTREAMS, else all of " + ", ".join(UPSTREAMS) + ")",
+    )
+
+
+def selected_upstreams(config: pytest.Config) -> list[str]:
+    chosen = config.getoption("--upstream") or [
+        name.strip()
+        for name in os.environ.get("POPGATE_TEST_UPSTREAMS", ",".join(UPSTREAMS)).split(",")
+        if name.strip()
+    ]
+    unknown = sorted(set(chosen) - set(UPSTREAMS))
+    if unknown:
+        raise pytest.UsageError(f"unknown upstream server(s) {unknown}; known: {UPSTREAMS}")
+    return [name for name in UPSTREAMS if name in chosen]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Session scope: pytest orders the tests so that each server starts once.
+    if "upstream" in metafunc.fixturenames:
+        names = selected_upstreams(metafunc.config)
+        metafunc.parametrize("upstream", names, indirect=True, scope="session", ids=names)
+
+
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     """One private Dovecot for the whole session (stopped at the end)."""
@@ -93,19 +134,39 @@ def dovecot() -> Iterator[Dovecot]:
         dc.stop()
 
 
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[Cyrus]:
+    """One private Cyrus for the whole session (stopped at the end)."""
+    cy = Cyrus()
+    cy.start()
+    try:
+        yield cy
+    finally:
+        cy.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream(request: pytest.FixtureRequest) -> Upstream:
+    """The upstream IMAP server of this run of the test (see the module docstring)."""
+    name = getattr(request, "param", UPSTREAMS[0])
+    server = request.getfixturevalue(name)
+    assert isinstance(server, (Dovecot, Cyrus))
+    return server
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24] or "t"
 
 
 @pytest.fixture
-def new_mail_user(dovecot: Dovecot, request: pytest.FixtureRequest) -> Callable[[], MailUser]:
+def new_mail_user(upstream: Upstream, request: pytest.FixtureRequest) -> Callable[[], MailUser]:
     """Factory for more fresh users in one test."""
-    request.node.stash[_dovecot_log_offset] = len(dovecot.log_text())
+    request.node.stash[_upstream_log_offset] = len(upstream.log_text())
     slug = _slug(request.node.name)
 
     def make() -> MailUser:
         user = MailUser(f"u{next(_user_counter)}-{slug}", f"pw-{next(_user_counter)}-secret")
-        dovecot.add_user(user.name, user.password)
+        upstream.add_user(user.name, user.password)
         return user
 
     return make
@@ -113,13 +174,13 @@ def new_mail_user(dovecot: Dovecot, request: pytest.FixtureRequest) -> Callable[
 
 @pytest.fixture
 def mail_user(new_mail_user: Callable[[], MailUser]) -> MailUser:
-    """A fresh, empty user on the session Dovecot: ``name, password = mail_user``."""
+    """A fresh, empty user on the upstream server: ``name, password = mail_user``."""
     return new_mail_user()
 
 
 @pytest.fixture
 def seeded_user(
-    dovecot: Dovecot, new_mail_user: Callable[[], MailUser]
+    upstream: Upstream, new_mail_user: Callable[[], MailUser]
 ) -> Callable[..., SeededUser]:
     """Factory: ``seeded_user(messages, mailbox="INBOX", user=None)`` APPENDs the messages
     (to a fresh user unless ``user`` is given) and returns UIDs and the exact stored bytes."""
@@ -128,23 +189,23 @@ def seeded_user(
         messages: Sequence[bytes], mailbox: str = "INBOX", user: MailUser | None = None
     ) -> SeededUser:
         user = user or new_mail_user()
-        uids = dovecot.append_many(user.name, user.password, messages, mailbox)
-        stored = dovecot.fetch_bodies(user.name, user.password, mailbox)
+        uids = upstream.append_many(user.name, user.password, messages, mailbox)
+        stored = upstream.fetch_bodies(user.name, user.password, mailbox)
         return SeededUser(user.name, user.password, mailbox, uids, [stored[u] for u in uids])
 
     return seed
 
 
 # --------------------------------------------------------------------- the gateway
-def base_gateway_config(dovecot: Dovecot, tmp: Path) -> dict[str, dict[str, Any]]:
+def base_gateway_config(upstream: Upstream, tmp: Path) -> dict[str, dict[str, Any]]:
     return {
         "upstream.imap": {
-            "host": dovecot.host,
-            "port": dovecot.imap_port,
+            "host": upstream.host,
+            "port": upstream.imap_port,
             "security": "starttls",
-            "ca_file": str(dovecot.ca_file),
-            "master_user": dovecot.master_user,
-            "master_password": dovecot.master_password,
+            "ca_file": str(upstream.ca_file),
+            "master_user": upstream.master_user,
+            "master_password": upstream.master_password,
         },
         "pop3": {"listen": ["127.0.0.1:0"], "listen_tls": ["127.0.0.1:0"]},
         "tls": {"cert_file": str(tmp / "popgate.crt"), "key_file": str(tmp / "popgate.key")},
@@ -162,15 +223,15 @@ def _section_name(kwarg: str) -> str:
 
 @pytest.fixture
 def start_gateway(
-    dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., GatewayProcess]]:
-    """Factory that starts ``python -m gateway serve -c CONFIG`` against the session Dovecot.
+    """Factory that starts ``python -m gateway serve -c CONFIG`` against the upstream server.
 
     ``start_gateway(pop3={"on_delete": "expunge"}, upstream_imap={"security": "tls",
-    "port": dovecot.imaps_port})`` — overrides merge per section (None drops a key or a
+    "port": upstream.imaps_port})`` — overrides merge per section (None drops a key or a
     section); ``sections={"upstream.imap": {...}}`` does the same with real section names.
     ``ca_signed_cert=True`` writes a cert for localhost/127.0.0.1 signed by the test CA
-    (``dovecot.ca_file``) instead of letting the gateway generate a self-signed one.
+    (``upstream.ca_file``) instead of letting the gateway generate a self-signed one.
     ``env`` adds environment variables; ``wait=False`` returns without waiting for the
     listeners (for tests of start-up failures: use ``.wait()``).
     """
@@ -191,7 +252,7 @@ def start_gateway(
         n = next(counter)
         workdir = tmp_path / f"gateway{n}"
         workdir.mkdir()
-        config = base_gateway_config(dovecot, workdir)
+        config = base_gateway_config(upstream, workdir)
         all_overrides = dict(sections or {})
         all_overrides.update({_section_name(k): v for k, v in overrides.items()})
         config = merge_config(config, all_overrides)
@@ -199,7 +260,7 @@ def start_gateway(
             tls = config.setdefault("tls", {})
             cert = Path(tls.setdefault("cert_file", str(workdir / "popgate.crt")))
             key = Path(tls.setdefault("key_file", str(workdir / "popgate.key")))
-            issue_server_cert(dovecot.ca_file, dovecot.ca_key_file, cert, key)
+            issue_server_cert(upstream.ca_file, upstream.ca_key_file, cert, key)
         gw = GatewayProcess(config, workdir / "popgate.toml", env=env, args=tuple(args))
         started.append(gw)
         return gw.start(timeout, wait=wait)
@@ -211,21 +272,28 @@ def start_gateway(
 
 @pytest.fixture
 def pop3_endpoint(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> Callable[..., Pop3Endpoint]:
     """Factory: ``pop3_endpoint("dovecot-pop3" | "popgate", **gateway_overrides)``.
 
-    Both serve the session Dovecot's users with certificates from the test CA, so one client
-    test can run against Dovecot's own POP3 (the reference) and against popgate."""
+    Both serve the upstream server's users with certificates from the test CA, so one client
+    test can run against Dovecot's own POP3 (the reference) and against popgate. Dovecot's POP3
+    serves Dovecot's users only: with Cyrus upstream the "dovecot-pop3" target is skipped, and
+    the tests' expectations (the bytes stored, read over IMAP) are the reference."""
 
     def make(target: str, **overrides: Any) -> Pop3Endpoint:
         if target == "dovecot-pop3":
+            if not isinstance(upstream, Dovecot):
+                pytest.skip(
+                    "Dovecot's own POP3 serves only Dovecot's users; with Cyrus upstream the "
+                    "stored bytes (over IMAP) are the reference, checked on the popgate target"
+                )
             return Pop3Endpoint(
-                target, dovecot.host, dovecot.pop3_port, dovecot.pop3s_port, dovecot.ca_file
+                target, upstream.host, upstream.pop3_port, upstream.pop3s_port, upstream.ca_file
             )
         if target == "popgate":
             gw = start_gateway(ca_signed_cert=True, **overrides)
-            return Pop3Endpoint(target, gw.host, gw.pop3_port, gw.pop3s_port, dovecot.ca_file, gw)
+            return Pop3Endpoint(target, gw.host, gw.pop3_port, gw.pop3s_port, upstream.ca_file, gw)
         raise ValueError(f"unknown POP3 target {target!r}; expected one of {TARGETS}")
 
     return make
@@ -241,8 +309,8 @@ def pytest_runtest_makereport(
         gateways: list[GatewayProcess] = item.stash.get(_gateways_key, [])
         for n, gw in enumerate(gateways, 1):
             report.sections.append((f"popgate log #{n} ({gw.config_path})", gw.log_text()))
-        offset = item.stash.get(_dovecot_log_offset, None)
-        dc = item.funcargs.get("dovecot") if hasattr(item, "funcargs") else None
-        if offset is not None and isinstance(dc, Dovecot):
-            report.sections.append(("dovecot log (this test)", dc.log_text()[offset:]))
+        offset = item.stash.get(_upstream_log_offset, None)
+        server = item.funcargs.get("upstream") if hasattr(item, "funcargs") else None
+        if offset is not None and isinstance(server, (Dovecot, Cyrus)):
+            report.sections.append((f"{server.kind} log (this test)", server.log_text()[offset:]))
     return report

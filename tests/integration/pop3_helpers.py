@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from tests import conftest
-from tests.support.dovecot import Dovecot, fetch_bodies, fetch_flags, quote_mailbox
+from tests.support.dovecot import fetch_bodies, fetch_flags, quote_mailbox
 from tests.support.gateway import GatewayProcess, merge_config
+from tests.support.upstreams import Upstream
 
 STATE_MAILBOX = "POP Device State"
 POP_DELETED = "$POPDeleted"
@@ -253,19 +254,19 @@ class Account:
     messages: list[bytes]
 
 
-def make_account(dovecot: Dovecot, messages: Sequence[bytes] = (), tag: str = "p") -> Account:
+def make_account(upstream: Upstream, messages: Sequence[bytes] = (), tag: str = "p") -> Account:
     """A fresh Dovecot user holding ``messages`` in INBOX (usable from module fixtures)."""
     n = next(_user_counter)
     name, password = f"pop3-{tag}-{n}", f"pop3-secret-{n}-{tag}"
-    dovecot.add_user(name, password)
-    uids = dovecot.append_many(name, password, messages) if messages else []
-    stored = dovecot.fetch_bodies(name, password) if messages else {}
+    upstream.add_user(name, password)
+    uids = upstream.append_many(name, password, messages) if messages else []
+    stored = upstream.fetch_bodies(name, password) if messages else {}
     return Account(name, password, uids, [stored[u] for u in uids])
 
 
 # --------------------------------------------------------------------- upstream views
 @dataclass(frozen=True)
-class Upstream:
+class UpstreamView:
     """What an IMAP client sees of one user: the evidence that POP did (or did not) act."""
 
     mailboxes: frozenset[str]
@@ -282,11 +283,11 @@ class Upstream:
         return {uid for uid, fl in self.inbox_flags.items() if POP_DELETED in fl}
 
 
-def upstream(dovecot: Dovecot, user: str) -> Upstream:
+def upstream_view(upstream: Upstream, user: str) -> UpstreamView:
     """The user's mailboxes and flags, read through the master user (so passwords imaplib
     cannot send work too). ``\\Recent`` is left out: it belongs to whichever IMAP session saw
     the message first, not to the message."""
-    with dovecot.imap_as_master(user) as conn:
+    with upstream.imap_as_master(user) as conn:
         typ, data = conn.list()
         assert typ == "OK", data
         names = set()
@@ -297,12 +298,12 @@ def upstream(dovecot: Dovecot, user: str) -> Upstream:
                 names.add(m.group(1).decode().strip('"'))
         flags = {uid: frozenset(f) - {"\\Recent"} for uid, f in fetch_flags(conn).items()}
         state = fetch_bodies(conn, STATE_MAILBOX) if STATE_MAILBOX in names else {}
-    return Upstream(frozenset(names), flags, state)
+    return UpstreamView(frozenset(names), flags, state)
 
 
-def rfc822_sizes(dovecot: Dovecot, user: str, password: str) -> dict[int, int]:
+def rfc822_sizes(upstream: Upstream, user: str, password: str) -> dict[int, int]:
     """UID → RFC822.SIZE as the IMAP server reports it."""
-    with dovecot.imap(user, password) as conn:
+    with upstream.imap(user, password) as conn:
         typ, data = conn.select(quote_mailbox("INBOX"), readonly=True)
         assert typ == "OK", data
         typ, data = conn.uid("FETCH", "1:*", "(UID RFC822.SIZE)")
@@ -319,35 +320,35 @@ def rfc822_sizes(dovecot: Dovecot, user: str, password: str) -> dict[int, int]:
     return sizes
 
 
-def imap_expunge(dovecot: Dovecot, user: str, password: str, uids: Sequence[int]) -> None:
-    with dovecot.imap(user, password) as conn:
+def imap_expunge(upstream: Upstream, user: str, password: str, uids: Sequence[int]) -> None:
+    with upstream.imap(user, password) as conn:
         assert conn.select("INBOX")[0] == "OK"
         uid_set = ",".join(str(u) for u in uids)
         assert conn.uid("STORE", uid_set, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
         assert conn.uid("EXPUNGE", uid_set)[0] == "OK"
 
 
-def imap_add_flags(dovecot: Dovecot, user: str, password: str, uid: int, flags: str) -> None:
-    with dovecot.imap(user, password) as conn:
+def imap_add_flags(upstream: Upstream, user: str, password: str, uid: int, flags: str) -> None:
+    with upstream.imap(user, password) as conn:
         assert conn.select("INBOX")[0] == "OK"
         assert conn.uid("STORE", str(uid), "+FLAGS.SILENT", f"({flags})")[0] == "OK"
 
 
 # --------------------------------------------------------------------- gateways
 def gateway_config(
-    dovecot: Dovecot, directory: Path, overrides: Mapping[str, Mapping[str, Any] | None]
+    upstream: Upstream, directory: Path, overrides: Mapping[str, Mapping[str, Any] | None]
 ) -> dict[str, dict[str, Any]]:
     """The fixtures' base configuration with per-section ``overrides`` (section names real)."""
-    return merge_config(conftest.base_gateway_config(dovecot, directory), overrides)
+    return merge_config(conftest.base_gateway_config(upstream, directory), overrides)
 
 
 @contextlib.contextmanager
 def running_gateway(
-    dovecot: Dovecot, directory: Path, overrides: Mapping[str, Mapping[str, Any] | None] = {}
+    upstream: Upstream, directory: Path, overrides: Mapping[str, Mapping[str, Any] | None] = {}
 ) -> Iterator[GatewayProcess]:
     """A gateway subprocess for as long as the ``with`` lasts (for module-scoped fixtures)."""
     directory.mkdir(parents=True, exist_ok=True)
-    gw = GatewayProcess(gateway_config(dovecot, directory, overrides), directory / "popgate.toml")
+    gw = GatewayProcess(gateway_config(upstream, directory, overrides), directory / "popgate.toml")
     gw.start()
     try:
         yield gw

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 MESSAGES = [
     f"From: a@example.org\r\nSubject: message {i}\r\nMessage-ID: <m{i}@example.org>\r\n\r\n"
@@ -56,8 +56,8 @@ def subjects(gw: GatewayProcess, login: str, password: str) -> list[str]:
         return found
 
 
-def mailbox_subjects(dovecot: Dovecot, user: str, pw: str, mailbox: str) -> list[str]:
-    bodies = dovecot.fetch_bodies(user, pw, mailbox)
+def mailbox_subjects(upstream: Upstream, user: str, pw: str, mailbox: str) -> list[str]:
+    bodies = upstream.fetch_bodies(user, pw, mailbox)
     return [
         line[9:].decode()
         for _, raw in sorted(bodies.items())
@@ -66,9 +66,9 @@ def mailbox_subjects(dovecot: Dovecot, user: str, pw: str, mailbox: str) -> list
     ]
 
 
-def stored_flags(dovecot: Dovecot, user: str, pw: str) -> dict[int, set[str]]:
+def stored_flags(upstream: Upstream, user: str, pw: str) -> dict[int, set[str]]:
     """Flags as stored; \\Recent is per-session state (gone in IMAP4rev2), not a stored flag."""
-    return {uid: flags - {"\\Recent"} for uid, flags in dovecot.fetch_flags(user, pw).items()}
+    return {uid: flags - {"\\Recent"} for uid, flags in upstream.fetch_flags(user, pw).items()}
 
 
 @pytest.fixture
@@ -78,12 +78,12 @@ def seeded(seeded_user: Callable[..., Any]) -> Any:
 
 @pytest.mark.parametrize("policy", ["hide", "seen"])
 def test_hide_and_seen_keep_the_message_in_place(
-    policy: str, seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    policy: str, seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway(pop3={"on_delete": policy})
-    before = stored_flags(dovecot, seeded.name, seeded.password)
+    before = stored_flags(upstream, seeded.name, seeded.password)
     assert delete_and_quit(gw, seeded.name, seeded.password, [2]) == b"+OK Bye"
-    after = stored_flags(dovecot, seeded.name, seeded.password)
+    after = stored_flags(upstream, seeded.name, seeded.password)
     assert sorted(after) == sorted(before) == seeded.uids  # same UIDs, nothing moved
     second = seeded.uids[1]
     expected = {"$POPDeleted"} | ({"\\Seen"} if policy == "seen" else set())
@@ -102,43 +102,43 @@ def test_archive_and_trash_move_the_message(
     policy: str,
     mailbox: str,
     seeded: Any,
-    dovecot: Dovecot,
+    upstream: Upstream,
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
     gw = start_gateway(pop3={"on_delete": policy})
     delete_and_quit(gw, seeded.name, seeded.password, [1, 3])
-    assert mailbox_subjects(dovecot, seeded.name, seeded.password, "INBOX") == ["message 2"]
-    assert mailbox_subjects(dovecot, seeded.name, seeded.password, mailbox) == [
+    assert mailbox_subjects(upstream, seeded.name, seeded.password, "INBOX") == ["message 2"]
+    assert mailbox_subjects(upstream, seeded.name, seeded.password, mailbox) == [
         "message 1",
         "message 3",
     ]
-    moved = dovecot.fetch_bodies(seeded.name, seeded.password, mailbox)
+    moved = upstream.fetch_bodies(seeded.name, seeded.password, mailbox)
     assert sorted(moved.values()) == sorted([seeded.messages[0], seeded.messages[2]])
     # Every device loses it from the mailbox: other POP devices no longer see it.
     assert subjects(gw, f"{seeded.name}#phone", seeded.password) == ["message 2"]
 
 
 def test_trash_is_found_by_special_use(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     # The fixture's Trash is SPECIAL-USE \Trash; a configured name that differs is honoured.
     gw = start_gateway(pop3={"on_delete": "trash", "trash_folder": "Bin"})
     delete_and_quit(gw, seeded.name, seeded.password, [2])
-    assert mailbox_subjects(dovecot, seeded.name, seeded.password, "Bin") == ["message 2"]
-    assert mailbox_subjects(dovecot, seeded.name, seeded.password, "Trash") == []
+    assert mailbox_subjects(upstream, seeded.name, seeded.password, "Bin") == ["message 2"]
+    assert mailbox_subjects(upstream, seeded.name, seeded.password, "Trash") == []
 
 
 def test_expunge_removes_only_what_was_deleted(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     # An IMAP client has flagged message 3 \Deleted without expunging: POP must not take it.
-    with dovecot.imap(seeded.name, seeded.password) as imap:
+    with upstream.imap(seeded.name, seeded.password) as imap:
         imap.select("INBOX")
         imap.uid("STORE", str(seeded.uids[2]), "+FLAGS", "(\\Deleted)")
     gw = start_gateway(pop3={"on_delete": "expunge"})
     delete_and_quit(gw, seeded.name, seeded.password, [1])
-    assert dovecot.list_uids(seeded.name, seeded.password) == seeded.uids[1:]
-    assert mailbox_subjects(dovecot, seeded.name, seeded.password, "Trash") == []
+    assert upstream.list_uids(seeded.name, seeded.password) == seeded.uids[1:]
+    assert mailbox_subjects(upstream, seeded.name, seeded.password, "Trash") == []
 
 
 @pytest.mark.parametrize("policy", ["hide", "trash", "expunge"])
@@ -147,12 +147,12 @@ def test_rset_or_dropped_connection_change_nothing(
     policy: str,
     ending: str,
     seeded: Any,
-    dovecot: Dovecot,
+    upstream: Upstream,
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
     gw = start_gateway(pop3={"on_delete": policy})
-    before = stored_flags(dovecot, seeded.name, seeded.password)
-    mailboxes = dovecot.list_mailboxes(seeded.name, seeded.password)
+    before = stored_flags(upstream, seeded.name, seeded.password)
+    mailboxes = upstream.list_mailboxes(seeded.name, seeded.password)
     client = poplib.POP3("127.0.0.1", gw.pop3_port, timeout=30)
     client.user(seeded.name)
     client.pass_(seeded.password)
@@ -165,13 +165,13 @@ def test_rset_or_dropped_connection_change_nothing(
         client.close()  # no QUIT: RFC 1939 says the deletes are forgotten
     # The gateway has logged the disconnect once it has dealt with the session.
     gw.wait_for_log(r"disconnect .*user=" + re.escape(seeded.name))
-    assert stored_flags(dovecot, seeded.name, seeded.password) == before
-    assert dovecot.list_mailboxes(seeded.name, seeded.password) == mailboxes
+    assert stored_flags(upstream, seeded.name, seeded.password) == before
+    assert upstream.list_mailboxes(seeded.name, seeded.password) == mailboxes
     assert subjects(gw, seeded.name, seeded.password) == ["message 1", "message 2", "message 3"]
 
 
 def test_two_devices_delete_independently_and_a_new_device_sees_all(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway()
     user, pw = seeded.name, seeded.password
@@ -183,11 +183,11 @@ def test_two_devices_delete_independently_and_a_new_device_sees_all(
     # Deleting again what another device deleted, and a retry of the same delete, are fine.
     delete_and_quit(gw, f"{user}#phone", pw, [1])
     assert subjects(gw, f"{user}#phone", pw) == ["message 3"]
-    assert dovecot.list_uids(user, pw) == seeded.uids
+    assert upstream.list_uids(user, pw) == seeded.uids
 
 
 def test_device_reset_and_list(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway()
     user, pw = seeded.name, seeded.password
@@ -233,7 +233,7 @@ def test_device_reset_without_master_identity_is_a_clear_error(
 def test_on_retrieve(
     on_retrieve: str,
     seeded: Any,
-    dovecot: Dovecot,
+    upstream: Upstream,
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
     gw = start_gateway(pop3={"on_retrieve": on_retrieve})
@@ -241,23 +241,23 @@ def test_on_retrieve(
         client.retr(1)
         client.top(2, 0)
         client.quit()
-    flags = stored_flags(dovecot, seeded.name, seeded.password)
+    flags = stored_flags(upstream, seeded.name, seeded.password)
     assert flags[seeded.uids[0]] == ({"\\Seen"} if on_retrieve == "seen" else set())
     assert flags[seeded.uids[1]] == set()  # TOP never marks a message read
     assert flags[seeded.uids[2]] == set()
 
 
 def test_imap_side_changes_show_in_the_next_session(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway()
     user, pw = seeded.name, seeded.password
-    with dovecot.imap(user, pw) as imap:
+    with upstream.imap(user, pw) as imap:
         imap.select("INBOX")
         imap.uid("STORE", str(seeded.uids[0]), "+FLAGS", "(\\Deleted)")
         imap.uid("STORE", str(seeded.uids[1]), "+FLAGS", "(\\Deleted)")
         imap.expunge()  # message 1 and 2 gone ...
-    dovecot.append(user, pw, b"From: b@example.org\r\nSubject: new one\r\n\r\nhi\r\n")
+    upstream.append(user, pw, b"From: b@example.org\r\nSubject: new one\r\n\r\nhi\r\n")
     assert subjects(gw, user, pw) == ["message 3", "new one"]
 
 
@@ -284,7 +284,7 @@ def test_capa_expire_follows_the_retention_policy(
 
 
 def test_update_failing_half_way_is_reported_and_a_retry_is_safe(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     # Dovecot refuses a 300-character mailbox name: the state cannot be stored, after the
     # keyword was.
@@ -297,24 +297,24 @@ def test_update_failing_half_way_is_reported_and_a_retry_is_safe(
     assert text.startswith(b"-ERR [SYS/TEMP] Some deletes were not applied: 1 deletes not applied")
     assert b"recording the deletes of device default" in text
     # Nothing was lost and the device still sees the message: it may simply delete it again.
-    assert dovecot.list_uids(seeded.name, seeded.password) == seeded.uids
+    assert upstream.list_uids(seeded.name, seeded.password) == seeded.uids
     assert subjects(broken, seeded.name, seeded.password) == ["message 1", "message 2", "message 3"]
     fixed = start_gateway()
     assert delete_and_quit(fixed, seeded.name, seeded.password, [2]) == b"+OK Bye"
     assert subjects(fixed, seeded.name, seeded.password) == ["message 1", "message 3"]
-    assert stored_flags(dovecot, seeded.name, seeded.password)[seeded.uids[1]] == {"$POPDeleted"}
+    assert stored_flags(upstream, seeded.name, seeded.password)[seeded.uids[1]] == {"$POPDeleted"}
 
 
 def test_changes_between_polls_are_seen_even_with_the_snapshot_cache(
-    seeded: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    seeded: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway()
     user, pw = seeded.name, seeded.password
     assert subjects(gw, user, pw) == ["message 1", "message 2", "message 3"]  # cached now
     assert subjects(gw, user, pw) == ["message 1", "message 2", "message 3"]  # from the cache
-    with dovecot.imap(user, pw) as imap:  # a flag change: same EXISTS and UIDNEXT
+    with upstream.imap(user, pw) as imap:  # a flag change: same EXISTS and UIDNEXT
         imap.select("INBOX")
         imap.uid("STORE", str(seeded.uids[0]), "+FLAGS", "(\\Deleted)")
     assert subjects(gw, user, pw) == ["message 2", "message 3"]
-    dovecot.append(user, pw, b"From: b@example.org\r\nSubject: new one\r\n\r\nhi\r\n")
+    upstream.append(user, pw, b"From: b@example.org\r\nSubject: new one\r\n\r\nhi\r\n")
     assert subjects(gw, user, pw) == ["message 2", "message 3", "new one"]

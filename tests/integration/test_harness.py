@@ -1,4 +1,4 @@
-"""Checks of the test harness itself: the private Dovecot and the TOML writer."""
+"""Checks of the test harness itself: the private Dovecot and Cyrus, and the TOML writer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import MailUser, SeededUser
 from tests.support import messages
-from tests.support.dovecot import Dovecot, DovecotError
+from tests.support.cyrus import Cyrus
+from tests.support.dovecot import Dovecot, DovecotError, _alive
 from tests.support.gateway import (
     LISTENING_RE,
     GatewayProcess,
@@ -22,38 +23,40 @@ from tests.support.gateway import (
     expected_listeners,
     merge_config,
 )
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
 
-def test_special_use_mailboxes_exist(dovecot: Dovecot, mail_user: MailUser) -> None:
-    boxes = {name: attrs for attrs, name in dovecot.list_mailboxes(*mail_user)}
+def test_special_use_mailboxes_exist(upstream: Upstream, mail_user: MailUser) -> None:
+    boxes = {name: attrs for attrs, name in upstream.list_mailboxes(*mail_user)}
     for name in ("Drafts", "Sent", "Trash", "Junk", "Archive"):
-        assert f"\\{name}" in boxes[name], boxes
+        # Cyrus lists SPECIAL-USE attributes in lower case (attributes are case-insensitive)
+        assert f"\\{name}".lower() in {a.lower() for a in boxes[name]}, boxes
     assert "INBOX" in boxes
 
 
 def test_append_returns_uid_and_exact_bytes(
-    dovecot: Dovecot, seeded_user: Callable[..., SeededUser]
+    upstream: Upstream, seeded_user: Callable[..., SeededUser]
 ) -> None:
     corpus = messages.corpus()
     seeded = seeded_user(corpus)
     assert seeded.uids == list(range(1, len(corpus) + 1))
     assert seeded.messages == corpus  # builders already produce what BODY[] returns
-    assert dovecot.list_uids(seeded.name, seeded.password) == seeded.uids
+    assert upstream.list_uids(seeded.name, seeded.password) == seeded.uids
 
 
-def test_append_flags_and_internaldate(dovecot: Dovecot, mail_user: MailUser) -> None:
-    uid = dovecot.append(
+def test_append_flags_and_internaldate(upstream: Upstream, mail_user: MailUser) -> None:
+    uid = upstream.append(
         *mail_user,
         messages.plain(),
         mailbox="Archive",
         flags=("\\Seen", "$popgate_test"),
         internaldate=1_700_000_000,
     )
-    flags = dovecot.fetch_flags(*mail_user, mailbox="Archive")
+    flags = upstream.fetch_flags(*mail_user, mailbox="Archive")
     assert {"\\Seen", "$popgate_test"} <= flags[uid]
-    with dovecot.imap(*mail_user) as conn:
+    with upstream.imap(*mail_user) as conn:
         conn.select("Archive", readonly=True)
         typ, data = conn.uid("FETCH", str(uid), "(INTERNALDATE)")
         assert typ == "OK"
@@ -61,37 +64,41 @@ def test_append_flags_and_internaldate(dovecot: Dovecot, mail_user: MailUser) ->
 
 
 def test_users_are_isolated_and_wrong_password_fails_fast(
-    dovecot: Dovecot, seeded_user: Callable[..., SeededUser], mail_user: MailUser
+    upstream: Upstream, seeded_user: Callable[..., SeededUser], mail_user: MailUser
 ) -> None:
     seeded_user([messages.plain()])
-    assert dovecot.list_uids(*mail_user) == []
+    assert upstream.list_uids(*mail_user) == []
     for _ in range(5):  # no auth penalty: each failure answers at once
         with pytest.raises(imaplib.IMAP4.error):
-            with dovecot.imap(mail_user.name, "wrong"):
+            with upstream.imap(mail_user.name, "wrong"):
                 pass
 
 
 def test_master_user_login_with_authzid(
-    dovecot: Dovecot, seeded_user: Callable[..., SeededUser]
+    upstream: Upstream, seeded_user: Callable[..., SeededUser]
 ) -> None:
     seeded = seeded_user([messages.plain(), messages.dotted()])
-    with dovecot.imap_as_master(seeded.name) as conn:
+    with upstream.imap_as_master(seeded.name) as conn:
         typ, data = conn.select("INBOX", readonly=True)
         assert typ == "OK" and data == [b"2"]
     # the master password alone is not a user password
     with pytest.raises(imaplib.IMAP4.error):
-        with dovecot.imap(seeded.name, dovecot.master_password):
+        with upstream.imap(seeded.name, upstream.master_password):
             pass
 
 
 @pytest.mark.parametrize("security", ["starttls", "tls", "none"])
-def test_imap_security_modes(dovecot: Dovecot, mail_user: MailUser, security: str) -> None:
-    with dovecot.imap(*mail_user, security=security) as conn:
+def test_imap_security_modes(upstream: Upstream, mail_user: MailUser, security: str) -> None:
+    with upstream.imap(*mail_user, security=security) as conn:
         assert conn.noop()[0] == "OK"
 
 
-def test_dovecot_pop3_reference(dovecot: Dovecot, seeded_user: Callable[..., SeededUser]) -> None:
-    seeded = seeded_user([messages.plain(), messages.dotted()])
+def test_dovecot_pop3_reference(dovecot: Dovecot) -> None:
+    dovecot.add_user("pop3-reference", "pop3-reference-pw")
+    uids = dovecot.append_many(
+        "pop3-reference", "pop3-reference-pw", [messages.plain(), messages.dotted()]
+    )
+    seeded = MailUser("pop3-reference", "pop3-reference-pw")
     pop = poplib.POP3(dovecot.host, dovecot.pop3_port, timeout=30)
     try:
         pop.stls(context=dovecot.client_ssl_context())
@@ -100,7 +107,7 @@ def test_dovecot_pop3_reference(dovecot: Dovecot, seeded_user: Callable[..., See
         assert pop.stat()[0] == 2
         uidls = [line.split()[1] for line in pop.uidl()[1]]
         # pop3_uidl_format = %08Xu%08Xv
-        assert [int(u[:8], 16) for u in uidls] == seeded.uids
+        assert [int(u[:8], 16) for u in uidls] == uids
     finally:
         pop.quit()
     ctx = ssl.create_default_context(cafile=str(dovecot.ca_file))
@@ -111,9 +118,12 @@ def test_dovecot_pop3_reference(dovecot: Dovecot, seeded_user: Callable[..., See
     pops.quit()
 
 
-def test_log_is_readable(dovecot: Dovecot, mail_user: MailUser) -> None:
-    dovecot.list_uids(*mail_user)
-    assert f"user=<{mail_user.name}>" in dovecot.log_text()
+def test_log_is_readable(upstream: Upstream, mail_user: MailUser) -> None:
+    upstream.list_uids(*mail_user)
+    # Dovecot: "imap-login: Login: user=<NAME>"; Cyrus (through our syslog socket):
+    # "login: localhost [127.0.0.1] NAME plaintext+TLS User logged in"
+    expected = f"user=<{mail_user.name}>" if upstream.kind == "dovecot" else f" {mail_user.name} "
+    assert expected in upstream.log_text()
 
 
 def test_quota_flag_wiring(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -138,9 +148,54 @@ def test_stop_is_complete() -> None:
     base = dc.base_dir
     dc.stop()
     assert not base.exists()
-    from tests.support.dovecot import _alive
-
     assert not _alive(pid)
+
+
+def test_cyrus_stop_is_complete_and_its_master_identity_works() -> None:
+    with Cyrus() as cy:
+        cy.add_user("alice", "alice-pw")
+        with cy.imap_as_master("alice") as conn:  # proxyservers + SASL PLAIN with authzid
+            assert conn.select("INBOX")[0] == "OK"
+        with pytest.raises(imaplib.IMAP4.error):
+            with cy.imap("alice", cy.master_password):
+                pass
+        pids = [cy.pid, cy._sink_pid]
+        base = cy.base_dir
+        assert "alice" in cy.log_text()
+    assert not base.exists()
+    assert all(pid is not None and not _alive(pid) for pid in pids)
+
+
+def test_cyrus_command_line_start_log_stop() -> None:
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    # not under tmp_path: the cyrus user must be able to reach the directory
+    base = Path(tempfile.mkdtemp(prefix="popgate-cyrus-cli-")) / "cyrus"
+    base.parent.chmod(0o755)
+    run = [sys.executable, "-m", "tests.support.cyrus"]
+    started = subprocess.run(
+        [*run, "start", "--dir", str(base), "--user", "demo:demo-pw"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    env = dict(line.split("=", 1) for line in started.stdout.split())
+    try:
+        cy = Cyrus.attach(base)
+        assert cy.list_uids("demo", "demo-pw") == []
+        log = subprocess.run([*run, "log", "--dir", str(base)], capture_output=True, text=True)
+        assert "demo" in log.stdout
+    finally:
+        stopped = subprocess.run([*run, "stop", "--dir", str(base)], timeout=60, check=False)
+        shutil.rmtree(base.parent, ignore_errors=True)
+    assert stopped.returncode == 0
+    assert not _alive(int(env["CYRUS_PID"]))
 
 
 def test_toml_writer_roundtrip() -> None:

@@ -27,11 +27,11 @@ from tests.integration.pop3_helpers import (
     top_of,
     trust_gateway_cert,
     unstuff,
-    upstream,
+    upstream_view,
 )
 from tests.support import messages
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +61,10 @@ CORPUS = [*messages.corpus(), dots_everywhere()]
 
 
 @pytest.fixture(scope="module")
-def gateway(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with running_gateway(dovecot, tmp_path_factory.mktemp("pop3-commands")) as gw:
+def gateway(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    with running_gateway(upstream, tmp_path_factory.mktemp("pop3-commands")) as gw:
         yield gw
 
 
@@ -72,16 +74,16 @@ def _attach_gateway_log(request: pytest.FixtureRequest, gateway: GatewayProcess)
 
 
 @pytest.fixture(scope="module")
-def corpus_account(dovecot: Dovecot) -> Account:
+def corpus_account(upstream: Upstream) -> Account:
     """A mailbox only read (never changed) by the tests that use it."""
-    return make_account(dovecot, CORPUS, "corpus")
+    return make_account(upstream, CORPUS, "corpus")
 
 
 @pytest.fixture
-def small_account(dovecot: Dovecot) -> Account:
+def small_account(upstream: Upstream) -> Account:
     """A fresh mailbox of three small messages, for tests that delete."""
     return make_account(
-        dovecot, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 4)], "small"
+        upstream, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 4)], "small"
     )
 
 
@@ -197,10 +199,10 @@ def test_auth_without_mechanism_lists_plain(gateway: GatewayProcess) -> None:
 
 # --------------------------------------------------------------------- STAT, LIST, UIDL
 def test_stat_list_and_uidl_agree_with_imap(
-    dovecot: Dovecot, gateway: GatewayProcess, corpus_account: Account
+    upstream: Upstream, gateway: GatewayProcess, corpus_account: Account
 ) -> None:
     acct = corpus_account
-    sizes = rfc822_sizes(dovecot, acct.name, acct.password)
+    sizes = rfc822_sizes(upstream, acct.name, acct.password)
     assert [sizes[u] for u in acct.uids] == [len(m) for m in acct.messages]
     with logged_in(gateway, acct) as client:
         total = sum(sizes.values())
@@ -336,7 +338,7 @@ def test_pipelined_commands_are_answered_in_order(
 
 
 def test_a_whole_session_in_one_write(
-    dovecot: Dovecot, gateway: GatewayProcess, small_account: Account
+    upstream: Upstream, gateway: GatewayProcess, small_account: Account
 ) -> None:
     acct = small_account
     sizes = [len(m) for m in acct.messages]
@@ -362,7 +364,7 @@ def test_a_whole_session_in_one_write(
         assert client.line() == b"-ERR message 3 already deleted\r\n"
         assert client.line() == b"+OK Bye\r\n"
         assert client.read_to_eof() == b""
-    assert upstream(dovecot, acct.name).hidden_uids() == {acct.uids[2]}
+    assert upstream_view(upstream, acct.name).hidden_uids() == {acct.uids[2]}
 
 
 def test_served_after_commands_split_across_writes(

@@ -20,17 +20,18 @@ from tests.integration.pop3_helpers import (
     STATE_MAILBOX,
     Account,
     PopWire,
-    Upstream,
+    UpstreamView,
     make_account,
     on_the_wire,
     plain_response,
     report_logs,
     running_gateway,
-    upstream,
+    upstream_view,
 )
 from tests.support import messages
-from tests.support.dovecot import Dovecot, append_message, free_port
+from tests.support.dovecot import append_message, free_port
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +45,10 @@ PASSWORDS_USED: set[str] = set()
 
 
 @pytest.fixture(scope="module")
-def gateway(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with running_gateway(dovecot, tmp_path_factory.mktemp("pop3-errors")) as gw:
+def gateway(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    with running_gateway(upstream, tmp_path_factory.mktemp("pop3-errors")) as gw:
         yield gw
 
 
@@ -55,8 +58,8 @@ def _attach_gateway_log(request: pytest.FixtureRequest, gateway: GatewayProcess)
 
 
 @pytest.fixture
-def victim(dovecot: Dovecot) -> Account:
-    acct = make_account(dovecot, [messages.plain("a", n=1), messages.dotted()], "victim")
+def victim(upstream: Upstream) -> Account:
+    acct = make_account(upstream, [messages.plain("a", n=1), messages.dotted()], "victim")
     PASSWORDS_USED.add(acct.password)
     return acct
 
@@ -67,9 +70,9 @@ def connect(gw: GatewayProcess) -> PopWire:
 
 # --------------------------------------------------------------------- bad credentials
 def test_wrong_password_then_the_right_one(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account
 ) -> None:
-    before = upstream(dovecot, victim.name)
+    before = upstream_view(upstream, victim.name)
     wrong = "wrong-password-7f3a"
     PASSWORDS_USED.add(wrong)
     with connect(gateway) as client:
@@ -80,7 +83,7 @@ def test_wrong_password_then_the_right_one(
         assert client.auth_plain(victim.name, wrong) == AUTH_FAILED
         client.login(victim.name, victim.password)
         assert client.quit() == b"+OK Bye\r\n"
-    assert upstream(dovecot, victim.name) == before
+    assert upstream_view(upstream, victim.name) == before
 
 
 def test_unknown_user_gets_the_same_answer(gateway: GatewayProcess) -> None:
@@ -143,7 +146,7 @@ def test_upstream_down_is_a_temporary_failure(
 
 # --------------------------------------------------------------------- sessions of one device
 def test_second_session_of_the_same_device_is_let_in(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account
 ) -> None:
     """No [IN-USE]: the first session may belong to a connection that silently vanished.
     Each session sees its own snapshot; deletes take effect at each one's QUIT."""
@@ -168,7 +171,7 @@ def test_second_session_of_the_same_device_is_let_in(
             third.login(acct.name, acct.password)
             assert third.command("STAT") == f"+OK 1 {len(acct.messages[1])}\r\n".encode()
             assert third.quit() == b"+OK Bye\r\n"
-    assert upstream(dovecot, acct.name).hidden_uids() == {acct.uids[0]}
+    assert upstream_view(upstream, acct.name).hidden_uids() == {acct.uids[0]}
 
 
 def test_simultaneous_logins_of_one_device_all_get_in(
@@ -335,24 +338,24 @@ def in_parallel(
         return list(pool.map(lambda pair: attempt(*pair), pairs))
 
 
-def assert_untouched(dovecot: Dovecot, acct: Account, before: Upstream) -> None:
-    after = upstream(dovecot, acct.name)
+def assert_untouched(upstream: Upstream, acct: Account, before: UpstreamView) -> None:
+    after = upstream_view(upstream, acct.name)
     assert after == before
     assert INJECTED_MAILBOX not in after.mailboxes
     assert sorted(after.inbox_flags) == acct.uids
 
 
 @pytest.fixture
-def attacker(dovecot: Dovecot) -> Account:
+def attacker(upstream: Upstream) -> Account:
     """An account whose owner tries to make the gateway run IMAP commands of their choosing.
     (Its password appears inside user names, which the gateway may log: not in PASSWORDS_USED.)"""
-    return make_account(dovecot, [messages.plain("mine", n=5)], "attacker")
+    return make_account(upstream, [messages.plain("mine", n=5)], "attacker")
 
 
 def test_login_smuggling_through_auth_plain(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account, attacker: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account, attacker: Account
 ) -> None:
-    before = {a.name: upstream(dovecot, a.name) for a in (victim, attacker)}
+    before = {a.name: upstream_view(upstream, a.name) for a in (victim, attacker)}
     passwords = smuggling_passwords(victim.password)
     PASSWORDS_USED.update(p.decode() for p in passwords)
     pairs = [
@@ -373,13 +376,13 @@ def test_login_smuggling_through_auth_plain(
         else:
             assert answer == AUTH_FAILED, pair
     for acct in (victim, attacker):
-        assert_untouched(dovecot, acct, before[acct.name])
+        assert_untouched(upstream, acct, before[acct.name])
 
 
 def test_login_smuggling_through_user_and_pass(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account, attacker: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account, attacker: Account
 ) -> None:
-    before = {a.name: upstream(dovecot, a.name) for a in (victim, attacker)}
+    before = {a.name: upstream_view(upstream, a.name) for a in (victim, attacker)}
     passwords = [p for p in smuggling_passwords(victim.password) if b"\r" not in p]
     PASSWORDS_USED.update(p.decode() for p in passwords)
     on_one_line = [
@@ -399,19 +402,19 @@ def test_login_smuggling_through_user_and_pass(
     for pair, answer in zip(pairs, answers, strict=True):
         assert answer == AUTH_FAILED, pair
     for acct in (victim, attacker):
-        assert_untouched(dovecot, acct, before[acct.name])
+        assert_untouched(upstream, acct, before[acct.name])
 
 
 def test_special_characters_in_a_real_password_log_in_as_exactly_that_user(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account
 ) -> None:
     password = 'p"w\\{5}) *ü€ X1 DELETE INBOX'
     name = f"{victim.name}-quoting"
-    dovecot.add_user(name, password)
+    upstream.add_user(name, password)
     PASSWORDS_USED.add(password)
-    with dovecot.imap_as_master(name) as conn:
+    with upstream.imap_as_master(name) as conn:
         append_message(conn, messages.plain("mine", n=4))
-    before = upstream(dovecot, name)
+    before = upstream_view(upstream, name)
     with connect(gateway) as client:
         assert client.command(f"USER {name}") == b"+OK Send your password\r\n"
         answer = client.command(f"PASS {password}")
@@ -426,14 +429,14 @@ def test_special_characters_in_a_real_password_log_in_as_exactly_that_user(
     # The same password does not open the neighbouring account.
     with connect(gateway) as client:
         assert client.auth_plain(victim.name, password) == AUTH_FAILED
-    assert upstream(dovecot, name) == before
+    assert upstream_view(upstream, name) == before
 
 
-def test_password_with_spaces_via_user_pass(dovecot: Dovecot, gateway: GatewayProcess) -> None:
+def test_password_with_spaces_via_user_pass(upstream: Upstream, gateway: GatewayProcess) -> None:
     password = "  two  leading, two  inner and one trailing "
-    acct = make_account(dovecot, [], "spaces")
+    acct = make_account(upstream, [], "spaces")
     name = acct.name + "-s"
-    dovecot.add_user(name, password)
+    upstream.add_user(name, password)
     PASSWORDS_USED.add(password)
     with connect(gateway) as client:
         assert client.command(f"USER {name}") == b"+OK Send your password\r\n"
@@ -441,9 +444,9 @@ def test_password_with_spaces_via_user_pass(dovecot: Dovecot, gateway: GatewayPr
 
 
 def test_odd_device_names_stay_within_their_own_view(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account
 ) -> None:
-    before = upstream(dovecot, victim.name)
+    before = upstream_view(upstream, victim.name)
     devices = [
         'dev" "x',
         "dev\\",
@@ -459,7 +462,7 @@ def test_odd_device_names_stay_within_their_own_view(
             assert answer.startswith(b"+OK Logged in, 2 messages"), (device, answer)
             assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
             assert client.quit() == b"+OK Bye\r\n", device
-    after = upstream(dovecot, victim.name)
+    after = upstream_view(upstream, victim.name)
     assert after.mailboxes == before.mailboxes | {STATE_MAILBOX}
     assert sorted(after.inbox_flags) == victim.uids
     assert after.system_flags() == before.system_flags()
@@ -475,11 +478,11 @@ def test_odd_device_names_stay_within_their_own_view(
 
 # --------------------------------------------------------------------- the log
 def test_log_lines_cannot_be_forged_and_hold_no_password(
-    dovecot: Dovecot, gateway: GatewayProcess, victim: Account
+    upstream: Upstream, gateway: GatewayProcess, victim: Account
 ) -> None:
     """Last in the module, so it also sweeps what the tests above made the gateway log."""
     wrong = "log-check-wrong-pw-5e1d"
-    PASSWORDS_USED.update({wrong, dovecot.master_password})
+    PASSWORDS_USED.update({wrong, upstream.master_password})
     forged = f"{victim.name}\n2026-01-01T00:00:00Z INFO popgate.pop3 login ok user=admin"
     with connect(gateway) as client:
         assert client.command(f"USER {victim.name}") == b"+OK Send your password\r\n"

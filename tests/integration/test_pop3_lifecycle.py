@@ -22,11 +22,11 @@ from tests.integration.pop3_helpers import (
     report_logs,
     running_gateway,
     unstuff,
-    upstream,
+    upstream_view,
 )
 from tests.support import messages
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +36,11 @@ SHUTTING_DOWN = b"-ERR [SYS/TEMP] Server shutting down\r\n"
 
 
 @pytest.fixture(scope="module")
-def gateway(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def gateway(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
     directory = tmp_path_factory.mktemp("pop3-lifecycle")
-    with running_gateway(dovecot, directory, {"pop3": {"idle_timeout": IDLE_TIMEOUT}}) as gw:
+    with running_gateway(upstream, directory, {"pop3": {"idle_timeout": IDLE_TIMEOUT}}) as gw:
         yield gw
 
 
@@ -48,8 +50,8 @@ def _attach_gateway_log(request: pytest.FixtureRequest, gateway: GatewayProcess)
 
 
 @pytest.fixture
-def account(dovecot: Dovecot) -> Account:
-    return make_account(dovecot, [messages.plain(f"m{i}", n=i) for i in (1, 2)], "life")
+def account(upstream: Upstream) -> Account:
+    return make_account(upstream, [messages.plain(f"m{i}", n=i) for i in (1, 2)], "life")
 
 
 def test_short_idle_timeout_is_a_warning_not_an_error(gateway: GatewayProcess) -> None:
@@ -63,9 +65,9 @@ def test_short_idle_timeout_is_a_warning_not_an_error(gateway: GatewayProcess) -
 
 # --------------------------------------------------------------------- idle timeout
 def test_idle_sessions_are_told_and_closed_without_applying_deletes(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
-    before = upstream(dovecot, account.name)
+    before = upstream_view(upstream, account.name)
     with (
         PopWire.connect(gateway.host, gateway.pop3_port) as unauthenticated,
         PopWire.connect(gateway.host, gateway.pop3_port) as deleting,
@@ -77,7 +79,7 @@ def test_idle_sessions_are_told_and_closed_without_applying_deletes(
         assert time.monotonic() - start >= IDLE_TIMEOUT - 0.5
         assert unauthenticated.read_to_eof(timeout=IDLE_TIMEOUT + 10) == IDLE_CLOSE
     gateway.wait_for_log(rf"INFO popgate\.pop3 disconnect .*user={account.name} ")
-    assert upstream(dovecot, account.name) == before
+    assert upstream_view(upstream, account.name) == before
     with PopWire.connect(gateway.host, gateway.pop3_port) as client:
         client.login(account.name, account.password)
         assert client.command("STAT").startswith(b"+OK 2 ")
@@ -95,7 +97,7 @@ def test_commands_keep_a_session_alive(gateway: GatewayProcess, account: Account
 
 
 def test_slow_reader_of_a_large_message_is_not_cut_off(
-    dovecot: Dovecot, gateway: GatewayProcess
+    upstream: Upstream, gateway: GatewayProcess
 ) -> None:
     """A device on a slow link reads for longer than idle_timeout without sending anything.
     Bytes keep moving, so the session is not idle (contract: "seconds without a command or
@@ -104,7 +106,7 @@ def test_slow_reader_of_a_large_message_is_not_cut_off(
     The message is larger than what the kernel buffers on both ends can hold (the client's
     receive buffer is made small), so the gateway is still sending while the client dawdles."""
     big = messages.with_attachment(6 * 1024 * 1024, name="large.bin", seed=3)
-    acct = make_account(dovecot, [big], "slow")
+    acct = make_account(upstream, [big], "slow")
     with PopWire.connect(gateway.host, gateway.pop3_port, rcvbuf=4096) as client:
         client.login(acct.name, acct.password)
         client.send(b"RETR 1\r\n")
@@ -128,12 +130,12 @@ def test_slow_reader_of_a_large_message_is_not_cut_off(
 
 # --------------------------------------------------------------------- SIGTERM
 def test_sigterm_lets_sessions_finish_then_applies_no_half_done_update(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = start_gateway()
-    stays = make_account(dovecot, [messages.plain("a", n=1), messages.plain("b", n=2)], "stays")
-    leaves = make_account(dovecot, [messages.plain("c", n=3), messages.plain("d", n=4)], "leaves")
-    before = upstream(dovecot, stays.name)
+    stays = make_account(upstream, [messages.plain("a", n=1), messages.plain("b", n=2)], "stays")
+    leaves = make_account(upstream, [messages.plain("c", n=3), messages.plain("d", n=4)], "leaves")
+    before = upstream_view(upstream, stays.name)
     lingering = PopWire.connect(gw.host, gw.pop3_port, timeout=30)
     finishing = PopWire.connect(gw.host, gw.pop3_port)
     try:
@@ -153,7 +155,7 @@ def test_sigterm_lets_sessions_finish_then_applies_no_half_done_update(
         # A session that finishes within the grace period is served to the end.
         assert finishing.fetch("RETR 1")[1] == on_the_wire(leaves.messages[0])
         assert finishing.quit() == b"+OK Bye\r\n"
-        assert upstream(dovecot, leaves.name).hidden_uids() == {leaves.uids[1]}
+        assert upstream_view(upstream, leaves.name).hidden_uids() == {leaves.uids[1]}
 
         # One that does not is told so and dropped, and its DELE is forgotten.
         assert lingering.read_to_eof(timeout=30) == SHUTTING_DOWN
@@ -161,5 +163,5 @@ def test_sigterm_lets_sessions_finish_then_applies_no_half_done_update(
     finally:
         lingering.close()
         finishing.close()
-    assert upstream(dovecot, stays.name) == before
+    assert upstream_view(upstream, stays.name) == before
     assert "Traceback" not in gw.log_text()

@@ -25,19 +25,21 @@ from tests.integration.pop3_helpers import (
     on_the_wire,
     report_logs,
     running_gateway,
-    upstream,
+    upstream_view,
     wait_until,
 )
 from tests.support import messages
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def gateway(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with running_gateway(dovecot, tmp_path_factory.mktemp("pop3-state")) as gw:
+def gateway(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    with running_gateway(upstream, tmp_path_factory.mktemp("pop3-state")) as gw:
         yield gw
 
 
@@ -47,12 +49,12 @@ def _attach_gateway_log(request: pytest.FixtureRequest, gateway: GatewayProcess)
 
 
 @pytest.fixture
-def account(dovecot: Dovecot) -> Account:
+def account(upstream: Upstream) -> Account:
     """Four messages; the second one is already \\Seen and \\Flagged upstream."""
     acct = make_account(
-        dovecot, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 5)], "state"
+        upstream, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 5)], "state"
     )
-    imap_add_flags(dovecot, acct.name, acct.password, acct.uids[1], "\\Seen \\Flagged")
+    imap_add_flags(upstream, acct.name, acct.password, acct.uids[1], "\\Seen \\Flagged")
     return acct
 
 
@@ -79,10 +81,10 @@ def visible_uids(gw: GatewayProcess, login: str, password: str) -> list[int]:
 
 # --------------------------------------------------------------------- DELE at QUIT
 def test_dele_quit_hides_the_message_for_this_device_only(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
-    before = upstream(dovecot, acct.name)
+    before = upstream_view(upstream, acct.name)
     assert STATE_MAILBOX not in before.mailboxes
 
     with session(gateway, acct.name, acct.password) as client:
@@ -90,7 +92,7 @@ def test_dele_quit_hides_the_message_for_this_device_only(
         assert client.command("DELE 2") == b"+OK message 2 deleted\r\n"
         assert client.quit() == b"+OK Bye\r\n"
 
-    after = upstream(dovecot, acct.name)
+    after = upstream_view(upstream, acct.name)
     # Same messages, same UIDs; the only change is the gateway's keyword on the deleted one.
     assert sorted(after.inbox_flags) == acct.uids
     assert after.system_flags() == before.system_flags()
@@ -112,11 +114,11 @@ def test_dele_quit_hides_the_message_for_this_device_only(
     # Another device, and a brand-new one, see everything.
     assert visible_uids(gateway, f"{acct.name}#phone", acct.password) == acct.uids
     assert visible_uids(gateway, f"{acct.name}#never-seen-before", acct.password) == acct.uids
-    assert upstream(dovecot, acct.name) == after
+    assert upstream_view(upstream, acct.name) == after
 
 
 def test_devices_delete_independently(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
     phone, tablet = f"{acct.name}#phone", f"{acct.name}#tablet"
@@ -129,7 +131,7 @@ def test_devices_delete_independently(
     # phone deleted number 2 (u2), then number 1 of what it still saw (u1)
     assert visible_uids(gateway, phone, acct.password) == [u3, u4]
     assert visible_uids(gateway, tablet, acct.password) == [u2, u3, u4]
-    state = upstream(dovecot, acct.name)
+    state = upstream_view(upstream, acct.name)
     assert state.hidden_uids() == {u1, u2}
     assert len(state.state_messages) == 3  # one per device that deleted something
 
@@ -146,29 +148,29 @@ def test_hidden_message_stays_hidden_after_more_deletes(
 
 
 def test_rset_then_quit_changes_nothing(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
-    before = upstream(dovecot, acct.name)
+    before = upstream_view(upstream, acct.name)
     with session(gateway, acct.name, acct.password) as client:
         assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
         assert client.command("DELE 3") == b"+OK message 3 deleted\r\n"
         assert client.command("RSET").startswith(b"+OK maildrop has 4 messages")
         assert client.quit() == b"+OK Bye\r\n"
-    assert upstream(dovecot, acct.name) == before
+    assert upstream_view(upstream, acct.name) == before
     assert visible_uids(gateway, acct.name, acct.password) == acct.uids
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_dropped_connection_applies_no_deletes(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account, how: str
+    upstream: Upstream, gateway: GatewayProcess, account: Account, how: str
 ) -> None:
     acct = account
     # A device that already deleted something has a state message: it must stay as it is.
     with session(gateway, f"{acct.name}#phone", acct.password) as client:
         assert client.command("DELE 4") == b"+OK message 4 deleted\r\n"
         assert client.quit() == b"+OK Bye\r\n"
-    before = upstream(dovecot, acct.name)
+    before = upstream_view(upstream, acct.name)
     assert before.hidden_uids() == {acct.uids[3]}
     for login in (acct.name, f"{acct.name}#phone"):
         client = session(gateway, login, acct.password)
@@ -184,7 +186,7 @@ def test_dropped_connection_applies_no_deletes(
             lambda p=pattern, n=count: len(re.findall(p, gateway.log_text())) >= n,
             what=f"disconnect of device {device} logged",
         )
-    assert upstream(dovecot, acct.name) == before
+    assert upstream_view(upstream, acct.name) == before
     # The devices are free again and still see what they saw.
     assert visible_uids(gateway, acct.name, acct.password) == acct.uids
     assert visible_uids(gateway, f"{acct.name}#phone", acct.password) == acct.uids[:3]
@@ -192,42 +194,42 @@ def test_dropped_connection_applies_no_deletes(
 
 # --------------------------------------------------------------------- reading leaves no trace
 def test_retr_and_top_never_set_seen(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
-    before = upstream(dovecot, acct.name)
+    before = upstream_view(upstream, acct.name)
     assert "\\Seen" not in before.inbox_flags[acct.uids[0]]
     with session(gateway, acct.name, acct.password) as client:
         for n, stored in enumerate(acct.messages, 1):
             assert client.fetch(f"RETR {n}")[1] == on_the_wire(stored)
             assert client.fetch(f"TOP {n} 1")[0].startswith(b"+OK")
         assert client.quit() == b"+OK Bye\r\n"
-    assert upstream(dovecot, acct.name) == before
+    assert upstream_view(upstream, acct.name) == before
 
 
 def test_messages_flagged_deleted_upstream_are_not_offered(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
-    imap_add_flags(dovecot, acct.name, acct.password, acct.uids[2], "\\Deleted")
-    flagged = dovecot.append(acct.name, acct.password, messages.plain("gone"), flags=["\\Deleted"])
+    imap_add_flags(upstream, acct.name, acct.password, acct.uids[2], "\\Deleted")
+    flagged = upstream.append(acct.name, acct.password, messages.plain("gone"), flags=["\\Deleted"])
     visible = [u for u in acct.uids if u != acct.uids[2]]
     assert visible_uids(gateway, acct.name, acct.password) == visible
     assert visible_uids(gateway, f"{acct.name}#other", acct.password) == visible
-    assert flagged in upstream(dovecot, acct.name).inbox_flags
+    assert flagged in upstream_view(upstream, acct.name).inbox_flags
 
 
 # --------------------------------------------------------------------- IMAP changes
 def test_imap_appends_and_expunges_show_in_the_next_session(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
     with session(gateway, acct.name, acct.password) as client:
         first = uidl_map(client)
         assert client.quit() == b"+OK Bye\r\n"
-    imap_expunge(dovecot, acct.name, acct.password, [acct.uids[0], acct.uids[2]])
+    imap_expunge(upstream, acct.name, acct.password, [acct.uids[0], acct.uids[2]])
     new_message = messages.plain("arrived later", "new\n", n=99)
-    new_uid = dovecot.append(acct.name, acct.password, new_message)
+    new_uid = upstream.append(acct.name, acct.password, new_message)
     with session(gateway, acct.name, acct.password) as client:
         second = uidl_map(client)
         assert list(second.values()) == [first[2], first[4], second[3]]
@@ -238,14 +240,14 @@ def test_imap_appends_and_expunges_show_in_the_next_session(
 
 
 def test_numbers_stay_stable_while_imap_expunges(
-    dovecot: Dovecot, gateway: GatewayProcess, account: Account
+    upstream: Upstream, gateway: GatewayProcess, account: Account
 ) -> None:
     acct = account
     with session(gateway, acct.name, acct.password) as client:
         listing = client.listing("LIST")
         uidls = uidl_map(client)
-        imap_expunge(dovecot, acct.name, acct.password, [acct.uids[1]])
-        dovecot.append(acct.name, acct.password, messages.plain("meanwhile"))
+        imap_expunge(upstream, acct.name, acct.password, [acct.uids[1]])
+        upstream.append(acct.name, acct.password, messages.plain("meanwhile"))
         assert client.listing("LIST") == listing
         assert uidl_map(client) == uidls
         assert client.command("STAT") == f"+OK 4 {sum(len(m) for m in acct.messages)}\r\n".encode()
@@ -256,15 +258,15 @@ def test_numbers_stay_stable_while_imap_expunges(
         assert client.command("DELE 2") == b"+OK message 2 deleted\r\n"
         assert client.command("DELE 3") == b"+OK message 3 deleted\r\n"
         assert client.quit() == b"+OK Bye\r\n"
-    state = upstream(dovecot, acct.name)
+    state = upstream_view(upstream, acct.name)
     assert state.hidden_uids() == {acct.uids[2]}
     assert acct.uids[1] not in state.inbox_flags
 
 
 # --------------------------------------------------------------------- UIDL
-def dovecot_pop3_uidl(dovecot: Dovecot, user: str, password: str) -> list[bytes]:
+def dovecot_pop3_uidl(upstream: Upstream, user: str, password: str) -> list[bytes]:
     """UIDL lines from Dovecot's own POP3 service for the same mailbox."""
-    with PopWire.connect(dovecot.host, dovecot.pop3_port) as client:
+    with PopWire.connect(upstream.host, upstream.pop3_port) as client:
         assert client.command(f"USER {user}").startswith(b"+OK")
         assert client.command(f"PASS {password}").startswith(b"+OK")
         status, lines = client.listing("UIDL")
@@ -273,9 +275,9 @@ def dovecot_pop3_uidl(dovecot: Dovecot, user: str, password: str) -> list[bytes]
     return lines
 
 
-def test_uidl_is_dovecots_own(dovecot: Dovecot, gateway: GatewayProcess) -> None:
-    acct = make_account(dovecot, messages.corpus(), "uidl")
-    reference = dovecot_pop3_uidl(dovecot, acct.name, acct.password)
+def test_uidl_is_dovecots_own(upstream: Upstream, gateway: GatewayProcess) -> None:
+    acct = make_account(upstream, messages.corpus(), "uidl")
+    reference = dovecot_pop3_uidl(upstream, acct.name, acct.password)
     assert len(reference) == len(acct.uids)
     for login in (acct.name, f"{acct.name}#phone"):
         with session(gateway, login, acct.password) as client:
@@ -287,7 +289,7 @@ def test_uidl_is_dovecots_own(dovecot: Dovecot, gateway: GatewayProcess) -> None
 
 
 def test_uidl_survives_sessions_and_restarts(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess], account: Account
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess], account: Account
 ) -> None:
     acct = account
     gw = start_gateway()

@@ -24,8 +24,8 @@ from tests.integration.pop3_helpers import (
     trust_gateway_cert,
 )
 from tests.support import messages
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +38,13 @@ tls1_warnings = pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1 is depre
 
 
 @pytest.fixture(scope="module")
-def gateway(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def gateway(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
     """Default TLS settings; no certificate files exist, so the gateway generates them."""
     directory = tmp_path_factory.mktemp("pop3-tls")
     assert not (directory / "popgate.key").exists()
-    with running_gateway(dovecot, directory) as gw:
+    with running_gateway(upstream, directory) as gw:
         yield gw
 
 
@@ -52,8 +54,8 @@ def _attach_gateway_log(request: pytest.FixtureRequest, gateway: GatewayProcess)
 
 
 @pytest.fixture(scope="module")
-def account(dovecot: Dovecot) -> Account:
-    return make_account(dovecot, [messages.plain("over TLS", n=1), messages.dotted()], "tls")
+def account(upstream: Upstream) -> Account:
+    return make_account(upstream, [messages.plain("over TLS", n=1), messages.dotted()], "tls")
 
 
 def tls1_client(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -64,10 +66,10 @@ def tls1_client(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-def imap_login_lines(dovecot: Dovecot, user: str) -> list[str]:
+def imap_login_lines(upstream: Upstream, user: str) -> list[str]:
     return [
         line
-        for line in dovecot.log_text().splitlines()
+        for line in upstream.log_text().splitlines()
         if "imap-login: Info: Login:" in line and f"user=<{user}>" in line
     ]
 
@@ -194,43 +196,43 @@ def test_no_plaintext_login_outside_insecure_auth_networks(
 
 # --------------------------------------------------------------------- towards the upstream
 def test_upstream_certificate_not_trusted_without_ca_file(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess], account: Account
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess], account: Account
 ) -> None:
     """The test CA is not in the system store: the upstream must not be trusted (so the
     password is never sent to it), and the log must tell the operator that the certificate is
     the problem."""
     gw = start_gateway(upstream_imap={"ca_file": None, "verify_certificate": True})
-    logins_before = len(imap_login_lines(dovecot, account.name))
+    logins_before = len(imap_login_lines(upstream, account.name))
     with PopWire.connect(gw.host, gw.pop3_port) as client:
         assert client.auth_plain(account.name, account.password) == SYS_TEMP
-    assert len(imap_login_lines(dovecot, account.name)) == logins_before
+    assert len(imap_login_lines(upstream, account.name)) == logins_before
     line = gw.wait_for_log(r"ERROR popgate\.pop3 login failed, upstream unavailable: .*").group(0)
     assert re.search(r"(?i)certificate", line), line
     assert account.password not in gw.log_text()
 
 
 def test_upstream_implicit_tls(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess], account: Account
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess], account: Account
 ) -> None:
     gw = start_gateway(
-        upstream_imap={"security": "tls", "port": dovecot.imaps_port, "verify_certificate": True}
+        upstream_imap={"security": "tls", "port": upstream.imaps_port, "verify_certificate": True}
     )
     with PopWire.connect(gw.host, gw.pop3_port) as client:
         client.login(account.name, account.password)
         assert client.fetch("RETR 1")[1] == on_the_wire(account.messages[0])
         assert client.quit() == b"+OK Bye\r\n"
-    assert any(", TLS," in line for line in imap_login_lines(dovecot, account.name))
+    assert any(", TLS," in line for line in imap_login_lines(upstream, account.name))
 
 
 def test_upstream_without_tls(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
-    acct = make_account(dovecot, [messages.plain("in the clear", n=2)], "cleartext")
-    gw = start_gateway(upstream_imap={"security": "none", "port": dovecot.imap_port})
+    acct = make_account(upstream, [messages.plain("in the clear", n=2)], "cleartext")
+    gw = start_gateway(upstream_imap={"security": "none", "port": upstream.imap_port})
     with PopWire.connect(gw.host, gw.pop3_port) as client:
         client.login(acct.name, acct.password)
         assert client.fetch("RETR 1")[1] == on_the_wire(acct.messages[0])
         assert client.quit() == b"+OK Bye\r\n"
-    gw_logins = [line for line in imap_login_lines(dovecot, acct.name) if "mpid=" in line]
+    gw_logins = [line for line in imap_login_lines(upstream, acct.name) if "mpid=" in line]
     # make_account's own imaplib sessions use STARTTLS; the gateway's login is the clear one
     assert any(", TLS," not in line for line in gw_logins), gw_logins

@@ -33,7 +33,7 @@ import pytest
 
 from tests.conftest import TARGETS, Pop3Endpoint, SeededUser
 from tests.support import messages
-from tests.support.dovecot import Dovecot
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -116,9 +116,9 @@ def read_maildir(path: Path) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-def assert_mailbox_untouched(dovecot: Dovecot, mailbox: SeededUser) -> None:
+def assert_mailbox_untouched(upstream: Upstream, mailbox: SeededUser) -> None:
     """The clients ran with "keep": every message is still there, under the same UID."""
-    assert dovecot.list_uids(mailbox.name, mailbox.password) == mailbox.uids
+    assert upstream.list_uids(mailbox.name, mailbox.password) == mailbox.uids
 
 
 DELIVER_SCRIPT = """\
@@ -158,7 +158,7 @@ def shared_tmp() -> Iterator[Path]:
 # --------------------------------------------------------------------- the clients
 @pytest.mark.parametrize("security", ["plain", "stls", "tls"])
 def test_curl(
-    endpoint: Pop3Endpoint, mailbox: SeededUser, dovecot: Dovecot, tmp_path: Path, security: str
+    endpoint: Pop3Endpoint, mailbox: SeededUser, upstream: Upstream, tmp_path: Path, security: str
 ) -> None:
     """curl: LIST, then RETR of every message over one connection."""
     scheme, port = ("pop3s", endpoint.tls_port) if security == "tls" else ("pop3", endpoint.port)
@@ -184,10 +184,10 @@ def test_curl(
     run_client(argv)
     got = [(tmp_path / f"{n}.eml").read_bytes() for n in range(1, len(mailbox.messages) + 1)]
     assert_same_messages("curl", got, [pop3_form(m) for m in mailbox.messages], ordered=True)
-    assert_mailbox_untouched(dovecot, mailbox)
+    assert_mailbox_untouched(upstream, mailbox)
 
 
-def test_poplib(endpoint: Pop3Endpoint, mailbox: SeededUser, dovecot: Dovecot) -> None:
+def test_poplib(endpoint: Pop3Endpoint, mailbox: SeededUser, upstream: Upstream) -> None:
     """Python's poplib: STLS, USER/PASS, STAT, LIST, UIDL, RETR every message."""
     pop = poplib.POP3(endpoint.host, endpoint.port, timeout=60)
     try:
@@ -211,11 +211,11 @@ def test_poplib(endpoint: Pop3Endpoint, mailbox: SeededUser, dovecot: Dovecot) -
     finally:
         pop.quit()
     assert_same_messages("poplib", got, [pop3_form(m) for m in mailbox.messages], ordered=True)
-    assert_mailbox_untouched(dovecot, mailbox)
+    assert_mailbox_untouched(upstream, mailbox)
 
 
 def test_fetchmail(
-    endpoint: Pop3Endpoint, mailbox: SeededUser, dovecot: Dovecot, tmp_path: Path
+    endpoint: Pop3Endpoint, mailbox: SeededUser, upstream: Upstream, tmp_path: Path
 ) -> None:
     """fetchmail over STLS with certificate check, UIDL tracking, delivery to an MDA."""
     out = tmp_path / "out"
@@ -254,11 +254,11 @@ def test_fetchmail(
     # (exit status 1 = no mail).
     run_client([*argv, "-f", str(rc(fetchall=False))], env=env, ok=(1,))
     assert len(list(out.iterdir())) == len(mailbox.messages)
-    assert_mailbox_untouched(dovecot, mailbox)
+    assert_mailbox_untouched(upstream, mailbox)
 
 
 def test_mpop(
-    endpoint: Pop3Endpoint, mailbox: SeededUser, dovecot: Dovecot, tmp_path: Path
+    endpoint: Pop3Endpoint, mailbox: SeededUser, upstream: Upstream, tmp_path: Path
 ) -> None:
     """mpop over STARTTLS with a trust file, maildir delivery, UIDLs in a file."""
     maildir = tmp_path / "Maildir"
@@ -292,14 +292,14 @@ def test_mpop(
     # UIDLs are stable: a second run that takes only new mail finds none.
     run_client([*argv, "--only-new=on"])
     assert len(read_maildir(maildir)) == len(mailbox.messages)
-    assert_mailbox_untouched(dovecot, mailbox)
+    assert_mailbox_untouched(upstream, mailbox)
 
 
 @pytest.mark.parametrize("retriever", ["SimplePOP3Retriever", "SimplePOP3SSLRetriever"])
 def test_getmail(
     endpoint: Pop3Endpoint,
     mailbox: SeededUser,
-    dovecot: Dovecot,
+    upstream: Upstream,
     tmp_path: Path,
     shared_tmp: Path,
     retriever: str,
@@ -343,4 +343,4 @@ def test_getmail(
         assert g.startswith(prefix), g[:200]
     got = [g[len(prefix) :] for g in got]
     assert_same_messages("getmail", got, [lf_form(m) for m in mailbox.messages], ordered=False)
-    assert_mailbox_untouched(dovecot, mailbox)
+    assert_mailbox_untouched(upstream, mailbox)

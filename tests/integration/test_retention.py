@@ -11,8 +11,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 
 def message(subject: str, size: int = 0) -> bytes:
@@ -20,11 +20,11 @@ def message(subject: str, size: int = 0) -> bytes:
     return f"From: a@example.org\r\nSubject: {subject}\r\n\r\n{body}".encode()
 
 
-def seed_dated(dovecot: Dovecot, user: Any, items: list[tuple[str, int, int]]) -> dict[str, int]:
+def seed_dated(upstream: Upstream, user: Any, items: list[tuple[str, int, int]]) -> dict[str, int]:
     """APPEND (subject, days ago, size) in order; subject → UID."""
     now = datetime.now(UTC)
     return {
-        subject: dovecot.append(
+        subject: upstream.append(
             user.name, user.password, message(subject, size), internaldate=now - timedelta(days)
         )
         for subject, days, size in items
@@ -57,10 +57,10 @@ def popgate(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_age_retention_dry_run_then_apply(
-    mail_user: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     uid = seed_dated(
-        dovecot,
+        upstream,
         mail_user,
         [("old-a", 100, 0), ("old-b", 90, 0), ("recent", 1, 0), ("old-kept", 120, 0)],
     )
@@ -70,7 +70,7 @@ def test_age_retention_dry_run_then_apply(
     pop_delete(devices, mail_user.name, mail_user.password, {uid["old-a"], uid["recent"]})
     pop_delete(devices, f"{mail_user.name}#phone", mail_user.password, {uid["old-b"]})
     gw = start_gateway(retention={"delete_after_days": 30, "action": "trash", "sweep_interval": 0})
-    before = dovecot.fetch_flags(mail_user.name, mail_user.password)
+    before = upstream.fetch_flags(mail_user.name, mail_user.password)
 
     dry = popgate(gw, "retention", "--user", mail_user.name, "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -78,15 +78,15 @@ def test_age_retention_dry_run_then_apply(
     assert head == f"{mail_user.name}: would remove 2 messages (trash to Trash)"
     assert [r.split()[1] for r in rows] == [str(uid["old-a"]), str(uid["old-b"])]
     assert all("deleted by POP, arrived" in r and "days ago (> 30)" in r for r in rows)
-    assert dovecot.fetch_flags(mail_user.name, mail_user.password) == before
+    assert upstream.fetch_flags(mail_user.name, mail_user.password) == before
 
     applied = popgate(gw, "retention", "--user", mail_user.name)
     assert applied.returncode == 0, applied.stderr
-    inbox = dovecot.list_uids(mail_user.name, mail_user.password)
+    inbox = upstream.list_uids(mail_user.name, mail_user.password)
     assert inbox == sorted(
         [uid["recent"], uid["old-kept"]]
     )  # never a message no POP device deleted
-    trash = dovecot.fetch_bodies(mail_user.name, mail_user.password, "Trash")
+    trash = upstream.fetch_bodies(mail_user.name, mail_user.password, "Trash")
     assert sorted(b.split(b"Subject: ")[1].split(b"\r\n")[0] for b in trash.values()) == [
         b"old-a",
         b"old-b",
@@ -96,13 +96,13 @@ def test_age_retention_dry_run_then_apply(
 
 
 def test_retention_runs_after_quit_without_delaying_it(
-    mail_user: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
-    uid = seed_dated(dovecot, mail_user, [("old", 60, 0), ("young", 2, 0), ("untouched", 60, 0)])
+    uid = seed_dated(upstream, mail_user, [("old", 60, 0), ("young", 2, 0), ("untouched", 60, 0)])
     gw = start_gateway(retention={"delete_after_days": 30, "action": "expunge"})
     pop_delete(gw, mail_user.name, mail_user.password, {uid["old"], uid["young"]})
     gw.wait_for_log(r"retention removed 1 messages \(expunge\) .*user=" + re.escape(mail_user.name))
-    assert dovecot.list_uids(mail_user.name, mail_user.password) == sorted(
+    assert upstream.list_uids(mail_user.name, mail_user.password) == sorted(
         [uid["young"], uid["untouched"]]
     )
 

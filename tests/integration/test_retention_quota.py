@@ -1,4 +1,5 @@
-"""Quota-driven retention against a Dovecot with the quota plugin (1 MiB per user)."""
+"""Quota-driven retention against servers with a 1 MiB quota per user: a Dovecot with the quota
+plugin, a Cyrus with ``autocreate_quota``."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ from typing import Any
 import pytest
 
 from tests.integration.test_retention import pop_delete, seed_dated
+from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 
 @pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    """This module's own Dovecot, with quota; the fixtures that use ``dovecot`` get this one.
+def upstream(request: pytest.FixtureRequest) -> Iterator[Upstream]:
+    """This module's own server, with quota; the fixtures that use ``upstream`` get this one.
 
     Its base directory is its own temp dir: Dovecot's auth process must be able to reach it.
     """
-    instance = Dovecot(quota=True, quota_storage="1M")
+    instance: Upstream
+    if request.param == "dovecot":
+        instance = Dovecot(quota=True, quota_storage="1M")
+    else:
+        instance = Cyrus(quota_kib=1024)
     instance.start()
     try:
         yield instance
@@ -28,8 +35,8 @@ def dovecot() -> Iterator[Dovecot]:
         instance.stop()
 
 
-def quota_kib(dovecot: Dovecot, user: Any) -> tuple[int, int]:
-    with dovecot.imap(user.name, user.password) as imap:
+def quota_kib(upstream: Upstream, user: Any) -> tuple[int, int]:
+    with upstream.imap(user.name, user.password) as imap:
         typ, data = imap.getquotaroot("INBOX")
         assert typ == "OK", data
         line = next(d for d in data[1] if b"STORAGE" in d)
@@ -38,14 +45,14 @@ def quota_kib(dovecot: Dovecot, user: Any) -> tuple[int, int]:
 
 
 def test_quota_retention_removes_oldest_pop_deleted_first(
-    mail_user: Any, dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     # Nine ~100 KiB messages: about 88% of 1 MiB. Arrival order differs from UID order on
     # purpose: "oldest" means arrival (INTERNALDATE).
     size = 100 * 1024
     items = [(f"m{i}", days, size) for i, days in enumerate([50, 60, 40, 30, 20, 10, 5, 4, 3], 1)]
-    uid = seed_dated(dovecot, mail_user, items)
-    used, limit = quota_kib(dovecot, mail_user)
+    uid = seed_dated(upstream, mail_user, items)
+    used, limit = quota_kib(upstream, mail_user)
     assert limit == 1024 and used > 0.85 * limit
     devices = start_gateway()
     pop_deleted = {uid[s] for s in ("m1", "m2", "m3", "m4", "m5", "m6")}
@@ -86,10 +93,10 @@ def test_quota_retention_removes_oldest_pop_deleted_first(
     assert f"quota {used} of {limit} KiB" in head
     assert [int(r.split()[1]) for r in rows] == [uid["m2"], uid["m1"], uid["m3"], uid["m4"]]
     assert all("quota at 8" in r and "> 80%" in r for r in rows)
-    assert len(dovecot.list_uids(mail_user.name, mail_user.password)) == 9
+    assert len(upstream.list_uids(mail_user.name, mail_user.password)) == 9
 
     applied = popgate()
     assert applied.returncode == 0, applied.stderr
-    left = dovecot.list_uids(mail_user.name, mail_user.password)
+    left = upstream.list_uids(mail_user.name, mail_user.password)
     assert left == sorted(uid[s] for s in ("m5", "m6", "m7", "m8", "m9"))
-    assert quota_kib(dovecot, mail_user)[0] < 0.5 * limit
+    assert quota_kib(upstream, mail_user)[0] < 0.5 * limit

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MailUser
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import make_message, message_id_of, sent_flags, wait_for_sent
+from tests.support.upstreams import Upstream
 
 pytest_plugins = ("tests.support.submission_fixtures",)
 pytestmark = pytest.mark.integration
@@ -36,21 +36,21 @@ def run(argv: Sequence[str], stdin: bytes | None = None) -> subprocess.Completed
 
 
 def check_delivery(
-    dovecot: Dovecot, user: MailUser, sink: SmtpSink, rcpts: Sequence[str], body: bytes
+    upstream: Upstream, user: MailUser, sink: SmtpSink, rcpts: Sequence[str], body: bytes
 ) -> bytes:
     [received] = sink.wait_for(1)
     assert received.auth_user == user.name
     assert list(received.rcpt_tos) == list(rcpts)
     assert body in received.data
-    [(uid, copy)] = wait_for_sent(dovecot, user, 1).items()
+    [(uid, copy)] = wait_for_sent(upstream, user, 1).items()
     assert message_id_of(copy) == message_id_of(received.data)
-    assert "\\Seen" in sent_flags(dovecot, user)[uid]
+    assert "\\Seen" in sent_flags(upstream, user)[uid]
     return copy
 
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
 def test_swaks(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -68,7 +68,7 @@ def test_swaks(
         [
             "swaks",
             "--server", gw.host, "--port", str(port), *mode,
-            "--tls-verify", "--tls-ca-path", str(dovecot.ca_file),
+            "--tls-verify", "--tls-ca-path", str(upstream.ca_file),
             "--auth", "PLAIN", "--auth-user", f"{mail_user.name}#phone",
             "--auth-password", mail_user.password,
             "--from", sender, "--to", "bob@example.org,secret@example.org",
@@ -76,7 +76,7 @@ def test_swaks(
         ]
     )  # fmt: skip
     copy = check_delivery(
-        dovecot, mail_user, smtp_sink, ["bob@example.org", "secret@example.org"], b"by swaks"
+        upstream, mail_user, smtp_sink, ["bob@example.org", "secret@example.org"], b"by swaks"
     )
     assert b"Bcc: secret@example.org\r\n" in copy
     assert b"Bcc" not in smtp_sink.messages[0].data
@@ -84,7 +84,7 @@ def test_swaks(
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
 def test_msmtp(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -101,18 +101,18 @@ def test_msmtp(
         [
             "msmtp", "--host", gw.host, f"--port={port}", "--tls=on",
             f"--tls-starttls={'on' if tls == 'starttls' else 'off'}",
-            f"--tls-trust-file={dovecot.ca_file}", "--auth=plain",
+            f"--tls-trust-file={upstream.ca_file}", "--auth=plain",
             f"--user={mail_user.name}", f"--passwordeval=cat {password_file}",
             f"--from={sender}", "--domain=device.test", "bob@example.org",
         ],
         stdin=message,
     )  # fmt: skip
-    check_delivery(dovecot, mail_user, smtp_sink, ["bob@example.org"], b"Sent by msmtp.")
+    check_delivery(upstream, mail_user, smtp_sink, ["bob@example.org"], b"Sent by msmtp.")
 
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
 def test_curl_without_message_id(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -133,13 +133,13 @@ def test_curl_without_message_id(
     run(
         [
             "curl", "--silent", "--show-error", "--max-time", str(CLIENT_TIMEOUT), *mode,
-            "--url", url, "--cacert", str(dovecot.ca_file), "--login-options", "AUTH=LOGIN",
+            "--url", url, "--cacert", str(upstream.ca_file), "--login-options", "AUTH=LOGIN",
             "--user", f"{mail_user.name}#laptop:{mail_user.password}",
             "--mail-from", sender, "--mail-rcpt", "bob@example.org",
             "--upload-file", str(upload),
         ]
     )  # fmt: skip
-    copy = check_delivery(dovecot, mail_user, smtp_sink, ["bob@example.org"], b"Sent by curl.")
+    copy = check_delivery(upstream, mail_user, smtp_sink, ["bob@example.org"], b"Sent by curl.")
     relayed = smtp_sink.messages[0].data
     assert message_id_of(relayed).endswith(b"@example.org>")  # added, with the sender's domain
     assert relayed.replace(b"Message-ID: " + message_id_of(relayed) + b"\r\n", b"") == message

@@ -21,19 +21,19 @@ import pytest
 
 from gateway.submission.spool import KEY_FILE, SpoolStore, parse_key
 from tests.conftest import MailUser
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import make_message, sent_mailbox, smtp_session, wait_for_sent
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.upstreams import Upstream
 
 pytest_plugins = ("tests.support.submission_fixtures",)
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def imap_proxy(dovecot: Dovecot) -> Iterator[TcpProxy]:
-    with TcpProxy(dovecot.host, dovecot.imap_port) as proxy:
+def imap_proxy(upstream: Upstream) -> Iterator[TcpProxy]:
+    with TcpProxy(upstream.host, upstream.imap_port) as proxy:
         yield proxy
 
 
@@ -64,9 +64,9 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 20.0
         time.sleep(0.05)
 
 
-def send(gw: GatewayProcess, dovecot: Dovecot, user: MailUser, subject: str) -> bytes:
+def send(gw: GatewayProcess, upstream: Upstream, user: MailUser, subject: str) -> bytes:
     message = make_message(f"{user.name}@example.org", ["bob@example.org"], subject)
-    with smtp_session(gw, dovecot, user) as client:
+    with smtp_session(gw, upstream, user) as client:
         assert client.sendmail(f"{user.name}@example.org", ["bob@example.org"], message) == {}
     return message
 
@@ -78,14 +78,14 @@ def proxied_gateway(
 
 
 def test_imap_down_entry_waits_with_reason_then_lands_once(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
     imap_proxy: TcpProxy,
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)
-    with smtp_session(gw, dovecot, mail_user) as client:  # AUTH needs IMAP: proxy still up
+    with smtp_session(gw, upstream, mail_user) as client:  # AUTH needs IMAP: proxy still up
         imap_proxy.refuse = True
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "offline")
         assert client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message) == {}
@@ -98,25 +98,25 @@ def test_imap_down_entry_waits_with_reason_then_lands_once(
     assert mail_user.name in listing.stdout
     assert "Sent copy not stored after" in listing.stdout
     assert "IMAP" in listing.stdout or "connection" in listing.stdout.lower()
-    assert sent_mailbox(dovecot, mail_user) == {}
+    assert sent_mailbox(upstream, mail_user) == {}
 
     imap_proxy.refuse = False
-    [copy] = wait_for_sent(dovecot, mail_user, 1).values()
+    [copy] = wait_for_sent(upstream, mail_user, 1).values()
     assert copy == message
     wait_until(lambda: not spool_files(gw, ".pending"), "spool entry removed")
     assert "empty" in spool_list(gw).stdout
-    assert len(sent_mailbox(dovecot, mail_user)) == 1
+    assert len(sent_mailbox(upstream, mail_user)) == 1
 
 
 def test_sigkill_after_relay_before_append_copy_appears_once_after_restart(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
     imap_proxy: TcpProxy,
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         imap_proxy.refuse = True
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "crash")
         assert client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message) == {}
@@ -128,15 +128,15 @@ def test_sigkill_after_relay_before_append_copy_appears_once_after_restart(
 
     imap_proxy.refuse = False
     gw.restart()
-    [copy] = wait_for_sent(dovecot, mail_user, 1).values()
+    [copy] = wait_for_sent(upstream, mail_user, 1).values()
     assert copy == message
     wait_until(lambda: not spool_files(gw, ".pending"), "spool entry removed")
-    assert len(sent_mailbox(dovecot, mail_user)) == 1
+    assert len(sent_mailbox(upstream, mail_user)) == 1
     assert len(smtp_sink.messages) == 1  # the restart relayed nothing again
 
 
 def test_sigkill_after_append_landed_before_spool_removal_no_second_copy(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -147,9 +147,9 @@ def test_sigkill_after_append_landed_before_spool_removal_no_second_copy(
     # Clear text on loopback, so the proxy can see the APPEND go by.
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy, security="none")
     imap_proxy.freeze_after = b" APPEND "
-    message = send(gw, dovecot, mail_user, "half done")
+    message = send(gw, upstream, mail_user, "half done")
     assert imap_proxy.frozen.wait(20)
-    wait_for_sent(dovecot, mail_user, 1)  # Dovecot stored it; popgate does not know
+    wait_for_sent(upstream, mail_user, 1)  # Dovecot stored it; popgate does not know
     assert len(spool_files(gw, ".pending")) == 1
     assert gw.pid is not None
     os.kill(gw.pid, signal.SIGKILL)
@@ -160,12 +160,12 @@ def test_sigkill_after_append_landed_before_spool_removal_no_second_copy(
     gw.restart()
     wait_until(lambda: not spool_files(gw, ".pending"), "spool entry removed")
     gw.wait_for_log(r"Sent copy stored: already in Sent")
-    [copy] = sent_mailbox(dovecot, mail_user).values()
+    [copy] = sent_mailbox(upstream, mail_user).values()
     assert copy == message
 
 
 def test_same_message_id_different_messages_are_both_sent_and_saved(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -175,16 +175,16 @@ def test_same_message_id_different_messages_are_both_sent_and_saved(
     reused = "<always-the-same@old-printer.test>"
     first = make_message(sender, ["bob@example.org"], "scan 1", "page one\r\n", message_id=reused)
     second = make_message(sender, ["bob@example.org"], "scan 2", "page two\r\n", message_id=reused)
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         assert client.sendmail(sender, ["bob@example.org"], first) == {}
         assert client.sendmail(sender, ["bob@example.org"], second) == {}
     assert [m.data for m in smtp_sink.wait_for(2)] == [first, second]
-    copies = wait_for_sent(dovecot, mail_user, 2)
+    copies = wait_for_sent(upstream, mail_user, 2)
     assert sorted(copies.values()) == sorted([first, second])
 
 
 def test_spool_files_are_private_and_encrypted(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -194,7 +194,7 @@ def test_spool_files_are_private_and_encrypted(
     gw = proxied_gateway(
         submission_gateway, mail_user, imap_proxy, master_user=None, master_password=None
     )
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         imap_proxy.refuse = True
         message = make_message(
             f"{mail_user.name}@example.org", ["bob@example.org"], "secret", "the body\r\n"
@@ -217,18 +217,18 @@ def test_spool_files_are_private_and_encrypted(
     assert base64.b64encode(mail_user.password.encode()).decode() not in gw.log_text()
 
     imap_proxy.refuse = False  # the stored credential is what the retry logs in with
-    wait_for_sent(dovecot, mail_user, 1)
+    wait_for_sent(upstream, mail_user, 1)
 
 
 def test_with_master_identity_no_password_is_spooled_and_retry_uses_master(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
     imap_proxy: TcpProxy,
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)  # base config has a master
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         imap_proxy.refuse = True
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "master")
         client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message)
@@ -236,21 +236,21 @@ def test_with_master_identity_no_password_is_spooled_and_retry_uses_master(
     [pending] = spool_files(gw, ".pending")
     store = SpoolStore(spool_dir(gw), parse_key((spool_dir(gw) / KEY_FILE).read_text()))
     assert store.load(pending.name.removesuffix(".pending")).password is None
-    mark = len(dovecot.log_text())
+    mark = len(upstream.log_text())
     imap_proxy.refuse = False
-    wait_for_sent(dovecot, mail_user, 1)
-    assert f"Master user logging in as {mail_user.name}" in dovecot.log_text()[mark:]
+    wait_for_sent(upstream, mail_user, 1)
+    assert f"Master user logging in as {mail_user.name}" in upstream.log_text()[mark:]
 
 
 def test_sigterm_keeps_pending_entries_for_the_next_start(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
     imap_proxy: TcpProxy,
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         imap_proxy.refuse = True
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "term")
         client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message)
@@ -259,5 +259,5 @@ def test_sigterm_keeps_pending_entries_for_the_next_start(
     assert len(spool_files(gw, ".pending")) == 1
     imap_proxy.refuse = False
     gw.start()
-    [copy] = wait_for_sent(dovecot, mail_user, 1).values()
+    [copy] = wait_for_sent(upstream, mail_user, 1).values()
     assert copy == message

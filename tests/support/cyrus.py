@@ -138,8 +138,10 @@ class Cyrus:
         host: str = HOST,
         master_user: str = "popgate-master",
         master_password: str | None = None,
+        quota_kib: int = 0,
         extra_config: str = "",
     ) -> None:
+        """``quota_kib`` > 0 gives every user a storage quota of that many KiB."""
         self._owns_base_dir = base_dir is None
         if base_dir is None:
             base_dir = tempfile.mkdtemp(prefix="popgate-cyrus-")
@@ -150,6 +152,7 @@ class Cyrus:
         self._master_user = master_user
         self._master_password = master_password or secrets.token_urlsafe(16)
         self.extra_config = extra_config
+        self.quota_kib = quota_kib
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
         self._sink_pid: int | None = None
@@ -395,6 +398,12 @@ class Cyrus:
     # ----------------------------------------------------------------- configuration
     def _prepare_dirs(self) -> None:
         cyrus = pwd.getpwnam(CYRUS_USER)
+        for parent in self._base.parents:
+            if not parent.stat().st_mode & 0o001:
+                raise CyrusError(
+                    f"{parent} is not searchable by others: the {CYRUS_USER} user cannot reach "
+                    f"{self._base} (pytest's tmp_path is such a place: use tempfile.mkdtemp)"
+                )
         for sub in ("conf", "conf/proc", "conf/lock", "conf/socket", "spool", "tls"):
             path = self._base / sub
             path.mkdir(exist_ok=True)
@@ -429,8 +438,9 @@ failedloginpause: 0
 munge8bit: no
 unixhierarchysep: yes
 altnamespace: yes
-# A user's INBOX and SPECIAL-USE folders appear at the first login.
-autocreate_quota: 0
+# A user's INBOX and SPECIAL-USE folders appear at the first login (with this quota in KiB;
+# 0 = none).
+autocreate_quota: {self.quota_kib}
 autocreate_inbox_folders: {folders}
 autocreate_subscribe_folders: {folders}
 {xlist}
@@ -602,6 +612,7 @@ EVENTS {{
             "master_password": self._master_password,
             "users": self._users,
             "extra_config": self.extra_config,
+            "quota_kib": self.quota_kib,
         }
         path = self._base / STATE_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -618,6 +629,7 @@ EVENTS {{
             master_user=state["master_user"],
             master_password=state["master_password"],
             extra_config=state.get("extra_config", ""),
+            quota_kib=state.get("quota_kib", 0),
         )
         cy._ports = {k: int(v) for k, v in state["ports"].items()}
         cy._pid = state["pid"]

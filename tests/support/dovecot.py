@@ -242,6 +242,9 @@ def _children(pid: int) -> list[int]:
 class Dovecot:
     """One private Dovecot instance. See the module docstring."""
 
+    #: which server this is, for tests that meet a difference (tests/support/upstreams.py)
+    kind = "dovecot"
+
     def __init__(
         self,
         base_dir: str | os.PathLike[str] | None = None,

@@ -14,22 +14,23 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tests.support.dovecot import Dovecot, fetch_bodies, fetch_flags
+from tests.support.dovecot import fetch_bodies, fetch_flags
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 CLIENT_TIMEOUT = 60
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.IGNORECASE)
 
 
-def client_context(dovecot: Dovecot) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(dovecot.ca_file))
+def client_context(upstream: Upstream) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(upstream.ca_file))
 
 
 @contextlib.contextmanager
 def smtp_session(
     gw: GatewayProcess,
-    dovecot: Dovecot,
+    upstream: Upstream,
     user: Any | None = None,
     *,
     tls: str = "starttls",
@@ -37,7 +38,7 @@ def smtp_session(
 ) -> Iterator[smtplib.SMTP]:
     """smtplib connected to the gateway (``tls``: "starttls", "implicit" or "none"), logged in
     as ``user`` (or ``login`` with the user's password) when a user is given."""
-    context = client_context(dovecot)
+    context = client_context(upstream)
     client: smtplib.SMTP
     if tls == "implicit":
         client = smtplib.SMTP_SSL(
@@ -85,27 +86,27 @@ def message_id_of(data: bytes) -> bytes:
     return m.group(1)
 
 
-def sent_mailbox(dovecot: Dovecot, user: Any) -> dict[int, bytes]:
+def sent_mailbox(upstream: Upstream, user: Any) -> dict[int, bytes]:
     """UID -> bytes of the user's Sent mailbox (empty if it does not exist)."""
-    with dovecot.imap(user.name, user.password) as conn:
+    with upstream.imap(user.name, user.password) as conn:
         try:
             return fetch_bodies(conn, "Sent")
         except Exception:
             return {}
 
 
-def sent_flags(dovecot: Dovecot, user: Any) -> dict[int, set[str]]:
-    with dovecot.imap(user.name, user.password) as conn:
+def sent_flags(upstream: Upstream, user: Any) -> dict[int, set[str]]:
+    with upstream.imap(user.name, user.password) as conn:
         return fetch_flags(conn, "Sent")
 
 
 def wait_for_sent(
-    dovecot: Dovecot, user: Any, count: int, timeout: float = 20.0
+    upstream: Upstream, user: Any, count: int, timeout: float = 20.0
 ) -> dict[int, bytes]:
     """Bounded polling until the Sent mailbox holds ``count`` messages; returns them."""
     deadline = time.monotonic() + timeout
     while True:
-        found = sent_mailbox(dovecot, user)
+        found = sent_mailbox(upstream, user)
         if len(found) >= count:
             return found
         if time.monotonic() > deadline:
