@@ -505,8 +505,8 @@ EVENTS {{
             self._set_password(name, password)
             self._users[name] = password
             self._save_state()
-        with self.imap(name, password):
-            pass  # autocreate
+        with self.imap_as_master(name):
+            pass  # autocreate (imaplib's LOGIN could not send a non-ASCII password)
 
     def password(self, name: str) -> str:
         return self._users[name]
