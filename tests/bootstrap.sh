@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need; safe to run again (does nothing when all is there).
 #  - Debian packages: Dovecot (the upstream IMAP server of the tests, and its POP3 as the
-#    reference; LMTP for mail delivered by Postfix), Postfix (the real MTA of the submission
-#    end-to-end test), the real POP3 and SMTP clients, curl, openssl, python3-venv;
+#    reference; LMTP for mail delivered by Postfix), Cyrus IMAP (the second upstream server:
+#    cyrus-common and sasl2-bin installed, imapd unpacked, see below), Postfix (the real MTA of
+#    the submission end-to-end test), the real POP3 and SMTP clients, curl, openssl,
+#    python3-venv;
 #  - .venv with popgate installed editable plus its test extras.
 # Runs apt-get as root (or through sudo). The distro's own Dovecot and Postfix services are kept
 # from starting and left disabled (Postfix is preseeded to "No configuration"): the tests start
@@ -24,7 +26,7 @@ fi
 # libnet-ssleay-perl is only a Recommends of swaks, and without it swaks has no TLS; the
 # install uses --no-install-recommends, so every capability a test relies on is named here and
 # checked below (verify_clients).
-PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates)
+PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd cyrus-common sasl2-bin postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates)
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
@@ -80,6 +82,25 @@ stop_system_postfix() {
     fi
 }
 
+stop_system_cyrus() {
+    # cyrus-common ships a service (its master would bind 143/110/…); the tests run private
+    # instances with their own pid files, so keep the system one from starting, as Dovecot's.
+    local pidfile=/run/cyrus-master.pid pid
+    if [ -r "$pidfile" ]; then
+        pid=$(head -n1 "$pidfile")
+        if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = cyrmaster ]; then
+            log "stopping the system Cyrus (pid $pid)"
+            "${SUDO[@]}" kill -TERM "$pid" || true
+        fi
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${SUDO[@]}" systemctl disable --now cyrus-imapd.service >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1 && [ -e /etc/init.d/cyrus-imapd ]; then
+        "${SUDO[@]}" update-rc.d cyrus-imapd disable >/dev/null 2>&1 || true
+    fi
+}
+
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "${SUDO[0]:-}" = __no_sudo__ ]; then
         log "missing Debian packages: ${missing[*]}; run as root or install sudo"
@@ -107,6 +128,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     trap - EXIT
     stop_system_dovecot
     stop_system_postfix
+    stop_system_cyrus
 fi
 
 # --- podman (the container test, tests/integration/test_container.py) ---------------------------
@@ -130,6 +152,56 @@ if [ "${#container_missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         --no-install-recommends "${container_missing[@]}" >/dev/null
 fi
+
+# Cyrus's imapd is in cyrus-imapd, which Conflicts with dovecot-imapd (both provide
+# imap-server), so it is never installed: the package of exactly cyrus-common's version is
+# downloaded and unpacked under /opt/popgate-test/cyrus, where tests/support/cyrus.py looks.
+# master, ctl_cyrusdb and the libraries come from the installed cyrus-common.
+CYRUS_DIR=/opt/popgate-test/cyrus
+install_cyrus_imapd() {
+    local version stamp="$CYRUS_DIR/.popgate-version" work deb
+    version=$(dpkg-query -W -f='${Version}' cyrus-common)
+    if [ -x "$CYRUS_DIR/usr/lib/cyrus/bin/imapd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$version" ]; then
+        return 0
+    fi
+    if [ "${SUDO[0]:-}" = __no_sudo__ ]; then
+        log "cyrus-imapd is not unpacked under $CYRUS_DIR; run as root or install sudo"
+        exit 1
+    fi
+    log "unpacking cyrus-imapd $version under $CYRUS_DIR (not installed: it conflicts with dovecot-imapd)"
+    work=$(mktemp -d)
+    # apt's download sandbox user must be able to write there
+    chmod 777 "$work"
+    if ! (cd "$work" && "${SUDO[@]}" apt-get download -q "cyrus-imapd=$version" >/dev/null 2>&1); then
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+        (cd "$work" && "${SUDO[@]}" apt-get download -q "cyrus-imapd=$version" >/dev/null)
+    fi
+    deb=$(ls "$work"/cyrus-imapd_*.deb)
+    "${SUDO[@]}" rm -rf "$CYRUS_DIR"
+    "${SUDO[@]}" mkdir -p "$CYRUS_DIR"
+    "${SUDO[@]}" dpkg-deb -x "$deb" "$CYRUS_DIR"
+    printf '%s\n' "$version" | "${SUDO[@]}" tee "$stamp" >/dev/null
+    rm -rf "$work"
+}
+install_cyrus_imapd
+
+verify_cyrus() {
+    local problems=() imapd="$CYRUS_DIR/usr/lib/cyrus/bin/imapd"
+    [ -x /usr/lib/cyrus/bin/master ] || problems+=("no /usr/lib/cyrus/bin/master (cyrus-common)")
+    [ -x "$imapd" ] || problems+=("no $imapd")
+    if [ -x "$imapd" ] && ldd "$imapd" | grep -q 'not found'; then
+        problems+=("$imapd lacks libraries: $(ldd "$imapd" | grep 'not found' | tr -s ' \t\n' ' ')")
+    fi
+    command -v saslpasswd2 >/dev/null 2>&1 || [ -x /usr/sbin/saslpasswd2 ] ||
+        problems+=("no saslpasswd2 (sasl2-bin)")
+    getent passwd cyrus >/dev/null || problems+=("no cyrus user (made by cyrus-common)")
+    command -v unshare >/dev/null 2>&1 || problems+=("no unshare (util-linux)")
+    if [ "${#problems[@]}" -gt 0 ]; then
+        for problem in "${problems[@]}"; do log "Cyrus check failed: $problem"; done
+        exit 1
+    fi
+}
+verify_cyrus
 
 # The real clients must be able to do what the tests ask of them (TLS above all): a client that
 # installed without a capability fails here, loudly, instead of as a puzzling test failure.
