@@ -9,7 +9,11 @@ localhost/127.0.0.1), pid file and log file. It listens on loopback ports picked
 Cyrus logs only to syslog (``/dev/log``), so the instance runs ``master`` under
 ``unshare --mount`` with a private ``/dev`` whose ``log`` is a datagram socket bound by a small
 sink process of ours that writes the lines to ``cyrus.log``. Root is needed for that (as for
-the Debian packages); the services themselves run as the ``cyrus`` user.
+the Debian packages); the services themselves run as the ``cyrus`` user. Where no mount
+namespace can be made (a container without CAP_SYS_ADMIN) and nothing owns ``/dev/log``, the
+instances share one: ``/dev/log`` becomes a symlink to a live instance's socket, every sink
+appends to one file under ``/run/popgate-test-cyrus``, and each instance reads back the lines
+of its own ``syslog_prefix``; the last one to stop removes the symlink.
 
 The binaries: ``master`` and the libraries come from the ``cyrus-common`` package, ``imapd``
 from ``cyrus-imapd``, which conflicts with ``dovecot-imapd`` and is therefore only unpacked
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import imaplib
 import json
 import os
@@ -79,6 +84,37 @@ CYRUS_USER = "cyrus"
 #: where tests/bootstrap.sh unpacks the cyrus-imapd package (it conflicts with dovecot-imapd)
 UNPACKED = Path("/opt/popgate-test/cyrus")
 SPECIAL_USE = ("Drafts", "Sent", "Trash", "Junk", "Archive")
+DEV_LOG = Path("/dev/log")
+#: where instances that share /dev/log register their sockets and write their lines
+SHARED_LOG_DIR = Path("/run/popgate-test-cyrus")
+_private_dev: bool | None = None
+
+
+def private_dev_possible() -> bool:
+    """Whether this process may make a mount namespace (root with CAP_SYS_ADMIN)."""
+    global _private_dev
+    if os.environ.get("POPGATE_TEST_CYRUS_SHARED_DEV_LOG") == "1":  # to test the fallback
+        return False
+    if _private_dev is None:
+        try:
+            done = subprocess.run(
+                ["unshare", "--mount", "true"], capture_output=True, timeout=30, check=False
+            )
+            _private_dev = done.returncode == 0
+        except OSError:
+            _private_dev = False
+    return _private_dev
+
+
+def _socket_alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -223,12 +259,24 @@ class Cyrus:
         except KeyError:
             raise CyrusError("Cyrus has not been started") from None
 
+    @property
+    def syslog_prefix(self) -> str:
+        """This instance's syslog tag: its lines are ``<PRI>date PREFIX/imap[pid]: …``."""
+        return "popgate-cyrus-" + hashlib.sha256(os.fsencode(self._base)).hexdigest()[:10]
+
+    @property
+    def _shared(self) -> bool:
+        return not private_dev_possible()
+
     def log_text(self) -> str:
         """What Cyrus sent to syslog so far (for debugging failed tests)."""
+        path = SHARED_LOG_DIR / "syslog.log" if self._shared else self.log_file
         try:
-            return self.log_file.read_text(errors="replace")
+            text = path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        tag = f" {self.syslog_prefix}/"
+        return "".join(line for line in text.splitlines(keepends=True) if tag in line)
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> Cyrus:
@@ -251,12 +299,18 @@ class Cyrus:
         master, imapd, _ = find_cyrus()
         self._prepare_dirs()
         self._start_sink(timeout)
+        if self._shared:
+            try:
+                self._join_shared_dev_log()
+            except CyrusError:
+                self._stop_sink()
+                raise
         last_error = ""
         for _attempt in range(3):  # a picked port can be taken in between: retry with others
             self._ports = {name: free_port(self._host) for name in ("imap", "imaps")}
             self.config_file.write_text(self._imapd_conf())
             (self._base / "cyrus.conf").write_text(self._cyrus_conf(imapd))
-            log_mark = self.log_file.stat().st_size
+            log_mark = len(self.log_text())
             out_path = self._base / "master.out"
             with open(out_path, "wb") as out:
                 self._proc = subprocess.Popen(
@@ -283,6 +337,17 @@ class Cyrus:
         raise CyrusError(f"cyrus could not bind its ports:\n{last_error}")
 
     def _master_argv(self, master: Path) -> list[str]:
+        command = [
+            str(master),
+            "-C",
+            str(self.config_file),
+            "-M",
+            str(self._base / "cyrus.conf"),
+            "-p",
+            str(self._base / "master.pid"),
+        ]
+        if self._shared:
+            return command
         # A private /dev (tmpfs) holding the usual character devices and a log socket of ours;
         # everything else of the host stays as it is, and only this process tree sees it.
         script = (
@@ -304,14 +369,55 @@ class Cyrus:
             script,
             "popgate-cyrus",
             str(self._base),
-            str(master),
-            "-C",
-            str(self.config_file),
-            "-M",
-            str(self._base / "cyrus.conf"),
-            "-p",
-            str(self._base / "master.pid"),
+            *command,
         ]
+
+    def _join_shared_dev_log(self) -> None:
+        """Register this instance's socket and make sure /dev/log leads to a live one."""
+        if DEV_LOG.exists() and not DEV_LOG.is_symlink():
+            raise CyrusError(
+                "cannot capture Cyrus's syslog: no mount namespace here (CAP_SYS_ADMIN) and "
+                f"{DEV_LOG} belongs to the system logger"
+            )
+        if DEV_LOG.is_symlink() and not os.readlink(DEV_LOG).startswith("/"):
+            raise CyrusError(f"{DEV_LOG} is a symlink of someone else's: not touching it")
+        SHARED_LOG_DIR.mkdir(mode=0o755, exist_ok=True)
+        entry = SHARED_LOG_DIR / f"{self.syslog_prefix}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+        entry.symlink_to(self._base / "syslog.sock")
+        self._point_dev_log()
+
+    def _point_dev_log(self, leaving: Path | None = None) -> None:
+        """/dev/log → a registered live socket (not ``leaving``); removed when there is none."""
+        current = DEV_LOG.resolve() if DEV_LOG.is_symlink() else None
+        if current is not None and current != leaving and _socket_alive(current):
+            return
+        live = [
+            e.resolve()
+            for e in sorted(SHARED_LOG_DIR.glob("popgate-cyrus-*.sock"))
+            if e.resolve() != leaving and _socket_alive(e.resolve())
+        ]
+        tmp = DEV_LOG.with_name(f".log.popgate-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if live:
+            tmp.symlink_to(live[0])
+            os.replace(tmp, DEV_LOG)
+        elif DEV_LOG.is_symlink():
+            DEV_LOG.unlink()
+
+    def _leave_shared_dev_log(self) -> None:
+        if not self._shared or not SHARED_LOG_DIR.exists():
+            return
+        ours = self._base / "syslog.sock"
+        with contextlib.suppress(FileNotFoundError):
+            (SHARED_LOG_DIR / f"{self.syslog_prefix}.sock").unlink()
+        if DEV_LOG.is_symlink():
+            self._point_dev_log(leaving=ours)
+        if not any(SHARED_LOG_DIR.glob("popgate-cyrus-*.sock")):
+            with contextlib.suppress(FileNotFoundError):
+                (SHARED_LOG_DIR / "syslog.log").unlink()
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop master and its services by pid (SIGTERM, then SIGKILL), then the log sink.
@@ -338,6 +444,7 @@ class Cyrus:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._sink.wait(5)
             self._sink = None
+        self._leave_shared_dev_log()
 
     def _is_ours(self, pid: int, marker: bytes) -> bool:
         try:
@@ -352,8 +459,11 @@ class Cyrus:
         sock = self._base / "syslog.sock"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
+        log = SHARED_LOG_DIR / "syslog.log" if self._shared else self.log_file
+        if self._shared:
+            SHARED_LOG_DIR.mkdir(mode=0o755, exist_ok=True)
         self._sink = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.cyrus", "_syslog", str(sock), str(self.log_file)],
+            [sys.executable, "-m", "tests.support.cyrus", "_syslog", str(sock), str(log)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -423,7 +533,7 @@ configdirectory: {b}/conf
 defaultpartition: default
 partition-default: {b}/spool
 servername: {self.realm}
-syslog_prefix: popgate-cyrus
+syslog_prefix: {self.syslog_prefix}
 admins: {self._master_user}
 # the master identity: SASL PLAIN with the user as authorization identity
 proxyservers: {self._master_user}
