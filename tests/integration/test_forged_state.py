@@ -22,11 +22,12 @@ from tests.integration.pop3_helpers import (
     make_account,
     report_logs,
     running_gateway,
-    upstream,
+    upstream_view,
 )
 from tests.support import messages
-from tests.support.dovecot import Dovecot, append_message, quote_mailbox
+from tests.support.dovecot import append_message, quote_mailbox
 from tests.support.gateway import GatewayProcess
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +35,10 @@ REPAIR_LOG = "unusable state message"
 
 
 @pytest.fixture(scope="module")
-def gateway(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with running_gateway(dovecot, tmp_path_factory.mktemp("forged-state")) as gw:
+def gateway(
+    upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    with running_gateway(upstream, tmp_path_factory.mktemp("forged-state")) as gw:
         yield gw
 
 
@@ -72,8 +75,8 @@ def forged(kind: str, uidvalidity: int) -> bytes:
 KINDS = ["nested-json", "huge-ranges", "wrong-types", "oversize"]
 
 
-def forge_state(dovecot: Dovecot, acct: Account, kind: str) -> None:
-    with dovecot.imap(acct.name, acct.password) as conn:
+def forge_state(upstream: Upstream, acct: Account, kind: str) -> None:
+    with upstream.imap(acct.name, acct.password) as conn:
         typ, data = conn.status("INBOX", "(UIDVALIDITY)")
         assert typ == "OK", data
         uidvalidity = int(str(data[0]).rsplit("UIDVALIDITY ", 1)[1].rstrip(")'"))
@@ -88,14 +91,14 @@ def forge_state(dovecot: Dovecot, acct: Account, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_device_logs_in_and_downloads_despite_a_forged_state(
-    dovecot: Dovecot, gateway: GatewayProcess, kind: str
+    upstream: Upstream, gateway: GatewayProcess, kind: str
 ) -> None:
     acct = make_account(
-        dovecot, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 4)], "forged"
+        upstream, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 4)], "forged"
     )
     # Some message carries the keyword, so the login must read the state.
-    imap_add_flags(dovecot, acct.name, acct.password, acct.uids[0], POP_DELETED)
-    forge_state(dovecot, acct, kind)
+    imap_add_flags(upstream, acct.name, acct.password, acct.uids[0], POP_DELETED)
+    forge_state(upstream, acct, kind)
     logged_before = gateway.log_text().count(REPAIR_LOG)
 
     with PopWire.connect(gateway.host, gateway.pop3_port) as client:
@@ -109,14 +112,14 @@ def test_device_logs_in_and_downloads_despite_a_forged_state(
     gateway.wait_for_log(REPAIR_LOG)
     assert gateway.log_text().count(REPAIR_LOG) == logged_before + 1
     # Repaired: the forged copy is gone, a valid state of the device stands in its place.
-    [stored] = upstream(dovecot, acct.name).state_messages.values()
+    [stored] = upstream_view(upstream, acct.name).state_messages.values()
     assert b"not from popgate" not in stored
     assert DeviceState.from_message(stored, "INBOX", "default").uids == set()
 
     # A message arriving later is offered (UID 4: inside the forged range), and the next login
     # finds nothing left to repair.
     later = messages.plain("m4", "body 4\n", n=4)
-    assert dovecot.append(acct.name, acct.password, later) == 4
+    assert upstream.append(acct.name, acct.password, later) == 4
     with PopWire.connect(gateway.host, gateway.pop3_port) as client:
         assert client.login(acct.name, acct.password).startswith(b"+OK")
         status, lines = client.listing("LIST")

@@ -7,16 +7,16 @@ import imaplib
 import pytest
 
 from tests.conftest import MailUser
-from tests.support.dovecot import Dovecot
 from tests.support.imap_faults import ImapFaults, _first_uids
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
 
 def test_commands_inside_literals_are_not_counted_and_a_cut_fires_once(
-    dovecot: Dovecot, mail_user: MailUser
+    upstream: Upstream, mail_user: MailUser
 ) -> None:
-    with ImapFaults(dovecot.host, dovecot.imap_port) as faults:
+    with ImapFaults(upstream.host, upstream.imap_port) as faults:
         cut = faults.cut_at("NOOP", 2)
         conn = imaplib.IMAP4(faults.host, faults.port)
         conn.login(mail_user.name, mail_user.password)
@@ -34,7 +34,7 @@ def test_commands_inside_literals_are_not_counted_and_a_cut_fires_once(
         again.login(mail_user.name, mail_user.password)
         assert again.noop()[0] == "OK"
         again.logout()
-    assert dovecot.list_uids(mail_user.name, mail_user.password) == [1]
+    assert upstream.list_uids(mail_user.name, mail_user.password) == [1]
 
 
 def test_the_first_uids_of_a_set() -> None:

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import SeededUser
-from tests.integration.pop3_helpers import POP_DELETED, PopWire, upstream
+from tests.integration.pop3_helpers import POP_DELETED, PopWire, upstream_view
 from tests.support import messages
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.imap_faults import ImapFaults
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ DEADLINE = 15.0  # how long a test waits for any one event
 
 
 @pytest.fixture
-def faults(dovecot: Dovecot) -> Iterator[ImapFaults]:
-    with ImapFaults(dovecot.host, dovecot.imap_port) as forwarder:
+def faults(upstream: Upstream) -> Iterator[ImapFaults]:
+    with ImapFaults(upstream.host, upstream.imap_port) as forwarder:
         yield forwarder
 
 
@@ -101,7 +101,7 @@ def test_a_stall_during_the_update_answers_sys_temp_and_a_retry_completes(
     gateway: Callable[..., GatewayProcess],
     faults: ImapFaults,
     seeded_user: Callable[..., SeededUser],
-    dovecot: Dovecot,
+    upstream: Upstream,
     at: str,
 ) -> None:
     # SELECT: the update's first command (the login only EXAMINEs). APPEND: the state write,
@@ -118,14 +118,14 @@ def test_a_stall_during_the_update_answers_sys_temp_and_a_retry_completes(
         assert reply.startswith(b"-ERR [SYS/TEMP] Some deletes were not applied"), reply
         assert client.read_to_eof(DEADLINE) == b""
     # Nothing half-applied that a device could notice: all three are still there.
-    after = upstream(dovecot, acct.name)
+    after = upstream_view(upstream, acct.name)
     assert sorted(after.inbox_flags) == acct.uids
     with login(gw, acct.name, acct.password) as client:
         assert client.command(f"PASS {acct.password}").startswith(b"+OK")
         assert count(client) == 3
         assert client.command("DELE 2").startswith(b"+OK")
         assert client.quit() == b"+OK Bye\r\n"
-    assert upstream(dovecot, acct.name).hidden_uids() == {acct.uids[1]}
+    assert upstream_view(upstream, acct.name).hidden_uids() == {acct.uids[1]}
     with login(gw, acct.name, acct.password) as client:
         assert client.command(f"PASS {acct.password}").startswith(b"+OK")
         assert count(client) == 2
@@ -161,7 +161,7 @@ def test_an_interrupted_move_is_completed_by_the_retry_without_duplicates(
     gateway: Callable[..., GatewayProcess],
     faults: ImapFaults,
     seeded_user: Callable[..., SeededUser],
-    dovecot: Dovecot,
+    upstream: Upstream,
     policy: str,
     folder: str,
     copied: int,
@@ -185,13 +185,13 @@ def test_an_interrupted_move_is_completed_by_the_retry_without_duplicates(
     assert reply.startswith(b"-ERR [SYS/TEMP]"), reply
     # What Dovecot's non-atomic MOVE leaves when the link breaks: copies made, sources kept.
     # (popgate moves at most 100 per command, so 100 is a whole command's worth.)
-    assert len(dovecot.list_uids(acct.name, acct.password, folder)) == copied
-    assert len(dovecot.list_uids(acct.name, acct.password)) == 200
+    assert len(upstream.list_uids(acct.name, acct.password, folder)) == copied
+    assert len(upstream.list_uids(acct.name, acct.password)) == 200
 
     assert delete_all_and_quit() == b"+OK Bye\r\n"  # the device's retry
-    moved = dovecot.fetch_bodies(acct.name, acct.password, folder)
+    moved = upstream.fetch_bodies(acct.name, acct.password, folder)
     assert len(moved) == 200  # not 200 + copied
-    assert dovecot.list_uids(acct.name, acct.password) == []
+    assert upstream.list_uids(acct.name, acct.password) == []
     assert Counter(moved.values()) == bodies  # nothing lost
-    flags = dovecot.fetch_flags(acct.name, acct.password, folder)
+    flags = upstream.fetch_flags(acct.name, acct.password, folder)
     assert all(POP_DELETED in f for f in flags.values())
