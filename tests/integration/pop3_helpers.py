@@ -1,6 +1,6 @@
 """Shared pieces of the POP3 integration tests: a raw-socket POP3 client that shows the exact
 bytes on the wire, a gateway that lives for a whole test module, and views of the upstream
-mailbox through the Dovecot helper's imaplib (the ground truth the gateway must not disturb).
+mailbox through the server helper's imaplib (the ground truth the gateway must not disturb).
 """
 
 from __future__ import annotations
@@ -255,7 +255,8 @@ class Account:
 
 
 def make_account(upstream: Upstream, messages: Sequence[bytes] = (), tag: str = "p") -> Account:
-    """A fresh Dovecot user holding ``messages`` in INBOX (usable from module fixtures)."""
+    """A fresh user on the upstream server holding ``messages`` in INBOX (usable from module
+    fixtures)."""
     n = next(_user_counter)
     name, password = f"pop3-{tag}-{n}", f"pop3-secret-{n}-{tag}"
     upstream.add_user(name, password)
