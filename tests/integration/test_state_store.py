@@ -29,7 +29,7 @@ from tests.integration.pop3_helpers import (
     make_account,
     report_logs,
     running_gateway,
-    upstream,
+    upstream_view,
 )
 from tests.support import messages
 from tests.support.dovecot import Dovecot
@@ -88,7 +88,7 @@ def states_in(entries: dict[str, bytes]) -> dict[str, set[int]]:
 
 def imap_client_view(dovecot: Dovecot, user: str) -> tuple[set[str], dict[str, int]]:
     """What an IMAP client (Thunderbird, a phone) sees: mailbox names and message counts."""
-    seen = upstream(dovecot, user)
+    seen = upstream_view(dovecot, user)
     counts = {}
     with dovecot.imap_as_master(user) as conn:
         for name in seen.mailboxes:
@@ -124,7 +124,7 @@ def test_state_mailbox_is_carried_over_when_the_server_gains_metadata(
             report_logs(request, gw)
             delete(gw, f"{acct.name}#phone", acct.password, [1])
             delete(gw, f"{acct.name}#pc", acct.password, [2, 4])
-            assert len(upstream(dc, acct.name).state_messages) == 2
+            assert len(upstream_view(dc, acct.name).state_messages) == 2
 
             dc.set_metadata(True, acct.name, acct.password)
             # The phone logs in first; the pc's state must come over with it, not be lost.
@@ -185,7 +185,7 @@ def test_mailbox_store_is_unchanged_on_a_metadata_server(
             acct.uids[0],
             *acct.uids[2:],
         ]
-    [state] = upstream(metadata_dovecot, acct.name).state_messages.values()
+    [state] = upstream_view(metadata_dovecot, acct.name).state_messages.values()
     assert DeviceState.from_message(state, "INBOX", "phone") is not None
     with metadata_dovecot.imap_as_master(acct.name) as conn:
         assert get_metadata(conn, "INBOX", "/private/vendor/popgate") == {}
@@ -199,7 +199,7 @@ def test_auto_on_a_server_without_metadata_uses_the_mailbox(
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [1])
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
-    assert len(upstream(dovecot, acct.name).state_messages) == 1
+    assert len(upstream_view(dovecot, acct.name).state_messages) == 1
 
 
 def test_metadata_required_but_missing_is_a_clear_error_and_changes_nothing(
@@ -208,14 +208,14 @@ def test_metadata_required_but_missing_is_a_clear_error_and_changes_nothing(
     """``state_store = "metadata"`` on a server without METADATA: a login that needs the state
     is refused as a temporary failure, and the log says why; nothing is written anywhere."""
     acct = four_messages(dovecot, "req")
-    before = upstream(dovecot, acct.name)
+    before = upstream_view(dovecot, acct.name)
     with running_gateway(dovecot, tmp_path / "gw", {"pop3": {"state_store": "metadata"}}) as gw:
         report_logs(request, gw)
         with PopWire.connect(gw.host, gw.pop3_port) as client:
             assert client.command(f"USER {acct.name}#phone").startswith(b"+OK")
             assert client.command(f"PASS {acct.password}").startswith(b"-ERR [SYS/TEMP]")
         gw.wait_for_log("state_store is metadata, but the IMAP server has no METADATA")
-    after = upstream(dovecot, acct.name)
+    after = upstream_view(dovecot, acct.name)
     assert after == before
 
 

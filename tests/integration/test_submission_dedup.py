@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MailUser
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import make_message, sent_mailbox, smtp_session, wait_for_sent
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.upstreams import Upstream
 
 pytest_plugins = ("tests.support.submission_fixtures",)
 pytestmark = pytest.mark.integration
@@ -27,8 +27,8 @@ STORED = re.compile(r"Sent copy stored: (.*)")
 
 
 @pytest.fixture
-def imap_proxy(dovecot: Dovecot) -> Iterator[TcpProxy]:
-    with TcpProxy(dovecot.host, dovecot.imap_port) as proxy:
+def imap_proxy(upstream: Upstream) -> Iterator[TcpProxy]:
+    with TcpProxy(upstream.host, upstream.imap_port) as proxy:
         yield proxy
 
 
@@ -44,12 +44,12 @@ def stored_outcomes(gw: GatewayProcess, count: int, timeout: float = 20.0) -> li
         time.sleep(0.05)
 
 
-def swaks_send(gw: GatewayProcess, dovecot: Dovecot, user: MailUser, data: Path) -> None:
+def swaks_send(gw: GatewayProcess, upstream: Upstream, user: MailUser, data: Path) -> None:
     assert shutil.which("swaks"), "swaks missing: run ./tests/bootstrap.sh"
     result = subprocess.run(
         [
             "swaks", "--server", gw.host, "--port", str(gw.submission_port), "--tls",
-            "--tls-verify", "--tls-ca-path", str(dovecot.ca_file),
+            "--tls-verify", "--tls-ca-path", str(upstream.ca_file),
             "--auth", "PLAIN", "--auth-user", f"{user.name}#phone",
             "--auth-password", user.password,
             "--from", f"{user.name}@example.org", "--to", "bob@example.org,secret@example.org",
@@ -61,7 +61,7 @@ def swaks_send(gw: GatewayProcess, dovecot: Dovecot, user: MailUser, data: Path)
 
 
 def test_same_message_sent_twice_is_relayed_twice_and_filed_once(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -73,20 +73,20 @@ def test_same_message_sent_twice_is_relayed_twice_and_filed_once(
     )
     data = tmp_path / "message.eml"
     data.write_bytes(message)
-    swaks_send(gw, dovecot, mail_user, data)
-    swaks_send(gw, dovecot, mail_user, data)  # the device retries: same bytes, same envelope
+    swaks_send(gw, upstream, mail_user, data)
+    swaks_send(gw, upstream, mail_user, data)  # the device retries: same bytes, same envelope
 
     first, second = smtp_sink.wait_for(2)
     assert first.data == second.data and first.data.startswith(message)
     outcomes = stored_outcomes(gw, 2)
     assert sum("already in Sent" in line for line in outcomes) == 1, outcomes
-    [copy] = sent_mailbox(dovecot, mail_user).values()
+    [copy] = sent_mailbox(upstream, mail_user).values()
     assert copy.startswith(message.split(b"\r\n\r\n")[0])
     assert b"Bcc: secret@example.org\r\n" in copy
 
 
 def test_same_message_sent_again_after_a_restart_is_filed_once(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -96,19 +96,19 @@ def test_same_message_sent_again_after_a_restart_is_filed_once(
     gw = submission_gateway(mail_user)
     sender = f"{mail_user.name}@example.org"
     message = make_message(sender, ["bob@example.org"], "across restarts")
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         assert client.sendmail(sender, ["bob@example.org"], message) == {}
-    wait_for_sent(dovecot, mail_user, 1)
+    wait_for_sent(upstream, mail_user, 1)
     gw.restart()
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         assert client.sendmail(sender, ["bob@example.org"], message) == {}
     assert len(smtp_sink.wait_for(2)) == 2
     assert "already in Sent" in stored_outcomes(gw, 2)[1]
-    assert list(sent_mailbox(dovecot, mail_user).values()) == [message]
+    assert list(sent_mailbox(upstream, mail_user).values()) == [message]
 
 
 def test_both_sends_waiting_in_the_spool_land_once(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -120,8 +120,8 @@ def test_both_sends_waiting_in_the_spool_land_once(
     sender = f"{mail_user.name}@example.org"
     message = make_message(sender, ["bob@example.org"], "both waiting")
     with (
-        smtp_session(gw, dovecot, mail_user) as first,
-        smtp_session(gw, dovecot, mail_user) as second,
+        smtp_session(gw, upstream, mail_user) as first,
+        smtp_session(gw, upstream, mail_user) as second,
     ):  # AUTH needs IMAP: both log in while it is up
         imap_proxy.refuse = True
         assert first.sendmail(sender, ["bob@example.org"], message) == {}
@@ -136,11 +136,11 @@ def test_both_sends_waiting_in_the_spool_land_once(
     gw.start()
     outcomes = stored_outcomes(gw, 2)
     assert sum("already in Sent" in line for line in outcomes) == 1, outcomes
-    assert list(sent_mailbox(dovecot, mail_user).values()) == [message]
+    assert list(sent_mailbox(upstream, mail_user).values()) == [message]
 
 
 def test_same_message_to_other_blind_recipients_is_filed_again(
-    dovecot: Dovecot,
+    upstream: Upstream,
     mail_user: MailUser,
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
@@ -149,10 +149,10 @@ def test_same_message_to_other_blind_recipients_is_filed_again(
     gw = submission_gateway(mail_user)
     sender = f"{mail_user.name}@example.org"
     message = make_message(sender, ["bob@example.org"], "scan to two people")
-    with smtp_session(gw, dovecot, mail_user) as client:
+    with smtp_session(gw, upstream, mail_user) as client:
         assert client.sendmail(sender, ["bob@example.org", "carol@example.org"], message) == {}
         assert client.sendmail(sender, ["bob@example.org", "dave@example.org"], message) == {}
     assert len(smtp_sink.wait_for(2)) == 2
-    copies = sorted(wait_for_sent(dovecot, mail_user, 2).values())
+    copies = sorted(wait_for_sent(upstream, mail_user, 2).values())
     assert [b"Bcc: carol@example.org\r\n" in c for c in copies] == [True, False]
     assert [b"Bcc: dave@example.org\r\n" in c for c in copies] == [False, True]
