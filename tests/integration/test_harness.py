@@ -255,3 +255,15 @@ def test_gateway_fixture_reports_config_errors(
     gw = start_gateway(pop3={"no_such_key": 1}, wait=False)
     assert gw.wait() == 2
     assert "no_such_key" in gw.log_text()
+
+
+@pytest.mark.parametrize("metadata", [False, True], ids=["metadata-off", "metadata-on"])
+def test_cyrus_takes_private_metadata_entries_only_when_asked(metadata: bool) -> None:
+    imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+    with Cyrus(metadata=metadata) as cy:
+        cy.add_user("alice", "alice-pw")
+        with cy.imap("alice", "alice-pw") as conn:
+            typ, data = conn._simple_command(
+                "SETMETADATA", "INBOX", '(/private/vendor/popgate/probe "1")'
+            )
+        assert (typ == "OK") is metadata, (typ, data)

@@ -175,9 +175,13 @@ class Cyrus:
         master_user: str = "popgate-master",
         master_password: str | None = None,
         quota_kib: int = 0,
+        metadata: bool = False,
         extra_config: str = "",
     ) -> None:
-        """``quota_kib`` > 0 gives every user a storage quota of that many KiB."""
+        """``quota_kib`` > 0 gives every user a storage quota of that many KiB.
+        ``metadata=True`` lets users keep private METADATA entries Cyrus does not define itself
+        (``annotation_allow_undefined``), as popgate's per-device state needs; off, the server
+        refuses them, like the session Dovecot without ``metadata=True``."""
         self._owns_base_dir = base_dir is None
         if base_dir is None:
             base_dir = tempfile.mkdtemp(prefix="popgate-cyrus-")
@@ -189,6 +193,7 @@ class Cyrus:
         self._master_password = master_password or secrets.token_urlsafe(16)
         self.extra_config = extra_config
         self.quota_kib = quota_kib
+        self.metadata = metadata
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
         self._sink_pid: int | None = None
@@ -554,8 +559,8 @@ autocreate_quota: {self.quota_kib}
 autocreate_inbox_folders: {folders}
 autocreate_subscribe_folders: {folders}
 {xlist}
-# METADATA entries of popgate's own (per-device state) are not predefined.
-annotation_allow_undefined: 1
+# METADATA entries of popgate's own (per-device state) are not predefined: refused unless on.
+annotation_allow_undefined: {1 if self.metadata else 0}
 tls_server_cert: {b}/tls/server.crt
 tls_server_key: {b}/tls/server.key
 tls_versions: tls1_2 tls1_3
@@ -723,6 +728,7 @@ EVENTS {{
             "users": self._users,
             "extra_config": self.extra_config,
             "quota_kib": self.quota_kib,
+            "metadata": self.metadata,
         }
         path = self._base / STATE_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -740,6 +746,7 @@ EVENTS {{
             master_password=state["master_password"],
             extra_config=state.get("extra_config", ""),
             quota_kib=state.get("quota_kib", 0),
+            metadata=state.get("metadata", False),
         )
         cy._ports = {k: int(v) for k, v in state["ports"].items()}
         cy._pid = state["pid"]
