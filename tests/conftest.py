@@ -116,10 +116,20 @@ def selected_upstreams(config: pytest.Config) -> list[str]:
     return [name for name in UPSTREAMS if name in chosen]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "upstreams(*names): run the test against these upstream servers only (say why)",
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Session scope: pytest orders the tests so that each server starts once.
     if "upstream" in metafunc.fixturenames:
         names = selected_upstreams(metafunc.config)
+        only = metafunc.definition.get_closest_marker("upstreams")
+        if only is not None:
+            names = [name for name in names if name in only.args]
         metafunc.parametrize("upstream", names, indirect=True, scope="session", ids=names)
 
 

@@ -37,7 +37,9 @@ from tests.support.submission import make_message, sent_mailbox, wait_for_sent
 from tests.support.tcp_proxy import TcpProxy
 
 pytest_plugins = ("tests.support.submission_fixtures",)
-pytestmark = pytest.mark.integration
+# The image is what is under test, not the upstream server: its configuration points at the
+# session Dovecot, so the users it serves come from there too.
+pytestmark = [pytest.mark.integration, pytest.mark.upstreams("dovecot")]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -18,7 +18,7 @@ from tests.integration.pop3_helpers import (
     PopWire,
     make_account,
     on_the_wire,
-    upstream,
+    upstream_view,
 )
 from tests.support import messages
 from tests.support.client_faults import (
@@ -28,9 +28,9 @@ from tests.support.client_faults import (
     process_rss,
     small_window_socket,
 )
-from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +52,14 @@ def stuffed(message: bytes) -> bytes:
 
 # --------------------------------------------------------------------- bug 1
 def test_sigterm_during_a_slow_download_drops_it_without_an_error_line(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     """After the grace period a download still under way is cut off: the client sees a
     broken connection, never ``-ERR`` inside the message and a terminator after it (which
     stored a message 38 bytes too long)."""
     gw = start_gateway()
     big = messages.with_attachment(6 * MiB, name="big.bin", seed=9)
-    acct = make_account(dovecot, [big], "sigterm-slow")
+    acct = make_account(upstream, [big], "sigterm-slow")
     wire = PopWire(small_window_socket(gw.host, gw.pop3_port))
     try:
         wire.login(acct.name, acct.password)
@@ -87,11 +87,11 @@ def test_sigterm_during_a_slow_download_drops_it_without_an_error_line(
 
 # --------------------------------------------------------------------- bug 2
 def test_a_client_flooding_a_download_it_does_not_read_cannot_grow_the_gateway(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess], capsys: pytest.CaptureFixture
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess], capsys: pytest.CaptureFixture
 ) -> None:
     gw = start_gateway()
     big = messages.with_attachment(6 * MiB, name="big.bin", seed=10)
-    acct = make_account(dovecot, [big], "flood-retr")
+    acct = make_account(upstream, [big], "flood-retr")
     wire = PopWire(small_window_socket(gw.host, gw.pop3_port))
     try:
         wire.login(acct.name, acct.password)
@@ -115,11 +115,11 @@ def test_a_client_flooding_a_download_it_does_not_read_cannot_grow_the_gateway(
 
 
 def test_an_unauthenticated_flood_during_a_pending_login_cannot_grow_the_gateway(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess], capsys: pytest.CaptureFixture
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess], capsys: pytest.CaptureFixture
 ) -> None:
     """The login hangs upstream (the IMAP server's answers stop after STARTTLS), so the session
     is busy with ``PASS`` while the client sends junk without a line end."""
-    with TcpProxy(dovecot.host, dovecot.imap_port) as proxy:
+    with TcpProxy(upstream.host, upstream.imap_port) as proxy:
         proxy.freeze_after = b"STARTTLS"
         gw = start_gateway(upstream_imap={"port": proxy.port})
         wire = PopWire(small_window_socket(gw.host, gw.pop3_port))
@@ -148,14 +148,14 @@ def test_an_unauthenticated_flood_during_a_pending_login_cannot_grow_the_gateway
 # --------------------------------------------------------------------- bug 5
 @pytest.mark.parametrize("on_delete", ["hide", "trash"])
 def test_a_device_whose_connection_vanished_logs_in_again_and_deletes_apply_once(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess], on_delete: str
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess], on_delete: str
 ) -> None:
     """A session of ``phone`` goes silent (no FIN) after a DELE; the same device logs in again
     at once, twice, and the two live sessions delete overlapping sets. Each delete is applied
     exactly once upstream; the vanished session's DELE is not applied at all."""
     gw = start_gateway(pop3={"on_delete": on_delete})
     acct: Account = make_account(
-        dovecot, [messages.plain(f"m{i}", n=i) for i in range(1, 6)], f"stale-{on_delete}"
+        upstream, [messages.plain(f"m{i}", n=i) for i in range(1, 6)], f"stale-{on_delete}"
     )
     device = f"{acct.name}#phone"
     with Vanished() as vanished:
@@ -187,27 +187,27 @@ def test_a_device_whose_connection_vanished_logs_in_again_and_deletes_apply_once
             assert after.fetch(f"RETR {n}")[1] == on_the_wire(message)
         assert after.quit() == b"+OK Bye\r\n"
 
-    view = upstream(dovecot, acct.name)
+    view = upstream_view(upstream, acct.name)
     if on_delete == "hide":
         assert view.hidden_uids() == deleted
         assert set(view.inbox_flags) == set(acct.uids)  # nothing left the mailbox
     else:
         assert set(view.inbox_flags) == set(acct.uids) - deleted
-        in_trash = Counter(dovecot.fetch_bodies(acct.name, acct.password, "Trash").values())
+        in_trash = Counter(upstream.fetch_bodies(acct.name, acct.password, "Trash").values())
         assert in_trash == Counter(acct.messages[i] for i in (1, 2, 3))  # each exactly once
 
 
 def test_a_session_with_an_older_snapshot_keeps_what_a_newer_one_of_the_device_hid(
-    dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
+    upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     """The older session's UPDATE rewrites the device state with its own snapshot, which never
     saw the message that arrived later: that message must stay hidden all the same."""
     gw = start_gateway()
-    acct = make_account(dovecot, [messages.plain("old", n=1)], "older-snapshot")
+    acct = make_account(upstream, [messages.plain("old", n=1)], "older-snapshot")
     device = f"{acct.name}#phone"
     with PopWire.connect(gw.host, gw.pop3_port) as older:
         assert older.login(device, acct.password).startswith(b"+OK Logged in, 1 messages")
-        dovecot.append_many(acct.name, acct.password, [messages.plain("new", n=2)])
+        upstream.append_many(acct.name, acct.password, [messages.plain("new", n=2)])
         with PopWire.connect(gw.host, gw.pop3_port) as newer:
             assert newer.login(device, acct.password).startswith(b"+OK Logged in, 2 messages")
             assert newer.command("DELE 2") == b"+OK message 2 deleted\r\n"
@@ -217,4 +217,4 @@ def test_a_session_with_an_older_snapshot_keeps_what_a_newer_one_of_the_device_h
     with PopWire.connect(gw.host, gw.pop3_port) as after:
         assert after.login(device, acct.password).startswith(b"+OK Logged in, 0 messages")
         assert after.quit() == b"+OK Bye\r\n"
-    assert len(upstream(dovecot, acct.name).hidden_uids()) == 2
+    assert len(upstream_view(upstream, acct.name).hidden_uids()) == 2
