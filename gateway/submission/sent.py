@@ -35,10 +35,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import ImapUpstream
-from gateway.proto.imap import Atom, Data, encode_mailbox, fetch_items
+from gateway.proto.imap import Atom, encode_mailbox
 from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
-from gateway.upstream.account import ImapAccount, LoginRejected, search_result
+from gateway.upstream.account import ImapAccount, LoginRejected, fetched, search_result
 from gateway.upstream.imap_client import ImapCommandFailed
 
 DEFAULT_SENT = "Sent"
@@ -176,12 +176,7 @@ class SentWriter:
             [Atom("UID"), Atom("RFC822.SIZE")],
         )
         same_size = []
-        for item in sizes.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 3:
-                continue
-            if str(item.tokens[1]).upper() != "FETCH":
-                continue
-            _, fields = fetch_items(item.tokens)
+        for fields in fetched(sizes):
             found_uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
             if found_uid is not None and str(size) == str(len(copy)):
                 same_size.append(int(str(found_uid)))
