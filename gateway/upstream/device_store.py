@@ -120,6 +120,12 @@ async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str)
     if settings.state_store == "metadata":
         if not _offers_metadata(account):
             raise StateStoreError("state_store is metadata, but the IMAP server has no METADATA")
+        refused = await metadata.refusal(account, mailbox)
+        if refused is not None:
+            raise StateStoreError(
+                f"state_store is metadata, but the IMAP server refuses popgate's private "
+                f"METADATA entries on {mailbox} ({refused})"
+            )
         return metadata
     if _offers_metadata(account) and await metadata.usable(account, mailbox):
         return metadata
@@ -416,17 +422,24 @@ class MetadataStore:
     name: str = "metadata"
     chunk_size: int = CHUNK_SIZE
 
-    async def usable(self, account: ImapAccount, mailbox: str) -> bool:
-        """Whether the server keeps our private entry on ``mailbox``: read it, else try it."""
+    async def refusal(self, account: ImapAccount, mailbox: str) -> str | None:
+        """None when the server keeps our private entry on ``mailbox`` (read it, else try it);
+        else the server's answer. Offering METADATA is not enough: Cyrus offers it but refuses
+        entries it does not define unless ``annotation_allow_undefined`` is set."""
         try:
             found = await account.get_metadata(mailbox, [MARKER])
             if found.values.get(MARKER) == MARKER_VALUE:
-                return True
+                return None
             await account.set_metadata(mailbox, {MARKER: MARKER_VALUE})
         except ImapCommandFailed as e:
-            log.info("METADATA not usable on %s (%s); using the state mailbox", mailbox, e)
-            return False
-        return True
+            return str(e)
+        return None
+
+    async def usable(self, account: ImapAccount, mailbox: str) -> bool:
+        refused = await self.refusal(account, mailbox)
+        if refused is not None:
+            log.info("METADATA not usable on %s (%s); using the state mailbox", mailbox, refused)
+        return refused is None
 
     async def _copies(self, account: ImapAccount, mailbox: str, key: str) -> StoredCopies:
         prefix = f"{STATE_ROOT}/{key}"

@@ -1,8 +1,11 @@
 """Where device state lives: IMAP METADATA when the server takes it, the state mailbox otherwise.
 
-A private Dovecot with METADATA on (``Dovecot(metadata=True)``) next to the session's, which has
-it off. Every check reads the server back: LIST and SEARCH as an IMAP client sees the account,
-GETMETADATA for the entries (tests/support/metadata.py, not popgate's client).
+On both upstream servers: ``metadata_server`` is a private one per kind with METADATA on
+(``Dovecot(metadata=True)``, ``Cyrus(metadata=True)``: private entries Cyrus does not define are
+allowed); the session's ``upstream`` has it off (Dovecot without METADATA; Cyrus offers METADATA
+but refuses popgate's undefined entries). Every check reads the server back: LIST and SEARCH as
+an IMAP client sees the account, GETMETADATA for the entries (tests/support/metadata.py, not
+popgate's client).
 """
 
 from __future__ import annotations
@@ -32,24 +35,28 @@ from tests.integration.pop3_helpers import (
     upstream_view,
 )
 from tests.support import messages
+from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.metadata import get_metadata, set_metadata
+from tests.support.upstreams import UPSTREAMS, Upstream
 
 pytestmark = pytest.mark.integration
 
 STANDARD_MAILBOXES = {"INBOX", "Drafts", "Sent", "Trash", "Junk", "Archive"}
 
 
-@pytest.fixture(scope="module")
-def metadata_dovecot() -> Iterator[Dovecot]:
-    with Dovecot(metadata=True) as dc:
-        yield dc
+@pytest.fixture(scope="module", params=UPSTREAMS)
+def metadata_server(request: pytest.FixtureRequest) -> Iterator[Upstream]:
+    """A private server of each kind with METADATA on (one per module: they are slow to start)."""
+    server: Upstream = Dovecot(metadata=True) if request.param == "dovecot" else Cyrus(metadata=True)
+    with server:
+        yield server
 
 
-def four_messages(dovecot: Dovecot, tag: str) -> Any:
+def four_messages(server: Upstream, tag: str) -> Any:
     return make_account(
-        dovecot, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 5)], tag
+        server, [messages.plain(f"m{i}", f"body {i}\n", n=i) for i in range(1, 5)], tag
     )
 
 
@@ -62,7 +69,8 @@ def delete(gw: GatewayProcess, login: str, password: str, numbers: list[int]) ->
 
 
 def visible(gw: GatewayProcess, login: str, password: str) -> list[int]:
-    """Upstream UIDs the device is offered (Dovecot's UIDL format starts with the UID)."""
+    """Upstream UIDs the device is offered (popgate's UIDL is the UID, then the UIDVALIDITY, in
+    hex, on every server)."""
     with PopWire.connect(gw.host, gw.pop3_port) as client:
         client.login(login, password)
         status, lines = client.listing("UIDL")
@@ -71,8 +79,8 @@ def visible(gw: GatewayProcess, login: str, password: str) -> list[int]:
     return [int(line.split(b" ")[1][:8], 16) for line in lines]
 
 
-def state_entries(dovecot: Dovecot, user: str) -> dict[str, bytes]:
-    with dovecot.imap_as_master(user) as conn:
+def state_entries(server: Upstream, user: str) -> dict[str, bytes]:
+    with server.imap_as_master(user) as conn:
         return get_metadata(conn, "INBOX", STATE_ROOT)
 
 
@@ -86,11 +94,11 @@ def states_in(entries: dict[str, bytes]) -> dict[str, set[int]]:
     return found
 
 
-def imap_client_view(dovecot: Dovecot, user: str) -> tuple[set[str], dict[str, int]]:
+def imap_client_view(server: Upstream, user: str) -> tuple[set[str], dict[str, int]]:
     """What an IMAP client (Thunderbird, a phone) sees: mailbox names and message counts."""
-    seen = upstream_view(dovecot, user)
+    seen = upstream_view(server, user)
     counts = {}
-    with dovecot.imap_as_master(user) as conn:
+    with server.imap_as_master(user) as conn:
         for name in seen.mailboxes:
             typ, data = conn.select(f'"{name}"', readonly=True)
             assert typ == "OK", data
@@ -100,63 +108,66 @@ def imap_client_view(dovecot: Dovecot, user: str) -> tuple[set[str], dict[str, i
 
 
 def test_state_lands_in_metadata_and_no_imap_client_sees_anything(
-    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    acct = four_messages(metadata_dovecot, "md")
-    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+    acct = four_messages(metadata_server, "md")
+    with running_gateway(metadata_server, tmp_path / "gw") as gw:
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [1, 3])
         assert visible(gw, f"{acct.name}#phone", acct.password) == [acct.uids[1], acct.uids[3]]
         assert visible(gw, f"{acct.name}#pc", acct.password) == acct.uids
-    names, counts = imap_client_view(metadata_dovecot, acct.name)
+    names, counts = imap_client_view(metadata_server, acct.name)
     assert names == STANDARD_MAILBOXES  # no state mailbox, nothing else of popgate's
     assert counts == {"INBOX": 4, **{n: 0 for n in STANDARD_MAILBOXES - {"INBOX"}}}
-    entries = state_entries(metadata_dovecot, acct.name)
+    entries = state_entries(metadata_server, acct.name)
     assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[2]}}
 
 
-def test_state_mailbox_is_carried_over_when_the_server_gains_metadata(
-    tmp_path: Path, request: pytest.FixtureRequest
+def test_state_mailbox_is_carried_over_to_metadata(
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    with Dovecot() as dc:  # METADATA off, as before an upgrade
-        acct = four_messages(dc, "mig")
-        with running_gateway(dc, tmp_path / "gw") as gw:
-            report_logs(request, gw)
-            delete(gw, f"{acct.name}#phone", acct.password, [1])
-            delete(gw, f"{acct.name}#pc", acct.password, [2, 4])
-            assert len(upstream_view(dc, acct.name).state_messages) == 2
-
-            dc.set_metadata(True, acct.name, acct.password)
-            # The phone logs in first; the pc's state must come over with it, not be lost.
-            assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
-            names, _ = imap_client_view(dc, acct.name)
-            assert STATE_MAILBOX not in names
-            assert states_in(state_entries(dc, acct.name)) == {
-                "phone": {acct.uids[0]},
-                "pc": {acct.uids[1], acct.uids[3]},
-            }
-            assert visible(gw, f"{acct.name}#pc", acct.password) == [acct.uids[0], acct.uids[2]]
-            delete(gw, f"{acct.name}#pc", acct.password, [1])
-            assert visible(gw, f"{acct.name}#pc", acct.password) == [acct.uids[2]]
-            assert "carried over to METADATA" in gw.log_text()
+    """State written to the mailbox (as before METADATA was usable: an older popgate, a server
+    upgraded since, ``state_store = "mailbox"``) comes over whole when ``auto`` finds METADATA."""
+    acct = four_messages(metadata_server, "mig")
+    with running_gateway(
+        metadata_server, tmp_path / "before", {"pop3": {"state_store": "mailbox"}}
+    ) as gw:
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1])
+        delete(gw, f"{acct.name}#pc", acct.password, [2, 4])
+    assert len(upstream_view(metadata_server, acct.name).state_messages) == 2
+    with running_gateway(metadata_server, tmp_path / "after") as gw:
+        report_logs(request, gw)
+        # The phone logs in first; the pc's state must come over with it, not be lost.
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
+        names, _ = imap_client_view(metadata_server, acct.name)
+        assert STATE_MAILBOX not in names
+        assert states_in(state_entries(metadata_server, acct.name)) == {
+            "phone": {acct.uids[0]},
+            "pc": {acct.uids[1], acct.uids[3]},
+        }
+        assert visible(gw, f"{acct.name}#pc", acct.password) == [acct.uids[0], acct.uids[2]]
+        delete(gw, f"{acct.name}#pc", acct.password, [1])
+        assert visible(gw, f"{acct.name}#pc", acct.password) == [acct.uids[2]]
+        assert "carried over to METADATA" in gw.log_text()
 
 
 def test_copies_of_overlapping_writers_are_merged_then_replaced_by_one(
-    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Two replicas that wrote at the same moment each leave a copy; a read merges them, the
     next write replaces both with one."""
-    acct = four_messages(metadata_dovecot, "merge")
+    acct = four_messages(metadata_server, "merge")
     key = DeviceState("INBOX", "phone").key
-    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+    with running_gateway(metadata_server, tmp_path / "gw") as gw:
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [1])  # learn the UIDVALIDITY
-        [(name, value)] = state_entries(metadata_dovecot, acct.name).items()
+        [(name, value)] = state_entries(metadata_server, acct.name).items()
         stored = DeviceState.parse(value)
         assert stored is not None
         first = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[1]})
         second = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[2]})
-        with metadata_dovecot.imap_as_master(acct.name) as conn:
+        with metadata_server.imap_as_master(acct.name) as conn:
             set_metadata(
                 conn,
                 "INBOX",
@@ -168,54 +179,61 @@ def test_copies_of_overlapping_writers_are_merged_then_replaced_by_one(
             )
         assert visible(gw, f"{acct.name}#phone", acct.password) == [acct.uids[0], acct.uids[3]]
         delete(gw, f"{acct.name}#phone", acct.password, [2])
-        entries = state_entries(metadata_dovecot, acct.name)
+        entries = state_entries(metadata_server, acct.name)
         assert len(entries) == 1
         assert states_in(entries) == {"phone": set(acct.uids[1:])}
 
 
 def test_mailbox_store_is_unchanged_on_a_metadata_server(
-    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    acct = four_messages(metadata_dovecot, "mbx")
+    acct = four_messages(metadata_server, "mbx")
     overrides = {"pop3": {"state_store": "mailbox"}}
-    with running_gateway(metadata_dovecot, tmp_path / "gw", overrides) as gw:
+    with running_gateway(metadata_server, tmp_path / "gw", overrides) as gw:
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [2])
         assert visible(gw, f"{acct.name}#phone", acct.password) == [
             acct.uids[0],
             *acct.uids[2:],
         ]
-    [state] = upstream_view(metadata_dovecot, acct.name).state_messages.values()
+    [state] = upstream_view(metadata_server, acct.name).state_messages.values()
     assert DeviceState.from_message(state, "INBOX", "phone") is not None
-    with metadata_dovecot.imap_as_master(acct.name) as conn:
+    with metadata_server.imap_as_master(acct.name) as conn:
         assert get_metadata(conn, "INBOX", "/private/vendor/popgate") == {}
 
 
 def test_auto_on_a_server_without_metadata_uses_the_mailbox(
-    dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    acct = four_messages(dovecot, "auto")
-    with running_gateway(dovecot, tmp_path / "gw") as gw:
+    acct = four_messages(upstream, "auto")
+    with running_gateway(upstream, tmp_path / "gw") as gw:
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [1])
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
-    assert len(upstream_view(dovecot, acct.name).state_messages) == 1
+    assert len(upstream_view(upstream, acct.name).state_messages) == 1
 
 
 def test_metadata_required_but_missing_is_a_clear_error_and_changes_nothing(
-    dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """``state_store = "metadata"`` on a server without METADATA: a login that needs the state
-    is refused as a temporary failure, and the log says why; nothing is written anywhere."""
-    acct = four_messages(dovecot, "req")
-    before = upstream_view(dovecot, acct.name)
-    with running_gateway(dovecot, tmp_path / "gw", {"pop3": {"state_store": "metadata"}}) as gw:
+    """``state_store = "metadata"`` on a server without METADATA (Dovecot), or one that offers
+    it but refuses popgate's entries (Cyrus without ``annotation_allow_undefined``): a login
+    that needs the state is refused as a temporary failure, and the log says why; nothing is
+    written anywhere."""
+    acct = four_messages(upstream, "req")
+    before = upstream_view(upstream, acct.name)
+    with running_gateway(upstream, tmp_path / "gw", {"pop3": {"state_store": "metadata"}}) as gw:
         report_logs(request, gw)
         with PopWire.connect(gw.host, gw.pop3_port) as client:
             assert client.command(f"USER {acct.name}#phone").startswith(b"+OK")
             assert client.command(f"PASS {acct.password}").startswith(b"-ERR [SYS/TEMP]")
-        gw.wait_for_log("state_store is metadata, but the IMAP server has no METADATA")
-    after = upstream_view(dovecot, acct.name)
+        gw.wait_for_log(
+            "state_store is metadata, but the IMAP server has no METADATA"
+            if upstream.kind == "dovecot"
+            else "state_store is metadata, but the IMAP server refuses popgate's private "
+            "METADATA entries on INBOX"
+        )
+    after = upstream_view(upstream, acct.name)
     assert after == before
 
 
@@ -231,10 +249,10 @@ def admin(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("store", ["metadata", "mailbox"])
 def test_device_list_and_reset_with_either_store(
-    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest, store: str
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest, store: str
 ) -> None:
-    acct = four_messages(metadata_dovecot, f"adm-{store}")
-    with running_gateway(metadata_dovecot, tmp_path / "gw", {"pop3": {"state_store": store}}) as gw:
+    acct = four_messages(metadata_server, f"adm-{store}")
+    with running_gateway(metadata_server, tmp_path / "gw", {"pop3": {"state_store": store}}) as gw:
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [1, 2])
         delete(gw, f"{acct.name}#pc", acct.password, [4])
@@ -251,7 +269,7 @@ def test_device_list_and_reset_with_either_store(
 # --------------------------------------------------------------------- the store itself
 
 
-def imap_settings(dc: Dovecot) -> ImapUpstream:
+def imap_settings(dc: Upstream) -> ImapUpstream:
     return ImapUpstream(
         host=dc.host,
         port=dc.imap_port,
@@ -263,12 +281,12 @@ def imap_settings(dc: Dovecot) -> ImapUpstream:
 
 
 @pytest_twisted.ensureDeferred
-async def test_concurrent_saves_keep_every_writers_deletes(metadata_dovecot: Dovecot) -> None:
-    acct = four_messages(metadata_dovecot, "conc")
+async def test_concurrent_saves_keep_every_writers_deletes(metadata_server: Upstream) -> None:
+    acct = four_messages(metadata_server, "conc")
     settings = Pop3Settings()
     present = [IndexedMessage(uid, 100, frozenset()) for uid in acct.uids]
     accounts = [
-        await ImapAccount.open_as_master(reactor, imap_settings(metadata_dovecot), acct.name)
+        await ImapAccount.open_as_master(reactor, imap_settings(metadata_server), acct.name)
         for _ in range(2)
     ]
     try:
@@ -296,17 +314,17 @@ async def test_concurrent_saves_keep_every_writers_deletes(metadata_dovecot: Dov
 
 @pytest_twisted.ensureDeferred
 async def test_a_10000_message_state_fits_in_chunks_and_reads_back(
-    metadata_dovecot: Dovecot,
+    metadata_server: Upstream,
 ) -> None:
     """The worst case: 10,000 scattered UIDs and 10,000 Cyrus-style EMAILIDs."""
-    acct = four_messages(metadata_dovecot, "big")
+    acct = four_messages(metadata_server, "big")
     uids = set(range(1, 20_000, 2))
     emailids = {f"M{n:024x}" for n in range(10_000)}
     big = DeviceState("INBOX", "phone", 7, uids, emailids)
     present = [IndexedMessage(u, 1, frozenset(), f"M{(u // 2):024x}") for u in uids]
     data = big.to_message()
     assert len(data) > 8 * CHUNK_SIZE  # really spread over several entries
-    account = await ImapAccount.open_as_master(reactor, imap_settings(metadata_dovecot), acct.name)
+    account = await ImapAccount.open_as_master(reactor, imap_settings(metadata_server), acct.name)
     try:
         store = MetadataStore(device_store.MailboxStore(STATE_MAILBOX))
         await store.save(account, DeviceState("INBOX", "phone", 7, set(uids), set(emailids)),
@@ -315,25 +333,25 @@ async def test_a_10000_message_state_fits_in_chunks_and_reads_back(
         assert set(loaded.uids) == uids and loaded.emailids == emailids
     finally:
         await account.logout()
-    entries = state_entries(metadata_dovecot, acct.name)
+    entries = state_entries(metadata_server, acct.name)
     assert len(entries) == -(-len(data) // CHUNK_SIZE)
     assert all(len(v) <= CHUNK_SIZE for v in entries.values())
 
 
 def test_forged_metadata_state_never_locks_a_device_out(
-    metadata_dovecot: Dovecot, tmp_path: Path, request: pytest.FixtureRequest
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Anyone with the password can write METADATA: broken copies are ignored and replaced,
     UIDs the mailbox has not given out are dropped, and the device logs in."""
-    acct = four_messages(metadata_dovecot, "forged")
+    acct = four_messages(metadata_server, "forged")
     key = DeviceState("INBOX", "phone").key
-    with running_gateway(metadata_dovecot, tmp_path / "gw") as gw:
+    with running_gateway(metadata_server, tmp_path / "gw") as gw:
         report_logs(request, gw)
         delete(gw, f"{acct.name}#phone", acct.password, [1])
-        [(_name, value)] = state_entries(metadata_dovecot, acct.name).items()
+        [(_name, value)] = state_entries(metadata_server, acct.name).items()
         stored = DeviceState.parse(value)
         unborn = DeviceState("INBOX", "phone", stored.uidvalidity, {acct.uids[1], 999_999})
-        with metadata_dovecot.imap_as_master(acct.name) as conn:
+        with metadata_server.imap_as_master(acct.name) as conn:
             set_metadata(
                 conn,
                 "INBOX",
@@ -346,6 +364,6 @@ def test_forged_metadata_state_never_locks_a_device_out(
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[2:]
         gw.wait_for_log(r"state entries of INBOX over 32768 octets ignored \(the largest: 50004")
         gw.wait_for_log(r"ignored 2 unusable state copies in METADATA")
-        entries = state_entries(metadata_dovecot, acct.name)
+        entries = state_entries(metadata_server, acct.name)
         assert len(entries) == 1  # rewritten once, from the usable copies; the rest removed
         assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[1]}}
