@@ -31,6 +31,13 @@ class Atom(str):
     __slots__ = ()
 
 
+class Literal(bytes):
+    """A string always sent as a literal, never quoted: for values of any size, because servers
+    bound quoted strings (Cyrus ends the connection on one over its ``maxquoted``)."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class StreamedLiteral:
     """Where a literal was, in a response whose literal was streamed out as chunk events."""
@@ -75,7 +82,7 @@ def encode_string(value: str | bytes, *, literal_plus: bool = False) -> list[byt
     data = value.encode("utf-8") if isinstance(value, str) else value
     if b"\0" in data:
         raise UnencodableError("IMAP strings cannot contain NUL")
-    if _QUOTABLE.fullmatch(data):
+    if not isinstance(value, Literal) and _QUOTABLE.fullmatch(data):
         return [b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"']
     marker = b"{%d+}" % len(data) if literal_plus else b"{%d}" % len(data)
     return [marker, data]

@@ -27,6 +27,7 @@ from gateway.proto.imap import (
     CommandPart,
     Data,
     FetchBatch,
+    Literal,
     Status,
     StreamedLiteral,
     Token,
@@ -584,11 +585,12 @@ class ImapAccount:
 
     async def set_metadata(self, mailbox: str, values: Mapping[str, bytes | None]) -> None:
         """RFC 5464 SETMETADATA: set each entry (``None`` removes it), in one command (Dovecot
-        applies it as one transaction). Fails with ImapCommandFailed; its status code tells
-        ``METADATA MAXSIZE n``, ``METADATA TOOMANY`` or ``METADATA NOPRIVATE``."""
+        applies it as one transaction). Values always go as literals: a quoted value over
+        Cyrus's ``maxquoted`` ends the connection. Fails with ImapCommandFailed; its status code
+        tells ``METADATA MAXSIZE n``, ``METADATA TOOMANY`` or ``METADATA NOPRIVATE``."""
         pairs: list[CommandPart] = []
         for name, value in values.items():
-            pairs += [name, Atom("NIL") if value is None else value]
+            pairs += [name, Atom("NIL") if value is None else Literal(value)]
         if pairs:
             await self.proto.command(Atom("SETMETADATA"), encode_mailbox(mailbox), pairs)
 

@@ -48,8 +48,16 @@ STANDARD_MAILBOXES = {"INBOX", "Drafts", "Sent", "Trash", "Junk", "Archive"}
 
 @pytest.fixture(scope="module", params=UPSTREAMS)
 def metadata_server(request: pytest.FixtureRequest) -> Iterator[Upstream]:
-    """A private server of each kind with METADATA on (one per module: they are slow to start)."""
-    server: Upstream = Dovecot(metadata=True) if request.param == "dovecot" else Cyrus(metadata=True)
+    """A private server of each kind with METADATA on (one per module: they are slow to start).
+
+    Cyrus ends the connection (``BYE [TOOBIG]``) on a quoted string over ``maxquoted``; ours is
+    set well under a state entry's size, so every test here also shows values go as literals.
+    """
+    server: Upstream = (
+        Dovecot(metadata=True)
+        if request.param == "dovecot"
+        else Cyrus(metadata=True, extra_config="maxquoted: 1024\n")
+    )
     with server:
         yield server
 

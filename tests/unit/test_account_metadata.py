@@ -59,13 +59,18 @@ def test_a_value_too_large_to_keep_is_named_not_kept() -> None:
 
 
 def test_setmetadata_quotes_names_sends_literals_and_nil() -> None:
+    """Values go as literals even when they could be quoted: Cyrus ends the connection on a
+    quoted string over its ``maxquoted``."""
     account, transport = connected()
     d = Deferred.fromCoroutine(
-        account.set_metadata('Odd "box"', {'/private/a"b': b"line\r\nnext", "/private/c": None})
+        account.set_metadata(
+            'Odd "box"',
+            {'/private/a"b': b"line\r\nnext", "/private/c": None, "/private/d": b"plain"},
+        )
     )
     assert sent(transport) == (
         b'G1 SETMETADATA "Odd \\"box\\"" ("/private/a\\"b" {10+}\r\nline\r\nnext'
-        b' "/private/c" NIL)\r\n'
+        b' "/private/c" NIL "/private/d" {5+}\r\nplain)\r\n'
     )
     account.proto.dataReceived(b"G1 NO [METADATA MAXSIZE 1024] too big\r\n")
     failure = d.result
