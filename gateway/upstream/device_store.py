@@ -64,6 +64,8 @@ STATE_ROOT = f"{ENTRY_ROOT}/state"
 # Set once METADATA proved usable for this mailbox ("auto" then never tries the mailbox again).
 MARKER = f"{ENTRY_ROOT}/store"
 MARKER_VALUE = b"metadata 1"
+# Written and removed once, before the marker, to learn whether state entries are taken too.
+PROBE = f"{STATE_ROOT}/probe"
 # Octets per entry value, under every limit found: Dovecot's file dict takes any size (20 MB
 # tried) but rewrites the user's whole attribute file at each change; its SQL dict schema keeps
 # values in a VARCHAR(65535); Cyrus reads literals of any size but a quoted value over its
@@ -430,7 +432,10 @@ class MetadataStore:
             found = await account.get_metadata(mailbox, [MARKER])
             if found.values.get(MARKER) == MARKER_VALUE:
                 return None
-            await account.set_metadata(mailbox, {MARKER: MARKER_VALUE})
+            # A state-shaped entry first: a Cyrus whose annotation_definitions name only some
+            # of our entries takes the marker but refuses every state entry.
+            await account.set_metadata(mailbox, {PROBE: b"1"})
+            await account.set_metadata(mailbox, {MARKER: MARKER_VALUE, PROBE: None})
         except ImapCommandFailed as e:
             return str(e)
         return None

@@ -25,7 +25,7 @@ from gateway.config import ImapUpstream, Pop3Settings
 from gateway.maildrop.views import DeviceState, IndexedMessage
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount
-from gateway.upstream.device_store import CHUNK_SIZE, STATE_ROOT, MetadataStore
+from gateway.upstream.device_store import CHUNK_SIZE, MARKER, STATE_ROOT, MetadataStore
 from tests.integration.pop3_helpers import (
     STATE_MAILBOX,
     PopWire,
@@ -219,6 +219,30 @@ def test_auto_on_a_server_without_metadata_uses_the_mailbox(
         delete(gw, f"{acct.name}#phone", acct.password, [1])
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
     assert len(upstream_view(upstream, acct.name).state_messages) == 1
+
+
+def test_auto_on_a_cyrus_that_defines_only_some_entries_uses_the_mailbox(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Cyrus takes only the METADATA entries it defines (``annotation_definitions``) unless
+    ``annotation_allow_undefined`` is set. popgate's state entries carry the device and the
+    writer in their names, so no definition can list them: a server that takes the marker entry
+    but not a state entry must leave ``auto`` on the mailbox, and deletes must stick."""
+    cy = Cyrus()
+    definitions = cy.base_dir / "annotations.conf"  # where the cyrus user can read it
+    definitions.write_text(
+        f"{MARKER.removeprefix('/private')},mailbox,string,backend,value.priv,l\n"
+    )
+    definitions.chmod(0o644)
+    cy.extra_config = f"annotation_definitions: {definitions}\n"
+    with cy:
+        acct = four_messages(cy, "defs")
+        with running_gateway(cy, tmp_path / "gw") as gw:
+            report_logs(request, gw)
+            delete(gw, f"{acct.name}#phone", acct.password, [1])
+            assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
+        assert len(upstream_view(cy, acct.name).state_messages) == 1
+        assert state_entries(cy, acct.name) == {}
 
 
 def test_metadata_required_but_missing_is_a_clear_error_and_changes_nothing(
