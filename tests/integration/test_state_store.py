@@ -26,6 +26,7 @@ from gateway.maildrop.views import DeviceState, IndexedMessage
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.device_store import CHUNK_SIZE, MARKER, STATE_ROOT, MetadataStore
+from tests.conftest import selected_upstreams
 from tests.integration.pop3_helpers import (
     STATE_MAILBOX,
     PopWire,
@@ -39,14 +40,21 @@ from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.metadata import get_metadata, set_metadata
-from tests.support.upstreams import UPSTREAMS, Upstream
+from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
 STANDARD_MAILBOXES = {"INBOX", "Drafts", "Sent", "Trash", "Junk", "Archive"}
 
 
-@pytest.fixture(scope="module", params=UPSTREAMS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``metadata_server`` per selected server kind, as the conftest does for ``upstream``."""
+    if "metadata_server" in metafunc.fixturenames:
+        names = selected_upstreams(metafunc.config)
+        metafunc.parametrize("metadata_server", names, indirect=True, scope="module", ids=names)
+
+
+@pytest.fixture(scope="module")
 def metadata_server(request: pytest.FixtureRequest) -> Iterator[Upstream]:
     """A private server of each kind with METADATA on (one per module: they are slow to start).
 
@@ -228,6 +236,8 @@ def test_auto_on_a_cyrus_that_defines_only_some_entries_uses_the_mailbox(
     ``annotation_allow_undefined`` is set. popgate's state entries carry the device and the
     writer in their names, so no definition can list them: a server that takes the marker entry
     but not a state entry must leave ``auto`` on the mailbox, and deletes must stick."""
+    if "cyrus" not in selected_upstreams(request.config):
+        pytest.skip("Cyrus not among the selected upstream servers (--upstream)")
     cy = Cyrus()
     definitions = cy.base_dir / "annotations.conf"  # where the cyrus user can read it
     definitions.write_text(
