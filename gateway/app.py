@@ -28,6 +28,7 @@ from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
+from gateway.proxy_protocol import ProxyHeaderFactory
 
 log = logging.getLogger("popgate")
 
@@ -36,12 +37,17 @@ SHUTDOWN_GRACE = 10.0
 UPDATE_GRACE = 60.0
 
 
-async def _listen(reactor: Any, address: ListenAddress, factory: Any, tls: Any | None) -> Any:
-    """Listen on ``address`` (IPv4 or IPv6), wrapping in TLS when ``tls`` is given."""
+async def _listen(
+    reactor: Any, address: ListenAddress, factory: Any, tls: Any | None, proxies: Any = None
+) -> Any:
+    """Listen on ``address`` (IPv4 or IPv6), wrapping in TLS when ``tls`` is given, and below
+    that in a PROXY header reader when ``proxies`` (a ProxyHeaderFactory maker) is given."""
     endpoint_type = TCP6ServerEndpoint if ":" in address.host else TCP4ServerEndpoint
     endpoint = endpoint_type(reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host)
     if tls is not None:
         factory = TLSMemoryBIOFactory(tls, False, factory)
+    if proxies is not None:
+        factory = proxies(factory, tls is not None)
     return await endpoint.listen(factory)
 
 
@@ -72,17 +78,27 @@ class Gateway:
             config.tls, config.pop3.tls_min_version or config.tls.min_version
         )
         networks = config.security.insecure_auth
+        proxies = self._pop3_proxy_headers if config.pop3.proxy_protocol else None
         for addresses, implicit in ((config.pop3.listen, False), (config.pop3.listen_tls, True)):
             listener = Listener(pop3_tls, implicit, networks, config.pop3.idle_timeout, self.limits)
             factory = Pop3Factory(self.maildrops, self.reactor, listener, self.pop3_sessions)
             for address in addresses:
-                port = await _listen(self.reactor, address, factory, pop3_tls if implicit else None)
+                port = await _listen(
+                    self.reactor, address, factory, pop3_tls if implicit else None, proxies
+                )
                 self.ports.append(port)
                 bound = port.getHost()
                 shown = ListenAddress(bound.host, bound.port)
                 log.info("listening pop3 on %s (%s)", shown, "tls" if implicit else "plain")
         self.maildrops.retention.start()
         await self._start_submission()
+
+    def _pop3_proxy_headers(self, factory: Any, implicit_tls: bool) -> ProxyHeaderFactory:
+        # A TLS client waits for the handshake: a plain-text -ERR would only confuse it.
+        refusal = b"" if implicit_tls else b"-ERR [SYS/PERM] connection refused (PROXY)\r\n"
+        return ProxyHeaderFactory(
+            factory, self.reactor, self.config.security.proxies, "pop3", refusal
+        )
 
     async def stop(self) -> None:
         self.maildrops.retention.stop()

@@ -104,6 +104,7 @@ class Pop3Settings:
     device_separator: str = "#"
     idle_timeout: float = 600
     tls_min_version: TLSVersion | None = None  # None: inherit [tls] min_version
+    proxy_protocol: bool = False  # connections must start with a PROXY header (docs/operations.md)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class SubmissionSettings:
     spool_key: str = field(default="", repr=False)
     retry_initial_delay: float = 60  # seconds before the first retry of a Sent copy ...
     retry_max_delay: float = 3600  # ... doubling up to this
+    proxy_protocol: bool = False  # connections must start with a PROXY header (docs/operations.md)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,13 @@ class SecuritySettings:
     # ... and the client connections the process, and each client address, may hold.
     max_connections: int = 2000
     max_connections_per_ip: int = 50
+    # Load balancers allowed to send PROXY headers ([pop3]/[submission] proxy_protocol).
+    proxy_networks: tuple[str, ...] = ()
+
+    @cached_property
+    def proxies(self) -> Networks:
+        """Peers whose PROXY header is believed (matched by gateway.addresses rules)."""
+        return Networks(self.proxy_networks)
 
     @cached_property
     def insecure_auth(self) -> Networks:
@@ -255,6 +264,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),
         "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),
+        "proxy_protocol": _Key("bool"),
     },
     "submission": {
         "listen": _Key("listen"),
@@ -266,6 +276,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "spool_key": _Key("str", optional=True, secret=True),
         "retry_initial_delay": _Key("number", low=0),
         "retry_max_delay": _Key("number", low=0),
+        "proxy_protocol": _Key("bool"),
     },
     "tls": {
         "cert_file": _Key("path"),
@@ -278,6 +289,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "auth_failure_max_delay": _Key("number", low=0, zero_allowed=True),
         "max_connections": _Key("int", low=1),
         "max_connections_per_ip": _Key("int", low=1),
+        "proxy_networks": _Key("networks"),
     },
     "retention": {
         "delete_after_days": _Key("int", low=0),
@@ -764,6 +776,26 @@ class _Loader:
                 f"must not exceed max_connections ({total}), got {per_ip}",
             )
 
+    def check_proxy_protocol(self, converted: dict[str, dict[str, Any]]) -> None:
+        """A PROXY listener believes headers only from proxy_networks: with none, it could
+        accept no connection at all."""
+        submission = converted["submission"]
+        if submission.get("proxy_protocol") and submission.get("listen_tls"):
+            # aiosmtpd reads the header after asyncio's TLS handshake, where HAProxy never
+            # sends it; a PROXY layer below asyncio's TLS is not built yet.
+            self.problem(
+                "submission",
+                "proxy_protocol",
+                "true is not supported with listen_tls yet (use listen with STARTTLS)",
+            )
+        if converted["security"].get("proxy_networks"):
+            return
+        for section in ("pop3", "submission"):
+            if converted[section].get("proxy_protocol"):
+                self.problem(
+                    section, "proxy_protocol", "true needs [security] proxy_networks (empty)"
+                )
+
     def check_retention(self, retention: dict[str, Any]) -> None:
         high = retention.get("quota_high_percent", 0)
         target = retention.get("quota_target_percent", 80)
@@ -820,6 +852,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_security(converted["security"])
     loader.check_retention(converted["retention"])
     loader.check_listeners(converted)
+    loader.check_proxy_protocol(converted)
     for key in ("cert_file", "key_file"):
         converted["tls"].setdefault(key, loader.file_dir / getattr(TLSSettings, key))
     if loader.problems:

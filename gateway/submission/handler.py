@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from gateway.addresses import client_address, format_peer, limit_key
@@ -31,6 +32,7 @@ from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
 from gateway.proto import sasl
+from gateway.proxy_protocol import HEADER_TIMEOUT, RefusalLog
 from gateway.submission.message import (
     MessageRefused,
     check_content,
@@ -52,6 +54,7 @@ _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 _AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
 _NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 _NEED_AUTH = "530 5.7.0 Authentication required"
+_PROXY_REFUSED = b"421 4.7.0 connection refused (PROXY)\r\n"
 _TOO_MANY_FAILURES = "454 4.7.0 Too many failed authentications from your address; try again later"
 
 
@@ -92,9 +95,13 @@ class SubmissionSMTP(SMTP):
         handler: SubmissionHandler,
         *,
         sessions: set[SubmissionSMTP],
+        proxies: RefusalLog | None = None,
         **kwargs: Any,
     ) -> None:
+        if proxies is not None:  # aiosmtpd reads the PROXY header, then calls handle_PROXY
+            kwargs["proxy_protocol_timeout"] = HEADER_TIMEOUT
         super().__init__(handler, **kwargs)
+        self.proxies = proxies  # refusals of connections that must start with a PROXY header
         self.relay_session: RelaySession = handler.relay.session()
         self.advertise_enhanced = False  # set when EHLO advertised ENHANCEDSTATUSCODES
         self.auth_failures = 0
@@ -111,7 +118,18 @@ class SubmissionSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         upgrade = self._original_transport is not None  # STARTTLS: the same connection
         limits = self.event_handler.limits
-        if not upgrade and limits is not None:
+        if not upgrade and self.proxies is not None:
+            # Only a balancer may connect; the client's address (and its limits) come with the
+            # header, in handle_PROXY.
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if host not in self.event_handler.security.proxies:
+                port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+                self.proxies.refused("untrusted", host, port, "not in [security] proxy_networks")
+                cast(asyncio.WriteTransport, transport).write(_PROXY_REFUSED)
+                transport.close()
+                return
+        elif not upgrade and limits is not None:
             peer = transport.get_extra_info("peername")
             host = str(peer[0]) if isinstance(peer, tuple) and peer else None
             key = limit_key(host)
@@ -128,6 +146,27 @@ class SubmissionSMTP(SMTP):
             self.limit_key = key
         super().connection_made(transport)
         self._sessions.add(self)
+
+    def count_connection(self, peer: Any) -> bool:
+        """Count a proxied connection under its client's address (False: over the limits, the
+        refusal is sent)."""
+        limits = self.event_handler.limits
+        if limits is None:
+            return True
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        key = limit_key(host)
+        refusal = limits.connections.open(key)
+        if refusal is not None:
+            line = limits.refusal_log_line(refusal, "submission", _peer_text(peer))
+            if line is not None:
+                log.warning("%s", line)
+            if self.transport is not None:
+                cast(asyncio.WriteTransport, self.transport).write(
+                    f"421 4.7.0 {refusal.value}\r\n".encode()
+                )
+            return False
+        self.limit_key = key
+        return True
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is None:  # refused in connection_made: nothing was set up
@@ -231,6 +270,28 @@ class SubmissionHandler:
         self.throttle = (
             limits.failures if limits is not None else FailureThrottle(0.0, 0.0, time.monotonic)
         )
+
+    # -- PROXY -----------------------------------------------------------------------------
+
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
+    ) -> bool:
+        """The header names the client: from here on it is the session's peer for every
+        purpose (logs, insecure_auth_networks, limits, the IP forwarded upstream)."""
+        srv = cast(SubmissionSMTP, server)
+        assert srv.proxies is not None
+        peer = session.peer
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+        if not proxy_data.valid:
+            srv.proxies.refused("header", host, port, f"invalid PROXY header ({proxy_data.error})")
+            if srv.transport is not None:
+                cast(asyncio.WriteTransport, srv.transport).write(_PROXY_REFUSED)
+            return False
+        if proxy_data.src_addr is not None and proxy_data.src_port is not None:
+            session.peer = (str(proxy_data.src_addr), proxy_data.src_port)  # type: ignore[assignment]
+        # else a v2 LOCAL / v1 UNKNOWN: the balancer's own connection, its own address stands
+        return srv.count_connection(session.peer)
 
     # -- EHLO ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.limits import ClientLimits
+from gateway.proxy_protocol import RefusalLog
 from gateway.submission.handler import SubmissionHandler, SubmissionSMTP
 from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
@@ -82,10 +83,13 @@ class SubmissionService:
         )
         context = asyncio_server_context(config.tls, config.tls_min_version_for("submission"))
 
+        proxies = RefusalLog("submission", loop.time) if settings.proxy_protocol else None
+
         def protocol(implicit: bool) -> SubmissionSMTP:
             return SubmissionSMTP(
                 handler,
                 sessions=self.sessions,
+                proxies=proxies,
                 tls_context=None if implicit else context,
                 hostname=hostname,
                 ident=IDENT,
