@@ -28,7 +28,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 
-from gateway.addresses import Networks, format_peer
+from gateway.addresses import Networks, client_ip, format_peer
 from gateway.limits import LogBudget
 
 log = logging.getLogger("popgate.proxy")
@@ -93,6 +93,8 @@ class ProxyHeaderReader:
         source = info.source
         if not isinstance(source, (IPv4Address, IPv6Address)):
             source = None
+        elif client_ip(source.host) is None:  # Twisted's v1 parser takes any word
+            raise ProxyHeaderError("invalid PROXY header (source is no IP address)")
         return ProxyHeader(source, remaining or b"")
 
 
