@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aiosmtpd.proxy_protocol import ProxyData
+from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from gateway.addresses import client_address, format_peer, limit_key
@@ -98,8 +98,6 @@ class SubmissionSMTP(SMTP):
         proxies: RefusalLog | None = None,
         **kwargs: Any,
     ) -> None:
-        if proxies is not None:  # aiosmtpd reads the PROXY header, then calls handle_PROXY
-            kwargs["proxy_protocol_timeout"] = HEADER_TIMEOUT
         super().__init__(handler, **kwargs)
         self.proxies = proxies  # refusals of connections that must start with a PROXY header
         self.relay_session: RelaySession = handler.relay.session()
@@ -147,12 +145,51 @@ class SubmissionSMTP(SMTP):
         super().connection_made(transport)
         self._sessions.add(self)
 
-    def count_connection(self, peer: Any) -> bool:
-        """Count a proxied connection under its client's address (False: over the limits, the
-        refusal is sent)."""
+    async def _handle_client(self) -> None:
+        """With PROXY, the header first (aiosmtpd's parser): aiosmtpd's own PROXY handling
+        closes a connection without a valid header silently and logs every one."""
+        if self.proxies is not None:
+            refusal = await self._read_proxy_header()
+            if refusal is not None:
+                if self.transport is not None:
+                    cast(asyncio.WriteTransport, self.transport).write(refusal)
+                    self.transport.close()
+                return
+        await super()._handle_client()
+
+    async def _read_proxy_header(self) -> bytes | None:
+        """None when the header named the client and it is within the limits, else the
+        refusal to send."""
+        assert self.session is not None and self.proxies is not None
+        peer = self.session.peer
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+        try:
+            data = await asyncio.wait_for(get_proxy(self._reader), HEADER_TIMEOUT)
+        except TimeoutError:
+            self.proxies.refused(
+                "timeout", host, port, f"no PROXY header within {HEADER_TIMEOUT:g} s"
+            )
+            return _PROXY_REFUSED
+        except asyncio.IncompleteReadError:
+            self.proxies.refused("header", host, port, "closed before a PROXY header")
+            return _PROXY_REFUSED
+        if not data.valid:
+            self.proxies.refused("header", host, port, f"invalid PROXY header ({data.error})")
+            return _PROXY_REFUSED
+        self.session.proxy_data = data
+        if data.src_addr is not None and data.src_port is not None:
+            # The client, for every purpose: logs, insecure_auth_networks, limits, IMAP ID.
+            self.session.peer = (str(data.src_addr), data.src_port)  # type: ignore[assignment]
+        # else a v2 LOCAL / v1 UNKNOWN: the balancer's own connection, its own address stands
+        return self.count_connection(self.session.peer)
+
+    def count_connection(self, peer: Any) -> bytes | None:
+        """Count a proxied connection under its client's address; the refusal when over the
+        limits."""
         limits = self.event_handler.limits
         if limits is None:
-            return True
+            return None
         host = str(peer[0]) if isinstance(peer, tuple) and peer else None
         key = limit_key(host)
         refusal = limits.connections.open(key)
@@ -160,13 +197,9 @@ class SubmissionSMTP(SMTP):
             line = limits.refusal_log_line(refusal, "submission", _peer_text(peer))
             if line is not None:
                 log.warning("%s", line)
-            if self.transport is not None:
-                cast(asyncio.WriteTransport, self.transport).write(
-                    f"421 4.7.0 {refusal.value}\r\n".encode()
-                )
-            return False
+            return f"421 4.7.0 {refusal.value}\r\n".encode()
         self.limit_key = key
-        return True
+        return None
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is None:  # refused in connection_made: nothing was set up
@@ -270,28 +303,6 @@ class SubmissionHandler:
         self.throttle = (
             limits.failures if limits is not None else FailureThrottle(0.0, 0.0, time.monotonic)
         )
-
-    # -- PROXY -----------------------------------------------------------------------------
-
-    async def handle_PROXY(
-        self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
-    ) -> bool:
-        """The header names the client: from here on it is the session's peer for every
-        purpose (logs, insecure_auth_networks, limits, the IP forwarded upstream)."""
-        srv = cast(SubmissionSMTP, server)
-        assert srv.proxies is not None
-        peer = session.peer
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
-        if not proxy_data.valid:
-            srv.proxies.refused("header", host, port, f"invalid PROXY header ({proxy_data.error})")
-            if srv.transport is not None:
-                cast(asyncio.WriteTransport, srv.transport).write(_PROXY_REFUSED)
-            return False
-        if proxy_data.src_addr is not None and proxy_data.src_port is not None:
-            session.peer = (str(proxy_data.src_addr), proxy_data.src_port)  # type: ignore[assignment]
-        # else a v2 LOCAL / v1 UNKNOWN: the balancer's own connection, its own address stands
-        return srv.count_connection(session.peer)
 
     # -- EHLO ------------------------------------------------------------------------------
 
