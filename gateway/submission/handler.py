@@ -171,8 +171,9 @@ class SubmissionSMTP(SMTP):
                 "timeout", host, port, f"no PROXY header within {HEADER_TIMEOUT:g} s"
             )
             return _PROXY_REFUSED
-        except asyncio.IncompleteReadError:
-            self.proxies.refused("header", host, port, "closed before a PROXY header")
+        except asyncio.IncompleteReadError as e:
+            if e.partial:  # a bare connect-and-close is a balancer's health check: not logged
+                self.proxies.refused("header", host, port, "closed within a PROXY header")
             return _PROXY_REFUSED
         if not data.valid:
             self.proxies.refused("header", host, port, f"invalid PROXY header ({data.error})")
