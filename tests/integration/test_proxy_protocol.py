@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MailUser
+from tests.support import messages
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.haproxy import HAProxy, Route, find_haproxy
@@ -258,3 +259,64 @@ def test_submission_without_header_or_from_outside_is_refused(
     assert outside == b"421 4.7.0 connection refused (PROXY)\r\n"
     gw.wait_for_log(r"submission connection from 127\.0\.0\.1:\d+ refused: invalid PROXY")
     gw.wait_for_log(rf"submission connection from {re.escape(CLIENT)}:\d+ refused: not in")
+
+
+# --------------------------------------------------------------------- replicas
+
+
+def test_two_replicas_behind_haproxy_agree(
+    dovecot: Dovecot,
+    seeded_user: Callable[..., Any],
+    start_gateway: Callable[..., GatewayProcess],
+    haproxy: Callable[..., HAProxy],
+) -> None:
+    """Two devices of one user alternate between two replicas (HAProxy round-robin) for many
+    sessions: every session sees the same UIDLs for the same messages, a message one device
+    deleted (hidden) on one replica stays hidden on the other and only for that device, a new
+    message shows up on both, and nothing leaves the upstream mailbox."""
+    user = seeded_user([messages.plain(f"m{i}", n=i) for i in range(1, 7)])
+    replicas = [_pop3_gateway(start_gateway), _pop3_gateway(start_gateway)]
+    hap = haproxy(Route("pop3", [(gw.host, gw.pop3_port) for gw in replicas], "v2"))
+    hidden: dict[str, set[bytes]] = {"phone": set(), "laptop": set()}
+    known: dict[bytes, bytes] = {}  # UIDL -> message bytes, as first seen on either replica
+    everything: set[bytes] | None = None
+    added = 0
+    sessions = 0
+    for round_ in range(4):
+        if round_ == 2:  # new mail between sessions
+            dovecot.append(user.name, user.password, messages.plain("late", n=99))
+            added += 1
+        # Round-robin alternates per connection: swapping the order each round sends each
+        # device to the other replica every time.
+        for device in ("phone", "laptop") if round_ % 2 == 0 else ("laptop", "phone"):
+            client = BoundPOP3("127.0.0.1", hap.port("pop3"), timeout=TIMEOUT)
+            client.user(f"{user.name}#{device}")
+            client.pass_(user.password)
+            listing = {uidl: int(n) for n, uidl in (line.split() for line in client.uidl()[1])}
+            if everything is None:
+                everything = set(listing)
+                assert len(everything) == 6
+            elif len(listing) + len(hidden[device]) > len(everything):
+                everything |= set(listing)  # the new message
+            assert set(listing) == everything - hidden[device], (round_, device)
+            for uidl, n in listing.items():
+                body = b"\r\n".join(client.retr(n)[1]) + b"\r\n"
+                assert known.setdefault(uidl, body) == body  # same UIDL, same message
+            if device == "phone":
+                victim = min(listing)
+                client.dele(listing[victim])
+                hidden["phone"].add(victim)
+            client.quit()
+            sessions += 1
+    assert everything is not None and len(everything) == 6 + added
+    assert hidden["phone"] and not hidden["laptop"]
+    # HAProxy really alternated: each replica served half of the sessions, all for .2
+    for gw in replicas:
+        connects = [line for line in gw.log_text().splitlines() if "connect tls=" in line]
+        assert len(connects) == sessions // 2, gw.log_text()[-2000:]
+        assert all(f"peer={CLIENT}:" in line for line in connects), connects
+        for device in ("phone", "laptop"):  # each device met both replicas, twice
+            logins = re.findall(rf"login ok.*device={device}\b", gw.log_text())
+            assert len(logins) == 2, (device, gw.log_text()[-3000:])
+    # Nothing left the upstream mailbox: hidden is a per-device view.
+    assert len(dovecot.list_uids(user.name, user.password)) == 6 + added
