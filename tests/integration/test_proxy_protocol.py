@@ -145,6 +145,35 @@ def test_insecure_auth_networks_see_the_header_s_address(
     allowed.quit()
 
 
+def test_connection_limits_count_the_header_s_address(
+    mail_user: MailUser,
+    start_gateway: Callable[..., GatewayProcess],
+    haproxy: Callable[..., HAProxy],
+) -> None:
+    """max_connections_per_ip = 1: a second connection from 127.0.0.2 through the balancer is
+    refused while one from 127.0.0.3 through the same balancer is served."""
+    gw = start_gateway(
+        pop3={"proxy_protocol": True},
+        security={**PROXY_SECURITY, "max_connections_per_ip": 1, "max_connections": 10},
+    )
+    hap = haproxy(Route("pop3", [(gw.host, gw.pop3_port)], "v1"))
+    first = BoundPOP3("127.0.0.1", hap.port("pop3"), timeout=TIMEOUT)
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\]"):
+        BoundPOP3("127.0.0.1", hap.port("pop3"), timeout=TIMEOUT)
+
+    class From3(BoundPOP3):
+        source = "127.0.0.3"
+
+    other = From3("127.0.0.1", hap.port("pop3"), timeout=TIMEOUT)
+    other.user(mail_user.name)
+    other.pass_(mail_user.password)
+    other.quit()
+    first.quit()
+    gw.wait_for_log(
+        rf"pop3 connection from {re.escape(CLIENT)}:\d+ refused: max_connections_per_ip"
+    )
+
+
 def _raw_exchange(host: str, port: int, data: bytes, source: str = "127.0.0.1") -> bytes:
     """Send ``data`` and read until the server closes the connection. (Whatever the server
     has not read when it closes turns its close into a reset, which can discard the answer
