@@ -100,6 +100,7 @@ class SubmissionSMTP(SMTP):
     ) -> None:
         super().__init__(handler, **kwargs)
         self.proxies = proxies  # refusals of connections that must start with a PROXY header
+        self.client_peer: tuple[str, int] | None = None  # the client the PROXY header named
         self.relay_session: RelaySession = handler.relay.session()
         self.advertise_enhanced = False  # set when EHLO advertised ENHANCEDSTATUSCODES
         self.auth_failures = 0
@@ -143,6 +144,11 @@ class SubmissionSMTP(SMTP):
                 return
             self.limit_key = key
         super().connection_made(transport)
+        if upgrade and self.client_peer is not None:
+            # aiosmtpd starts a new session after STARTTLS, with the socket's peer: the
+            # balancer's. The client is still the one the PROXY header named.
+            assert self.session is not None
+            self.session.peer = self.client_peer  # type: ignore[assignment]
         self._sessions.add(self)
 
     async def _handle_client(self) -> None:
@@ -181,7 +187,8 @@ class SubmissionSMTP(SMTP):
         self.session.proxy_data = data
         if data.src_addr is not None and data.src_port is not None:
             # The client, for every purpose: logs, insecure_auth_networks, limits, IMAP ID.
-            self.session.peer = (str(data.src_addr), data.src_port)  # type: ignore[assignment]
+            self.client_peer = (str(data.src_addr), data.src_port)
+            self.session.peer = self.client_peer  # type: ignore[assignment]
         # else a v2 LOCAL / v1 UNKNOWN: the balancer's own connection, its own address stands
         return self.count_connection(self.session.peer)
 

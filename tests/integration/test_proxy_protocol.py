@@ -241,7 +241,7 @@ def _message(user: MailUser) -> EmailMessage:
     return msg
 
 
-@pytest.mark.parametrize("version", ["v2", "v1"])
+@pytest.mark.parametrize(("version", "starttls"), [("v2", True), ("v1", False)])
 def test_submission_client_address_comes_from_the_header(
     dovecot: Dovecot,
     mail_user: MailUser,
@@ -249,6 +249,7 @@ def test_submission_client_address_comes_from_the_header(
     submission_gateway: Callable[..., GatewayProcess],
     haproxy: Callable[..., HAProxy],
     version: str,
+    starttls: bool,
 ) -> None:
     gw = submission_gateway(
         mail_user,
@@ -260,6 +261,9 @@ def test_submission_client_address_comes_from_the_header(
         "127.0.0.1", hap.port("smtp"), timeout=TIMEOUT, source_address=(CLIENT, 0)
     ) as smtp:
         smtp.ehlo("device.test")
+        if starttls:  # the client's address survives the new session STARTTLS begins
+            smtp.starttls(context=ssl.create_default_context(cafile=str(dovecot.ca_file)))
+            smtp.ehlo("device.test")
         smtp.login(f"{mail_user.name}#phone", mail_user.password)
         smtp.send_message(_message(mail_user))
     assert len(smtp_sink.messages) == 1
