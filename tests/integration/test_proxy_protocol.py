@@ -8,8 +8,10 @@ The client binds to 127.0.0.2 (or .3), so its address differs from HAProxy's own
 
 from __future__ import annotations
 
+import os
 import poplib
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -353,3 +355,48 @@ def test_two_replicas_behind_haproxy_agree(
             assert len(logins) == 2, (device, gw.log_text()[-3000:])
     # Nothing left the upstream mailbox: hidden is a per-device view.
     assert len(dovecot.list_uids(user.name, user.password)) == 6 + added
+
+
+def test_replica_killed_mid_session_loses_nothing(
+    dovecot: Dovecot,
+    seeded_user: Callable[..., Any],
+    start_gateway: Callable[..., GatewayProcess],
+    haproxy: Callable[..., HAProxy],
+) -> None:
+    """SIGKILL the replica serving a session after its DELE, before QUIT: the device's next
+    session succeeds on the other replica and still sees every message (the DELE was never
+    applied); a DELE + QUIT there is applied once; nothing leaves the upstream mailbox."""
+    user = seeded_user([messages.plain(f"k{i}", n=i) for i in range(1, 5)])
+    replicas = [_pop3_gateway(start_gateway), _pop3_gateway(start_gateway)]
+    hap = haproxy(Route("pop3", [(gw.host, gw.pop3_port) for gw in replicas], "v2"))
+
+    def session() -> poplib.POP3:
+        client = BoundPOP3("127.0.0.1", hap.port("pop3"), timeout=TIMEOUT)
+        client.user(f"{user.name}#phone")
+        client.pass_(user.password)
+        return client
+
+    first = session()  # round-robin: replicas[0]
+    uidls = [line.split()[1] for line in first.uidl()[1]]
+    assert len(uidls) == 4
+    first.retr(1)
+    first.dele(1)
+    replicas[0].wait_for_log(r"login ok.*device=phone")
+    assert "device=phone" not in replicas[1].log_text()
+    assert replicas[0].pid is not None
+    os.kill(replicas[0].pid, signal.SIGKILL)
+    replicas[0].wait(TIMEOUT)
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):
+        first.quit()
+
+    for _ in range(2):  # whichever replica HAProxy tries first, the survivor serves both
+        again = session()
+        assert [line.split()[1] for line in again.uidl()[1]] == uidls  # DELE never applied
+        again.quit()
+    third = session()
+    third.dele(1)
+    third.quit()
+    fourth = session()
+    assert [line.split()[1] for line in fourth.uidl()[1]] == uidls[1:]  # applied once
+    fourth.quit()
+    assert len(dovecot.list_uids(user.name, user.password)) == 4

@@ -69,6 +69,9 @@ class HAProxy:
             "    timeout connect 5s",
             "    timeout client 120s",
             "    timeout server 120s",
+            # A server that refuses (a killed replica) costs a retry on another, not the client
+            "    retries 3",
+            "    option redispatch 1",
         ]
         for route in self.routes.values():
             lines += [
