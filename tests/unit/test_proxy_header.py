@@ -201,3 +201,14 @@ def test_bad_proxy_network_is_an_error(tmp_path) -> None:  # type: ignore[no-unt
     path = write_config(tmp_path, '[security]\nproxy_networks = ["10.1.0.0/33"]\n')
     with pytest.raises(ConfigError, match="proxy_networks"):
         load_config(path, environ={})
+
+
+def test_submission_proxy_protocol_is_refused_with_implicit_tls(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = write_config(
+        tmp_path,
+        '[upstream.smtp]\nhost = "127.0.0.1"\n'
+        '[submission]\nlisten = ["127.0.0.1:0"]\nlisten_tls = ["127.0.0.1:0"]\n'
+        'proxy_protocol = true\n[security]\nproxy_networks = ["10.0.0.0/8"]\n',
+    )
+    with pytest.raises(ConfigError, match=r"proxy_protocol.*listen_tls"):
+        load_config(path, environ={})
