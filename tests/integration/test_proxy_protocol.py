@@ -28,6 +28,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.haproxy import HAProxy, Route, find_haproxy
 from tests.support.smtp_sink import SmtpSink
+from tests.support.upstreams import Upstream
 
 pytest_plugins = ("tests.support.submission_fixtures",)
 pytestmark = [
@@ -90,6 +91,7 @@ def _pop3_gateway(start_gateway: Callable[..., GatewayProcess], **pop3: Any) -> 
     )
 
 
+@pytest.mark.upstreams("dovecot")  # reads the forwarded address from Dovecot's log (rip=)
 @pytest.mark.parametrize("version", ["v2", "v1"])
 @pytest.mark.parametrize("kind", ["plain", "tls"])
 def test_pop3_client_address_comes_from_the_header(
@@ -120,6 +122,7 @@ def test_pop3_client_address_comes_from_the_header(
     _wait_dovecot_log(dovecot, rf"user=<{re.escape(mail_user.name)}>[^\n]*rip={CLIENT}\b", gw)
 
 
+@pytest.mark.upstreams("dovecot")  # a rule of popgate's own: one upstream is enough
 def test_insecure_auth_networks_see_the_header_s_address(
     mail_user: MailUser,
     start_gateway: Callable[..., GatewayProcess],
@@ -147,6 +150,7 @@ def test_insecure_auth_networks_see_the_header_s_address(
     allowed.quit()
 
 
+@pytest.mark.upstreams("dovecot")  # a rule of popgate's own: one upstream is enough
 def test_connection_limits_count_the_header_s_address(
     mail_user: MailUser,
     start_gateway: Callable[..., GatewayProcess],
@@ -198,6 +202,7 @@ def _refused_at_once(host: str, port: int) -> bytes:
         return received
 
 
+@pytest.mark.upstreams("dovecot")  # refused before any upstream contact: one server is enough
 def test_pop3_connection_without_header_is_refused(
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
@@ -208,6 +213,7 @@ def test_pop3_connection_without_header_is_refused(
     assert "connect tls=" not in gw.log_text()
 
 
+@pytest.mark.upstreams("dovecot")  # refused before any upstream contact: one server is enough
 def test_pop3_header_from_outside_proxy_networks_is_refused(
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
@@ -220,6 +226,7 @@ def test_pop3_header_from_outside_proxy_networks_is_refused(
     assert "192.0.2.1" not in gw.log_text()
 
 
+@pytest.mark.upstreams("dovecot")  # refused before any upstream contact: one server is enough
 def test_pop3_tls_listener_without_header_is_closed(
     dovecot: Dovecot, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
@@ -243,6 +250,7 @@ def _message(user: MailUser) -> EmailMessage:
     return msg
 
 
+@pytest.mark.upstreams("dovecot")  # reads the forwarded address from Dovecot's log (rip=)
 @pytest.mark.parametrize(("version", "starttls"), [("v2", True), ("v1", False)])
 def test_submission_client_address_comes_from_the_header(
     dovecot: Dovecot,
@@ -278,6 +286,7 @@ def test_submission_client_address_comes_from_the_header(
     assert match, dovecot.log_text()[-3000:]
 
 
+@pytest.mark.upstreams("dovecot")  # refused before any upstream contact: one server is enough
 def test_submission_without_header_or_from_outside_is_refused(
     mail_user: MailUser,
     submission_gateway: Callable[..., GatewayProcess],
@@ -300,7 +309,7 @@ def test_submission_without_header_or_from_outside_is_refused(
 
 
 def test_two_replicas_behind_haproxy_agree(
-    dovecot: Dovecot,
+    upstream: Upstream,
     seeded_user: Callable[..., Any],
     start_gateway: Callable[..., GatewayProcess],
     haproxy: Callable[..., HAProxy],
@@ -319,7 +328,7 @@ def test_two_replicas_behind_haproxy_agree(
     sessions = 0
     for round_ in range(4):
         if round_ == 2:  # new mail between sessions
-            dovecot.append(user.name, user.password, messages.plain("late", n=99))
+            upstream.append(user.name, user.password, messages.plain("late", n=99))
             added += 1
         # Round-robin alternates per connection: swapping the order each round sends each
         # device to the other replica every time.
@@ -354,11 +363,11 @@ def test_two_replicas_behind_haproxy_agree(
             logins = re.findall(rf"login ok.*device={device}\b", gw.log_text())
             assert len(logins) == 2, (device, gw.log_text()[-3000:])
     # Nothing left the upstream mailbox: hidden is a per-device view.
-    assert len(dovecot.list_uids(user.name, user.password)) == 6 + added
+    assert len(upstream.list_uids(user.name, user.password)) == 6 + added
 
 
 def test_replica_killed_mid_session_loses_nothing(
-    dovecot: Dovecot,
+    upstream: Upstream,
     seeded_user: Callable[..., Any],
     start_gateway: Callable[..., GatewayProcess],
     haproxy: Callable[..., HAProxy],
@@ -399,4 +408,4 @@ def test_replica_killed_mid_session_loses_nothing(
     fourth = session()
     assert [line.split()[1] for line in fourth.uidl()[1]] == uidls[1:]  # applied once
     fourth.quit()
-    assert len(dovecot.list_uids(user.name, user.password)) == 4
+    assert len(upstream.list_uids(user.name, user.password)) == 4
