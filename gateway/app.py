@@ -114,7 +114,7 @@ class Gateway:
             port = await _listen(self.reactor, address, web.site(self.metrics, probe), None)
             self.ports.append(port)
             bound = port.getHost()
-            log.info("listening http on %s", ListenAddress(bound.host, bound.port))
+            log.info("listening http on %s (plain)", ListenAddress(bound.host, bound.port))
 
     # -- submission (aiosmtpd on the reactor's asyncio loop) --------------------------------
 

@@ -130,7 +130,7 @@ class _Ready(Resource):
 _PLAIN = b"text/plain; charset=utf-8"
 
 
-class _QuietSite(Site):
+class MonitoringSite(Site):
     """No access log: a scraper every few seconds would drown the gateway's own lines."""
 
     def log(self, request: http.Request) -> None:
@@ -143,7 +143,7 @@ def site(metrics: Metrics, probe: ReadinessProbe) -> Site:
     root.putChild(b"metrics", _Text(lambda: (200, CONTENT_TYPE_LATEST.encode(), metrics.render())))
     root.putChild(b"healthz", _Text(lambda: (200, _PLAIN, b"ok\n")))
     root.putChild(b"readyz", _Ready(probe))
-    web = _QuietSite(root)
+    web = MonitoringSite(root)
     web.noisy = False
     web.displayTracebacks = False
     return web
