@@ -113,9 +113,12 @@ class _Ready(Resource):
         self.probe = probe
 
     def render_GET(self, request: Request) -> Any:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _failure: gone.append(True))
+
         def answer(verdict: tuple[bool, str]) -> None:
             ready, reason = verdict
-            if request.finished or request.channel is None:
+            if gone:
                 return  # the client left meanwhile
             request.setResponseCode(200 if ready else 503)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")

@@ -98,9 +98,11 @@ def test_metrics_move_by_exactly_the_known_workload(
     # Sessions close and the spool entry goes just after the clients were answered.
     after = scrape_until(
         gw,
-        lambda s: value(s, "popgate_pop3_sessions_active") == 0
-        and value(s, "popgate_sent_copies_total", result="stored") == 1
-        and value(s, "popgate_sent_spool_entries") == 0,
+        lambda s: (
+            value(s, "popgate_pop3_sessions_active") == 0
+            and value(s, "popgate_sent_copies_total", result="stored") == 1
+            and value(s, "popgate_sent_spool_entries") == 0
+        ),
     )
 
     def moved(name: str, **labels: str) -> float:
