@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,12 @@ def test_http_listen_is_checked_like_every_listener(conf_dir: Path) -> None:
 def test_http_listen_from_the_environment(conf_dir: Path) -> None:
     config = load(conf_dir, MINIMAL, env={"POPGATE_HTTP_LISTEN": "127.0.0.1:9110"})
     assert config.http.listen == (ListenAddress("127.0.0.1", 9110),)
+
+
+# --------------------------------------------------------------------------- the dashboard
+def test_dashboard_queries_only_metrics_that_exist() -> None:
+    dashboard = Path(__file__).parents[2] / "docker" / "grafana" / "popgate-dashboard.json"
+    text = dashboard.read_text()
+    used = set(re.findall(r"popgate_[a-z0-9_]+", text))
+    exported = {name for name, _ in samples(Metrics())}
+    assert used and used <= exported, used - exported
