@@ -1,5 +1,6 @@
 """The ``[http]`` listener of a real popgate process: /metrics moves by exactly what a known
-workload does (POP login, RETR, a failed login, a submission), /healthz, /readyz."""
+workload does (POP login, RETR, a failed login, a submission), /healthz, /readyz; against each
+upstream IMAP server of the run."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
 from tests.conftest import MailUser, SeededUser
-from tests.support.dovecot import Dovecot, free_port
+from tests.support.dovecot import free_port
 from tests.support.gateway import GatewayProcess
 from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import make_message, smtp_session, wait_for_sent
+from tests.support.upstreams import Upstream
 
 pytest_plugins = ("tests.support.submission_fixtures",)
 pytestmark = pytest.mark.integration
@@ -64,7 +66,7 @@ def scrape_until(
 
 
 def test_metrics_move_by_exactly_the_known_workload(
-    dovecot: Dovecot,
+    upstream: Upstream,
     seeded_user: Callable[..., SeededUser],
     new_mail_user: Callable[[], MailUser],
     smtp_sink: SmtpSink,
@@ -90,10 +92,10 @@ def test_metrics_move_by_exactly_the_known_workload(
     bad.quit()
 
     message = make_message(f"{sender.name}@example.org", ["bob@example.org"], "metrics")
-    with smtp_session(gw, dovecot, sender) as client:
+    with smtp_session(gw, upstream, sender) as client:
         client.sendmail(f"{sender.name}@example.org", ["bob@example.org"], message)
     smtp_sink.wait_for(1)
-    wait_for_sent(dovecot, sender, 1)
+    wait_for_sent(upstream, sender, 1)
 
     # Sessions close and the spool entry goes just after the clients were answered.
     after = scrape_until(
