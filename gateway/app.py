@@ -26,6 +26,7 @@ from gateway import tls
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
+from gateway.metrics import Metrics
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
 from gateway.proxy_protocol import ProxyHeaderFactory
@@ -59,7 +60,8 @@ class Gateway:
         self.config = config
         self.ports: list[IListeningPort] = []
         self.pop3_sessions: set[Pop3Protocol] = set()
-        self.maildrops = MaildropService(reactor, config)
+        self.metrics = Metrics()  # a registry of its own: gateways in one process never mix
+        self.maildrops = MaildropService(reactor, config, self.metrics)
         # One set of limits for every listener: connections and failed logins are counted per
         # client address across POP3 and submission alike.
         self.limits = ClientLimits(config.security, reactor.seconds)
@@ -92,6 +94,7 @@ class Gateway:
                 log.info("listening pop3 on %s (%s)", shown, "tls" if implicit else "plain")
         self.maildrops.retention.start()
         await self._start_submission()
+        await self._start_http()
 
     def _pop3_proxy_headers(self, factory: Any, implicit_tls: bool) -> ProxyHeaderFactory:
         # A TLS client waits for the handshake: a plain-text -ERR would only confuse it.
@@ -116,6 +119,19 @@ class Gateway:
             session.abort()
         await submission_stopped
 
+    async def _start_http(self) -> None:
+        """``[http] listen``: /metrics, /healthz, /readyz (gateway/web.py)."""
+        from gateway import web
+
+        probe = web.ReadinessProbe(
+            self.reactor, web.imap_greets(self.reactor, self.config.upstream.imap), self.metrics
+        )
+        for address in self.config.http.listen:
+            port = await _listen(self.reactor, address, web.site(self.metrics, probe), None)
+            self.ports.append(port)
+            bound = port.getHost()
+            log.info("listening http on %s (plain)", ListenAddress(bound.host, bound.port))
+
     # -- submission (aiosmtpd on the reactor's asyncio loop) --------------------------------
 
     async def _start_submission(self) -> None:
@@ -127,7 +143,9 @@ class Gateway:
 
         # callWhenRunning starts us before the asyncio loop runs; asyncio code needs it running.
         await task.deferLater(self.reactor, 0, lambda: None)
-        self.submission = SubmissionService(self.reactor, self.config, self.limits)
+        self.submission = SubmissionService(
+            self.reactor, self.config, self.limits, metrics=self.metrics
+        )
         await defer.Deferred.fromFuture(asyncio.ensure_future(self.submission.start()))
 
     def _stop_submission(self) -> defer.Deferred[None]:

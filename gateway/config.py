@@ -178,6 +178,11 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    listen: tuple[ListenAddress, ...] = ()  # /metrics, /healthz, /readyz; empty: none
+
+
+@dataclass(frozen=True)
 class Config:
     upstream: Upstream
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
@@ -186,6 +191,7 @@ class Config:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     source: Path | None = None  # the file this was loaded from
     warnings: tuple[str, ...] = ()  # non-fatal findings, printed by check-config and at start
 
@@ -302,6 +308,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "log": {
         "level": _Key("choice", ("debug", "info", "warning", "error")),
         "format": _Key("choice", ("text", "json")),
+    },
+    "http": {
+        "listen": _Key("listen"),
     },
 }
 
@@ -809,16 +818,24 @@ class _Loader:
     def check_listeners(self, converted: dict[str, dict[str, Any]]) -> None:
         """Two listeners on one address fail at bind time; say so now, with both names."""
         seen: dict[tuple[str, int], str] = {}
-        for section in ("pop3", "submission"):
-            for key in ("listen", "listen_tls"):
-                for address in converted[section].get(key, ()):
-                    if address.port == 0:  # the OS picks a distinct port for each
-                        continue
-                    endpoint = (address.host, address.port)
-                    if endpoint in seen:
-                        self.problem(section, key, f"{address} is also used by {seen[endpoint]}")
-                    else:
-                        seen[endpoint] = f"[{section}] {key}"
+        for section, key in _LISTENERS:
+            for address in converted[section].get(key, ()):
+                if address.port == 0:  # the OS picks a distinct port for each
+                    continue
+                endpoint = (address.host, address.port)
+                if endpoint in seen:
+                    self.problem(section, key, f"{address} is also used by {seen[endpoint]}")
+                else:
+                    seen[endpoint] = f"[{section}] {key}"
+
+
+_LISTENERS = (
+    ("pop3", "listen"),
+    ("pop3", "listen_tls"),
+    ("submission", "listen"),
+    ("submission", "listen_tls"),
+    ("http", "listen"),
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -866,6 +883,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         security=SecuritySettings(**converted["security"]),
         retention=RetentionSettings(**converted["retention"]),
         log=LogSettings(**converted["log"]),
+        http=HttpSettings(**converted["http"]),
         source=Path(path),
         warnings=tuple(loader.warnings),
     )

@@ -31,6 +31,7 @@ from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
+from gateway.metrics import DISCARD, Metrics, since
 from gateway.proto import sasl
 from gateway.proxy_protocol import HEADER_TIMEOUT, RefusalLog
 from gateway.submission.message import (
@@ -297,7 +298,9 @@ class SubmissionHandler:
         hostname: str,
         keep_password: bool,
         limits: ClientLimits | None = None,
+        metrics: Metrics = DISCARD,
     ) -> None:
+        self.metrics = metrics
         self.relay = relay
         self.authenticate = authenticate
         self.store = store
@@ -428,11 +431,13 @@ class SubmissionHandler:
         except UpstreamUnavailable as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
+            self.metrics.upstream_error("imap")
             return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
         except asyncio.CancelledError:  # the client left during the check
             throttle.abandoned(attempt)
             raise
         throttle.succeeded(attempt)
+        self.metrics.auth("submission", ok=True)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)
         return AuthResult(success=True, auth_data=identity)
@@ -448,6 +453,7 @@ class SubmissionHandler:
         """Count the failure and answer it, ``delay`` seconds from now (a timer: nobody else
         waits meanwhile, and aiosmtpd reads no further command from this client)."""
         srv.auth_failures += 1
+        self.metrics.auth("submission", ok=False)
         log.info("auth failed: %s", why, extra={"user": name, "peer": srv.peer_text})
         await asyncio.sleep(delay)
         if srv.auth_failures >= MAX_AUTH_FAILURES:
@@ -488,6 +494,7 @@ class SubmissionHandler:
             )
         except RelayUnavailable as e:
             log.warning("relay: %s", e, extra={"user": identity.user, "peer": srv.peer_text})
+            self.metrics.upstream_error("smtp")
             return e.reply.render(enhanced=False)
         if reply.positive:
             envelope.mail_from = address
@@ -556,13 +563,20 @@ class SubmissionHandler:
             await asyncio.to_thread(self.store.write_relaying, entry, self.keep_password)
         except OSError as e:
             log.error("cannot spool a submission: %s", e, extra=context)
+            self.metrics.submitted("failed")
             await srv.relay_session.rset()
             return "451 4.3.0 Cannot queue the message for its Sent copy; try again later"
+        started = time.perf_counter()
         try:
             reply = await srv.relay_session.data(message)
         except RelayUnavailable as e:
             log.warning("relay: %s", e, extra=context)
+            self.metrics.upstream_error("smtp")
+            self.metrics.submitted("failed")
             reply = e.reply
+        else:
+            self.metrics.relay_seconds.observe(since(started))
+            self.metrics.submitted("relayed" if reply.positive else "rejected")
         if not reply.positive:
             await asyncio.to_thread(self.store.remove, entry.id)
             await srv.relay_session.rset()

@@ -35,10 +35,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import ImapUpstream
-from gateway.proto.imap import Atom, Data, encode_mailbox, fetch_items
+from gateway.metrics import DISCARD, Metrics, since
+from gateway.proto.imap import Atom, encode_mailbox
 from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
-from gateway.upstream.account import ImapAccount, LoginRejected, search_result
+from gateway.upstream.account import ImapAccount, LoginRejected, fetched, search_result
 from gateway.upstream.imap_client import ImapCommandFailed
 
 DEFAULT_SENT = "Sent"
@@ -116,6 +117,7 @@ class SentWriter:
         self.sent_folder = sent_folder
         self.loop = loop
         self._storing = KeyedLocks()
+        self.metrics: Metrics = DISCARD
 
     async def store(self, entry: SpoolEntry) -> str:
         """asyncio entry point: store the copy unless the same copy is in Sent already.
@@ -176,12 +178,7 @@ class SentWriter:
             [Atom("UID"), Atom("RFC822.SIZE")],
         )
         same_size = []
-        for item in sizes.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 3:
-                continue
-            if str(item.tokens[1]).upper() != "FETCH":
-                continue
-            _, fields = fetch_items(item.tokens)
+        for fields in fetched(sizes):
             found_uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
             if found_uid is not None and str(size) == str(len(copy)):
                 same_size.append(int(str(found_uid)))
@@ -195,6 +192,7 @@ class SentWriter:
 
     async def _append(self, account: ImapAccount, mailbox: str, copy: bytes, created: float) -> str:
         async def append() -> str:
+            started = time.perf_counter()
             response = await account.proto.command(
                 Atom("APPEND"),
                 encode_mailbox(mailbox),
@@ -202,6 +200,7 @@ class SentWriter:
                 internaldate(created),
                 copy,
             )
+            self.metrics.sent_append_seconds.observe(since(started))
             code = response.status.code
             if response.status.code_name == "APPENDUID" and code and len(code) >= 3:
                 uid = code[2]

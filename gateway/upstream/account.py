@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -398,19 +398,15 @@ class ImapAccount:
             [Atom("UID"), Atom("RFC822.SIZE"), Atom("INTERNALDATE")],
         )
         result = []
-        for item in response.untagged:
-            if isinstance(item, Data) and len(item.tokens) >= 3:
-                if str(item.tokens[1]).upper() != "FETCH":
-                    continue
-                _, fields = fetch_items(item.tokens)
-                uid, size, date = (
-                    fields.get("UID"),
-                    fields.get("RFC822.SIZE"),
-                    fields.get("INTERNALDATE"),
-                )
-                if uid is None or size is None or not isinstance(date, bytes):
-                    continue
-                result.append((int(str(uid)), int(str(size)), parse_internaldate(date)))
+        for fields in fetched(response):
+            uid, size, date = (
+                fields.get("UID"),
+                fields.get("RFC822.SIZE"),
+                fields.get("INTERNALDATE"),
+            )
+            if uid is None or size is None or not isinstance(date, bytes):
+                continue
+            result.append((int(str(uid)), int(str(size)), parse_internaldate(date)))
         return sorted(result)
 
     async def storage_quota(self, mailbox: str) -> tuple[int, int] | None:
@@ -521,12 +517,7 @@ class ImapAccount:
             sinks=headers,
         )
         result = {}
-        for item in response.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 3:
-                continue
-            if str(item.tokens[1]).upper() != "FETCH":
-                continue
-            _, fields = fetch_items(item.tokens)
+        for fields in fetched(response):
             uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
             date = fields.get("INTERNALDATE")
             if uid is None or size is None or not isinstance(date, bytes | str):
@@ -657,6 +648,14 @@ class Metadata:
 class MailboxEntry:
     name: str
     attributes: frozenset[str]  # lower-cased, e.g. "\\trash", "\\hasnochildren"
+
+
+def fetched(response: Response) -> Iterator[dict[str, Token]]:
+    """The items of each FETCH line of ``response`` (keys upper-cased), in the order sent."""
+    for item in response.untagged:
+        if isinstance(item, Data) and len(item.tokens) >= 3:
+            if str(item.tokens[1]).upper() == "FETCH":
+                yield fetch_items(item.tokens)[1]
 
 
 def search_result(response: Response) -> list[int]:
