@@ -26,8 +26,10 @@ from gateway import tls
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
+from gateway.metrics import Metrics
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
+from gateway.proxy_protocol import ProxyHeaderFactory
 
 log = logging.getLogger("popgate")
 
@@ -36,12 +38,17 @@ SHUTDOWN_GRACE = 10.0
 UPDATE_GRACE = 60.0
 
 
-async def _listen(reactor: Any, address: ListenAddress, factory: Any, tls: Any | None) -> Any:
-    """Listen on ``address`` (IPv4 or IPv6), wrapping in TLS when ``tls`` is given."""
+async def _listen(
+    reactor: Any, address: ListenAddress, factory: Any, tls: Any | None, proxies: Any = None
+) -> Any:
+    """Listen on ``address`` (IPv4 or IPv6), wrapping in TLS when ``tls`` is given, and below
+    that in a PROXY header reader when ``proxies`` (a ProxyHeaderFactory maker) is given."""
     endpoint_type = TCP6ServerEndpoint if ":" in address.host else TCP4ServerEndpoint
     endpoint = endpoint_type(reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host)
     if tls is not None:
         factory = TLSMemoryBIOFactory(tls, False, factory)
+    if proxies is not None:
+        factory = proxies(factory, tls is not None)
     return await endpoint.listen(factory)
 
 
@@ -53,7 +60,8 @@ class Gateway:
         self.config = config
         self.ports: list[IListeningPort] = []
         self.pop3_sessions: set[Pop3Protocol] = set()
-        self.maildrops = MaildropService(reactor, config)
+        self.metrics = Metrics()  # a registry of its own: gateways in one process never mix
+        self.maildrops = MaildropService(reactor, config, self.metrics)
         # One set of limits for every listener: connections and failed logins are counted per
         # client address across POP3 and submission alike.
         self.limits = ClientLimits(config.security, reactor.seconds)
@@ -72,17 +80,28 @@ class Gateway:
             config.tls, config.pop3.tls_min_version or config.tls.min_version
         )
         networks = config.security.insecure_auth
+        proxies = self._pop3_proxy_headers if config.pop3.proxy_protocol else None
         for addresses, implicit in ((config.pop3.listen, False), (config.pop3.listen_tls, True)):
             listener = Listener(pop3_tls, implicit, networks, config.pop3.idle_timeout, self.limits)
             factory = Pop3Factory(self.maildrops, self.reactor, listener, self.pop3_sessions)
             for address in addresses:
-                port = await _listen(self.reactor, address, factory, pop3_tls if implicit else None)
+                port = await _listen(
+                    self.reactor, address, factory, pop3_tls if implicit else None, proxies
+                )
                 self.ports.append(port)
                 bound = port.getHost()
                 shown = ListenAddress(bound.host, bound.port)
                 log.info("listening pop3 on %s (%s)", shown, "tls" if implicit else "plain")
         self.maildrops.retention.start()
         await self._start_submission()
+        await self._start_http()
+
+    def _pop3_proxy_headers(self, factory: Any, implicit_tls: bool) -> ProxyHeaderFactory:
+        # A TLS client waits for the handshake: a plain-text -ERR would only confuse it.
+        refusal = b"" if implicit_tls else b"-ERR [SYS/PERM] connection refused (PROXY)\r\n"
+        return ProxyHeaderFactory(
+            factory, self.reactor, self.config.security.proxies, "pop3", refusal
+        )
 
     async def stop(self) -> None:
         self.maildrops.retention.stop()
@@ -100,6 +119,19 @@ class Gateway:
             session.abort()
         await submission_stopped
 
+    async def _start_http(self) -> None:
+        """``[http] listen``: /metrics, /healthz, /readyz (gateway/web.py)."""
+        from gateway import web
+
+        probe = web.ReadinessProbe(
+            self.reactor, web.imap_greets(self.reactor, self.config.upstream.imap), self.metrics
+        )
+        for address in self.config.http.listen:
+            port = await _listen(self.reactor, address, web.site(self.metrics, probe), None)
+            self.ports.append(port)
+            bound = port.getHost()
+            log.info("listening http on %s (plain)", ListenAddress(bound.host, bound.port))
+
     # -- submission (aiosmtpd on the reactor's asyncio loop) --------------------------------
 
     async def _start_submission(self) -> None:
@@ -111,7 +143,9 @@ class Gateway:
 
         # callWhenRunning starts us before the asyncio loop runs; asyncio code needs it running.
         await task.deferLater(self.reactor, 0, lambda: None)
-        self.submission = SubmissionService(self.reactor, self.config, self.limits)
+        self.submission = SubmissionService(
+            self.reactor, self.config, self.limits, metrics=self.metrics
+        )
         await defer.Deferred.fromFuture(asyncio.ensure_future(self.submission.start()))
 
     def _stop_submission(self) -> defer.Deferred[None]:

@@ -104,6 +104,7 @@ class Pop3Settings:
     device_separator: str = "#"
     idle_timeout: float = 600
     tls_min_version: TLSVersion | None = None  # None: inherit [tls] min_version
+    proxy_protocol: bool = False  # connections must start with a PROXY header (docs/operations.md)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class SubmissionSettings:
     spool_key: str = field(default="", repr=False)
     retry_initial_delay: float = 60  # seconds before the first retry of a Sent copy ...
     retry_max_delay: float = 3600  # ... doubling up to this
+    proxy_protocol: bool = False  # connections must start with a PROXY header (docs/operations.md)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,13 @@ class SecuritySettings:
     # ... and the client connections the process, and each client address, may hold.
     max_connections: int = 2000
     max_connections_per_ip: int = 50
+    # Load balancers allowed to send PROXY headers ([pop3]/[submission] proxy_protocol).
+    proxy_networks: tuple[str, ...] = ()
+
+    @cached_property
+    def proxies(self) -> Networks:
+        """Peers whose PROXY header is believed (matched by gateway.addresses rules)."""
+        return Networks(self.proxy_networks)
 
     @cached_property
     def insecure_auth(self) -> Networks:
@@ -169,6 +178,11 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    listen: tuple[ListenAddress, ...] = ()  # /metrics, /healthz, /readyz; empty: none
+
+
+@dataclass(frozen=True)
 class Config:
     upstream: Upstream
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
@@ -177,6 +191,7 @@ class Config:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     source: Path | None = None  # the file this was loaded from
     warnings: tuple[str, ...] = ()  # non-fatal findings, printed by check-config and at start
 
@@ -255,6 +270,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "device_separator": _Key("str"),
         "idle_timeout": _Key("number", low=0),
         "tls_min_version": _Key("choice", TLS_VERSIONS, optional=True),
+        "proxy_protocol": _Key("bool"),
     },
     "submission": {
         "listen": _Key("listen"),
@@ -266,6 +282,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "spool_key": _Key("str", optional=True, secret=True),
         "retry_initial_delay": _Key("number", low=0),
         "retry_max_delay": _Key("number", low=0),
+        "proxy_protocol": _Key("bool"),
     },
     "tls": {
         "cert_file": _Key("path"),
@@ -278,6 +295,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "auth_failure_max_delay": _Key("number", low=0, zero_allowed=True),
         "max_connections": _Key("int", low=1),
         "max_connections_per_ip": _Key("int", low=1),
+        "proxy_networks": _Key("networks"),
     },
     "retention": {
         "delete_after_days": _Key("int", low=0),
@@ -290,6 +308,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "log": {
         "level": _Key("choice", ("debug", "info", "warning", "error")),
         "format": _Key("choice", ("text", "json")),
+    },
+    "http": {
+        "listen": _Key("listen"),
     },
 }
 
@@ -764,6 +785,26 @@ class _Loader:
                 f"must not exceed max_connections ({total}), got {per_ip}",
             )
 
+    def check_proxy_protocol(self, converted: dict[str, dict[str, Any]]) -> None:
+        """A PROXY listener believes headers only from proxy_networks: with none, it could
+        accept no connection at all."""
+        submission = converted["submission"]
+        if submission.get("proxy_protocol") and submission.get("listen_tls"):
+            # aiosmtpd reads the header after asyncio's TLS handshake, where HAProxy never
+            # sends it; a PROXY layer below asyncio's TLS is not built yet.
+            self.problem(
+                "submission",
+                "proxy_protocol",
+                "true is not supported with listen_tls yet (use listen with STARTTLS)",
+            )
+        if converted["security"].get("proxy_networks"):
+            return
+        for section in ("pop3", "submission"):
+            if converted[section].get("proxy_protocol"):
+                self.problem(
+                    section, "proxy_protocol", "true needs [security] proxy_networks (empty)"
+                )
+
     def check_retention(self, retention: dict[str, Any]) -> None:
         high = retention.get("quota_high_percent", 0)
         target = retention.get("quota_target_percent", 80)
@@ -777,16 +818,24 @@ class _Loader:
     def check_listeners(self, converted: dict[str, dict[str, Any]]) -> None:
         """Two listeners on one address fail at bind time; say so now, with both names."""
         seen: dict[tuple[str, int], str] = {}
-        for section in ("pop3", "submission"):
-            for key in ("listen", "listen_tls"):
-                for address in converted[section].get(key, ()):
-                    if address.port == 0:  # the OS picks a distinct port for each
-                        continue
-                    endpoint = (address.host, address.port)
-                    if endpoint in seen:
-                        self.problem(section, key, f"{address} is also used by {seen[endpoint]}")
-                    else:
-                        seen[endpoint] = f"[{section}] {key}"
+        for section, key in _LISTENERS:
+            for address in converted[section].get(key, ()):
+                if address.port == 0:  # the OS picks a distinct port for each
+                    continue
+                endpoint = (address.host, address.port)
+                if endpoint in seen:
+                    self.problem(section, key, f"{address} is also used by {seen[endpoint]}")
+                else:
+                    seen[endpoint] = f"[{section}] {key}"
+
+
+_LISTENERS = (
+    ("pop3", "listen"),
+    ("pop3", "listen_tls"),
+    ("submission", "listen"),
+    ("submission", "listen_tls"),
+    ("http", "listen"),
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -820,6 +869,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_security(converted["security"])
     loader.check_retention(converted["retention"])
     loader.check_listeners(converted)
+    loader.check_proxy_protocol(converted)
     for key in ("cert_file", "key_file"):
         converted["tls"].setdefault(key, loader.file_dir / getattr(TLSSettings, key))
     if loader.problems:
@@ -833,6 +883,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         security=SecuritySettings(**converted["security"]),
         retention=RetentionSettings(**converted["retention"]),
         log=LogSettings(**converted["log"]),
+        http=HttpSettings(**converted["http"]),
         source=Path(path),
         warnings=tuple(loader.warnings),
     )

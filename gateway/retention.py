@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from gateway.config import Config
 from gateway.maildrop.retention_plan import Candidate, Quota, Removal, plan_retention
 from gateway.maildrop.views import POP_DELETED
+from gateway.metrics import DISCARD, Metrics
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.folders import resolve_folder
 from gateway.upstream.imap_client import ImapError
@@ -107,9 +108,10 @@ async def run_retention(
 class RetentionService:
     """Decides when retention runs and keeps it bounded in time."""
 
-    def __init__(self, reactor: Any, config: Config) -> None:
+    def __init__(self, reactor: Any, config: Config, metrics: Metrics = DISCARD) -> None:
         self.reactor = reactor
         self.config = config
+        self.metrics = metrics
         self._last_run: dict[str, float] = {}
         self._seen: dict[str, float] = {}
         self._loop: LoopingCall | None = None
@@ -142,6 +144,8 @@ class RetentionService:
             log.warning("retention incomplete: %r", e, extra={"user": user})
             account.abort()
             return
+        if report.applied:
+            self.metrics.retention_removed_messages.inc(len(report.removals))
         if report.removals:
             log.info(
                 "retention %s %d messages (%s)",

@@ -25,8 +25,9 @@ fi
 
 # libnet-ssleay-perl is only a Recommends of swaks, and without it swaks has no TLS; the
 # install uses --no-install-recommends, so every capability a test relies on is named here and
-# checked below (verify_clients).
-PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd cyrus-common sasl2-bin postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates)
+# checked below (verify_clients). haproxy: the real load balancer of the PROXY protocol tests
+# (a private instance in the foreground, tests/support/haproxy.py; its service is not used).
+PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd cyrus-common sasl2-bin postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates haproxy)
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]

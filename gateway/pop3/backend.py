@@ -30,6 +30,7 @@ from gateway.maildrop.views import (
     build_maildrop,
     needs_state,
 )
+from gateway.metrics import DISCARD, Metrics
 from gateway.retention import RetentionService
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount, MailboxInfo, UpstreamUnavailable
@@ -44,11 +45,12 @@ class UpdateFailed(Exception):
 
 
 class MaildropService:
-    def __init__(self, reactor: Any, config: Config) -> None:
+    def __init__(self, reactor: Any, config: Config, metrics: Metrics = DISCARD) -> None:
         self.reactor = reactor
         self.config = config
+        self.metrics = metrics
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
-        self.retention = RetentionService(reactor, config)
+        self.retention = RetentionService(reactor, config, metrics)
         retention = config.retention
         self.capabilities = (
             expire_capability(retention.delete_after_days, retention.quota_high_percent),

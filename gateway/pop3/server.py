@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import gateway
 from gateway.addresses import Networks, client_address, format_peer, limit_key
 from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.views import Login
+from gateway.metrics import since
 from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
@@ -63,6 +65,7 @@ class _BodyStream:
         self.stuffer = DotStuffer()
         self.top = TopFilter(top_lines) if top_lines is not None else None
         self.on_end = on_end
+        self.asked_at = time.perf_counter()  # for popgate_pop3_retr_first_byte_seconds
         self.started = False
         self.complete = False  # the terminator is written
         self._left = 0
@@ -92,6 +95,7 @@ class _BodyStream:
 
     def _write(self, pieces: list[bytes]) -> None:
         if self.ok_line:
+            self.protocol.metrics.pop3_retr_first_byte_seconds.observe(since(self.asked_at))
             pieces.insert(0, self.ok_line)
             self.ok_line = b""
         if pieces:
@@ -161,6 +165,7 @@ class Pop3Protocol(Protocol):
         on_close: Callable[[Pop3Protocol], None] = lambda p: None,
     ) -> None:
         self.service = service
+        self.metrics = service.metrics
         self.reactor = reactor
         self.tls_context = listener.tls_context
         self.implicit_tls = listener.implicit_tls
@@ -228,6 +233,8 @@ class Pop3Protocol(Protocol):
             capabilities_extra=self.service.capabilities,
         )
         self.transport.registerProducer(self._pace, True)  # type: ignore[union-attr]
+        self.metrics.pop3_sessions.inc()
+        self.metrics.pop3_sessions_active.inc()
         self._log(logging.INFO, "connect tls=%s", "implicit" if self.implicit_tls else "no")
         self._reset_timer()
         self._pump()
@@ -252,6 +259,8 @@ class Pop3Protocol(Protocol):
             # Dropped before or during TRANSACTION: the deletes are forgotten (RFC 1939).
             Deferred.fromCoroutine(self.maildrop.close())
         self._log(logging.INFO, "disconnect")
+        if self.session is not None:  # counted in connectionMade
+            self.metrics.pop3_sessions_active.dec()
         self.on_close(self)
 
     # -- helpers --------------------------------------------------------------------------
@@ -431,22 +440,26 @@ class Pop3Protocol(Protocol):
         attempt = throttle.begin(limit_key(self.peer_ip))
         if attempt.refused:
             self._log(logging.WARNING, "login refused unchecked: too many failures", login=login)
+            self.metrics.auth("pop3", ok=False)
             session.login_failed(pop3.TooManyFailures())
             self._pump()
             return
         if not await self._hold(attempt.wait):  # its turn in this address's schedule
             throttle.abandoned(attempt)
             return
+        started = time.perf_counter()
         try:
             maildrop = await self.service.open(login, action.password, client_address(self.peer_ip))
         except LoginRejected as e:
             self._log(logging.WARNING, "login failed: %s", e, login=login)
+            self.metrics.auth("pop3", ok=False)
             if not await self._hold(throttle.failed(attempt)):
                 return
             session.login_failed(pop3.BadCredentials())
         except (UpstreamUnavailable, ImapError) as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
+            self.metrics.upstream_error("imap")
             session.login_failed(pop3.UpstreamUnavailable())
         except Exception:
             throttle.abandoned(attempt)
@@ -455,6 +468,8 @@ class Pop3Protocol(Protocol):
             session.login_failed(pop3.UpstreamUnavailable())
         else:
             throttle.succeeded(attempt)
+            self.metrics.auth("pop3", ok=True)
+            self.metrics.pop3_login_seconds.observe(since(started))
             if self._closed or session.state is pop3.State.CLOSED:
                 maildrop.abort()
                 return
@@ -490,12 +505,14 @@ class Pop3Protocol(Protocol):
             if isinstance(result, Failure) or not stream.complete:
                 if stream.started:
                     self._log(logging.ERROR, "download of UID %d failed", action.info.uid)
+                    self.metrics.upstream_error("imap")
                     self.session.retrieve_broken()
                     self._pump()
                     return
                 if isinstance(result, Failure) and result.check(ImapError):
                     # Nothing sent yet (e.g. the upstream timed out): an answer, not a drop.
                     self._log(logging.ERROR, "download failed upstream: %s", result.value)
+                    self.metrics.upstream_error("imap")
                     self.session.retrieve_failed()
                 else:
                     self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
@@ -503,6 +520,9 @@ class Pop3Protocol(Protocol):
             else:
                 assert self.maildrop is not None
                 self.maildrop.retrieved(action.info, whole=action.top_lines is None)
+                if action.top_lines is None:
+                    self.metrics.pop3_retrieved_messages.inc()
+                    self.metrics.pop3_retrieved_bytes.inc(action.info.size)
                 self.session.retrieve_done()
             self._pump()
 

@@ -24,13 +24,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
+from gateway.metrics import DISCARD, Metrics, since
 from gateway.proto import sasl
+from gateway.proxy_protocol import HEADER_TIMEOUT, RefusalLog
 from gateway.submission.message import (
     MessageRefused,
     check_content,
@@ -52,6 +55,7 @@ _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 _AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
 _NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 _NEED_AUTH = "530 5.7.0 Authentication required"
+_PROXY_REFUSED = b"421 4.7.0 connection refused (PROXY)\r\n"
 _TOO_MANY_FAILURES = "454 4.7.0 Too many failed authentications from your address; try again later"
 
 
@@ -92,9 +96,12 @@ class SubmissionSMTP(SMTP):
         handler: SubmissionHandler,
         *,
         sessions: set[SubmissionSMTP],
+        proxies: RefusalLog | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self.proxies = proxies  # refusals of connections that must start with a PROXY header
+        self.client_peer: tuple[str, int] | None = None  # the client the PROXY header named
         self.relay_session: RelaySession = handler.relay.session()
         self.advertise_enhanced = False  # set when EHLO advertised ENHANCEDSTATUSCODES
         self.auth_failures = 0
@@ -111,7 +118,18 @@ class SubmissionSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         upgrade = self._original_transport is not None  # STARTTLS: the same connection
         limits = self.event_handler.limits
-        if not upgrade and limits is not None:
+        if not upgrade and self.proxies is not None:
+            # Only a balancer may connect; the client's address (and its limits) come with the
+            # header, in handle_PROXY.
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if host not in self.event_handler.security.proxies:
+                port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+                self.proxies.refused("untrusted", host, port, "not in [security] proxy_networks")
+                cast(asyncio.WriteTransport, transport).write(_PROXY_REFUSED)
+                transport.close()
+                return
+        elif not upgrade and limits is not None:
             peer = transport.get_extra_info("peername")
             host = str(peer[0]) if isinstance(peer, tuple) and peer else None
             key = limit_key(host)
@@ -127,7 +145,70 @@ class SubmissionSMTP(SMTP):
                 return
             self.limit_key = key
         super().connection_made(transport)
+        if upgrade and self.client_peer is not None:
+            # aiosmtpd starts a new session after STARTTLS, with the socket's peer: the
+            # balancer's. The client is still the one the PROXY header named.
+            assert self.session is not None
+            self.session.peer = self.client_peer  # type: ignore[assignment]
         self._sessions.add(self)
+
+    async def _handle_client(self) -> None:
+        """With PROXY, the header first (aiosmtpd's parser): aiosmtpd's own PROXY handling
+        closes a connection without a valid header silently and logs every one."""
+        if self.proxies is not None:
+            refusal = await self._read_proxy_header()
+            if refusal is not None:
+                if self.transport is not None:
+                    cast(asyncio.WriteTransport, self.transport).write(refusal)
+                    self.transport.close()
+                return
+        await super()._handle_client()
+
+    async def _read_proxy_header(self) -> bytes | None:
+        """None when the header named the client and it is within the limits, else the
+        refusal to send."""
+        assert self.session is not None and self.proxies is not None
+        peer = self.session.peer
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+        try:
+            data = await asyncio.wait_for(get_proxy(self._reader), HEADER_TIMEOUT)
+        except TimeoutError:
+            self.proxies.refused(
+                "timeout", host, port, f"no PROXY header within {HEADER_TIMEOUT:g} s"
+            )
+            return _PROXY_REFUSED
+        except asyncio.IncompleteReadError as e:
+            if e.partial:  # a bare connect-and-close is a balancer's health check: not logged
+                self.proxies.refused("header", host, port, "closed within a PROXY header")
+            return _PROXY_REFUSED
+        if not data.valid:
+            self.proxies.refused("header", host, port, f"invalid PROXY header ({data.error})")
+            return _PROXY_REFUSED
+        self.session.proxy_data = data
+        if data.src_addr is not None and data.src_port is not None:
+            # The client, for every purpose: logs, insecure_auth_networks, limits, IMAP ID.
+            self.client_peer = (str(data.src_addr), data.src_port)
+            self.session.peer = self.client_peer  # type: ignore[assignment]
+        # else a v2 LOCAL / v1 UNKNOWN: the balancer's own connection, its own address stands
+        return self.count_connection(self.session.peer)
+
+    def count_connection(self, peer: Any) -> bytes | None:
+        """Count a proxied connection under its client's address; the refusal when over the
+        limits."""
+        limits = self.event_handler.limits
+        if limits is None:
+            return None
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        key = limit_key(host)
+        refusal = limits.connections.open(key)
+        if refusal is not None:
+            line = limits.refusal_log_line(refusal, "submission", _peer_text(peer))
+            if line is not None:
+                log.warning("%s", line)
+            return f"421 4.7.0 {refusal.value}\r\n".encode()
+        self.limit_key = key
+        return None
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is None:  # refused in connection_made: nothing was set up
@@ -217,7 +298,9 @@ class SubmissionHandler:
         hostname: str,
         keep_password: bool,
         limits: ClientLimits | None = None,
+        metrics: Metrics = DISCARD,
     ) -> None:
+        self.metrics = metrics
         self.relay = relay
         self.authenticate = authenticate
         self.store = store
@@ -348,11 +431,13 @@ class SubmissionHandler:
         except UpstreamUnavailable as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
+            self.metrics.upstream_error("imap")
             return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
         except asyncio.CancelledError:  # the client left during the check
             throttle.abandoned(attempt)
             raise
         throttle.succeeded(attempt)
+        self.metrics.auth("submission", ok=True)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)
         return AuthResult(success=True, auth_data=identity)
@@ -368,6 +453,7 @@ class SubmissionHandler:
         """Count the failure and answer it, ``delay`` seconds from now (a timer: nobody else
         waits meanwhile, and aiosmtpd reads no further command from this client)."""
         srv.auth_failures += 1
+        self.metrics.auth("submission", ok=False)
         log.info("auth failed: %s", why, extra={"user": name, "peer": srv.peer_text})
         await asyncio.sleep(delay)
         if srv.auth_failures >= MAX_AUTH_FAILURES:
@@ -408,6 +494,7 @@ class SubmissionHandler:
             )
         except RelayUnavailable as e:
             log.warning("relay: %s", e, extra={"user": identity.user, "peer": srv.peer_text})
+            self.metrics.upstream_error("smtp")
             return e.reply.render(enhanced=False)
         if reply.positive:
             envelope.mail_from = address
@@ -476,13 +563,20 @@ class SubmissionHandler:
             await asyncio.to_thread(self.store.write_relaying, entry, self.keep_password)
         except OSError as e:
             log.error("cannot spool a submission: %s", e, extra=context)
+            self.metrics.submitted("failed")
             await srv.relay_session.rset()
             return "451 4.3.0 Cannot queue the message for its Sent copy; try again later"
+        started = time.perf_counter()
         try:
             reply = await srv.relay_session.data(message)
         except RelayUnavailable as e:
             log.warning("relay: %s", e, extra=context)
+            self.metrics.upstream_error("smtp")
+            self.metrics.submitted("failed")
             reply = e.reply
+        else:
+            self.metrics.relay_seconds.observe(since(started))
+            self.metrics.submitted("relayed" if reply.positive else "rejected")
         if not reply.positive:
             await asyncio.to_thread(self.store.remove, entry.id)
             await srv.relay_session.rset()

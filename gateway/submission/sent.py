@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import ImapUpstream
+from gateway.metrics import DISCARD, Metrics, since
 from gateway.proto.imap import Atom, encode_mailbox
 from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
@@ -116,6 +117,7 @@ class SentWriter:
         self.sent_folder = sent_folder
         self.loop = loop
         self._storing = KeyedLocks()
+        self.metrics: Metrics = DISCARD
 
     async def store(self, entry: SpoolEntry) -> str:
         """asyncio entry point: store the copy unless the same copy is in Sent already.
@@ -190,6 +192,7 @@ class SentWriter:
 
     async def _append(self, account: ImapAccount, mailbox: str, copy: bytes, created: float) -> str:
         async def append() -> str:
+            started = time.perf_counter()
             response = await account.proto.command(
                 Atom("APPEND"),
                 encode_mailbox(mailbox),
@@ -197,6 +200,7 @@ class SentWriter:
                 internaldate(created),
                 copy,
             )
+            self.metrics.sent_append_seconds.observe(since(started))
             code = response.status.code
             if response.status.code_name == "APPENDUID" and code and len(code) >= 3:
                 uid = code[2]

@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.limits import ClientLimits
+from gateway.metrics import DISCARD, Metrics
+from gateway.proxy_protocol import RefusalLog
 from gateway.submission.handler import SubmissionHandler, SubmissionSMTP
 from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
@@ -33,9 +35,14 @@ IDENT = "popgate ESMTP"
 
 class SubmissionService:
     def __init__(
-        self, reactor: IReactorTime, config: Config, limits: ClientLimits | None = None
+        self,
+        reactor: IReactorTime,
+        config: Config,
+        limits: ClientLimits | None = None,
+        metrics: Metrics = DISCARD,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics
         self.config = config
         self.limits = limits
         self.sessions: set[SubmissionSMTP] = set()
@@ -62,9 +69,12 @@ class SubmissionService:
         store = SpoolStore(settings.spool_dir, key)
         await asyncio.to_thread(store.prepare)
         writer = SentWriter(self.reactor, config.upstream.imap, settings.sent_folder, loop)
+        writer.metrics = self.metrics
         self.spool = SentSpool(
             store, writer.store, settings.retry_initial_delay, settings.retry_max_delay, loop
         )
+        self.spool.metrics = self.metrics
+        self.metrics.watch_spool(lambda: self.spool.waiting if self.spool else 0)
         hostname = socket.getfqdn() or "localhost"
         self.relay = Relay(config.upstream.smtp, hostname)
         handler = SubmissionHandler(
@@ -79,13 +89,17 @@ class SubmissionService:
             # With a master identity a retry needs no password, so none is kept on disk.
             keep_password=not config.upstream.imap.master_user,
             limits=self.limits,
+            metrics=self.metrics,
         )
         context = asyncio_server_context(config.tls, config.tls_min_version_for("submission"))
+
+        proxies = RefusalLog("submission", loop.time) if settings.proxy_protocol else None
 
         def protocol(implicit: bool) -> SubmissionSMTP:
             return SubmissionSMTP(
                 handler,
                 sessions=self.sessions,
+                proxies=proxies,
                 tls_context=None if implicit else context,
                 hostname=hostname,
                 ident=IDENT,

@@ -37,6 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.config import SubmissionSettings
+from gateway.metrics import DISCARD, Metrics
 
 log = logging.getLogger("popgate.submission")
 
@@ -294,6 +295,7 @@ class SentSpool:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._attempts: dict[str, int] = {}
         self._stopping = False
+        self.metrics: Metrics = DISCARD
 
     async def start(self) -> None:
         """Drop entries whose relay outcome is unknown; schedule every pending one now."""
@@ -351,6 +353,7 @@ class SentSpool:
             self._attempts.pop(entry_id, None)  # removed by someone else (an operator)
             return
         except Exception as e:
+            self.metrics.sent_copies.labels("retry").inc()
             attempts += 1
             self._attempts[entry_id] = attempts
             delay = backoff_delay(attempts, self.initial_delay, self.max_delay)
@@ -368,6 +371,7 @@ class SentSpool:
                 await asyncio.to_thread(self.store.write_status, entry_id, status)
             self._schedule(entry_id, delay)
             return
+        self.metrics.sent_copies.labels("stored").inc()
         await asyncio.to_thread(self.store.remove, entry_id)
         self._attempts.pop(entry_id, None)
         log.info("Sent copy stored: %s", done, extra={"user": entry.user, "spool_entry": entry_id})

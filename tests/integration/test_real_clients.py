@@ -3,8 +3,8 @@
 Each test runs against ``dovecot-pop3`` (Dovecot's own POP3 on the same user: proves the
 test and the client handling right) and ``popgate`` (the gateway in front of the same
 server over IMAP), once with Dovecot and once with Cyrus upstream; Cyrus users have no
-Dovecot POP3, so there the ``dovecot-pop3`` target is skipped and the stored bytes read over
-IMAP, which every test compares with, are the reference. The mailbox holds lines starting
+Dovecot POP3, so there the ``dovecot-pop3`` target is not collected, and the stored bytes read
+over IMAP, which every test compares with, are the reference. The mailbox holds lines starting
 with "." and "..", a ~300 KB message with a base64 attachment, a body without a final newline,
 and 8-bit UTF-8.
 

@@ -31,7 +31,11 @@ __all__ = [
 
 LISTENING_RE = re.compile(r"listening (\S+) on (\S+) \((\w+)\)")
 #: listener lists per protocol section, for counting the "listening" lines to expect
-_LISTEN_KEYS = {"pop3": ("listen", "listen_tls"), "submission": ("listen", "listen_tls")}
+_LISTEN_KEYS = {
+    "pop3": ("listen", "listen_tls"),
+    "submission": ("listen", "listen_tls"),
+    "http": ("listen",),
+}
 
 
 class GatewayError(RuntimeError):

@@ -724,7 +724,16 @@ def test_effective_config_redacts_secrets_and_lists_every_key(conf_dir: Path) ->
     assert parsed["upstream"]["imap"]["port"] == 993
     assert parsed["pop3"]["listen"] == ["0.0.0.0:110"]
     assert parsed["pop3"]["tls_min_version"] == ""
-    assert set(parsed) == {"upstream", "pop3", "submission", "tls", "security", "retention", "log"}
+    assert set(parsed) == {
+        "upstream",
+        "pop3",
+        "submission",
+        "tls",
+        "security",
+        "retention",
+        "log",
+        "http",
+    }
 
 
 def test_unset_secret_renders_empty(conf_dir: Path) -> None:

@@ -14,6 +14,7 @@ from gateway.config import SecuritySettings
 from gateway.limits import ClientLimits
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
+from gateway.metrics import DISCARD
 from gateway.pop3.server import Listener, Pop3Factory
 from gateway.upstream.account import LoginRejected
 
@@ -48,6 +49,7 @@ class FakeService:
     """Checks passwords at once, and counts the checks (what reaches the upstream)."""
 
     capabilities = ()
+    metrics = DISCARD  # what Pop3Protocol counts into; nobody reads it here
 
     def __init__(self) -> None:
         self.checked: list[str] = []

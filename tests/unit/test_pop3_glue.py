@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from gateway.addresses import Networks
 from gateway.maildrop.maildrop import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
+from gateway.metrics import DISCARD
 from gateway.pop3.backend import UpdateFailed
 from gateway.pop3.server import Listener, Pop3Protocol
 from gateway.upstream.account import LoginRejected
@@ -83,6 +84,7 @@ class FakeMaildrop:
 
 class FakeService:
     capabilities = ("EXPIRE NEVER",)
+    metrics = DISCARD  # what Pop3Protocol counts into; nobody reads it here
 
     def __init__(self, drop: FakeMaildrop, password: str = "pw") -> None:
         self.drop = drop
