@@ -104,6 +104,7 @@ class Gateway:
         """SIGHUP: new handshakes get the certificate and key now in the files; open sessions
         keep theirs. A pair that cannot be used is logged and the one in use kept."""
         if self.server_tls is None:
+            log.warning("certificate not reloaded: the listeners are not started yet")
             return False
         try:
             certificate = self.server_tls.reload()
