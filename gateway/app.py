@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
@@ -117,7 +118,7 @@ class Gateway:
         log.info("certificate reloaded: %s", tls.describe_certificate(certificate))
         return True
 
-    def _certificate_in_use(self, certificate: Any) -> None:
+    def _certificate_in_use(self, certificate: x509.Certificate) -> None:
         expiry = certificate.not_valid_after_utc.timestamp()
         self.metrics.tls_certificate_expiry.set(expiry)
 

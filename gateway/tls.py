@@ -47,6 +47,7 @@ __all__ = [
     "asyncio_server_context",
     "certificate_fingerprint",
     "client_context_factory",
+    "describe_certificate",
     "ensure_server_certificate",
     "generate_self_signed",
     "load_server_certificate",
