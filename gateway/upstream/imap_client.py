@@ -1,21 +1,15 @@
-"""A thin Twisted IMAP client: feeds bytes to the sans-IO parser, matches responses to commands.
+"""Twisted glue for the sans-IO ``ImapConnection``: bytes in and out, flow control, timeouts.
 
-Commands may be pipelined; untagged responses belong to the oldest command still waiting, which
-is exact for how the gateway pipelines (FETCHes of one mailbox, in order). Large literals are not
-collected: they go to the ``sink`` of the command that asked for them, chunk by chunk, and the
-transport can be paused as a push producer so a slow POP client slows the IMAP download too.
-
-Every wait for the server is bounded: while a command is outstanding and reading is not paused
-by us, ``timeout`` seconds without a byte from the server fail every command with
-``ImapTimeout`` and close the connection (a hung server must not hold a device for ever). The
-clock is injected, so tests drive it with ``twisted.internet.task.Clock``.
+Every protocol rule (tags, pipelining, literals, which response belongs to which command) lives
+in ``gateway.proto.imap_connection``. Here: each command's Deferred, the sinks its message bodies
+stream to (the transport can be paused as a push producer, so a slow POP client slows the IMAP
+download too), and the timer. Only ``gateway.upstream.account`` issues commands.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -29,20 +23,17 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from gateway.proto.imap import (
-    CommandPart,
-    Continuation,
-    Data,
-    FetchBatch,
-    LiteralBegin,
-    LiteralChunk,
-    LiteralEnd,
-    ResponseError,
-    ResponseParser,
-    Status,
-    encode_command,
-    fetch_uid,
+from gateway.proto.imap import CommandPart, LiteralChunk, LiteralEnd, ResponseError, Status
+from gateway.proto.imap_connection import (
+    BodyBegin,
+    Bye,
+    Command,
+    Completed,
+    ConnectionEvent,
+    Greeting,
+    ImapConnection,
 )
+from gateway.proto.imap_connection import Response as Response
 from gateway.transports import set_buffer_size, write_through
 
 
@@ -102,21 +93,11 @@ class BodyCollector:
         self.bodies.append(b"".join(self._parts))
 
 
-@dataclass
-class Response:
-    status: Status
-    untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Pending:
-    name: str
-    tag: str
-    parts: deque[bytes]
+@dataclass(eq=False, slots=True)
+class _Call:
     deferred: Deferred[Response]
     sink: BodySink | None  # takes any body no UID-bound sink claims
     sinks: Mapping[int, BodySink]  # the body of each of these UIDs
-    untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
 
 
 # Bytes read from the socket at once: message bodies are the bulk of the traffic, and every read
@@ -125,23 +106,25 @@ READ_SIZE = 256 * 1024
 
 
 class ImapClientProtocol(Protocol):
+    """Carries bytes between the socket and an ``ImapConnection``; keeps the timer.
+
+    Every wait for the server is bounded: while a command is outstanding and reading is not
+    paused by us, ``timeout`` seconds without a byte from the server fail every command with
+    ``ImapTimeout`` and close the connection (a hung server must not hold a device for ever).
+    The clock is injected, so tests drive it with ``twisted.internet.task.Clock``.
+    """
+
     def __init__(self, clock: IReactorTime | None = None, timeout: float = 0) -> None:
         """``timeout`` > 0 (with a ``clock``): the longest wait for the server while a command
         is outstanding; 0 waits for ever (only for tests of other things)."""
-        self.parser = ResponseParser()
+        self.connection = ImapConnection()
         self._clock = clock
         self._timeout = timeout
         self._timer: IDelayedCall | None = None
         self._paused = False
         self.greeting: Deferred[Status] = Deferred()
-        self.capabilities: frozenset[str] = frozenset()
-        self._counter = 0
-        self._pending: deque[_Pending] = deque()  # sent (or being sent), oldest first
-        self._unsent: deque[_Pending] = deque()  # queued behind a synchronizing literal
-        self._continuing: _Pending | None = None  # waiting for "+" to send its next part
-        self._streaming_to: BodySink | None = None
-        self._greeted = False
-        self._lost = False
+        self._calls: dict[Command, _Call] = {}
+        self._body_sink: BodySink | None = None
         self.read_observer: ReadObserver | None = None
 
     # -- public ---------------------------------------------------------------------------
@@ -155,38 +138,33 @@ class ImapClientProtocol(Protocol):
     ) -> Deferred[Response]:
         """Send a command; the Deferred fires with its Response, or fails with ImapError.
 
-        Message bodies in the responses go to the sink ``sinks`` names for their UID (servers
-        answer pipelined FETCHes interleaved, so order alone cannot tell whose body is whose),
-        else to ``sink``, which takes every body no UID-bound sink claims. ``continuation`` is a
-        line sent when the server asks for more (a SASL response for a server without SASL-IR).
+        Message bodies in the responses go to the sink ``sinks`` names for their UID, else to
+        ``sink``, which takes every body no UID-bound sink claims. ``continuation`` is a line
+        sent when the server asks for more (a SASL response for a server without SASL-IR).
         """
-        self._counter += 1
-        tag = f"G{self._counter}"
-        encoded = encode_command(tag, *parts, literal_plus=self.has("LITERAL+"))
-        name = " ".join(str(p) for p in parts[:2] if isinstance(p, str) and p.isupper())
-        lines = deque(encoded.parts)
-        if continuation is not None:
-            lines.append(continuation + b"\r\n")
-        pending = _Pending(name or "command", tag, lines, Deferred(), sink, sinks or {})
-        if self._lost:
-            pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))
-            return pending.deferred
-        if self._continuing is not None or self._unsent:
-            self._unsent.append(pending)
-        else:
-            self._send(pending)
-        return pending.deferred
+        sinks = sinks or {}
+        command = self.connection.send(
+            *parts, body_uids=sinks.keys(), any_body=sink is not None, continuation=continuation
+        )
+        d: Deferred[Response] = Deferred()
+        if self.connection.closed:
+            d.errback(ImapConnectionLost("connection to IMAP server lost"))
+            return d
+        self._calls[command] = _Call(d, sink, sinks)
+        self._flush()
+        return d
 
     def has(self, capability: str) -> bool:
-        return capability.upper() in self.capabilities
+        return self.connection.has(capability)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.connection.capabilities
 
     def start_tls(self, context: IOpenSSLClientConnectionCreator) -> None:
         """Switch to TLS after a successful STARTTLS; forget what was said in the clear."""
-        self.capabilities = frozenset()
+        self.connection.forget_capabilities()
         ITLSTransport(self.transport).startTLS(context)
-
-    def update_capabilities(self, tokens: Sequence[object]) -> None:
-        self.capabilities = frozenset(str(t).upper() for t in tokens[1:] if isinstance(t, str))
 
     def pauseProducing(self) -> None:
         """Stop reading (the POP client is slow); the server is not waited for meanwhile."""
@@ -205,13 +183,19 @@ class ImapClientProtocol(Protocol):
         set_buffer_size(self.transport, READ_SIZE)
 
     def dataReceived(self, data: bytes) -> None:
-        self.parser.receive_data(data)
+        connection = self.connection
+        connection.receive_data(data)
         observer = self.read_observer
         if observer is not None:
             observer.read_started()
         try:
-            while (event := self.parser.next_event()) is not None:
-                self._dispatch(event)
+            while (event := connection.next_event()) is not None:
+                if isinstance(event, LiteralChunk):
+                    if self._body_sink is not None:
+                        self._body_sink.literal_data(event.data)
+                else:
+                    self._handle(event)
+            self._flush()
         except ResponseError as e:
             self._fail_all(ImapError(f"protocol error from IMAP server: {e}"))
             self.transport.loseConnection()  # type: ignore[union-attr]
@@ -221,7 +205,6 @@ class ImapClientProtocol(Protocol):
             self._watch(progress=True)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._lost = True
         message = "connection to IMAP server lost"
         if reason is not None and not reason.check(ConnectionDone):
             # A refused certificate ends the connection too: the operator needs to see why.
@@ -230,11 +213,36 @@ class ImapClientProtocol(Protocol):
 
     # -- internals --------------------------------------------------------------------------
 
-    def _send(self, pending: _Pending) -> None:
-        self._pending.append(pending)
-        write_through(self.transport, [pending.parts.popleft()])
-        if pending.parts:
-            self._continuing = pending
+    def _handle(self, event: ConnectionEvent) -> None:
+        if isinstance(event, BodyBegin):
+            call = self._calls[event.command]
+            uid_sink = call.sinks.get(event.uid) if event.uid is not None else None
+            self._body_sink = uid_sink if uid_sink is not None else call.sink
+            if self._body_sink is not None:
+                self._body_sink.literal_begin(event.size)
+        elif isinstance(event, LiteralEnd):
+            if self._body_sink is not None:
+                self._body_sink.literal_end()
+            self._body_sink = None
+        elif isinstance(event, Completed):
+            d = self._calls.pop(event.command).deferred
+            status = event.response.status
+            if status.kind == "OK":
+                d.callback(event.response)
+            else:
+                d.errback(ImapCommandFailed(event.command.name, status))
+        elif isinstance(event, Greeting):
+            if event.status.kind in ("OK", "PREAUTH"):
+                self.greeting.callback(event.status)
+            else:
+                self.greeting.errback(ImapCommandFailed("greeting", event.status))
+        elif isinstance(event, Bye):
+            self._fail_all(ImapConnectionLost(f"IMAP server said BYE: {event.status.text}"))
+
+    def _flush(self) -> None:
+        out = self.connection.data_to_send()
+        if out and self.transport is not None:
+            write_through(self.transport, out)
         self._watch()
 
     def _watch(self, progress: bool = False) -> None:
@@ -245,7 +253,7 @@ class ImapClientProtocol(Protocol):
         if self._clock is None or self._timeout <= 0:
             return
         timer = self._timer
-        waiting = bool(self._pending) and not self._paused and not self._lost
+        waiting = self.connection.awaiting_server and not self._paused
         if not waiting:
             if timer is not None and timer.active():
                 timer.cancel()
@@ -257,7 +265,8 @@ class ImapClientProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        waited_for = self._pending[0].name if self._pending else "command"
+        oldest = self.connection.oldest
+        waited_for = oldest.name if oldest is not None else "command"
         self._fail_all(
             ImapTimeout(f"no answer from IMAP server to {waited_for} within {self._timeout:g}s")
         )
@@ -266,126 +275,12 @@ class ImapClientProtocol(Protocol):
             abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
             abort()
 
-    def _dispatch(self, event: object) -> None:
-        if isinstance(event, LiteralChunk):
-            if self._streaming_to is not None:
-                self._streaming_to.literal_data(event.data)
-        elif isinstance(event, LiteralBegin):
-            uid = event.uid if event.uid is not None else fetch_uid(event.prefix)
-            self._streaming_to = self._sink_for(uid)
-            if self._streaming_to is not None:
-                self._streaming_to.literal_begin(event.size)
-        elif isinstance(event, LiteralEnd):
-            if self._streaming_to is not None:
-                self._streaming_to.literal_end()
-            self._streaming_to = None
-        elif isinstance(event, Data):
-            self._untagged(event)
-        elif isinstance(event, Status):
-            if event.tag != "*":
-                self._complete(event)
-            else:
-                self._untagged(event)
-        elif isinstance(event, FetchBatch):
-            if self._pending:
-                self._pending[0].untagged.append(event)
-        elif isinstance(event, Continuation):
-            self._continue()
-
-    def _untagged(self, event: Status | Data) -> None:
-        if isinstance(event, Status):
-            if event.code_name == "CAPABILITY" and event.code:
-                self.update_capabilities(event.code)
-            if not self._greeted:
-                self._greeted = True
-                if event.kind in ("OK", "PREAUTH"):
-                    self.greeting.callback(event)
-                else:
-                    self.greeting.errback(ImapCommandFailed("greeting", event))
-                return
-            if event.kind == "BYE":
-                self._fail_all(ImapConnectionLost(f"IMAP server said BYE: {event.text}"))
-                return
-        elif event.tokens and str(event.tokens[0]).upper() == "CAPABILITY":
-            self.update_capabilities(event.tokens)
-        if self._pending:
-            self._pending[0].untagged.append(event)
-            if isinstance(event, Data):
-                _deliver_inline_bodies(event, self._sink_for)
-
-    def _sink_for(self, uid: int | None) -> BodySink | None:
-        """The sink waiting for the body of ``uid``, else the first one taking any body."""
-        if uid is not None:
-            for p in self._pending:
-                if uid in p.sinks:
-                    return p.sinks[uid]
-        return next((p.sink for p in self._pending if p.sink is not None), None)
-
-    def _complete(self, status: Status) -> None:
-        if status.code_name == "CAPABILITY" and status.code:
-            self.update_capabilities(status.code)
-        for pending in self._pending:
-            if pending.tag == status.tag:
-                break
-        else:
-            return  # a tag we never sent: ignore rather than misattribute
-        self._pending.remove(pending)
-        if pending is self._continuing:
-            self._continuing = None  # refused before its literal was wanted
-            self._flush_unsent()
-        if status.kind == "OK":
-            pending.deferred.callback(Response(status, pending.untagged))
-        else:
-            pending.deferred.errback(ImapCommandFailed(pending.name, status))
-
-    def _continue(self) -> None:
-        pending = self._continuing
-        if pending is None:
-            return
-        write_through(self.transport, [pending.parts.popleft()])
-        if not pending.parts:
-            self._continuing = None
-            self._flush_unsent()
-
-    def _flush_unsent(self) -> None:
-        while self._unsent and self._continuing is None:
-            self._send(self._unsent.popleft())
-
     def _fail_all(self, error: ImapError) -> None:
-        if not self._greeted:
-            self._greeted = True
+        if not self.connection.greeted:
+            self.connection.greeted = True
             self.greeting.errback(error)
-        waiting = list(self._pending) + list(self._unsent)
-        self._pending.clear()
-        self._unsent.clear()
-        self._continuing = None
-        self._lost = True
+        waiting = [self._calls.pop(command) for command in self.connection.abandon()]
+        self._body_sink = None
         self._watch()
-        for pending in waiting:
-            pending.deferred.errback(error)
-
-
-def _deliver_inline_bodies(event: Data, sink_for: Callable[[int | None], BodySink | None]) -> None:
-    """Hand a body that arrived inside its FETCH line to its sink, as if it had been streamed.
-
-    Small literals are parsed inline; callers should not have to care which way a body came.
-    """
-    tokens = event.tokens
-    if len(tokens) < 3 or str(tokens[1]).upper() != "FETCH" or not isinstance(tokens[2], list):
-        return
-    items = tokens[2]
-    if not any(isinstance(value, bytes) for value in items[1::2]):
-        return  # every body was streamed already (or there is none)
-    uid = None
-    for i in range(0, len(items) - 1, 2):
-        if str(items[i]).upper() == "UID" and str(items[i + 1]).isdigit():
-            uid = int(str(items[i + 1]))
-    for i in range(0, len(items) - 1, 2):
-        value = items[i + 1]
-        if isinstance(value, bytes) and str(items[i]).upper().startswith("BODY["):
-            sink = sink_for(uid)
-            if sink is None:
-                return
-            sink.literal_begin(len(value))
-            sink.literal_data(value)
-            sink.literal_end()
+        for call in waiting:
+            call.deferred.errback(error)

@@ -89,7 +89,7 @@ def test_inline_body_reaches_the_sink_even_behind_a_pipelined_store() -> None:
 
 def test_large_body_streams_to_the_sink() -> None:
     proto, _transport = connected()
-    proto.parser.stream_threshold = 4
+    proto.connection.parser.stream_threshold = 4
     sink = Sink()
     d = proto.command(Atom("UID"), Atom("FETCH"), Atom("7"), [Atom("BODY.PEEK[]")], sink=sink)
     proto.dataReceived(b"* 1 FETCH (UID 7 BODY[] {10}\r\n01234")
@@ -124,7 +124,7 @@ def test_protocol_garbage_drops_the_connection() -> None:
 @pytest.mark.parametrize("threshold", [4, 64 * 1024])  # streamed or inline bodies
 def test_pipelined_fetches_answered_together_each_get_their_own_body(threshold: int) -> None:
     proto, _ = connected()
-    proto.parser.stream_threshold = threshold
+    proto.connection.parser.stream_threshold = threshold
     first, second = Sink(), Sink()
     proto.command(Atom("UID"), Atom("FETCH"), Atom("2"), [], sinks={2: first})
     proto.command(Atom("UID"), Atom("FETCH"), Atom("3"), [], sinks={3: second})
