@@ -37,9 +37,10 @@ from twisted.internet.interfaces import IReactorTime
 from gateway.config import ImapUpstream
 from gateway.metrics import DISCARD, Metrics, since
 from gateway.proto.imap import Atom, encode_mailbox
+from gateway.proto.imap_responses import fetched, search_result
 from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
-from gateway.upstream.account import ImapAccount, LoginRejected, fetched, search_result
+from gateway.upstream.account import ImapAccount, LoginRejected
 from gateway.upstream.imap_client import ImapCommandFailed
 
 DEFAULT_SENT = "Sent"

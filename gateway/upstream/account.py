@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -22,19 +22,14 @@ from gateway.config import ImapUpstream
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
 from gateway.maildrop.uidset import format_uid_set
 from gateway.maildrop.views import IndexedMessage
+from gateway.proto import imap_responses as decode
 from gateway.proto.imap import (
     Atom,
     CommandPart,
-    Data,
-    FetchBatch,
     Literal,
-    Status,
-    StreamedLiteral,
-    Token,
-    decode_mailbox,
     encode_mailbox,
-    fetch_items,
 )
+from gateway.proto.imap_responses import MailboxEntry, Metadata
 from gateway.tls import client_context_factory
 from gateway.upstream.imap_client import (
     BodyCollector,
@@ -236,23 +231,7 @@ class ImapAccount:
             response = await self.proto.command(verb, encode_mailbox(mailbox), [Atom("CONDSTORE")])
         else:
             response = await self.proto.command(verb, encode_mailbox(mailbox))
-        uidvalidity, exists, keywords, uidnext, modseq = 0, 0, False, 0, 0
-        for item in response.untagged:
-            if isinstance(item, Data):
-                if len(item.tokens) >= 2 and str(item.tokens[1]).upper() == "EXISTS":
-                    exists = int(str(item.tokens[0]))
-            elif not isinstance(item, Status):
-                continue
-            elif item.code_name == "UIDVALIDITY" and item.code and len(item.code) > 1:
-                uidvalidity = int(str(item.code[1]))
-            elif item.code_name == "UIDNEXT" and item.code and len(item.code) > 1:
-                uidnext = int(str(item.code[1]))
-            elif item.code_name == "HIGHESTMODSEQ" and item.code and len(item.code) > 1:
-                modseq = int(str(item.code[1]))
-            elif item.code_name == "PERMANENTFLAGS" and item.code and len(item.code) > 1:
-                flags = item.code[1]
-                keywords = isinstance(flags, list) and "\\*" in flags
-        info = MailboxInfo(uidvalidity, exists, keywords, uidnext, modseq)
+        info = MailboxInfo(*decode.opened_mailbox(response))
         self.selected = Selected(mailbox, readonly, info)
         return info
 
@@ -298,23 +277,7 @@ class ImapAccount:
 
     @staticmethod
     def _index_entries(response: Response) -> list[IndexedMessage]:
-        entries: list[IndexedMessage] = []
-        # Few distinct flag combinations occur in a mailbox: share one frozenset for each.
-        flag_sets: dict[bytes, frozenset[str]] = {}
-        for item in response.untagged:
-            if isinstance(item, FetchBatch):
-                for _, uid, size, raw_flags, emailid in item.rows:
-                    flags = flag_sets.get(raw_flags)
-                    if flags is None:
-                        flags = frozenset(raw_flags.decode("utf-8", "replace").split())
-                        flag_sets[raw_flags] = flags
-                    entries.append(
-                        IndexedMessage(int(uid), int(size), flags, emailid.decode() or None)
-                    )
-            elif isinstance(item, Data) and len(item.tokens) >= 3:
-                entry = _indexed_from_tokens(item)
-                if entry is not None:
-                    entries.append(entry)
+        entries = decode.index_rows(response, IndexedMessage)
         entries.sort(key=lambda e: e.uid)
         return entries
 
@@ -350,17 +313,7 @@ class ImapAccount:
             )
         else:
             response = await self.proto.command(Atom("LIST"), "", "*")
-        entries = []
-        for item in response.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 4:
-                continue
-            if str(item.tokens[0]).upper() != "LIST" or not isinstance(item.tokens[1], list):
-                continue
-            raw = item.tokens[3]
-            name = raw if isinstance(raw, bytes) else str(raw).encode()
-            attributes = frozenset(str(a).lower() for a in item.tokens[1])
-            entries.append(MailboxEntry(decode_mailbox(name), attributes))
-        return entries
+        return decode.listed_mailboxes(response)
 
     async def find_special_use(self, use: str) -> str | None:
         """The mailbox marked with SPECIAL-USE ``use`` (e.g. ``\\Trash``), if any."""
@@ -385,7 +338,7 @@ class ImapAccount:
         response = await self.proto.command(
             Atom("UID"), Atom("SEARCH"), Atom("KEYWORD"), Atom(keyword)
         )
-        return search_result(response)
+        return decode.search_result(response)
 
     async def fetch_arrivals(self, uids: Iterable[int]) -> list[tuple[int, int, datetime]]:
         """(UID, size, INTERNALDATE) of ``uids``: what retention decides on."""
@@ -398,33 +351,14 @@ class ImapAccount:
             Atom(uid_set),
             [Atom("UID"), Atom("RFC822.SIZE"), Atom("INTERNALDATE")],
         )
-        result = []
-        for fields in fetched(response):
-            uid, size, date = (
-                fields.get("UID"),
-                fields.get("RFC822.SIZE"),
-                fields.get("INTERNALDATE"),
-            )
-            if uid is None or size is None or not isinstance(date, bytes):
-                continue
-            result.append((int(str(uid)), int(str(size)), parse_internaldate(date)))
-        return sorted(result)
+        return decode.arrivals(response)
 
     async def storage_quota(self, mailbox: str) -> tuple[int, int] | None:
         """(used, limit) in KiB of the STORAGE resource of ``mailbox``'s quota root, if any."""
         if not self.proto.has("QUOTA"):
             return None
         response = await self.proto.command(Atom("GETQUOTAROOT"), encode_mailbox(mailbox))
-        for item in response.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 3:
-                continue
-            if str(item.tokens[0]).upper() != "QUOTA" or not isinstance(item.tokens[2], list):
-                continue
-            resources = item.tokens[2]
-            for i in range(0, len(resources) - 2, 3):
-                if str(resources[i]).upper() == "STORAGE":
-                    return int(str(resources[i + 1])), int(str(resources[i + 2]))
-        return None
+        return decode.storage_quota(response)
 
     async def move(self, uids: Iterable[int], target: str) -> None:
         """Move messages of the selected mailbox to ``target``: once, even across retries.
@@ -478,7 +412,7 @@ class ImapAccount:
             Atom("KEYWORD"),
             Atom(MOVE_MARKER),
         )
-        suspects = search_result(response)
+        suspects = decode.search_result(response)
         if not suspects:
             return set()
         sources = await self._identities(suspects)
@@ -498,7 +432,9 @@ class ImapAccount:
                 )
                 for mid in sorted({identity[0] for identity in sources.values()})
             ]
-            found = sorted({uid for r in await gatherResults(searches) for uid in search_result(r)})
+            found = sorted(
+                {uid for r in await gatherResults(searches) for uid in decode.search_result(r)}
+            )
             copies = (await self._identities(found)).values()
         finally:
             await self.examine(source, readonly=False)
@@ -518,16 +454,11 @@ class ImapAccount:
             sinks=headers,
         )
         result = {}
-        for fields in fetched(response):
-            uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
-            date = fields.get("INTERNALDATE")
-            if uid is None or size is None or not isinstance(date, bytes | str):
-                continue
-            collector = headers.get(int(str(uid)))
+        for uid, size, date in decode.sizes_and_dates(response):
+            collector = headers.get(uid)
             found = message_id(b"".join(collector.bodies)) if collector else ""
             if found:
-                date_bytes = date if isinstance(date, bytes) else date.encode()
-                result[int(str(uid))] = (found, int(str(size)), date_bytes)
+                result[uid] = (found, size, date)
         return result
 
     async def expunge(self, uids: Iterable[int]) -> bool:
@@ -558,30 +489,7 @@ class ImapAccount:
         if options:
             parts.append(options)
         parts += [encode_mailbox(mailbox), list(entries)]
-        response = await self.proto.command(*parts)
-        values: dict[str, bytes] = {}
-        streamed: list[str] = []
-        for item in response.untagged:
-            if not isinstance(item, Data) or len(item.tokens) < 3:
-                continue
-            if str(item.tokens[0]).upper() != "METADATA" or not isinstance(item.tokens[2], list):
-                continue
-            pairs = item.tokens[2]
-            for i in range(0, len(pairs) - 1, 2):
-                name, value = pairs[i], pairs[i + 1]
-                if not isinstance(name, (str, bytes)):
-                    continue
-                text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
-                if isinstance(value, bytes):
-                    values[text.lower()] = value
-                elif isinstance(value, StreamedLiteral):
-                    streamed.append(text.lower())  # too large to keep: its bytes were dropped
-        long_entries = 0
-        status = response.status
-        if status.code_name == "METADATA" and status.code and len(status.code) >= 3:
-            if str(status.code[1]).upper() == "LONGENTRIES" and str(status.code[2]).isdigit():
-                long_entries = int(str(status.code[2]))
-        return Metadata(values, long_entries, streamed)
+        return decode.metadata(await self.proto.command(*parts))
 
     async def set_metadata(self, mailbox: str, values: Mapping[str, bytes | None]) -> None:
         """RFC 5464 SETMETADATA: set each entry (``None`` removes it), in one command (Dovecot
@@ -602,14 +510,7 @@ class ImapAccount:
             )
         except ImapCommandFailed:
             return None
-        for item in response.untagged:
-            if isinstance(item, Data) and len(item.tokens) >= 3:
-                if str(item.tokens[0]).upper() == "STATUS" and isinstance(item.tokens[2], list):
-                    attrs = item.tokens[2]
-                    for i in range(0, len(attrs) - 1, 2):
-                        if str(attrs[i]).upper() == "MESSAGES" and str(attrs[i + 1]).isdigit():
-                            return int(str(attrs[i + 1]))
-        return None
+        return decode.status_messages(response)
 
     async def delete_mailbox(self, name: str) -> None:
         await self.proto.command(Atom("DELETE"), encode_mailbox(name))
@@ -633,69 +534,6 @@ class ImapAccount:
 
     def abort(self) -> None:
         _abort(self.proto)
-
-
-@dataclass(frozen=True, slots=True)
-class Metadata:
-    """What GETMETADATA returned: entry name (lower-cased) → value; NIL entries are left out."""
-
-    values: dict[str, bytes]
-    long_entries: int = 0  # [METADATA LONGENTRIES n]: the largest value left out over MAXSIZE
-    # Entries whose values came as literals too large to keep (over the parser's stream
-    # threshold, 64 KiB): named, their bytes dropped unread.
-    streamed: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class MailboxEntry:
-    name: str
-    attributes: frozenset[str]  # lower-cased, e.g. "\\trash", "\\hasnochildren"
-
-
-def fetched(response: Response) -> Iterator[dict[str, Token]]:
-    """The items of each FETCH line of ``response`` (keys upper-cased), in the order sent."""
-    for item in response.untagged:
-        if isinstance(item, Data) and len(item.tokens) >= 3:
-            if str(item.tokens[1]).upper() == "FETCH":
-                yield fetch_items(item.tokens)[1]
-
-
-def search_result(response: Response) -> list[int]:
-    uids: list[int] = []
-    for item in response.untagged:
-        if isinstance(item, Data) and item.tokens and str(item.tokens[0]).upper() == "SEARCH":
-            uids.extend(int(str(t)) for t in item.tokens[1:] if str(t).isdigit())
-    return sorted(uids)
-
-
-def parse_internaldate(raw: bytes) -> datetime:
-    """``17-Jul-1996 02:44:25 -0700`` → an aware datetime (RFC 3501 date-time)."""
-    return datetime.strptime(raw.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z")
-
-
-def _indexed_from_tokens(item: Data) -> IndexedMessage | None:
-    """The slow path for FETCH lines the parser's fast path did not take (other item order)."""
-    if str(item.tokens[1]).upper() != "FETCH":
-        return None
-    _, fields = fetch_items(item.tokens)
-    uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
-    if uid is None or size is None:
-        return None
-    flags = fields.get("FLAGS")
-    return IndexedMessage(
-        int(str(uid)),
-        int(str(size)),
-        frozenset(str(f) for f in flags) if isinstance(flags, list) else frozenset(),
-        _first_str(fields.get("EMAILID")),
-    )
-
-
-def _first_str(token: Token) -> str | None:
-    if isinstance(token, list):
-        token = token[0] if token else None
-    if isinstance(token, bytes):
-        return token.decode("ascii", "replace")
-    return str(token) if token is not None else None
 
 
 Identity = tuple[str, int, bytes]  # Message-ID, RFC822.SIZE, INTERNALDATE

@@ -49,7 +49,8 @@ from gateway.maildrop.views import (
     InvalidState,
 )
 from gateway.proto.imap import Atom, encode_mailbox
-from gateway.upstream.account import ImapAccount, search_result
+from gateway.proto.imap_responses import search_result
+from gateway.upstream.account import ImapAccount
 from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed, ImapError
 
 log = logging.getLogger("popgate.state")

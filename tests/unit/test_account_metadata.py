@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
-from gateway.upstream.account import ImapAccount, Metadata
+from gateway.proto.imap_responses import Metadata
+from gateway.upstream.account import ImapAccount
 from gateway.upstream.imap_client import ImapClientProtocol, ImapCommandFailed
 
 
