@@ -124,14 +124,14 @@ class UpstreamMaildrop:
     def imap_transport(self) -> object:
         """What to pause while the POP client is slow (push producer): the IMAP client, which
         pauses its transport and stops its response timer meanwhile."""
-        return self.account.proto
+        return self.account.producer
 
     def fetch(self, info: MessageInfo, sink: BodySink) -> Deferred[Response]:
         return self.account.fetch_body(info.uid, sink)
 
     def observe_reads(self, observer: ReadObserver | None) -> None:
         """Tell ``observer`` when each read from upstream starts and ends being handled."""
-        self.account.proto.read_observer = observer
+        self.account.observe_reads(observer)
 
     def fetch_many(self, sinks: Mapping[int, BodySink]) -> Deferred[Response]:
         """Several bodies in one command (by UID), for fetching ahead."""

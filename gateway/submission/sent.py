@@ -36,8 +36,6 @@ from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import ImapUpstream
 from gateway.metrics import DISCARD, Metrics, since
-from gateway.proto.imap import Atom, encode_mailbox
-from gateway.proto.imap_responses import fetched, search_result
 from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
 from gateway.upstream.account import ImapAccount, LoginRejected
@@ -165,24 +163,13 @@ class SentWriter:
             await account.examine(mailbox)
         except ImapCommandFailed:
             return None  # no such mailbox yet: no earlier copy either
-        charset = [] if message_id.isascii() else [Atom("CHARSET"), Atom("UTF-8")]
-        response = await account.proto.command(
-            Atom("UID"), Atom("SEARCH"), *charset, Atom("HEADER"), "Message-ID", message_id
-        )
-        candidates = search_result(response)[-MAX_CANDIDATES:]
+        charset = None if message_id.isascii() else "UTF-8"
+        found = await account.search_header("Message-ID", message_id, charset=charset)
+        candidates = found[-MAX_CANDIDATES:]
         if not candidates:
             return None
-        sizes = await account.proto.command(
-            Atom("UID"),
-            Atom("FETCH"),
-            Atom(",".join(str(u) for u in candidates)),
-            [Atom("UID"), Atom("RFC822.SIZE")],
-        )
-        same_size = []
-        for fields in fetched(sizes):
-            found_uid, size = fields.get("UID"), fields.get("RFC822.SIZE")
-            if found_uid is not None and str(size) == str(len(copy)):
-                same_size.append(int(str(found_uid)))
+        sizes = await account.fetch_sizes(candidates)
+        same_size = [uid for uid, size in sizes if size == len(copy)]
         wanted = hashlib.sha256(copy).digest()
         for uid in sorted(same_size, reverse=True):  # newest first: a copy stored twice is recent
             sink = DigestSink()
@@ -194,19 +181,9 @@ class SentWriter:
     async def _append(self, account: ImapAccount, mailbox: str, copy: bytes, created: float) -> str:
         async def append() -> str:
             started = time.perf_counter()
-            response = await account.proto.command(
-                Atom("APPEND"),
-                encode_mailbox(mailbox),
-                [Atom("\\Seen")],
-                internaldate(created),
-                copy,
-            )
+            uid = await account.append(mailbox, copy, ["\\Seen"], internaldate(created))
             self.metrics.sent_append_seconds.observe(since(started))
-            code = response.status.code
-            if response.status.code_name == "APPENDUID" and code and len(code) >= 3:
-                uid = code[2]
-                return f" (uid {uid.decode() if isinstance(uid, bytes) else uid})"
-            return ""
+            return f" (uid {uid})" if uid is not None else ""
 
         try:
             return await append()

@@ -38,6 +38,7 @@ from gateway.upstream.imap_client import (
     ImapCommandFailed,
     ImapConnectionLost,
     ImapError,
+    ReadObserver,
     Response,
 )
 
@@ -281,6 +282,16 @@ class ImapAccount:
         entries.sort(key=lambda e: e.uid)
         return entries
 
+    @property
+    def producer(self) -> ImapClientProtocol:
+        """What to pause while the reader of the bodies is slow (a push producer): the IMAP
+        client, which pauses its transport and stops its response timer meanwhile."""
+        return self.proto
+
+    def observe_reads(self, observer: ReadObserver | None) -> None:
+        """Tell ``observer`` when each read from upstream starts and ends being handled."""
+        self.proto.read_observer = observer
+
     def fetch_body(self, uid: int, sink: BodySink) -> Deferred[Response]:
         """Stream the message to ``sink`` without setting \\Seen (BODY.PEEK)."""
         return self.fetch_bodies({uid: sink})
@@ -333,6 +344,64 @@ class ImapAccount:
             if any(entry.name == name for entry in await self.list_mailboxes()):
                 return  # servers without RFC 5530 codes
             raise
+
+    def offers(self, capability: str) -> bool:
+        """Whether the server announced ``capability`` (e.g. ``METADATA``)."""
+        return self.proto.has(capability)
+
+    async def search_header(
+        self, header: str, value: str, *, charset: str | None = None
+    ) -> list[int]:
+        """UIDs in the selected mailbox whose ``header`` contains ``value`` (UID SEARCH
+        HEADER), sorted; ``charset`` (e.g. "UTF-8") names the charset of a non-ASCII value."""
+        parts: list[CommandPart] = [Atom("UID"), Atom("SEARCH")]
+        if charset is not None:
+            parts += [Atom("CHARSET"), Atom(charset)]
+        response = await self.proto.command(*parts, Atom("HEADER"), header, value)
+        return decode.search_result(response)
+
+    async def fetch_sizes(self, uids: Sequence[int]) -> list[tuple[int, int]]:
+        """(UID, RFC822.SIZE) of those of ``uids`` that exist, in the server's order."""
+        response = await self.proto.command(
+            Atom("UID"),
+            Atom("FETCH"),
+            Atom(",".join(str(u) for u in uids)),
+            [Atom("UID"), Atom("RFC822.SIZE")],
+        )
+        return list(decode.sizes(response))
+
+    async def fetch_body_prefixes(self, sinks: Mapping[int, BodySink], octets: int) -> None:
+        """The first ``octets`` of the body of each UID of ``sinks``, to its sink (without
+        setting \\Seen); a UID that no longer exists is left out."""
+        await self.proto.command(
+            Atom("UID"),
+            Atom("FETCH"),
+            Atom(",".join(str(u) for u in sinks)),
+            [Atom("UID"), Atom(f"BODY.PEEK[]<0.{octets}>")],
+            sinks=sinks,
+        )
+
+    async def append(
+        self,
+        mailbox: str,
+        message: bytes,
+        flags: Sequence[str] = (),
+        internaldate: str | None = None,
+    ) -> str | None:
+        """APPEND ``message`` to ``mailbox``; the UID the server gave it (APPENDUID), if told.
+        Fails with ImapCommandFailed (``TRYCREATE`` when the mailbox does not exist)."""
+        parts: list[CommandPart] = [Atom("APPEND"), encode_mailbox(mailbox)]
+        if flags:
+            parts.append([Atom(f) for f in flags])
+        if internaldate is not None:
+            parts.append(internaldate)
+        response = await self.proto.command(*parts, message)
+        return decode.appended_uid(response.status)
+
+    async def expunge_deleted(self) -> None:
+        """A plain EXPUNGE: removes *every* message flagged \\Deleted in the selected mailbox.
+        Only for mailboxes that hold nothing but the gateway's own messages."""
+        await self.proto.command(Atom("EXPUNGE"))
 
     async def search_keyword(self, keyword: str) -> list[int]:
         response = await self.proto.command(

@@ -48,8 +48,6 @@ from gateway.maildrop.views import (
     IndexedMessage,
     InvalidState,
 )
-from gateway.proto.imap import Atom, encode_mailbox
-from gateway.proto.imap_responses import search_result
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed, ImapError
 
@@ -136,7 +134,7 @@ async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str)
 
 
 def _offers_metadata(account: ImapAccount) -> bool:
-    return account.proto.has("METADATA")
+    return account.offers("METADATA")
 
 
 def merge_copies(
@@ -205,10 +203,7 @@ class MailboxStore:
 
     async def _find(self, account: ImapAccount, key: str) -> list[int]:
         """UIDs of the state messages whose header holds ``key`` (a substring match)."""
-        response = await account.proto.command(
-            Atom("UID"), Atom("SEARCH"), Atom("HEADER"), STATE_HEADER, key
-        )
-        return search_result(response)
+        return await account.search_header(STATE_HEADER, key)
 
     async def _bodies(self, account: ImapAccount, uids: list[int]) -> dict[int, bytes]:
         """The bodies of the newest ``MAX_COPIES`` of ``uids``, each cut after MAX_STATE_BYTES
@@ -217,13 +212,7 @@ class MailboxStore:
         if not uids:
             return {}
         sinks = {uid: BodyCollector() for uid in uids}
-        await account.proto.command(
-            Atom("UID"),
-            Atom("FETCH"),
-            Atom(",".join(str(u) for u in uids)),
-            [Atom("UID"), Atom(f"BODY.PEEK[]<0.{MAX_STATE_BYTES + 1}>")],
-            sinks=sinks,
-        )
+        await account.fetch_body_prefixes(sinks, MAX_STATE_BYTES + 1)
         return {uid: sink.bodies[0] for uid, sink in sinks.items() if sink.bodies}
 
     async def _read(
@@ -243,7 +232,7 @@ class MailboxStore:
     async def remove(self, account: ImapAccount, uids: list[int]) -> None:
         if uids and not await account.expunge(uids):
             # No UIDPLUS: only the gateway's own state messages live here, all marked for removal.
-            await account.proto.command(Atom("EXPUNGE"))
+            await account.expunge_deleted()
 
     async def load(
         self,
@@ -286,9 +275,7 @@ class MailboxStore:
     async def _write(self, account: ImapAccount, state: DeviceState, old: list[int]) -> None:
         message = state.to_message()
         _check_size(state, message)
-        await account.proto.command(
-            Atom("APPEND"), encode_mailbox(self.state_mailbox), [Atom("\\Seen")], message
-        )
+        await account.append(self.state_mailbox, message, ["\\Seen"])
         await self.remove(account, old)
 
     async def save(
