@@ -15,8 +15,6 @@ form: ``("body", tag, uid, size)``, ``("data", bytes)``, ``("end",)``, ``("done"
 
 from __future__ import annotations
 
-import textwrap
-
 from gateway.proto.imap import CommandPart, LiteralChunk, LiteralEnd
 from gateway.proto.imap_connection import (
     BodyBegin,
@@ -58,6 +56,18 @@ def merge_chunks(events: list[Compact]) -> list[Compact]:
     return merged
 
 
+def steps(transcript: str) -> list[tuple[str, bytes]]:
+    """``C: text`` / ``S: text`` lines (indented as you like, blank lines skipped) as (who,
+    the line with its CRLF)."""
+    result = []
+    for line in transcript.splitlines():
+        line = line.lstrip()
+        if line:
+            who, _, text = line.partition(":")
+            result.append((who, text.removeprefix(" ").encode() + b"\r\n"))
+    return result
+
+
 class Playbook:
     def __init__(self, capabilities: str = "IMAP4rev1", stream_threshold: int = 64 * 1024):
         self.conn = ImapConnection(stream_threshold)
@@ -82,15 +92,47 @@ class Playbook:
 
     def play(self, transcript: str) -> None:
         expected = b""
-        for line in textwrap.dedent(transcript).strip("\n").splitlines():
-            who, _, text = line.partition(":")
-            text = text.removeprefix(" ")
-            data = text.encode() + b"\r\n"
+        for who, data in steps(transcript):
             if who == "C":
                 expected += data
                 continue
-            assert who == "S", line
+            assert who == "S", data
             assert self.written() == expected
             expected = b""
             self.feed(data)
+        assert self.written() == expected
+
+
+class AccountPlaybook:
+    """The same transcripts for an ``ImapAccount`` on a StringTransport: ``C:`` lines are what
+    the account's operations wrote, ``S:`` lines the server's answers."""
+
+    def __init__(self, capabilities: str = "IMAP4rev1") -> None:
+        # Imported here: the connection's own transcripts need no Twisted.
+        from twisted.internet.testing import StringTransport
+
+        from gateway.upstream.account import ImapAccount
+        from gateway.upstream.imap_client import ImapClientProtocol
+
+        self.protocol = ImapClientProtocol()
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(f"* OK [CAPABILITY {capabilities}] ready\r\n".encode())
+        self.account = ImapAccount(self.protocol)
+
+    def written(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return bytes(value)
+
+    def play(self, transcript: str) -> None:
+        expected = b""
+        for who, data in steps(transcript):
+            if who == "C":
+                expected += data
+                continue
+            assert who == "S", data
+            assert self.written() == expected
+            expected = b""
+            self.protocol.dataReceived(data)
         assert self.written() == expected

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import StringTransport
 
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
 from gateway.maildrop.views import IndexedMessage
-from gateway.upstream.account import ImapAccount
-from gateway.upstream.imap_client import ImapClientProtocol
+from tests.unit.imap_playbook import AccountPlaybook
 
 V1 = MailboxVersion(uidvalidity=9, uidnext=3, exists=2, highestmodseq=40)
 INDEX = [IndexedMessage(1, 10, frozenset()), IndexedMessage(2, 20, frozenset())]
@@ -48,55 +46,59 @@ def test_bounded_by_messages_least_recently_used_first() -> None:
     assert not cache.known(("huge", "INBOX")) and len(cache) == 2
 
 
-EXAMINE_REPLY = (
-    b"* 2 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\n* OK [UIDNEXT 3] x\r\n"
-    b"* OK [HIGHESTMODSEQ %d] x\r\n%s OK [READ-ONLY] done\r\n"
-)
-FETCH_REPLY = (
-    b"* 1 FETCH (UID 1 RFC822.SIZE 10 FLAGS ())\r\n"
-    b"* 2 FETCH (UID 2 RFC822.SIZE 20 FLAGS ())\r\n%s OK done\r\n"
-)
+def snapshot(pb: AccountPlaybook, cache: SnapshotCache) -> Deferred[object]:
+    return Deferred.fromCoroutine(pb.account.snapshot("INBOX", cache=cache, cache_key=KEY))
 
 
-def account() -> tuple[ImapAccount, StringTransport]:
-    proto = ImapClientProtocol()
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    proto.dataReceived(b"* OK [CAPABILITY IMAP4rev1 CONDSTORE] hi\r\n")
-    return ImapAccount(proto), transport
-
-
-def run_snapshot(
-    acct: ImapAccount, transport: StringTransport, cache: SnapshotCache, modseq: int
-) -> tuple[list[bytes], object]:
-    """Answer the account's commands like a server would, until the snapshot is done."""
-    d = Deferred.fromCoroutine(acct.snapshot("INBOX", cache=cache, cache_key=KEY))
-    sent: list[bytes] = []
-    while not d.called:
-        lines = transport.value().splitlines()
-        transport.clear()
-        if not lines:
-            break
-        for line in lines:
-            sent.append(line)
-            tag = line.split()[0]
-            if b"EXAMINE" in line:
-                acct.proto.dataReceived(EXAMINE_REPLY % (modseq, tag))
-            elif b"FETCH" in line:
-                acct.proto.dataReceived(FETCH_REPLY % tag)
-    return sent, d.result
+EXAMINED = """
+    S: * 2 EXISTS
+    S: * OK [UIDVALIDITY 9] x
+    S: * OK [UIDNEXT 3] x
+    S: * OK [HIGHESTMODSEQ {modseq}] x
+    S: {tag} OK [READ-ONLY] done
+"""
+FETCHED = """
+    S: * 1 FETCH (UID 1 RFC822.SIZE 10 FLAGS ())
+    S: * 2 FETCH (UID 2 RFC822.SIZE 20 FLAGS ())
+    S: {tag} OK done
+"""
 
 
 def test_an_unchanged_mailbox_is_not_fetched_again() -> None:
-    acct, transport = account()
+    pb = AccountPlaybook("IMAP4rev1 CONDSTORE")
     cache = SnapshotCache(100)
-    sent, (info, index) = run_snapshot(acct, transport, cache, 40)  # type: ignore[misc]
-    assert [s.split()[1] for s in sent] == [b"EXAMINE", b"UID"]  # pipelined, first time
+    first = snapshot(pb, cache)
+    pb.play(  # the first time: EXAMINE and FETCH pipelined
+        """
+        C: G1 EXAMINE "INBOX" (CONDSTORE)
+        C: G2 UID FETCH 1:* (UID RFC822.SIZE FLAGS)
+        """
+        + EXAMINED.format(modseq=40, tag="G1")
+        + FETCHED.format(tag="G2")
+    )
+    info, index = first.result  # type: ignore[misc]
     assert [m.uid for m in index] == [1, 2]
-    sent, (info, index) = run_snapshot(acct, transport, cache, 40)  # type: ignore[misc]
-    assert [s.split()[1] for s in sent] == [b"EXAMINE"]  # nothing changed: no FETCH
-    assert sent[0].endswith(b"(CONDSTORE)")
+
+    again = snapshot(pb, cache)
+    pb.play(  # nothing changed: no FETCH
+        """
+        C: G3 EXAMINE "INBOX" (CONDSTORE)
+        """
+        + EXAMINED.format(modseq=40, tag="G3")
+    )
+    info, index = again.result  # type: ignore[misc]
     assert [m.uid for m in index] == [1, 2]
-    sent, (info, index) = run_snapshot(acct, transport, cache, 41)  # type: ignore[misc]
-    assert [s.split()[1] for s in sent] == [b"EXAMINE", b"UID"]  # a change: fetched anew
+
+    changed = snapshot(pb, cache)
+    pb.play(  # a change: the open is awaited, then the index fetched anew
+        """
+        C: G4 EXAMINE "INBOX" (CONDSTORE)
+        """
+        + EXAMINED.format(modseq=41, tag="G4")
+        + """
+        C: G5 UID FETCH 1:* (UID RFC822.SIZE FLAGS)
+        """
+        + FETCHED.format(tag="G5")
+    )
+    info, index = changed.result  # type: ignore[misc]
     assert info.highestmodseq == 41 and len(index) == 2
