@@ -70,7 +70,7 @@ async def run_retention(
     settings = config.retention
     mailbox = config.pop3.mailbox
     report = RetentionReport(user, settings.action)
-    await account.examine(mailbox, readonly=dry_run)
+    await account.open_mailbox(mailbox, readonly=dry_run)
     uids = await account.search_keyword(POP_DELETED)
     if settings.quota_high_percent:
         usage = await account.storage_quota(mailbox)

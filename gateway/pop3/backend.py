@@ -90,7 +90,7 @@ class MaildropService:
                     uidvalidity=info.uidvalidity,
                     uidnext=info.uidnext,
                 )
-                again = await account.examine(mailbox, readonly=readonly)
+                again = await account.open_mailbox(mailbox, readonly=readonly)
                 if again.uidvalidity != info.uidvalidity:
                     raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")
         except UpstreamUnavailable:
@@ -163,7 +163,7 @@ class UpstreamMaildrop:
         uids = [m.uid for m in messages]
         step = f"selecting {config.mailbox}"
         try:
-            info = await self.account.examine(config.mailbox, readonly=False)
+            info = await self.account.select(config.mailbox)
             if info.uidvalidity != self.uidvalidity:
                 raise UpdateFailed(f"{config.mailbox} was rebuilt upstream; nothing was deleted")
             flags = [f for f in policy.add_flags if info.keywords_allowed or f.startswith("\\")]

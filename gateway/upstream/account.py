@@ -225,7 +225,16 @@ class ImapAccount:
                 Atom("AUTHENTICATE"), Atom("PLAIN"), continuation=response.encode("ascii")
             )
 
-    async def examine(self, mailbox: str, *, readonly: bool = True) -> MailboxInfo:
+    async def examine(self, mailbox: str) -> MailboxInfo:
+        """Open ``mailbox`` read-only (EXAMINE): nothing done there changes \\Recent or flags."""
+        return await self.open_mailbox(mailbox, readonly=True)
+
+    async def select(self, mailbox: str) -> MailboxInfo:
+        """Open ``mailbox`` read-write (SELECT): for flags, moves, expunges and APPENDs."""
+        return await self.open_mailbox(mailbox, readonly=False)
+
+    async def open_mailbox(self, mailbox: str, *, readonly: bool) -> MailboxInfo:
+        """EXAMINE (``readonly``) or SELECT ``mailbox``; remembered as ``selected``."""
         verb = Atom("EXAMINE" if readonly else "SELECT")
         if self.proto.has("CONDSTORE"):
             # Reports HIGHESTMODSEQ: what lets a poll of an unchanged mailbox skip its FETCH.
@@ -252,13 +261,13 @@ class ImapAccount:
         mailbox is unchanged the FETCH is not needed at all.
         """
         if cache is not None and cache.known(cache_key) and self.proto.has("CONDSTORE"):
-            info = await self.examine(mailbox, readonly=readonly)
+            info = await self.open_mailbox(mailbox, readonly=readonly)
             index = cache.get(cache_key, info.version)
             if index is None:
                 index = self._index_entries(await self._fetch_index())
                 cache.put(cache_key, info.version, index)
             return info, index
-        opened = Deferred.fromCoroutine(self.examine(mailbox, readonly=readonly))
+        opened = Deferred.fromCoroutine(self.open_mailbox(mailbox, readonly=readonly))
         indexed = self._fetch_index()
         try:
             info = await opened
@@ -506,7 +515,7 @@ class ImapAccount:
             )
             copies = (await self._identities(found)).values()
         finally:
-            await self.examine(source, readonly=False)
+            await self.select(source)
         return sources_with_copies(sources, copies)
 
     async def _identities(self, uids: list[int]) -> dict[int, Identity]:

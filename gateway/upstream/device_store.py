@@ -267,7 +267,7 @@ class MailboxStore:
         what could be read, and the next write tries again.
         """
         try:
-            await account.examine(self.state_mailbox, readonly=False)
+            await account.select(self.state_mailbox)
             await self._write(account, state, old)
         except ImapCommandFailed as e:
             log.warning("device %r: state not rewritten: %s", state.device, e.status.text)
@@ -290,7 +290,7 @@ class MailboxStore:
         Entries for messages not in ``present`` (gone from the mailbox) are dropped on the way.
         """
         await account.create_mailbox(self.state_mailbox)
-        await account.examine(self.state_mailbox, readonly=False)
+        await account.select(self.state_mailbox)
         old = await self._find(account, state.key)
         problems = await self._read(account, state, old)
         if problems:
@@ -301,7 +301,7 @@ class MailboxStore:
     async def reset(self, account: ImapAccount, mailbox: str, device: str) -> int:
         """Forget everything ``device`` has hidden; returns the number of state copies removed."""
         try:
-            await account.examine(self.state_mailbox, readonly=False)
+            await account.select(self.state_mailbox)
         except ImapCommandFailed:
             return 0
         old = await self._find(account, DeviceState(mailbox, device).key)
@@ -316,7 +316,7 @@ class MailboxStore:
         replace those at the device's next login). Selects the state mailbox read-write;
         empty when there is none. Read a batch at a time: memory stays bounded."""
         try:
-            await account.examine(self.state_mailbox, readonly=False)
+            await account.select(self.state_mailbox)
         except ImapCommandFailed:
             return [], []
         found, done = [], []
