@@ -157,15 +157,16 @@ class _Connection:
                 self.server.sendall(line)
             self._cut(fault)
             return False
-        # stall
-        if fault.forward:
-            self.server.sendall(line)
+        # stall: the budget is set before the command goes on, or a fast answer slips through
+        # uncounted and the stall never comes
         with self.lock:
             if fault.answer_bytes:
                 self.answer_budget = fault.answer_bytes
                 self.stalling = fault
             else:
                 self.frozen = True
+        if fault.forward:
+            self.server.sendall(line)
         if not fault.answer_bytes:
             fault.happened.set()
         return True
