@@ -61,9 +61,11 @@ class ImapTimeout(ImapError):
 class ImapCommandFailed(ImapError):
     """A NO or BAD completion; ``status`` holds the server's code and text."""
 
-    def __init__(self, command: str, status: Status) -> None:
+    def __init__(self, command: str, status: Status, challenges: Sequence[str] = ()) -> None:
         super().__init__(f"{command} failed: {status.kind} {status.text}")
         self.status = status
+        # The server's continuation texts, for AUTHENTICATE (a SASL error challenge).
+        self.challenges = tuple(challenges)
 
 
 class BodySink(TypingProtocol):
@@ -117,6 +119,7 @@ class _Pending:
     sink: BodySink | None  # takes any body no UID-bound sink claims
     sinks: Mapping[int, BodySink]  # the body of each of these UIDs
     untagged: list[Data | Status | FetchBatch] = field(default_factory=list)
+    challenges: list[str] = field(default_factory=list)  # the "+ " texts it was sent
 
 
 # Bytes read from the socket at once: message bodies are the bulk of the traffic, and every read
@@ -151,22 +154,24 @@ class ImapClientProtocol(Protocol):
         *parts: CommandPart,
         sink: BodySink | None = None,
         sinks: Mapping[int, BodySink] | None = None,
-        continuation: bytes | None = None,
+        continuation: bytes | Sequence[bytes] | None = None,
     ) -> Deferred[Response]:
         """Send a command; the Deferred fires with its Response, or fails with ImapError.
 
         Message bodies in the responses go to the sink ``sinks`` names for their UID (servers
         answer pipelined FETCHes interleaved, so order alone cannot tell whose body is whose),
         else to ``sink``, which takes every body no UID-bound sink claims. ``continuation`` is a
-        line sent when the server asks for more (a SASL response for a server without SASL-IR).
+        line sent when the server asks for more (a SASL response for a server without SASL-IR);
+        a sequence of lines answers that many requests, one each.
         """
         self._counter += 1
         tag = f"G{self._counter}"
         encoded = encode_command(tag, *parts, literal_plus=self.has("LITERAL+"))
         name = " ".join(str(p) for p in parts[:2] if isinstance(p, str) and p.isupper())
         lines = deque(encoded.parts)
-        if continuation is not None:
-            lines.append(continuation + b"\r\n")
+        if isinstance(continuation, bytes):
+            continuation = (continuation,)
+        lines.extend(line + b"\r\n" for line in continuation or ())
         pending = _Pending(name or "command", tag, lines, Deferred(), sink, sinks or {})
         if self._lost:
             pending.deferred.errback(ImapConnectionLost("connection to IMAP server lost"))
@@ -290,7 +295,7 @@ class ImapClientProtocol(Protocol):
             if self._pending:
                 self._pending[0].untagged.append(event)
         elif isinstance(event, Continuation):
-            self._continue()
+            self._continue(event)
 
     def _untagged(self, event: Status | Data) -> None:
         if isinstance(event, Status):
@@ -336,12 +341,15 @@ class ImapClientProtocol(Protocol):
         if status.kind == "OK":
             pending.deferred.callback(Response(status, pending.untagged))
         else:
-            pending.deferred.errback(ImapCommandFailed(pending.name, status))
+            failure = ImapCommandFailed(pending.name, status, pending.challenges)
+            pending.deferred.errback(failure)
 
-    def _continue(self) -> None:
+    def _continue(self, event: Continuation) -> None:
         pending = self._continuing
         if pending is None:
             return
+        if len(pending.challenges) < 4:  # bounded, whatever the server sends
+            pending.challenges.append(event.text)
         write_through(self.transport, [pending.parts.popleft()])
         if not pending.parts:
             self._continuing = None
