@@ -68,6 +68,8 @@ class ImapUpstream:
     master_user: str = ""
     master_password: str = field(default="", repr=False)
     timeout: float = 60  # seconds: the longest wait for any one IMAP response
+    # "oauth2": devices log in with a local password, upstream with an access token ([oauth2])
+    auth: Literal["password", "oauth2"] = "password"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class SmtpUpstream:
     security: Security = "starttls"
     verify_certificate: bool = True
     ca_file: Path | None = None
-    auth: Literal["passthrough", "none"] = "passthrough"
+    auth: Literal["passthrough", "none", "oauth2"] = "passthrough"
     timeout: float = 300  # seconds to wait for any one relay reply (RFC 5321 4.5.3.2: 2-10 min)
 
 
@@ -246,6 +248,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "master_user": _Key("str", optional=True),
         "master_password": _Key("str", optional=True, secret=True),
         "timeout": _Key("number", low=0),
+        "auth": _Key("choice", ("password", "oauth2")),
     },
     "upstream.smtp": {
         "host": _Key("str", optional=True),
@@ -253,7 +256,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "security": _Key("choice", _SECURITY),
         "verify_certificate": _Key("bool"),
         "ca_file": _Key("path", optional=True),
-        "auth": _Key("choice", ("passthrough", "none")),
+        "auth": _Key("choice", ("passthrough", "none", "oauth2")),
         "timeout": _Key("number", low=0),
     },
     "pop3": {

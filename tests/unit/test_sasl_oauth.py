@@ -11,7 +11,9 @@ from gateway.proto import sasl
 
 def test_xoauth2_initial_response_is_googles_example() -> None:
     # https://developers.google.com/gmail/imap/xoauth2-protocol, "The SASL XOAUTH2 Mechanism"
-    raw = sasl.xoauth2_response("someuser@example.com", "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg")
+    raw = sasl.xoauth2_response(
+        "someuser@example.com", "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"
+    )
     assert raw == (
         b"user=someuser@example.com\x01auth=Bearer "
         b"ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
@@ -80,7 +82,11 @@ def _b64(data: bytes) -> bytes:
     ("challenge", "status", "rejected"),
     [
         # Google's documented XOAUTH2 error
-        (b'{"status":"401","schemes":"bearer mac","scope":"https://mail.google.com/"}', "401", True),
+        (
+            b'{"status":"401","schemes":"bearer mac","scope":"https://mail.google.com/"}',
+            "401",
+            True,
+        ),
         (b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}', "400", True),
         # RFC 7628 3.2.2 / Dovecot
         (b'{"status":"invalid_token","schemes":"bearer","scope":"mail"}', "invalid_token", True),
