@@ -23,6 +23,8 @@ It speaks what popgate and Dovecot's ``oauth2`` passdb use, over real sockets (s
 Clients are checked: ``client_id`` must match and, if the provider was made with a
 ``client_secret``, the secret too (form field or HTTP Basic), else ``invalid_client`` (401).
 
+The pytest fixture ``oauth_provider`` is in tests/support/oauth_fixtures.py.
+
 Test controls (thread-safe; all waits have deadlines, none sleeps)::
 
     with OAuthProvider() as idp:
@@ -54,14 +56,11 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import pytest
-
-__all__ = ["DEVICE_GRANT", "OAuthProvider", "oauth_provider"]
+__all__ = ["DEVICE_GRANT", "OAuthProvider", "free_port_refused"]
 
 HOST = "127.0.0.1"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -118,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: tokens travel in these requests
 
     def do_POST(self) -> None:
@@ -134,7 +133,10 @@ class _Handler(BaseHTTPRequestHandler):
         form = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         if method == "POST" and body:
             form.update(
-                {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+                {
+                    k: v[-1]
+                    for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()
+                }
             )
         status, answer = self.server.provider._handle(
             method, url.path, form, self.headers.get("Authorization", "")
@@ -307,7 +309,11 @@ class OAuthProvider:
     def live_refresh_tokens(self, user: str) -> list[str]:
         now = time.monotonic()
         with self._lock:
-            return [t for t, r in self._state.refresh.items() if self._refresh_ok(r, now) and r.user == user]
+            return [
+                t
+                for t, r in self._state.refresh.items()
+                if self._refresh_ok(r, now) and r.user == user
+            ]
 
     def is_active(self, access_token: str) -> bool:
         with self._lock:
@@ -327,7 +333,9 @@ class OAuthProvider:
             elif path == "/token" and method == "POST":
                 self._counts["token"] += 1
                 self._counts[
-                    "device_code" if form.get("grant_type") == DEVICE_GRANT else form.get("grant_type", "")
+                    "device_code"
+                    if form.get("grant_type") == DEVICE_GRANT
+                    else form.get("grant_type", "")
                 ] += 1
                 result = self._token(form, authorization)
             elif path == "/introspect":
@@ -424,7 +432,10 @@ class OAuthProvider:
         old = self._state.refresh.get(form.get("refresh_token", ""))
         now = time.monotonic()
         if old is None or not self._refresh_ok(old, now):
-            return 400, {"error": "invalid_grant", "error_description": "refresh token is not valid"}
+            return 400, {
+                "error": "invalid_grant",
+                "error_description": "refresh token is not valid",
+            }
         if old.rotated_at is None:
             old.rotated_at = now
         return 200, self._issue(old.user, form.get("scope") or old.scope, old.client_id)
@@ -432,7 +443,9 @@ class OAuthProvider:
     def _issue(self, user: str, scope: str, client_id: str) -> dict[str, Any]:
         access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         lifetime = self.access_token_lifetime
-        self._state.access[access] = _AccessToken(user, scope, client_id, time.monotonic() + lifetime)
+        self._state.access[access] = _AccessToken(
+            user, scope, client_id, time.monotonic() + lifetime
+        )
         self._state.refresh[refresh] = _RefreshToken(user, scope, client_id)
         return {
             "access_token": access,
@@ -460,11 +473,3 @@ def free_port_refused() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def oauth_provider() -> Iterator[OAuthProvider]:
-    """A running :class:`OAuthProvider` (client ``popgate-test``, no secret, interval 0),
-    stopped at test end. Load with ``pytest_plugins = ("tests.support.oauth_provider",)``."""
-    with OAuthProvider() as provider:
-        yield provider
