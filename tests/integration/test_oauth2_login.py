@@ -1,0 +1,188 @@
+"""popgate's upstream login with OAuth 2.0 tokens against a real Dovecot whose passdb is
+``oauth2`` (introspection at the local provider): SASL XOAUTH2 and OAUTHBEARER, a token the
+server refuses (forgotten, one fresh retry), a revoked grant, an unreachable provider, and a
+wrong device password that never reaches the provider.
+
+Tokens come from tests/support/provider_tokens.py (the provider's real token endpoint); the
+gateway's own token store is exercised end to end in test_oauth2.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from gateway.config import ImapUpstream
+from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
+from gateway.upstream.account import ImapAccount, LoginRejected, TokenRejected
+from gateway.upstream.logins import DevicePasswordRejected, UpstreamLogins
+from tests.support import messages
+from tests.support.dovecot import Dovecot
+from tests.support.oauth_provider import OAuthProvider
+from tests.support.provider_tokens import ProviderTokens
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[OAuthProvider]:
+    with OAuthProvider() as idp:
+        yield idp
+
+
+@pytest.fixture(scope="module")
+def oauth_dovecot(provider: OAuthProvider) -> Iterator[Dovecot]:
+    with Dovecot(oauth2_introspection_url=provider.introspection_url) as dc:
+        yield dc
+
+
+@pytest.fixture
+def token_proxy(provider: OAuthProvider) -> Iterator[TcpProxy]:
+    """popgate's way to the provider, to cut (Dovecot keeps introspecting directly: a mailbox
+    provider validates its tokens whatever happens between popgate and the token endpoint)."""
+    with TcpProxy("127.0.0.1", provider.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def tokens(provider: OAuthProvider, token_proxy: TcpProxy) -> ProviderTokens:
+    return ProviderTokens(provider, f"http://127.0.0.1:{token_proxy.port}/token")
+
+
+_users = iter(range(1, 10_000))
+
+
+@pytest.fixture
+def user(oauth_dovecot: Dovecot, tokens: ProviderTokens) -> str:
+    name = f"oauth{next(_users)}"
+    oauth_dovecot.add_user(name, "unusable-upstream-password")
+    with oauth_dovecot.imap_as_master(name) as conn:
+        conn.append("INBOX", None, None, messages.plain("hello", "body\n"))
+    tokens.login(name, "device-secret")
+    return name
+
+
+def settings(dc: Dovecot) -> ImapUpstream:
+    return ImapUpstream(
+        host=dc.host,
+        port=dc.imap_port,
+        security="starttls",
+        ca_file=dc.ca_file,
+        auth="oauth2",
+    )
+
+
+def logins(dc: Dovecot, tokens: ProviderTokens, mechanism: str = "xoauth2") -> UpstreamLogins:
+    return UpstreamLogins(reactor, settings(dc), tokens, mechanism)
+
+
+async def messages_in_inbox(account: ImapAccount) -> int:
+    try:
+        return (await account.examine("INBOX")).exists
+    finally:
+        await account.logout()
+
+
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+@pytest_twisted.ensureDeferred
+async def test_device_login_with_the_users_token(
+    oauth_dovecot: Dovecot, tokens: ProviderTokens, user: str, mechanism: str
+) -> None:
+    account = await logins(oauth_dovecot, tokens, mechanism).device(user, "device-secret", None)
+    assert await messages_in_inbox(account) == 1
+    assert f"user=<{user}>, method={mechanism.upper()}" in oauth_dovecot.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_upstream_password_is_refused(oauth_dovecot: Dovecot, user: str) -> None:
+    """The fixture is what it claims: a password does not open the mailbox."""
+    plain = ImapUpstream(
+        host=oauth_dovecot.host,
+        port=oauth_dovecot.imap_port,
+        security="starttls",
+        ca_file=oauth_dovecot.ca_file,
+    )
+    with pytest.raises(LoginRejected):
+        await ImapAccount.open(reactor, plain, user, "unusable-upstream-password")
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_device_password_never_reaches_the_provider(
+    oauth_dovecot: Dovecot, provider: OAuthProvider, tokens: ProviderTokens, user: str
+) -> None:
+    before = provider.requests
+    with pytest.raises(DevicePasswordRejected):
+        await logins(oauth_dovecot, tokens).device(user, "device-secreT", None)
+    assert provider.requests == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_the_server_refuses_is_refreshed_once(
+    oauth_dovecot: Dovecot, provider: OAuthProvider, tokens: ProviderTokens, user: str
+) -> None:
+    first = await tokens.access_token(user)
+    provider.expire_access_tokens(user)  # dead before its cached lifetime says so
+    refreshes = provider.count("refresh_token")
+    account = await logins(oauth_dovecot, tokens).device(user, "device-secret", None)
+    assert await messages_in_inbox(account) == 1
+    assert tokens.forgotten == [user]
+    assert provider.count("refresh_token") == refreshes + 1
+    assert tokens.cached[user] != first
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_token_is_told_apart_by_the_error_challenge(
+    oauth_dovecot: Dovecot, user: str
+) -> None:
+    for mechanism in ("xoauth2", "oauthbearer"):
+        with pytest.raises(TokenRejected):
+            await ImapAccount.open_oauth(
+                reactor, settings(oauth_dovecot), user, "not-a-live-token", mechanism
+            )
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_grant(
+    oauth_dovecot: Dovecot, provider: OAuthProvider, tokens: ProviderTokens, user: str
+) -> None:
+    provider.revoke(user)
+    with pytest.raises(GrantRevoked):
+        await logins(oauth_dovecot, tokens).device(user, "device-secret", None)
+    tokens.passwords["nogrant"] = "pw"  # a device password, but no grant (removed)
+    with pytest.raises(NoGrant):
+        await logins(oauth_dovecot, tokens).device("nogrant", "pw", None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_provider_unreachable_but_a_cached_token_still_works(
+    oauth_dovecot: Dovecot, tokens: ProviderTokens, token_proxy: TcpProxy, user: str
+) -> None:
+    await tokens.access_token(user)  # cached, unexpired
+    token_proxy.refuse = True
+    account = await logins(oauth_dovecot, tokens).without_device(user)
+    assert await messages_in_inbox(account) == 1
+    tokens.cached.clear()  # now a refresh is needed, and the provider cannot be reached
+    with pytest.raises(ProviderUnavailable):
+        await logins(oauth_dovecot, tokens).device(user, "device-secret", None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_token_in_logs(
+    oauth_dovecot: Dovecot,
+    tokens: ProviderTokens,
+    user: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    tokens.cached[user] = "stale-token-value"
+    account = await logins(oauth_dovecot, tokens).device(user, "device-secret", None)
+    await messages_in_inbox(account)
+    logged = caplog.text + oauth_dovecot.log_text()
+    for secret in ("stale-token-value", tokens.cached[user], tokens.refresh_tokens[user]):
+        assert secret not in logged
+    assert "device-secret" not in logged
