@@ -335,7 +335,7 @@ async def _authenticate_oauth(
     does not offer the mechanism (the operator's configuration).
     """
     name = mechanism.upper()
-    if name.lower() not in smtp.supported_auth_methods:
+    if name.lower() not in smtp.server_auth_methods:
         raise aiosmtplib.SMTPException(f"the relay does not offer AUTH {name}")
     blob = base64.b64encode(sasl.oauth_response(name, user, token))
     response = await smtp.execute_command(b"AUTH", name.encode("ascii"), blob)

@@ -9,20 +9,25 @@ gateway's own token store is exercised end to end in test_oauth2.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from gateway.config import ImapUpstream
+from gateway.config import ImapUpstream, SmtpUpstream
 from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
+from gateway.submission.relay import Relay, RelayUnavailable
+from gateway.submission.replies import Reply
 from gateway.upstream.account import ImapAccount, LoginRejected, TokenRejected
 from gateway.upstream.logins import DevicePasswordRejected, UpstreamLogins
 from tests.support import messages
 from tests.support.dovecot import Dovecot
 from tests.support.oauth_provider import OAuthProvider
+from tests.support.postfix import Postfix
 from tests.support.provider_tokens import ProviderTokens
 from tests.support.tcp_proxy import TcpProxy
 
@@ -186,3 +191,85 @@ async def test_no_token_in_logs(
     for secret in ("stale-token-value", tokens.cached[user], tokens.refresh_tokens[user]):
         assert secret not in logged
     assert "device-secret" not in logged
+
+
+# --------------------------------------------------------------------- the SMTP relay
+@pytest.fixture(scope="module")
+def relay_stack(provider: OAuthProvider) -> Iterator[tuple[Dovecot, Postfix]]:
+    """Postfix asking Dovecot's oauth2 passdb (the same introspection) to check AUTH, and
+    delivering to Dovecot over LMTP."""
+    with (
+        Dovecot(
+            oauth2_introspection_url=provider.introspection_url, auth_port=True, lmtp=True
+        ) as dc,
+        Postfix(
+            lmtp=(dc.host, dc.lmtp_port), domains=["example.org"], sasl=(dc.host, dc.auth_port)
+        ) as mta,
+    ):
+        yield dc, mta
+
+
+def relay_settings(mta: Postfix) -> SmtpUpstream:
+    return SmtpUpstream(host=mta.host, port=mta.port, security="none", auth="oauth2")
+
+
+async def relay_one(relay: Relay, user: str, subject: str) -> list[Reply]:
+    session = relay.session()
+    try:
+        return [
+            await session.mail(user, "", f"{user}@example.org", []),
+            await session.rcpt(f"{user}@example.org", False),
+            await session.data(messages.plain(subject, "via the relay\n")),
+        ]
+    finally:
+        await session.quit()
+
+
+def wait_delivered(dc: Dovecot, user: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with dc.imap_as_master(user) as conn:
+            if int(conn.select(readonly=True)[1][0] or 0) >= count:
+                return
+        assert time.monotonic() < deadline, "not delivered within 30 s"
+        time.sleep(0.1)  # polling the mailbox for an event that has a deadline
+
+
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+def test_relay_logs_in_with_the_token_and_refreshes_a_refused_one(
+    relay_stack: tuple[Dovecot, Postfix],
+    provider: OAuthProvider,
+    tokens: ProviderTokens,
+    mechanism: str,
+) -> None:
+    dc, mta = relay_stack
+    user = f"relay{next(_users)}"
+    dc.add_user(user, "unusable")
+    tokens.login(user, "device-secret")
+    relay = Relay(relay_settings(mta), "popgate.test", tokens, mechanism)
+    replies = asyncio.run(relay_one(relay, user, "first"))
+    assert [r.code for r in replies] == [250, 250, 250]
+    assert f"sasl_method={mechanism.upper()}, sasl_username={user}" in mta.log_text()
+    provider.expire_access_tokens(user)  # the cached token dies early
+    replies = asyncio.run(relay_one(relay, user, "second"))
+    assert [r.code for r in replies] == [250, 250, 250]
+    assert tokens.forgotten == [user]
+    wait_delivered(dc, user, 2)
+
+
+def test_relay_with_a_revoked_grant_is_a_temporary_failure_and_logged(
+    relay_stack: tuple[Dovecot, Postfix],
+    provider: OAuthProvider,
+    tokens: ProviderTokens,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dc, mta = relay_stack
+    user = f"relay{next(_users)}"
+    dc.add_user(user, "unusable")
+    tokens.login(user, "device-secret")
+    provider.revoke(user)
+    relay = Relay(relay_settings(mta), "popgate.test", tokens, "xoauth2")
+    with pytest.raises(RelayUnavailable) as caught:
+        asyncio.run(relay_one(relay, user, "never"))
+    assert caught.value.reply.code == 451
+    assert f"run `popgate oauth login {user}`" in caplog.text
