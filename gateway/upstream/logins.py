@@ -121,14 +121,9 @@ def upstream_logins(
     reactor: IReactorTime, config: Config, tokens: AccessTokens | None = None
 ) -> UpstreamLogins:
     """The logins ``popgate serve`` uses; with any upstream on ``auth = "oauth2"`` the token
-    store of ``[oauth2]`` (gateway.oauth.store) unless ``tokens`` is given (tests)."""
-    uses_oauth = "oauth2" in (config.upstream.imap.auth, config.upstream.smtp.auth)
-    mechanism = "xoauth2"
-    if uses_oauth:
-        from gateway.oauth import store  # type: ignore[attr-defined]
+    store of ``[oauth2]`` unless ``tokens`` is given (tests)."""
+    if config.uses_oauth2 and tokens is None:
+        from gateway.oauth.service import open_access_tokens  # type: ignore[import-not-found]
 
-        oauth2 = config.oauth2  # type: ignore[attr-defined]
-        mechanism = oauth2.mechanism
-        if tokens is None:
-            tokens = store.TokenStore.from_config(oauth2, reactor)
-    return UpstreamLogins(reactor, config.upstream.imap, tokens, mechanism)
+        tokens = open_access_tokens(config.oauth2, reactor)
+    return UpstreamLogins(reactor, config.upstream.imap, tokens, config.oauth2.mechanism)
