@@ -123,7 +123,7 @@ def upstream_logins(
     """The logins ``popgate serve`` uses; with any upstream on ``auth = "oauth2"`` the token
     store of ``[oauth2]`` unless ``tokens`` is given (tests)."""
     if config.uses_oauth2 and tokens is None:
-        from gateway.oauth.service import open_access_tokens  # type: ignore[import-not-found]
+        from gateway.oauth.service import open_access_tokens
 
         tokens = open_access_tokens(config.oauth2, reactor)
     return UpstreamLogins(reactor, config.upstream.imap, tokens, config.oauth2.mechanism)
