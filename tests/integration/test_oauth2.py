@@ -50,13 +50,17 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with OAuthProvider() as provider, Dovecot(
-        oauth2_introspection_url=provider.introspection_url, auth_port=True, lmtp=True
-    ) as dc, Postfix(
-        lmtp=(dc.host, dc.lmtp_port), domains=[DOMAIN], sasl=(dc.host, dc.auth_port)
-    ) as mta, TcpProxy(dc.host, provider.port) as token_proxy, TcpProxy(
-        dc.host, dc.imap_port
-    ) as imap_proxy:
+    with (
+        OAuthProvider() as provider,
+        Dovecot(
+            oauth2_introspection_url=provider.introspection_url, auth_port=True, lmtp=True
+        ) as dc,
+        Postfix(
+            lmtp=(dc.host, dc.lmtp_port), domains=[DOMAIN], sasl=(dc.host, dc.auth_port)
+        ) as mta,
+        TcpProxy(dc.host, provider.port) as token_proxy,
+        TcpProxy(dc.host, dc.imap_port) as imap_proxy,
+    ):
         yield Stack(provider, dc, mta, token_proxy, imap_proxy)
 
 
@@ -93,10 +97,14 @@ def mailbox_count(dc: Dovecot, user: str, mailbox: str = "INBOX") -> int:
         return int(data[0] or 0)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def wait_until(
+    condition: Callable[[], bool], what: str, gw: GatewayProcess | None = None, timeout: float = 30
+) -> None:
+    """Poll an upstream mailbox for an event that has a deadline (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        log = gw.log_text()[-4000:] if gw is not None else ""
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s\n{log}"
         time.sleep(0.1)
 
 
@@ -146,7 +154,9 @@ def start_gateway(fresh: Stack, tmp_path: Path) -> Iterator[Callable[..., Gatewa
             "log": {"level": "debug"},
         }
         config = merge_config(config, sections)
-        issue_server_cert(dc.ca_file, dc.ca_key_file, workdir / "popgate.crt", workdir / "popgate.key")
+        issue_server_cert(
+            dc.ca_file, dc.ca_key_file, workdir / "popgate.crt", workdir / "popgate.key"
+        )
         gw = GatewayProcess(config, workdir / "popgate.toml")
         started.append(gw)
         return gw.start(30)
@@ -225,8 +235,11 @@ def test_two_devices_download_byte_exact(
     mechanism: str,
 ) -> None:
     bodies = [
-        messages.plain(f"scan {i}", f"page {i}\n" + "x" * (i * 1000)) for i in range(1, 4)
+        messages.plain(f"scan {i}", f"page {i}\n" + ("x" * 70 + "\n") * (i * 20))
+        for i in range(1, 4)
     ]
+    # POP ends a message with CRLF before the final dot; the stored bytes otherwise unchanged
+    on_the_wire = [b if b.endswith(b"\r\n") else b + b"\r\n" for b in bodies]
     seed(fresh.dovecot, user, bodies)
     gw = start_gateway(mechanism)
     printed = oauth_login(gw, fresh.provider, user)
@@ -254,10 +267,10 @@ def test_two_devices_download_byte_exact(
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     got = sorted(p.read_bytes() for sub in ("new", "cur") for p in (maildir / sub).iterdir())
-    assert got == sorted(b.replace(b"\r\n", b"\n") for b in bodies)  # mpop stores LF
+    assert got == sorted(b.replace(b"\r\n", b"\n") for b in on_the_wire)  # mpop stores LF
 
     # ... and poplib as another: byte-exact, CRLF as on the wire.
-    assert pop_download(gw, f"{user}#phone") == bodies
+    assert pop_download(gw, f"{user}#phone") == on_the_wire
     assert mailbox_count(fresh.dovecot, user) == 3  # nothing left the mailbox
     assert f"user=<{user}>, method={mechanism.upper()}" in fresh.dovecot.log_text()
     assert_no_secrets(gw, fresh, user)
@@ -350,26 +363,50 @@ def test_scan_to_email_relays_and_the_sent_copy_lands_through_a_retry(
     )  # fmt: skip
     assert swaks.returncode == 0, swaks.stdout + swaks.stderr
     assert "Ok: queued as" in swaks.stdout  # Postfix's verdict, after AUTH XOAUTH2
-    wait_until(lambda: mailbox_count(fresh.dovecot, recipient) == 1, "delivery")
+    wait_until(lambda: mailbox_count(fresh.dovecot, recipient) == 1, "delivery", gw)
     assert f"sasl_method=XOAUTH2, sasl_username={user}" in fresh.postfix.log_text()
     gw.wait_for_log(r"Sent copy of spool entry \S+ not stored \(attempt 1\)", timeout=30)
     assert mailbox_count(fresh.dovecot, user, "Sent") == 0
     fresh.imap_proxy.refuse = False
-    wait_until(lambda: mailbox_count(fresh.dovecot, user, "Sent") == 1, "the Sent copy")
+    wait_until(lambda: mailbox_count(fresh.dovecot, user, "Sent") == 1, "the Sent copy", gw)
     assert_no_secrets(gw, fresh, user)
+
+
+def pop_delete_all(gw: GatewayProcess, login: str) -> None:
+    pop = poplib.POP3(gw.host, gw.pop3_port, timeout=30)
+    try:
+        pop.user(login)
+        pop.pass_(DEVICE_PASSWORD)
+        count, _ = pop.stat()
+        for n in range(1, count + 1):
+            pop.dele(n)
+    finally:
+        pop.quit()
 
 
 def test_retention_sweep_uses_the_stored_grant(
     fresh: Stack, user: str, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
-    """No master identity: the periodic sweep can only log in with the user's grant."""
-    gw = start_gateway(
-        retention={"delete_after_days": 1, "action": "trash", "sweep_interval": 1}
+    """No master identity: the periodic sweep can only log in with the user's grant.
+
+    Two gateways share the token store (replicas): ``devices`` (retention off) serves the
+    device that deletes; ``sweeper`` (retention on, a sweep every second) has seen the user
+    once, before anything was deleted, and has no device logged in when it moves the message.
+    """
+    devices = start_gateway()
+    oauth_login(devices, fresh.provider, user)
+    token_dir = devices.config["oauth2"]["token_dir"]
+    sweeper = start_gateway(
+        retention={"delete_after_days": 1, "action": "trash", "sweep_interval": 1},
+        oauth2={"token_dir": token_dir},
     )
-    oauth_login(gw, fresh.provider, user)
-    assert pop_download(gw, f"{user}#pc") == []  # the user is seen: sweeps include them
     old = time.time() - 3 * 86400
     seed(fresh.dovecot, user, [messages.plain("old", "stale\n")], internaldate=old)
-    wait_until(lambda: mailbox_count(fresh.dovecot, user, "Trash") == 1, "the sweep")
+    assert len(pop_download(sweeper, f"{user}#pc")) == 1  # seen; nothing deleted yet
+    pop_delete_all(devices, f"{user}#pc")
+    assert mailbox_count(fresh.dovecot, user) == 1  # deleting by POP removes nothing upstream
+    wait_until(lambda: mailbox_count(fresh.dovecot, user, "Trash") == 1, "the sweep", sweeper)
     assert mailbox_count(fresh.dovecot, user) == 0
-    assert_no_secrets(gw, fresh, user)
+    sweeper.wait_for_log(r"retention removed 1 messages \(trash\) .*user=" + user)
+    assert_no_secrets(sweeper, fresh, user)
+    assert_no_secrets(devices, fresh, user)
