@@ -12,6 +12,7 @@ has no master identity, so retention sweeps and Sent copies can only use the sto
 
 from __future__ import annotations
 
+import base64
 import os
 import poplib
 import shutil
@@ -225,6 +226,12 @@ def assert_no_secrets(gw: GatewayProcess, stack: Stack, user: str, *more: str) -
         assert secret not in logs
 
 
+def cut_provider(stack: Stack) -> None:
+    """popgate can no longer reach the provider: new connections refused, pooled ones cut."""
+    stack.token_proxy.refuse = True
+    stack.token_proxy.drop_all()
+
+
 # --------------------------------------------------------------------- tests
 @pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
 def test_two_devices_download_byte_exact(
@@ -330,7 +337,7 @@ def test_provider_outage_is_sys_temp_and_a_cached_token_still_works(
     gw = start_gateway()
     oauth_login(gw, fresh.provider, user)
     assert len(pop_download(gw, f"{user}#pc")) == 1  # a token is cached now
-    fresh.token_proxy.refuse = True  # popgate cannot reach the provider
+    cut_provider(fresh)
     assert len(pop_download(gw, f"{user}#pc")) == 1  # the cached, unexpired token
     fresh.provider.expire_access_tokens(user)  # now a refresh is needed
     answer = pop_login_error(gw, f"{user}#pc")
@@ -410,3 +417,46 @@ def test_retention_sweep_uses_the_stored_grant(
     sweeper.wait_for_log(r"retention removed 1 messages \(trash\) .*user=" + user)
     assert_no_secrets(sweeper, fresh, user)
     assert_no_secrets(devices, fresh, user)
+
+
+def smtp_auth(gw: GatewayProcess, login: str, password: str) -> tuple[int, bytes]:
+    """AUTH PLAIN on the submission port after STARTTLS: the reply code and text."""
+    import smtplib
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP(gw.host, gw.submission_port, timeout=30) as smtp:
+        smtp.starttls(context=context)
+        smtp.ehlo()
+        blob = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+        return smtp.docmd("AUTH", f"PLAIN {blob}")
+
+
+def test_submission_auth_answers(
+    fresh: Stack, user: str, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """535 for a wrong device password (the provider is not asked) and for a revoked grant
+    (with the operator's log line), 454 when the provider cannot be reached."""
+    # Tokens issued already expired: every AUTH needs a refresh (AUTH itself never uses one)
+    fresh.provider.access_token_lifetime = 0
+    gw = start_gateway()
+    oauth_login(gw, fresh.provider, user)
+    before = fresh.provider.requests
+    code, text = smtp_auth(gw, f"{user}#scanner", "wrong")
+    assert (code, text[:5]) == (535, b"5.7.8")
+    assert fresh.provider.requests == before
+    assert smtp_auth(gw, f"{user}#scanner", DEVICE_PASSWORD)[0] == 235
+
+    cut_provider(fresh)
+    code, text = smtp_auth(gw, f"{user}#scanner", DEVICE_PASSWORD)
+    assert (code, text[:5]) == (454, b"4.7.0")
+    fresh.token_proxy.refuse = False
+
+    fresh.provider.revoke(user)
+    code, text = smtp_auth(gw, f"{user}#scanner", DEVICE_PASSWORD)
+    assert (code, text[:5]) == (535, b"5.7.8")
+    lines = [line for line in gw.log_text().splitlines() if f"popgate oauth login {user}" in line]
+    assert len(lines) == 1, gw.log_text()[-3000:]
+    assert_no_secrets(gw, fresh, user, "wrong")
