@@ -415,6 +415,13 @@ def test_retention_sweep_uses_the_stored_grant(
     wait_until(lambda: mailbox_count(fresh.dovecot, user, "Trash") == 1, "the sweep", sweeper)
     assert mailbox_count(fresh.dovecot, user) == 0
     sweeper.wait_for_log(r"retention removed 1 messages \(trash\) .*user=" + user)
+    # The operator's commands work through the same grant (no master identity configured).
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway", "device", "list", user, "-c", str(devices.config_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "pc" in listed.stdout
     assert_no_secrets(sweeper, fresh, user)
     assert_no_secrets(devices, fresh, user)
 
