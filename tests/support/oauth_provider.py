@@ -174,6 +174,8 @@ class OAuthProvider:
         self.rotation_grace = rotation_grace
         #: answer slow_down when a device code is polled before its interval has passed
         self.enforce_interval = enforce_interval
+        #: refresh requests answered invalid_grant (a spent or revoked refresh token)
+        self.invalid_grants = 0
         self._lock = threading.Condition()
         self._state = _State()
         self._counts: collections.Counter[str] = collections.Counter()
@@ -432,6 +434,7 @@ class OAuthProvider:
         old = self._state.refresh.get(form.get("refresh_token", ""))
         now = time.monotonic()
         if old is None or not self._refresh_ok(old, now):
+            self.invalid_grants += 1
             return 400, {
                 "error": "invalid_grant",
                 "error_description": "refresh token is not valid",
