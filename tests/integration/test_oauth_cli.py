@@ -144,17 +144,23 @@ def test_login_prints_where_to_sign_in_and_stores_the_grant(
         assert secret not in listed.stdout + out + err
 
 
-def test_slow_down_makes_the_login_wait_five_seconds_more(
-    cli: Cli, oauth_provider: OAuthProvider
-) -> None:
-    process = cli.login("bob")
-    code = oauth_provider.wait_for_user_code()
-    oauth_provider.force_slow_down(code, 1)
-    oauth_provider.approve(code, "bob")
-    status, out, err = finish(process)
-    assert (status, err) == (0, "")
-    assert "(the provider asked to poll more slowly 1x; interval now 5 s)" in out.splitlines()
-    assert oauth_provider.count("device_code") == 2
+def test_slow_down_is_reported_at_once_and_the_login_still_succeeds(tmp_path: Path) -> None:
+    with OAuthProvider(slow_downs_per_code=1) as idp:
+        cli = Cli(tmp_path, idp)
+        process = cli.login("bob")
+        assert process.stdout is not None
+        lines = []
+        while not (lines and lines[-1].startswith("(the provider asked")):
+            line = process.stdout.readline()  # bounded: the CLI exits at the latest at expiry
+            assert line, f"the CLI ended before reporting slow_down: {lines}"
+            lines.append(line.rstrip("\n"))
+        assert lines[-1] == "(the provider asked to poll more slowly: every 5 s now)"
+        assert idp.count("device_code") == 1  # reported before the next poll
+        idp.approve(idp.wait_for_user_code(), "bob")
+        status, out, err = finish(process)
+        assert (status, err) == (0, "")
+        assert out.startswith("Stored the grant of bob")
+        assert idp.count("device_code") >= 2
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ Test controls (thread-safe; all waits have deadlines, none sleeps)::
         idp.deny(code)                           # ... or refused (access_denied)
         idp.expire_device_code(code)             # expired_token on the next poll
         idp.force_slow_down(code, 1)             # the next poll answers slow_down
+        OAuthProvider(slow_downs_per_code=1)     # ... for every new code, from its first poll
         idp.access_token_lifetime = 2            # seconds, for tokens issued from now on
         idp.grant("alice")                       # a refresh token without the device flow
         idp.revoke("alice")                      # every token of alice dies (invalid_grant)
@@ -163,6 +164,7 @@ class OAuthProvider:
         access_token_lifetime: float = 3600.0,
         rotation_grace: float = 0.0,
         enforce_interval: bool = False,
+        slow_downs_per_code: int = 0,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -174,6 +176,8 @@ class OAuthProvider:
         self.rotation_grace = rotation_grace
         #: answer slow_down when a device code is polled before its interval has passed
         self.enforce_interval = enforce_interval
+        #: the first polls of every new device code answer slow_down (no race with the client)
+        self.slow_downs_per_code = slow_downs_per_code
         #: refresh requests answered invalid_grant (a spent or revoked refresh token)
         self.invalid_grants = 0
         self._lock = threading.Condition()
@@ -380,6 +384,7 @@ class OAuthProvider:
             form.get("scope", ""),
             time.monotonic() + self.device_code_lifetime,
             self.interval,
+            forced_slow_downs=self.slow_downs_per_code,
         )
         return 200, {
             "device_code": device_code,
