@@ -4,6 +4,7 @@ revocation, outages, grants changed while running, device passwords, and logs fr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,11 +16,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 
-from gateway.config import OAuth2Settings
+from gateway.config import OAuth2Settings, load_config
 from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
 from gateway.oauth.service import OAuthTokens
 from gateway.oauth.store import GrantRecord, PasswordHash, TokenStore
-from tests.support.oauth_provider import OAuthProvider
+from tests.support.oauth_provider import OAuthProvider, oauth2_section, store_grant
 
 pytest_plugins = ("tests.support.oauth_fixtures",)
 
@@ -260,3 +261,22 @@ async def test_a_refused_token_is_not_handed_out_again_from_the_store(
     fresh = await tokens.access_token("gina")
     secrets_seen += [access, fresh]
     assert fresh != access and oauth_provider.count("refresh_token") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_helpers_other_tests_use_store_what_login_stores(
+    oauth_provider: OAuthProvider, tmp_path: Path, key: bytes, secrets_seen: list[str]
+) -> None:
+    section = oauth2_section(oauth_provider, tmp_path / "t", key)
+    config_file = tmp_path / "popgate.toml"
+    config_file.write_text(
+        '[upstream.imap]\nhost = "127.0.0.1"\nauth = "oauth2"\n[oauth2]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items())
+    )
+    settings = load_config(config_file, environ={}).oauth2
+    record = store_grant(oauth_provider, settings.token_dir, key, "hank", "hank-device-pw")
+    secrets_seen += [record.access_token, record.refresh_token, "hank-device-pw"]
+    tokens = replica(settings, key)
+    assert await tokens.check_device_password("hank", "hank-device-pw") is True
+    assert await tokens.access_token("hank") == record.access_token  # no refresh needed
+    assert oauth_provider.count("refresh_token") == 0

@@ -59,9 +59,12 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEVICE_GRANT", "OAuthProvider", "free_port_refused"]
+from gateway.oauth.store import GrantRecord, PasswordHash, TokenStore
+
+__all__ = ["DEVICE_GRANT", "OAuthProvider", "free_port_refused", "oauth2_section", "store_grant"]
 
 HOST = "127.0.0.1"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -481,3 +484,44 @@ def free_port_refused() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def oauth2_section(
+    provider: OAuthProvider, token_dir: Path, key: bytes, **overrides: Any
+) -> dict[str, Any]:
+    """An ``[oauth2]`` section for ``start_gateway(oauth2=...)`` pointing at ``provider``;
+    the key is given inline (``token_key``), so the gateway generates nothing."""
+    section: dict[str, Any] = {
+        "provider": "custom",
+        "device_authorization_url": provider.device_authorization_url,
+        "token_url": provider.token_url,
+        "client_id": provider.client_id,
+        "scopes": ["mail", "offline_access"],
+        "token_dir": str(token_dir),
+        "token_key": base64.b64encode(key).decode(),
+    }
+    section.update(overrides)
+    return section
+
+
+def store_grant(
+    provider: OAuthProvider, token_dir: Path, key: bytes, user: str, device_password: str
+) -> GrantRecord:
+    """What ``popgate oauth login USER`` leaves behind, without running the device flow: a
+    grant issued by ``provider`` for ``user`` and the device password's scrypt hash."""
+    answer = provider.grant(user)
+    now = time.time()
+    record = GrantRecord(
+        user=user,
+        refresh_token=answer["refresh_token"],
+        password=PasswordHash.create(device_password),
+        created=now,
+        refreshed=now,
+        access_token=answer["access_token"],
+        access_expires=now + answer["expires_in"],
+        scope=answer["scope"],
+    )
+    store = TokenStore(token_dir, key)
+    with store.locked(user, 30):
+        store.write(record)
+    return record
