@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -90,16 +90,19 @@ class FormPoster:
 
         result: Deferred[tuple[int, bytes]] = request.addCallback(read)
         clock: IReactorTime = self.reactor
-        result.addTimeout(self.timeout, clock)
 
         def network_error(failure: Failure) -> Failure:
             if failure.check(ProviderDown):
                 return failure
-            if failure.check(TimeoutError, CancelledError):
-                return Failure(ProviderDown(f"no answer from {url} within {self.timeout:g} s"))
             return Failure(ProviderDown(f"{url}: {failure.getErrorMessage()}"))
 
-        return result.addErrback(network_error)
+        def timed_out(result: object, timeout: float) -> Failure:
+            # Whatever the cancelled request failed with (ResponseNeverReceived, ...).
+            return Failure(ProviderDown(f"no answer from {url} within {timeout:g} s"))
+
+        result.addErrback(network_error)
+        result.addTimeout(self.timeout, clock, onTimeoutCancel=timed_out)
+        return result
 
 
 def _failed(exc: Exception) -> Deferred[tuple[int, bytes]]:

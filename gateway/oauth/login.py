@@ -46,8 +46,10 @@ async def run_device_flow(
     post: Callable[[str, bytes], Deferred[tuple[int, bytes]]],
     settings: OAuth2Settings,
     authorization: DeviceAuthorization,
+    on_slow_down: Callable[[DeviceFlow], None] = lambda flow: None,
 ) -> tuple[TokenResponse, DeviceFlow]:
-    """Poll the token endpoint as ``DeviceFlow`` says until tokens, denial or expiry."""
+    """Poll the token endpoint as ``DeviceFlow`` says until tokens, denial or expiry;
+    ``on_slow_down`` hears of every ``slow_down`` when it happens."""
     flow = DeviceFlow(authorization, reactor.seconds())
     while True:
         delay = flow.next_poll_in(reactor.seconds())
@@ -61,7 +63,10 @@ async def run_device_flow(
         except ProviderDown:
             flow.unreachable(reactor.seconds())
             continue
+        slow_downs = flow.slow_downs
         tokens = flow.received(status, answer, reactor.seconds())
+        if flow.slow_downs != slow_downs:
+            on_slow_down(flow)
         if tokens is not None:
             return tokens, flow
 
@@ -105,15 +110,14 @@ async def run_login(
     )
     out.flush()
 
+    def slowed(flow: DeviceFlow) -> None:
+        out.write(f"(the provider asked to poll more slowly: every {flow.interval:g} s now)\n")
+        out.flush()
+
     try:
-        tokens, flow = await run_device_flow(reactor, post, settings, authorization)
+        tokens, _ = await run_device_flow(reactor, post, settings, authorization, slowed)
     except DeviceFlowFailed as failed:
         raise LoginFailed(str(failed)) from None
-    if flow.slow_downs:
-        out.write(
-            f"(the provider asked to poll more slowly {flow.slow_downs}x; interval now"
-            f" {flow.interval:g} s)\n"
-        )
     if not tokens.refresh_token:
         raise LoginFailed(
             "the provider gave no refresh token: popgate needs offline access"

@@ -5,6 +5,11 @@
     a running :class:`~tests.support.oauth_provider.OAuthProvider` (client ``popgate-test``,
     no client secret, interval 0, access tokens live an hour), stopped at test end. Make one
     with other settings with ``OAuthProvider(...)`` as a context manager.
+
+Helpers, in tests/support/oauth_provider.py: ``oauth2_section(provider, token_dir, key)`` is
+an ``[oauth2]`` section for ``start_gateway(oauth2=...)``; ``store_grant(provider, token_dir,
+key, user, device_password)`` stores a grant as ``popgate oauth login`` would, without the
+device flow.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ Test controls (thread-safe; all waits have deadlines, none sleeps)::
         idp.deny(code)                           # ... or refused (access_denied)
         idp.expire_device_code(code)             # expired_token on the next poll
         idp.force_slow_down(code, 1)             # the next poll answers slow_down
+        OAuthProvider(slow_downs_per_code=1)     # ... for every new code, from its first poll
         idp.access_token_lifetime = 2            # seconds, for tokens issued from now on
         idp.grant("alice")                       # a refresh token without the device flow
         idp.revoke("alice")                      # every token of alice dies (invalid_grant)
@@ -58,9 +59,12 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEVICE_GRANT", "OAuthProvider", "free_port_refused"]
+from gateway.oauth.store import GrantRecord, PasswordHash, TokenStore
+
+__all__ = ["DEVICE_GRANT", "OAuthProvider", "free_port_refused", "oauth2_section", "store_grant"]
 
 HOST = "127.0.0.1"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -163,6 +167,7 @@ class OAuthProvider:
         access_token_lifetime: float = 3600.0,
         rotation_grace: float = 0.0,
         enforce_interval: bool = False,
+        slow_downs_per_code: int = 0,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -174,6 +179,10 @@ class OAuthProvider:
         self.rotation_grace = rotation_grace
         #: answer slow_down when a device code is polled before its interval has passed
         self.enforce_interval = enforce_interval
+        #: the first polls of every new device code answer slow_down (no race with the client)
+        self.slow_downs_per_code = slow_downs_per_code
+        #: refresh requests answered invalid_grant (a spent or revoked refresh token)
+        self.invalid_grants = 0
         self._lock = threading.Condition()
         self._state = _State()
         self._counts: collections.Counter[str] = collections.Counter()
@@ -378,6 +387,7 @@ class OAuthProvider:
             form.get("scope", ""),
             time.monotonic() + self.device_code_lifetime,
             self.interval,
+            forced_slow_downs=self.slow_downs_per_code,
         )
         return 200, {
             "device_code": device_code,
@@ -432,6 +442,7 @@ class OAuthProvider:
         old = self._state.refresh.get(form.get("refresh_token", ""))
         now = time.monotonic()
         if old is None or not self._refresh_ok(old, now):
+            self.invalid_grants += 1
             return 400, {
                 "error": "invalid_grant",
                 "error_description": "refresh token is not valid",
@@ -473,3 +484,44 @@ def free_port_refused() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def oauth2_section(
+    provider: OAuthProvider, token_dir: Path, key: bytes, **overrides: Any
+) -> dict[str, Any]:
+    """An ``[oauth2]`` section for ``start_gateway(oauth2=...)`` pointing at ``provider``;
+    the key is given inline (``token_key``), so the gateway generates nothing."""
+    section: dict[str, Any] = {
+        "provider": "custom",
+        "device_authorization_url": provider.device_authorization_url,
+        "token_url": provider.token_url,
+        "client_id": provider.client_id,
+        "scopes": ["mail", "offline_access"],
+        "token_dir": str(token_dir),
+        "token_key": base64.b64encode(key).decode(),
+    }
+    section.update(overrides)
+    return section
+
+
+def store_grant(
+    provider: OAuthProvider, token_dir: Path, key: bytes, user: str, device_password: str
+) -> GrantRecord:
+    """What ``popgate oauth login USER`` leaves behind, without running the device flow: a
+    grant issued by ``provider`` for ``user`` and the device password's scrypt hash."""
+    answer = provider.grant(user)
+    now = time.time()
+    record = GrantRecord(
+        user=user,
+        refresh_token=answer["refresh_token"],
+        password=PasswordHash.create(device_password),
+        created=now,
+        refreshed=now,
+        access_token=answer["access_token"],
+        access_expires=now + answer["expires_in"],
+        scope=answer["scope"],
+    )
+    store = TokenStore(token_dir, key)
+    with store.locked(user, 30):
+        store.write(record)
+    return record
