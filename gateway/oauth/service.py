@@ -245,8 +245,13 @@ class OAuthTokens:
                 )
                 raise ClientRejected(user, str(refused)) from None
             if refused.error == "invalid_grant":
-                # The login edge logs the one line telling the operator what to run.
-                log.info("oauth: the provider refused the refresh token of %s (%s)", user, refused)
+                log.warning(
+                    "oauth: the grant of %s was revoked or has expired (%s); to restore it,"
+                    " run: popgate oauth login %s",
+                    user,
+                    refused,
+                    user,
+                )
                 raise GrantRevoked(user, str(refused)) from None
             log.warning("oauth: the token endpoint refused a refresh for %s: %s", user, refused)
             raise ProviderUnavailable(user, str(refused)) from None

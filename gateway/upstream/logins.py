@@ -26,9 +26,11 @@ log = logging.getLogger("popgate.oauth")
 
 
 def grant_problem(error: NoGrant | GrantRevoked) -> str:
-    """The one log line for a grant only the operator can fix: who, why, and what to run."""
+    """The log text for a grant only the operator can fix. The token service says what to run
+    (``popgate oauth login USER``) once: in NoGrant's detail, or in its own line when the
+    provider refused the refresh token; so this line does not repeat it."""
     why = "revoked or expired" if isinstance(error, GrantRevoked) else "missing"
-    return f"OAuth grant of {error.user} is {why}: run `popgate oauth login {error.user}`"
+    return f"OAuth grant {why}: {error}"
 
 
 class DevicePasswordRejected(LoginRejected):

@@ -272,4 +272,4 @@ def test_relay_with_a_revoked_grant_is_a_temporary_failure_and_logged(
     with pytest.raises(RelayUnavailable) as caught:
         asyncio.run(relay_one(relay, user, "never"))
     assert caught.value.reply.code == 451
-    assert f"run `popgate oauth login {user}`" in caplog.text
+    assert f"OAuth grant revoked or expired: {user}: invalid_grant" in caplog.text
