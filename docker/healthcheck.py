@@ -1,23 +1,30 @@
 #!/usr/bin/env python
-"""The container's HEALTHCHECK: every POP3 and submission listener of the configuration answers.
+"""The container's HEALTHCHECK: popgate answers ``/healthz``, or else every listener greets.
 
 Reads the same configuration as ``popgate serve`` (POPGATE_CONFIG or -c, with the POPGATE_*
-environment overrides), connects to each listener on the loopback address of its family, does
-the TLS handshake on implicit-TLS listeners, and waits for the greeting (``+OK`` for POP3,
-``220`` for submission) before saying QUIT. It does not log in and does not touch the upstream
-servers: an IMAP outage makes sessions fail, not the container unhealthy.
+environment overrides). With ``[http] listen`` configured (the image's own configuration does)
+it asks ``GET /healthz`` on each HTTP listener and wants ``200 ok``: no POP3 or SMTP session is
+opened, so the probe every 30 seconds neither shows in the session counters nor in the logs.
+Without it, it connects to each POP3 and submission listener, does the TLS handshake on
+implicit-TLS listeners, and waits for the greeting (``+OK`` for POP3, ``220`` for submission)
+before saying QUIT. Either way it does not log in and does not touch the upstream servers: an
+IMAP outage makes sessions fail (and ``/readyz`` say so), not the container unhealthy.
 
-Exit status 0 when every listener answered, 1 otherwise (one line per listener on stdout,
-which ``docker inspect`` / ``podman healthcheck run`` show).
+Listeners are reached on the loopback address of their family. Exit status 0 when every probe
+answered, 1 otherwise (one line per probe on stdout, which ``docker inspect`` / ``podman
+healthcheck run`` show).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import socket
 import ssl
 import sys
+import urllib.error
+import urllib.request
 
 from gateway.config import ConfigError, ListenAddress, load_config
 
@@ -53,6 +60,22 @@ def probe(protocol: str, listener: ListenAddress, tls: bool) -> str | None:
     return None
 
 
+def probe_healthz(listener: ListenAddress) -> str | None:
+    """None when ``GET /healthz`` on the HTTP listener answers ``200 ok``; else what it got."""
+    host = _target(listener)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{listener.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            body = response.read(64)
+            if response.status != 200 or body.strip() != b"ok":
+                return f"unexpected answer {response.status} {body[:60]!r}"
+    except urllib.error.HTTPError as e:
+        return f"unexpected answer {e.code}"
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        return str(getattr(e, "reason", None) or e) or type(e).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=os.environ.get("POPGATE_CONFIG"))
@@ -65,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print("unhealthy: configuration invalid:", *e.problems, sep="\n  ")
         return 1
+    if config.http.listen:
+        failed = 0
+        for listener in config.http.listen:
+            problem = probe_healthz(listener)
+            print(f"http {listener} /healthz: {problem or 'ok'}")
+            failed += problem is not None
+        return 1 if failed else 0
     listeners = [
         (protocol, listener, tls)
         for protocol, settings in (("pop3", config.pop3), ("submission", config.submission))

@@ -1,4 +1,5 @@
-"""Wiring: builds the listeners from the configuration and runs them until SIGTERM/SIGINT.
+"""Wiring: builds the listeners from the configuration and runs them until SIGTERM/SIGINT;
+SIGHUP re-reads the certificate and key (nothing else of the configuration).
 
 Shutdown is graceful: listeners close first, sessions get ``SHUTDOWN_GRACE`` seconds to finish,
 then the rest are dropped. A session that is in its UPDATE is never cut off: it is waited for
@@ -17,6 +18,7 @@ import socket
 import sys
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
@@ -69,6 +71,7 @@ class Gateway:
         # client address across POP3 and submission alike.
         self.limits = ClientLimits(config.security, reactor.seconds)
         self.submission: Any = None  # gateway.submission.service.SubmissionService when configured
+        self.server_tls: tls.ServerTLS | None = None  # the listeners' pair, after start()
 
     async def start(self) -> None:
         config = self.config
@@ -79,9 +82,11 @@ class Gateway:
                 config.tls.cert_file,
                 hostname,
             )
-        pop3_tls = tls.server_context_factory(
-            config.tls, config.pop3.tls_min_version or config.tls.min_version
+        self.server_tls = tls.ServerTLS(
+            config.tls, config.tls_min_version_for("pop3"), config.tls_min_version_for("submission")
         )
+        self._certificate_in_use(self.server_tls.certificate)
+        pop3_tls = self.server_tls
         networks = config.security.insecure_auth
         proxies = self._pop3_proxy_headers if config.pop3.proxy_protocol else None
         for addresses, implicit in ((config.pop3.listen, False), (config.pop3.listen_tls, True)):
@@ -98,6 +103,27 @@ class Gateway:
         self.maildrops.retention.start()
         await self._start_submission()
         await self._start_http()
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: new handshakes get the certificate and key now in the files; open sessions
+        keep theirs. A pair that cannot be used is logged and the one in use kept."""
+        if self.server_tls is None:
+            log.warning("certificate not reloaded: the listeners are not started yet")
+            return False
+        try:
+            certificate = self.server_tls.reload()
+        except tls.TLSSetupError as e:
+            self.metrics.tls_reloads.labels("fail").inc()
+            log.error("certificate not reloaded, still using the previous one: %s", e)
+            return False
+        self.metrics.tls_reloads.labels("ok").inc()
+        self._certificate_in_use(certificate)
+        log.info("certificate reloaded: %s", tls.describe_certificate(certificate))
+        return True
+
+    def _certificate_in_use(self, certificate: x509.Certificate) -> None:
+        expiry = certificate.not_valid_after_utc.timestamp()
+        self.metrics.tls_certificate_expiry.set(expiry)
 
     def _pop3_proxy_headers(self, factory: Any, implicit_tls: bool) -> ProxyHeaderFactory:
         # A TLS client waits for the handshake: a plain-text -ERR would only confuse it.
@@ -147,7 +173,12 @@ class Gateway:
         # callWhenRunning starts us before the asyncio loop runs; asyncio code needs it running.
         await task.deferLater(self.reactor, 0, lambda: None)
         self.submission = SubmissionService(
-            self.reactor, self.config, self.limits, metrics=self.metrics, logins=self.logins
+            self.reactor,
+            self.config,
+            self.limits,
+            metrics=self.metrics,
+            tls_context=self.server_tls.asyncio_context if self.server_tls else None,
+            logins=self.logins,
         )
         await defer.Deferred.fromFuture(asyncio.ensure_future(self.submission.start()))
 
@@ -252,6 +283,11 @@ def serve(config: Config) -> int:
 
         reactor.callFromThread(lambda: defer.Deferred.fromCoroutine(shutdown()))
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        log.info("received SIGHUP, reloading the certificate and key")
+        reactor.callFromThread(gateway.reload_tls)
+
+    signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))

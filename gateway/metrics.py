@@ -141,6 +141,19 @@ class Metrics:
         )
         for result in ("ok", "fail"):
             self.readiness_probes.labels(result)
+        self.tls_certificate_expiry = Gauge(
+            "popgate_tls_certificate_expiry_timestamp_seconds",
+            "When the listeners' certificate in use expires (Unix time).",
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "popgate_tls_reloads",
+            "Certificate reloads on SIGHUP: ok, or fail (the pair in use was kept).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "fail"):
+            self.tls_reloads.labels(result)
 
     # -- shortcuts that keep the instrumented code to one line ------------------------------
 

@@ -28,7 +28,12 @@ from OpenSSL import SSL
 
 # Not re-exported by twisted.internet.ssl, but documented as the trustRoot/cipher interfaces.
 from twisted.internet._sslverify import IOpenSSLTrustRoot, defaultCiphers
-from twisted.internet.interfaces import IAcceptableCiphers, ICipher, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IAcceptableCiphers,
+    ICipher,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -37,10 +42,12 @@ from gateway.config import TLS_VERSIONS, TLSSettings
 from gateway.config import TLSVersion as TLSVersionName
 
 __all__ = [
+    "ServerTLS",
     "TLSSetupError",
     "asyncio_server_context",
     "certificate_fingerprint",
     "client_context_factory",
+    "describe_certificate",
     "ensure_server_certificate",
     "generate_self_signed",
     "load_server_certificate",
@@ -314,8 +321,71 @@ def asyncio_server_context(settings: TLSSettings, min_version: TLSVersionName) -
     context.minimum_version = _VERSIONS[min_version][1]
     if _is_legacy(min_version):
         context.set_ciphers(f"DEFAULT:@SECLEVEL={LEGACY_SECURITY_LEVEL}")
-    context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    try:
+        context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    except (OSError, ssl.SSLError) as exc:  # replaced between the check above and here
+        pair = f"{settings.cert_file} / {settings.key_file}"
+        raise TLSSetupError(f"cannot use {pair}: {exc}") from None
     return context
+
+
+# --------------------------------------------------------------------------------------------
+# Reloading the pair (SIGHUP)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The listeners' certificate and key, replaceable while they serve (SIGHUP).
+
+    Every listener holds this one object, never a context: POP3 (Twisted, implicit TLS and
+    STLS) asks :meth:`serverConnectionForTLS` for each new connection, and submission (asyncio,
+    465 and STARTTLS) uses :attr:`asyncio_context`, whose SNI callback (run on every
+    ClientHello, with or without a server name) switches the handshake to the context current
+    at that moment. A connection already set up keeps the context it was made with, so open
+    sessions keep the old pair. :meth:`reload` builds both new contexts before replacing
+    either, so a broken pair changes nothing.
+    """
+
+    def __init__(
+        self, settings: TLSSettings, pop3_min: TLSVersionName, submission_min: TLSVersionName
+    ) -> None:
+        self.settings = settings
+        self._versions = (pop3_min, submission_min)
+        self.certificate, self._twisted, self._asyncio = self._load()
+        # The context the submission listeners are created with; it only dispatches.
+        self.asyncio_context = asyncio_server_context(settings, submission_min)
+        self.asyncio_context.sni_callback = self._switch
+
+    def _load(self) -> tuple[x509.Certificate, CertificateOptions, ssl.SSLContext]:
+        pop3_min, smtp_min = self._versions
+        leaf = load_server_certificate(self.settings)[0]
+        return (
+            leaf,
+            server_context_factory(self.settings, pop3_min),
+            asyncio_server_context(self.settings, smtp_min),
+        )
+
+    def reload(self) -> x509.Certificate:
+        """Read the files again and use them for new handshakes; the new leaf certificate.
+
+        Raises TLSSetupError (nothing replaced) when the new pair cannot be used.
+        """
+        loaded = self._load()
+        self.certificate, self._twisted, self._asyncio = loaded
+        return self.certificate
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return SSL.Connection(self._twisted.getContext(), None)
+
+    def _switch(self, connection: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        connection.context = self._asyncio
+
+
+def describe_certificate(certificate: x509.Certificate) -> str:
+    """What an operator checks after a rotation: serial, SHA-256 fingerprint, expiry."""
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+    expires = certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
+    return f"serial {certificate.serial_number:x}, sha256 {fingerprint}, expires {expires}"
 
 
 # --------------------------------------------------------------------------------------------

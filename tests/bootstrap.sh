@@ -27,7 +27,9 @@ fi
 # install uses --no-install-recommends, so every capability a test relies on is named here and
 # checked below (verify_clients). haproxy: the real load balancer of the PROXY protocol tests
 # (a private instance in the foreground, tests/support/haproxy.py; its service is not used).
-PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd cyrus-common sasl2-bin postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates haproxy)
+# systemd: only for systemd-analyze, which checks contrib/systemd/popgate.service (no service
+# manager is started).
+PACKAGES=(python3-venv dovecot-imapd dovecot-pop3d dovecot-lmtpd cyrus-common sasl2-bin postfix curl openssl fetchmail mpop getmail6 swaks libnet-ssleay-perl msmtp ca-certificates haproxy systemd)
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]

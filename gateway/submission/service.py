@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -40,10 +41,14 @@ class SubmissionService:
         config: Config,
         limits: ClientLimits | None = None,
         metrics: Metrics = DISCARD,
+        tls_context: ssl.SSLContext | None = None,
         logins: UpstreamLogins | None = None,
     ) -> None:
         self.reactor = reactor
         self.logins = logins or UpstreamLogins(reactor, config.upstream.imap)
+        # The listeners' TLS; the gateway passes ServerTLS.asyncio_context, which follows a
+        # certificate reload. Without one, a context of the files as they are now.
+        self.tls_context = tls_context
         self.metrics = metrics
         self.config = config
         self.limits = limits
@@ -93,7 +98,9 @@ class SubmissionService:
             limits=self.limits,
             metrics=self.metrics,
         )
-        context = asyncio_server_context(config.tls, config.tls_min_version_for("submission"))
+        context = self.tls_context or asyncio_server_context(
+            config.tls, config.tls_min_version_for("submission")
+        )
 
         proxies = RefusalLog("submission", loop.time) if settings.proxy_protocol else None
 

@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,9 @@ def run_container(
             "SUBMISSION_LISTEN_TLS": f"127.0.0.1:{ports.submissions}",
             "SUBMISSION_RETRY_INITIAL_DELAY": "0.3",
             "SUBMISSION_RETRY_MAX_DELAY": "1",
+            # [http] off: the healthcheck greets each listener (the image's default, /healthz,
+            # is checked on the bridge network below)
+            "HTTP_LISTEN": "",
             **env,
         }
         name = f"popgate-test-{secrets.token_hex(4)}"
@@ -415,8 +419,10 @@ def test_the_images_own_configuration_serves_the_standard_ports_on_a_bridge_netw
     587/465 bound by the unprivileged user (with the sysctl Docker sets by default), reached
     through published ports."""
     ports = Ports.free()
+    http_port = free_port()
     name = f"popgate-test-{secrets.token_hex(4)}"
     published = {ports.pop3: 110, ports.pop3s: 995, ports.submission: 587, ports.submissions: 465}
+    published[http_port] = 9110
     argv = ["run", "-d", "--name", name, "--sysctl", "net.ipv4.ip_unprivileged_port_start=0"]
     for host_port, port in published.items():
         argv += ["-p", f"127.0.0.1:{host_port}:{port}"]
@@ -426,9 +432,12 @@ def test_the_images_own_configuration_serves_the_standard_ports_on_a_bridge_netw
     try:
         podman.run(*argv, image, timeout=120)
         health = container.wait_healthy()
-        for address in ("0.0.0.0:110 (plain)", "0.0.0.0:995 (tls)", "0.0.0.0:587 (plain)"):
-            assert f"{address}: ok" in health, health
-        assert "0.0.0.0:465 (tls): ok" in health, health
+        # the image's own [http] listener: the healthcheck asks /healthz, no POP3 session
+        assert health.strip() == "http 0.0.0.0:9110 /healthz: ok", health
+        url = f"http://127.0.0.1:{http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            metrics = response.read().decode()
+        assert "\npopgate_pop3_sessions_total 0.0\n" in metrics, metrics
         pop = poplib.POP3("127.0.0.1", ports.pop3, timeout=30)
         assert pop.getwelcome().startswith(b"+OK")
         pop.stls(_unverified())
@@ -486,6 +495,38 @@ def test_the_healthcheck_fails_when_a_configured_submission_listener_does_not_an
     assert re.search(r"^submission .*\(plain\): unexpected greeting b'\+OK", crossed.stdout, re.M)
 
 
+def test_the_healthcheck_asks_healthz_when_http_is_configured(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """With ``[http]`` the HEALTHCHECK script asks /healthz and opens no POP3 session; a silent
+    HTTP listener, or one that answers something else, is unhealthy."""
+    gw = start_gateway(http={"listen": ["127.0.0.1:0"]})
+    http = f"127.0.0.1:{gw.port('http')}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POPGATE_")}
+
+    def check(listen: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(DOCKER / "healthcheck.py"), "-c", str(gw.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env | {"POPGATE_HTTP_LISTEN": listen},
+            cwd=ROOT,
+        )
+
+    healthy = check(http)
+    assert (healthy.returncode, healthy.stdout) == (0, f"http {http} /healthz: ok\n")
+    assert " connect " not in gw.log_text()  # no POP3 session was opened
+    silent = f"127.0.0.1:{free_port()}"
+    sick = check(silent)
+    assert sick.returncode == 1, sick.stdout
+    assert re.match(rf"http {re.escape(silent)} /healthz: .*refused", sick.stdout), sick.stdout
+    # a POP3 port is not an HTTP health endpoint
+    crossed = check(f"127.0.0.1:{gw.pop3_port}")
+    assert crossed.returncode == 1, crossed.stdout
+    assert re.match(r"http .* /healthz: .*\+OK", crossed.stdout), crossed.stdout + crossed.stderr
+
+
 # --------------------------------------------------------------------- the files
 def test_the_containers_config_is_valid_and_configures_pop3_and_submission() -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("POPGATE_")}
@@ -504,6 +545,7 @@ def test_the_containers_config_is_valid_and_configures_pop3_and_submission() -> 
         'listen = ["0.0.0.0:587"]',
         'listen_tls = ["0.0.0.0:465"]',
         'spool_dir = "/var/spool/popgate"',
+        'listen = ["0.0.0.0:9110"]',
     ):
         assert line in result.stdout
 
@@ -514,4 +556,4 @@ def test_the_dockerfile_uses_one_base_image_given_as_an_argument() -> None:
     assert froms == ["${BASE} AS build", "${BASE}"]
     assert "ARG BASE=python:3.11-slim-bookworm\n" in text
     assert re.search(r"^USER popgate$", text, flags=re.M)
-    assert re.search(r"^EXPOSE 110 995 587 465$", text, flags=re.M)
+    assert re.search(r"^EXPOSE 110 995 587 465 9110$", text, flags=re.M)

@@ -72,8 +72,12 @@ def test_metrics_move_by_exactly_the_known_workload(
     smtp_sink: SmtpSink,
     submission_gateway: Callable[..., GatewayProcess],
 ) -> None:
-    seeded = seeded_user([b"Subject: one\r\n\r\n" + (b"x" * 70 + b"\r\n") * 80])
-    size = len(seeded.messages[0])
+    # n = 3 RETRs, m = 2 submissions, k = 2 failed logins, over one good POP3 login
+    n, m, k = 3, 2, 2
+    seeded = seeded_user(
+        [b"Subject: %d\r\n\r\n" % i + (b"x" * 70 + b"\r\n") * (80 * i) for i in (1, 2, 3)]
+    )
+    size = sum(len(message) for message in seeded.messages)
     sender = MailUser(seeded.name, seeded.password)
     gw = submission_gateway(sender, http=HTTP)
     before = scrape(gw)
@@ -81,28 +85,31 @@ def test_metrics_move_by_exactly_the_known_workload(
     pop = poplib.POP3(gw.host, gw.pop3_port, timeout=10)
     pop.user(seeded.name)
     pop.pass_(seeded.password)
-    _, lines, _ = pop.retr(1)
+    for i in range(n):
+        _, lines, _ = pop.retr(i + 1)
+        assert b"\r\n".join(lines) + b"\r\n" == seeded.messages[i]
     pop.quit()
-    assert b"\r\n".join(lines) + b"\r\n" == seeded.messages[0]
 
-    bad = poplib.POP3(gw.host, gw.pop3_port, timeout=10)
-    bad.user(seeded.name)
-    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
-        bad.pass_("wrong-" + seeded.password)
-    bad.quit()
+    for _ in range(k):
+        bad = poplib.POP3(gw.host, gw.pop3_port, timeout=10)
+        bad.user(seeded.name)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            bad.pass_("wrong-" + seeded.password)
+        bad.quit()
 
-    message = make_message(f"{sender.name}@example.org", ["bob@example.org"], "metrics")
-    with smtp_session(gw, upstream, sender) as client:
-        client.sendmail(f"{sender.name}@example.org", ["bob@example.org"], message)
-    smtp_sink.wait_for(1)
-    wait_for_sent(upstream, sender, 1)
+    for i in range(m):
+        message = make_message(f"{sender.name}@example.org", ["bob@example.org"], f"metrics {i}")
+        with smtp_session(gw, upstream, sender) as client:
+            client.sendmail(f"{sender.name}@example.org", ["bob@example.org"], message)
+    smtp_sink.wait_for(m)
+    wait_for_sent(upstream, sender, m)
 
     # Sessions close and the spool entry goes just after the clients were answered.
     after = scrape_until(
         gw,
         lambda s: (
             value(s, "popgate_pop3_sessions_active") == 0
-            and value(s, "popgate_sent_copies_total", result="stored") == 1
+            and value(s, "popgate_sent_copies_total", result="stored") == m
             and value(s, "popgate_sent_spool_entries") == 0
         ),
     )
@@ -110,30 +117,32 @@ def test_metrics_move_by_exactly_the_known_workload(
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert moved("popgate_pop3_sessions_total") == 2
+    assert moved("popgate_pop3_sessions_total") == 1 + k
     assert value(after, "popgate_pop3_sessions_active") == 0
     assert moved("popgate_auth_attempts_total", protocol="pop3", result="ok") == 1
-    assert moved("popgate_auth_attempts_total", protocol="pop3", result="fail") == 1
-    assert moved("popgate_auth_attempts_total", protocol="submission", result="ok") == 1
+    assert moved("popgate_auth_attempts_total", protocol="pop3", result="fail") == k
+    assert moved("popgate_auth_attempts_total", protocol="submission", result="ok") == m
     assert moved("popgate_auth_attempts_total", protocol="submission", result="fail") == 0
-    assert moved("popgate_pop3_retrieved_messages_total") == 1
+    assert moved("popgate_pop3_retrieved_messages_total") == n
     assert moved("popgate_pop3_retrieved_bytes_total") == size
-    assert moved("popgate_submission_messages_total", result="relayed") == 1
+    assert moved("popgate_submission_messages_total", result="relayed") == m
     assert moved("popgate_submission_messages_total", result="rejected") == 0
     assert moved("popgate_submission_messages_total", result="failed") == 0
-    assert moved("popgate_sent_copies_total", result="stored") == 1
+    assert moved("popgate_sent_copies_total", result="stored") == m
     assert moved("popgate_sent_copies_total", result="retry") == 0
     assert value(after, "popgate_sent_spool_entries") == 0
     assert moved("popgate_upstream_errors_total", upstream="imap") == 0
     assert moved("popgate_upstream_errors_total", upstream="smtp") == 0
     assert moved("popgate_retention_removed_messages_total") == 0
-    for histogram in (
-        "popgate_pop3_login_duration_seconds",
-        "popgate_pop3_retr_first_byte_seconds",
-        "popgate_relay_duration_seconds",
-        "popgate_sent_append_duration_seconds",
+    assert moved("popgate_tls_reloads_total", result="ok") == 0
+    for histogram, observations in (
+        ("popgate_pop3_login_duration_seconds", 1),
+        ("popgate_pop3_retr_first_byte_seconds", n),
+        ("popgate_relay_duration_seconds", m),
+        ("popgate_sent_append_duration_seconds", m),
     ):
-        assert moved(f"{histogram}_count") == 1, histogram
+        assert moved(f"{histogram}_count") == observations, histogram
+        assert moved(f"{histogram}_bucket", le="+Inf") == observations, histogram
         assert value(after, f"{histogram}_sum") > 0, histogram
     assert value(after, "popgate_build_info", version=gateway.__version__) == 1
     # No series is labelled by user or device.

@@ -1,0 +1,184 @@
+"""SIGHUP re-reads the certificate and key (CONTRACT.md, "SIGHUP re-reads…") of a real
+``popgate serve`` process: new handshakes on POP3S, STLS, submission 465 and STARTTLS get the
+new pair, sessions opened before keep working on the old one, and a broken new pair is logged
+in one line and the old one kept."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import poplib
+import shutil
+import signal
+import smtplib
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MailUser
+from tests.support.dovecot import issue_server_cert
+from tests.support.gateway import GatewayProcess
+from tests.support.submission import client_context
+from tests.support.upstreams import Upstream
+
+pytest_plugins = ("tests.support.submission_fixtures",)
+pytestmark = pytest.mark.integration
+
+HTTP = {"listen": ["127.0.0.1:0"]}
+TIMEOUT = 10
+
+
+def fingerprint(der: bytes | None) -> str:
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+def file_fingerprint(cert_file: Path) -> str:
+    certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return fingerprint(certificate.public_bytes(Encoding.DER))
+
+
+def served(gw: GatewayProcess, upstream: Upstream) -> dict[str, str]:
+    """The certificate fingerprint each TLS entry of the gateway presents to a new client."""
+    context = client_context(upstream)
+    seen: dict[str, str] = {}
+    pop = poplib.POP3_SSL(gw.host, gw.pop3s_port, context=context, timeout=TIMEOUT)
+    seen["pop3s"] = fingerprint(pop.sock.getpeercert(binary_form=True))
+    pop.quit()
+    pop = poplib.POP3(gw.host, gw.pop3_port, timeout=TIMEOUT)
+    pop.stls(context)
+    seen["stls"] = fingerprint(pop.sock.getpeercert(binary_form=True))
+    pop.quit()
+    smtp = smtplib.SMTP_SSL(gw.host, gw.submissions_port, context=context, timeout=TIMEOUT)
+    assert smtp.sock is not None
+    seen["smtps"] = fingerprint(smtp.sock.getpeercert(binary_form=True))  # type: ignore[attr-defined]
+    smtp.quit()
+    smtp = smtplib.SMTP(gw.host, gw.submission_port, timeout=TIMEOUT)
+    smtp.starttls(context=context)
+    assert smtp.sock is not None
+    seen["starttls"] = fingerprint(smtp.sock.getpeercert(binary_form=True))  # type: ignore[attr-defined]
+    smtp.quit()
+    return seen
+
+
+def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
+    url = f"http://{gw.host}:{gw.port('http')}/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def replace_pair(upstream: Upstream, cert_file: Path, key_file: Path, scratch: Path) -> str:
+    """Issue a new pair beside the files and rename it over them, as certbot's deploy does;
+    the new certificate's fingerprint."""
+    scratch.mkdir(exist_ok=True)
+    new_cert, new_key = scratch / "new.crt", scratch / "new.key"
+    issue_server_cert(upstream.ca_file, upstream.ca_key_file, new_cert, new_key)
+    os.replace(new_key, key_file)
+    os.replace(new_cert, cert_file)
+    return file_fingerprint(cert_file)
+
+
+def test_sighup_gives_new_handshakes_the_new_pair_and_open_sessions_keep_theirs(
+    upstream: Upstream,
+    new_mail_user: Callable[[], MailUser],
+    submission_gateway: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    user = new_mail_user()
+    gw = submission_gateway(user, http=HTTP)
+    cert_file, key_file = Path(gw.config["tls"]["cert_file"]), Path(gw.config["tls"]["key_file"])
+    old = file_fingerprint(cert_file)
+    assert set(served(gw, upstream).values()) == {old}
+    context = client_context(upstream)
+    # Sessions opened on the old pair, one per protocol, logged in.
+    pop = poplib.POP3_SSL(gw.host, gw.pop3s_port, context=context, timeout=TIMEOUT)
+    pop.user(user.name)
+    pop.pass_(user.password)
+    smtp = smtplib.SMTP_SSL(gw.host, gw.submissions_port, context=context, timeout=TIMEOUT)
+    smtp.login(user.name, user.password)
+
+    new = replace_pair(upstream, cert_file, key_file, tmp_path / "rotation")
+    assert new != old
+    assert gw.pid is not None
+    os.kill(gw.pid, signal.SIGHUP)
+    serial = format(x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number, "x")
+    gw.wait_for_log(f"certificate reloaded: serial {serial}, sha256 ")
+
+    assert served(gw, upstream) == {"pop3s": new, "stls": new, "smtps": new, "starttls": new}
+    # The open sessions still answer, on the pair they started with.
+    assert fingerprint(pop.sock.getpeercert(binary_form=True)) == old
+    assert pop.stat() == (0, 0)
+    assert pop.quit().startswith(b"+OK")
+    assert smtp.noop()[0] == 250
+    assert smtp.quit()[0] == 221
+    assert metric(gw, "popgate_tls_reloads_total", result="ok") == 1
+    assert metric(gw, "popgate_tls_reloads_total", result="fail") == 0
+    expiry = x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc
+    assert metric(gw, "popgate_tls_certificate_expiry_timestamp_seconds") == expiry.timestamp()
+
+
+def _missing_key(cert_file: Path, key_file: Path, scratch: Path, upstream: Upstream) -> None:
+    key_file.unlink()
+
+
+def _key_of_another_certificate(
+    cert_file: Path, key_file: Path, scratch: Path, upstream: Upstream
+) -> None:
+    issue_server_cert(upstream.ca_file, upstream.ca_key_file, scratch / "x.crt", scratch / "x.key")
+    os.replace(scratch / "x.key", key_file)
+
+
+def _garbage_certificate(
+    cert_file: Path, key_file: Path, scratch: Path, upstream: Upstream
+) -> None:
+    cert_file.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
+
+
+BROKEN = [
+    (_missing_key, r"cannot read private key .*popgate\.key: No such file"),
+    (_key_of_another_certificate, r".*/popgate\.key is not the key of the certificate in "),
+    (_garbage_certificate, r".*/popgate\.crt: no PEM certificate in it"),
+]
+
+
+def test_a_broken_new_pair_is_logged_and_the_old_one_kept(
+    upstream: Upstream,
+    new_mail_user: Callable[[], MailUser],
+    submission_gateway: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    gw = submission_gateway(new_mail_user(), http=HTTP)
+    cert_file, key_file = Path(gw.config["tls"]["cert_file"]), Path(gw.config["tls"]["key_file"])
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy2(cert_file, good / "crt")
+    shutil.copy2(key_file, good / "key")
+    key_text = key_file.read_text()
+    old = file_fingerprint(cert_file)
+    assert gw.pid is not None
+    for failures, (breaking, reason) in enumerate(BROKEN, start=1):
+        breaking(cert_file, key_file, tmp_path, upstream)
+        os.kill(gw.pid, signal.SIGHUP)
+        line = gw.wait_for_log(
+            r"^.*certificate not reloaded, still using the previous one: " + reason + ".*$"
+        )
+        assert set(served(gw, upstream).values()) == {old}, breaking.__name__
+        assert metric(gw, "popgate_tls_reloads_total", result="fail") == failures
+        # One line, and nothing of the key in it.
+        assert "\n" not in line.group(0).rstrip("\n")
+        for secret_line in key_text.splitlines()[1:-1]:
+            assert secret_line not in gw.log_text()
+        shutil.copy2(good / "crt", cert_file)
+        shutil.copy2(good / "key", key_file)
+    assert metric(gw, "popgate_tls_reloads_total", result="ok") == 0
+    assert gw.returncode is None  # still serving
