@@ -1,4 +1,5 @@
-"""Operator commands that act on one user's mailbox through the master identity.
+"""Operator commands that act on one user's mailbox through the master identity (with
+``[upstream.imap] auth = "oauth2"``: the user's stored OAuth grant).
 
 ``popgate device list|reset`` and ``popgate retention``. Each opens one IMAP connection as the
 user (SASL PLAIN with the master identity, as the contract's ``master_user``), does its work and
@@ -13,10 +14,12 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 
 from gateway.config import Config
+from gateway.oauth.errors import OAuthError
 from gateway.retention import run_retention
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount, LoginRejected, UpstreamUnavailable
 from gateway.upstream.imap_client import ImapError
+from gateway.upstream.logins import upstream_logins
 
 T = TypeVar("T")
 
@@ -28,16 +31,18 @@ class AdminError(Exception):
 async def _as_user(
     reactor: Any, config: Config, user: str, work: Callable[[ImapAccount], Awaitable[T]]
 ) -> T:
-    if not config.upstream.imap.master_user:
+    oauth = config.upstream.imap.auth == "oauth2"
+    if not oauth and not config.upstream.imap.master_user:
         raise AdminError(
             "this command needs a master identity: set [upstream.imap] master_user and "
             "master_password (a Dovecot master user or a Cyrus proxy admin)"
         )
     try:
-        account = await ImapAccount.open_as_master(reactor, config.upstream.imap, user)
+        # With OAuth the user's stored grant, as the retention sweeps use it.
+        account = await upstream_logins(reactor, config).without_device(user)
     except LoginRejected as e:
-        raise AdminError(f"master login for {user} refused: {e}") from e
-    except UpstreamUnavailable as e:
+        raise AdminError(f"{'OAuth' if oauth else 'master'} login for {user} refused: {e}") from e
+    except (UpstreamUnavailable, OAuthError) as e:
         raise AdminError(str(e)) from e
     try:
         return await work(account)

@@ -29,9 +29,11 @@ from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
 from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
 from gateway.metrics import Metrics
+from gateway.oauth.tokens import AccessTokens
 from gateway.pop3.backend import MaildropService
 from gateway.pop3.server import Listener, Pop3Factory, Pop3Protocol
 from gateway.proxy_protocol import ProxyHeaderFactory
+from gateway.upstream.logins import upstream_logins
 
 log = logging.getLogger("popgate")
 
@@ -57,13 +59,14 @@ async def _listen(
 class Gateway:
     """Everything ``popgate serve`` runs, so tests and the CLI start it the same way."""
 
-    def __init__(self, reactor: Any, config: Config) -> None:
+    def __init__(self, reactor: Any, config: Config, tokens: AccessTokens | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.ports: list[IListeningPort] = []
         self.pop3_sessions: set[Pop3Protocol] = set()
         self.metrics = Metrics()  # a registry of its own: gateways in one process never mix
-        self.maildrops = MaildropService(reactor, config, self.metrics)
+        self.logins = upstream_logins(reactor, config, tokens)
+        self.maildrops = MaildropService(reactor, config, self.metrics, self.logins)
         # One set of limits for every listener: connections and failed logins are counted per
         # client address across POP3 and submission alike.
         self.limits = ClientLimits(config.security, reactor.seconds)
@@ -175,6 +178,7 @@ class Gateway:
             self.limits,
             metrics=self.metrics,
             tls_context=self.server_tls.asyncio_context if self.server_tls else None,
+            logins=self.logins,
         )
         await defer.Deferred.fromFuture(asyncio.ensure_future(self.submission.start()))
 

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
 from gateway.config import CONFIG_ENV, Config, ConfigError, load_config, render_effective
@@ -200,6 +201,151 @@ def cmd_spool_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _oauth_store(args: argparse.Namespace, *, create: bool) -> tuple[Config, Any] | int:
+    """The configuration and the token store for ``popgate oauth``, or an exit status."""
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.oauth.store import StoreError, TokenStore, load_token_key
+
+    settings = config.oauth2
+    try:
+        key = load_token_key(settings, create=create)
+    except (StoreError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    if key is None:  # nothing was ever stored: an empty store under a throw-away key
+        key = bytes(32)
+    return config, TokenStore(settings.token_dir, key)
+
+
+def _oauth_user_problem(config: Config, user: str) -> str:
+    separator = config.pop3.device_separator
+    if not user or len(user) > 255 or any(c.isspace() or ord(c) < 32 for c in user):
+        return f"{user!r} is not a user name (1-255 characters, no spaces)"
+    if separator in user:
+        return f"{user!r}: give the user without a device ({separator!r} is the device separator)"
+    return ""
+
+
+MIN_DEVICE_PASSWORD = 8
+
+
+def _device_password(args: argparse.Namespace) -> str | None:
+    """From --device-password-file, or asked twice on the terminal; None after an error."""
+    if args.device_password_file:
+        try:
+            text = Path(args.device_password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not valid UTF-8"
+            _error(f"cannot read {args.device_password_file}: {reason}")
+            return None
+        password = text.removesuffix("\n").removesuffix("\r")
+    elif sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("Device password (the devices' POP/SMTP password): ")
+        if getpass.getpass("Again: ") != password:
+            _error("the two passwords differ")
+            return None
+    else:
+        _error("no terminal to ask the device password on: pass --device-password-file FILE")
+        return None
+    if len(password) < MIN_DEVICE_PASSWORD or "\n" in password:
+        _error(f"the device password must be one line of at least {MIN_DEVICE_PASSWORD} characters")
+        return None
+    return password
+
+
+def cmd_oauth_login(args: argparse.Namespace) -> int:
+    """Run the RFC 8628 device flow for USER and store the grant with the device password."""
+    loaded = _oauth_store(args, create=True)
+    if isinstance(loaded, int):
+        return loaded
+    config, store = loaded
+    settings = config.oauth2
+    problems = [
+        f"{config.source}: [oauth2] {key}: required for popgate oauth login"
+        for key in ("client_id", "device_authorization_url", "token_url")
+        if not getattr(settings, key)
+    ]
+    problem = _oauth_user_problem(config, args.user)
+    if _report(problems) or problem:
+        if problem:
+            _error(problem)
+        return EXIT_CONFIG
+    password = _device_password(args)
+    if password is None:
+        return EXIT_CONFIG
+
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    from gateway.oauth.login import LoginFailed, run_login
+
+    outcome: list[int] = []
+
+    async def login(reactor: Any) -> None:
+        try:
+            await run_login(reactor, settings, store, args.user, password, sys.stdout)
+        except LoginFailed as exc:
+            _error(f"login of {args.user} failed: {exc}")
+            outcome.append(EXIT_FAILURE)
+            return
+        print(f"Stored the grant of {args.user} in {settings.token_dir}.")
+        print(
+            f"Devices log in as {args.user} (or {args.user}{config.pop3.device_separator}DEVICE)"
+            " with the device password."
+        )
+        outcome.append(EXIT_OK)
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(login(reactor)))
+    except SystemExit as exc:
+        if not outcome:  # react's own exit: an unexpected error, already printed
+            return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    return outcome[0] if outcome else EXIT_FAILURE
+
+
+def cmd_oauth_list(args: argparse.Namespace) -> int:
+    """Users with a stored grant and the grant's state; never a token."""
+    loaded = _oauth_store(args, create=False)
+    if isinstance(loaded, int):
+        return loaded
+    config, store = loaded
+    import time
+
+    from gateway.oauth.login import format_listing
+
+    lines = format_listing(store, time.time())
+    if len(lines) == 1:
+        print(f"no grants in {config.oauth2.token_dir}")
+        return EXIT_OK
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_oauth_remove(args: argparse.Namespace) -> int:
+    """Forget USER's grant (the provider's grant itself is revoked at the provider)."""
+    loaded = _oauth_store(args, create=False)
+    if isinstance(loaded, int):
+        return loaded
+    config, store = loaded
+    from gateway.oauth.store import StoreError
+
+    try:
+        with store.locked(args.user, 60):
+            removed = store.remove(args.user)
+    except (StoreError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    if not removed:
+        _error(f"no grant stored for {args.user} in {config.oauth2.token_dir}")
+        return EXIT_FAILURE
+    print(f"Removed the grant of {args.user}; its devices can no longer log in.")
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"popgate {__version__}")
     return EXIT_OK
@@ -263,6 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     spool_list = spool_commands.add_parser("list", help="what waits in the spool, and why")
     spool_list.add_argument("-c", "--config", metavar="FILE", help=config_help)
     spool_list.set_defaults(handler=cmd_spool_list)
+
+    oauth = commands.add_parser("oauth", help="OAuth 2.0 grants of [oauth2] (docs/oauth2.md)")
+    oauth_commands = oauth.add_subparsers(dest="oauth_command", metavar="ACTION")
+    oauth_commands.required = True
+    oauth_login = oauth_commands.add_parser(
+        "login", help="sign USER in with the device flow and set the device password"
+    )
+    oauth_login.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    oauth_login.add_argument("user")
+    oauth_login.add_argument(
+        "--device-password-file",
+        metavar="FILE",
+        help="read the device password from FILE (first line) instead of asking",
+    )
+    oauth_login.set_defaults(handler=cmd_oauth_login)
+    oauth_list = oauth_commands.add_parser("list", help="users with a grant (never a token)")
+    oauth_list.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    oauth_list.set_defaults(handler=cmd_oauth_list)
+    oauth_remove = oauth_commands.add_parser("remove", help="forget USER's grant")
+    oauth_remove.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    oauth_remove.add_argument("user")
+    oauth_remove.set_defaults(handler=cmd_oauth_remove)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version)

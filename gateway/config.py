@@ -68,6 +68,7 @@ class ImapUpstream:
     master_user: str = ""
     master_password: str = field(default="", repr=False)
     timeout: float = 60  # seconds: the longest wait for any one IMAP response
+    auth: Literal["password", "oauth2"] = "password"  # "oauth2": [oauth2], docs/oauth2.md
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class SmtpUpstream:
     security: Security = "starttls"
     verify_certificate: bool = True
     ca_file: Path | None = None
-    auth: Literal["passthrough", "none"] = "passthrough"
+    auth: Literal["passthrough", "none", "oauth2"] = "passthrough"
     timeout: float = 300  # seconds to wait for any one relay reply (RFC 5321 4.5.3.2: 2-10 min)
 
 
@@ -182,6 +183,62 @@ class HttpSettings:
     listen: tuple[ListenAddress, ...] = ()  # /metrics, /healthz, /readyz; empty: none
 
 
+OAuthProvider = Literal["microsoft", "google", "custom"]
+
+
+@dataclass(frozen=True)
+class OAuthPreset:
+    """What a provider preset fills in when the key is empty (docs/oauth2.md cites each)."""
+
+    device_authorization_url: str
+    token_url: str
+    scopes: tuple[str, ...]
+    imap_host: str
+    smtp_host: str
+
+
+# Microsoft identity platform v2.0 endpoints ({tenant}: common, organizations, a domain or the
+# tenant's GUID) and the Exchange Online scopes for IMAP and SMTP AUTH; offline_access asks for
+# the refresh token. Google: the device and token endpoints and the one mail scope.
+OAUTH_PRESETS: dict[str, OAuthPreset] = {
+    "microsoft": OAuthPreset(
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        (
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "https://outlook.office.com/SMTP.Send",
+            "offline_access",
+        ),
+        "outlook.office365.com",
+        "smtp.office365.com",
+    ),
+    "google": OAuthPreset(
+        "https://oauth2.googleapis.com/device/code",
+        "https://oauth2.googleapis.com/token",
+        ("https://mail.google.com/",),
+        "imap.gmail.com",
+        "smtp.gmail.com",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class OAuth2Settings:
+    """``[oauth2]``, with the provider preset already applied (URLs and scopes filled in)."""
+
+    provider: OAuthProvider = "custom"
+    tenant: str = "common"
+    device_authorization_url: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    scopes: tuple[str, ...] = ()
+    mechanism: Literal["xoauth2", "oauthbearer"] = "xoauth2"
+    token_dir: Path = Path("/var/lib/popgate/oauth")
+    # AES-256-GCM key of the token store (base64); empty: generated as token_dir/token.key.
+    token_key: str = field(default="", repr=False)
+
+
 @dataclass(frozen=True)
 class Config:
     upstream: Upstream
@@ -192,6 +249,7 @@ class Config:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    oauth2: OAuth2Settings = field(default_factory=OAuth2Settings)
     source: Path | None = None  # the file this was loaded from
     warnings: tuple[str, ...] = ()  # non-fatal findings, printed by check-config and at start
 
@@ -199,6 +257,11 @@ class Config:
         """The client-facing TLS floor of ``service``: its own override, else ``[tls]``."""
         own = self.pop3.tls_min_version if service == "pop3" else self.submission.tls_min_version
         return own or self.tls.min_version
+
+    @property
+    def uses_oauth2(self) -> bool:
+        """Whether an upstream logs in with OAuth 2.0 access tokens (``auth = "oauth2"``)."""
+        return "oauth2" in (self.upstream.imap.auth, self.upstream.smtp.auth)
 
 
 class ConfigError(Exception):
@@ -213,7 +276,7 @@ class ConfigError(Exception):
 # Schema
 
 
-Kind = Literal["str", "int", "number", "bool", "choice", "path", "listen", "networks"]
+Kind = Literal["str", "int", "number", "bool", "choice", "path", "listen", "networks", "words"]
 
 
 @dataclass(frozen=True)
@@ -246,6 +309,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "master_user": _Key("str", optional=True),
         "master_password": _Key("str", optional=True, secret=True),
         "timeout": _Key("number", low=0),
+        "auth": _Key("choice", ("password", "oauth2")),
     },
     "upstream.smtp": {
         "host": _Key("str", optional=True),
@@ -253,7 +317,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "security": _Key("choice", _SECURITY),
         "verify_certificate": _Key("bool"),
         "ca_file": _Key("path", optional=True),
-        "auth": _Key("choice", ("passthrough", "none")),
+        "auth": _Key("choice", ("passthrough", "none", "oauth2")),
         "timeout": _Key("number", low=0),
     },
     "pop3": {
@@ -311,6 +375,18 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "http": {
         "listen": _Key("listen"),
+    },
+    "oauth2": {
+        "provider": _Key("choice", ("microsoft", "google", "custom")),
+        "tenant": _Key("str"),
+        "device_authorization_url": _Key("str", optional=True),
+        "token_url": _Key("str", optional=True),
+        "client_id": _Key("str", optional=True),
+        "client_secret": _Key("str", optional=True, secret=True),
+        "scopes": _Key("words"),
+        "mechanism": _Key("choice", ("xoauth2", "oauthbearer")),
+        "token_dir": _Key("path"),
+        "token_key": _Key("str", optional=True, secret=True),
     },
 }
 
@@ -392,10 +468,12 @@ def _convert(spec: _Key, value: object, base_dir: Path) -> Any:
         return value
     if spec.kind in ("int", "number"):
         return _convert_number(spec, value)
-    if spec.kind in ("listen", "networks"):
+    if spec.kind in ("listen", "networks", "words"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _Invalid(f"expected an array of strings, got {_toml_type(value)}")
-        parse = _parse_listen if spec.kind == "listen" else _parse_network
+        parse = {"listen": _parse_listen, "networks": _parse_network, "words": _parse_word}[
+            spec.kind
+        ]
         items: list[Any] = []
         errors: list[str] = []
         for item in value:
@@ -484,6 +562,16 @@ def _parse_network(text: str) -> str:
         raise _Invalid(f'{_quote(text)}: not an IP network such as "10.0.0.0/8"') from None
 
 
+# RFC 6749 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+_SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+
+
+def _parse_word(text: str) -> str:
+    if not _SCOPE_TOKEN_RE.match(text):
+        raise _Invalid(f"{_quote(text)}: not an OAuth scope (no spaces, quotes or backslashes)")
+    return text
+
+
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -507,7 +595,7 @@ def _coerce_env(spec: _Key, text: str) -> object:
             return float(text.strip())
         except ValueError:
             raise _Invalid(f"expected a number, got {_quote(text)}") from None
-    if spec.kind in ("listen", "networks"):
+    if spec.kind in ("listen", "networks", "words"):
         stripped = text.strip()
         if stripped.startswith("["):
             try:
@@ -697,7 +785,7 @@ class _Loader:
 
     def check_imap(self, imap: dict[str, Any], raw: dict[str, _Value]) -> None:
         section = "upstream.imap"
-        if "host" not in raw:
+        if "host" not in raw and "host" not in imap:
             self.problem(section, "host", "required (the upstream IMAP server)")
         if "port" not in raw:
             imap["port"] = 993 if imap.get("security", "tls") == "tls" else 143
@@ -828,6 +916,83 @@ class _Loader:
                 else:
                     seen[endpoint] = f"[{section}] {key}"
 
+    def fill_oauth2_hosts(self, imap: dict[str, Any], smtp: dict[str, Any], provider: str) -> None:
+        """A provider preset names the upstream hosts of an ``auth = "oauth2"`` upstream."""
+        preset = OAUTH_PRESETS.get(provider)
+        if preset is None:
+            return
+        if imap.get("auth") == "oauth2" and not imap.get("host"):
+            imap["host"] = preset.imap_host
+        if smtp.get("auth") == "oauth2" and not smtp.get("host"):
+            smtp["host"] = preset.smtp_host
+
+    def check_oauth2(
+        self, oauth2: dict[str, Any], raw: dict[str, _Value], uses_oauth2: bool
+    ) -> None:
+        """Apply the provider preset, then check what a login and a refresh will need."""
+        section = "oauth2"
+        provider = oauth2.get("provider", "custom")
+        tenant = oauth2.get("tenant", "common")
+        if provider != "microsoft" and tenant != "common":
+            self.warn(section, "tenant", f'used only with provider = "microsoft", not {provider}')
+        if provider == "microsoft" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", tenant):
+            self.problem(
+                section,
+                "tenant",
+                'expected "common", "organizations", a domain or a tenant ID, got '
+                + _quote(tenant),
+            )
+        preset = OAUTH_PRESETS.get(provider)
+        for key in ("device_authorization_url", "token_url"):
+            if (section, key) in self.failed:
+                continue
+            if not oauth2.get(key) and preset is not None:
+                oauth2[key] = getattr(preset, key).format(tenant=tenant)
+            url = oauth2.get(key, "")
+            if not url:
+                if uses_oauth2:
+                    self.problem(section, key, 'required with provider = "custom"')
+                continue
+            problem = _url_problem(url)
+            if problem:
+                self.problem(section, key, problem)
+        if not oauth2.get("scopes") and (section, "scopes") not in self.failed:
+            if preset is not None:
+                oauth2["scopes"] = preset.scopes
+            elif uses_oauth2:
+                self.warn(section, "scopes", "empty: the provider's default scopes are asked for")
+        if (
+            uses_oauth2
+            and not oauth2.get("client_id")
+            and (section, "client_id") not in self.failed
+        ):
+            self.problem(section, "client_id", "required (the application ID of the registration)")
+        key = oauth2.get("token_key", "")
+        if key and (section, "token_key") not in self.failed:
+            try:
+                decoded = base64.b64decode(key.strip(), validate=True)
+            except ValueError:
+                decoded = b""
+            if len(decoded) != 32:
+                self.problem(section, "token_key", "must be 32 bytes in base64")
+
+
+def _url_problem(url: str) -> str:
+    """Why ``url`` cannot be a provider endpoint, or ""."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return f"not a URL: {_quote(url)}"
+    del port
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"expected an https:// URL, got {_quote(url)}"
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        return f"must be https:// (client secrets and refresh tokens travel in it): {_quote(url)}"
+    return ""
+
 
 _LISTENERS = (
     ("pop3", "listen"),
@@ -862,6 +1027,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     converted = {name: loader.convert_section(name, sections[name]) for name in _SCHEMA}
 
     imap, smtp = converted["upstream.imap"], converted["upstream.smtp"]
+    loader.fill_oauth2_hosts(imap, smtp, converted["oauth2"].get("provider", "custom"))
     loader.check_imap(imap, sections["upstream.imap"])
     loader.check_smtp(smtp, converted["submission"])
     loader.check_pop3(converted["pop3"])
@@ -870,6 +1036,8 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_retention(converted["retention"])
     loader.check_listeners(converted)
     loader.check_proxy_protocol(converted)
+    uses_oauth2 = "oauth2" in (imap.get("auth"), smtp.get("auth"))
+    loader.check_oauth2(converted["oauth2"], sections["oauth2"], uses_oauth2)
     for key in ("cert_file", "key_file"):
         converted["tls"].setdefault(key, loader.file_dir / getattr(TLSSettings, key))
     if loader.problems:
@@ -884,6 +1052,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         retention=RetentionSettings(**converted["retention"]),
         log=LogSettings(**converted["log"]),
         http=HttpSettings(**converted["http"]),
+        oauth2=OAuth2Settings(**converted["oauth2"]),
         source=Path(path),
         warnings=tuple(loader.warnings),
     )

@@ -19,9 +19,11 @@ from gateway.config import Config
 from gateway.maildrop.retention_plan import Candidate, Quota, Removal, plan_retention
 from gateway.maildrop.views import POP_DELETED
 from gateway.metrics import DISCARD, Metrics
+from gateway.oauth.errors import OAuthError
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.folders import resolve_folder
 from gateway.upstream.imap_client import ImapError
+from gateway.upstream.logins import UpstreamLogins
 
 log = logging.getLogger("popgate.retention")
 
@@ -108,10 +110,17 @@ async def run_retention(
 class RetentionService:
     """Decides when retention runs and keeps it bounded in time."""
 
-    def __init__(self, reactor: Any, config: Config, metrics: Metrics = DISCARD) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        metrics: Metrics = DISCARD,
+        logins: UpstreamLogins | None = None,
+    ) -> None:
         self.reactor = reactor
         self.config = config
         self.metrics = metrics
+        self.logins = logins or UpstreamLogins(reactor, config.upstream.imap)
         self._last_run: dict[str, float] = {}
         self._seen: dict[str, float] = {}
         self._loop: LoopingCall | None = None
@@ -156,9 +165,9 @@ class RetentionService:
             )
 
     def start(self) -> None:
-        """Periodic sweeps, when they are possible (master identity) and wanted."""
+        """Periodic sweeps, when they are possible (master identity or OAuth) and wanted."""
         interval = self.config.retention.sweep_interval
-        if not self.enabled or not interval or not self.config.upstream.imap.master_user:
+        if not self.enabled or not interval or not self.logins.unattended:
             return
         self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.sweep()))
         self._loop.clock = self.reactor
@@ -175,10 +184,8 @@ class RetentionService:
                 del self._seen[user]
                 continue
             try:
-                account = await ImapAccount.open_as_master(
-                    self.reactor, self.config.upstream.imap, user
-                )
-            except ImapError as e:
+                account = await self.logins.without_device(user)
+            except (ImapError, OAuthError) as e:
                 log.warning("retention sweep cannot log in: %s", e, extra={"user": user})
                 continue
             self._last_run[user] = now

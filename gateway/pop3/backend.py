@@ -36,6 +36,7 @@ from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount, MailboxInfo, UpstreamUnavailable
 from gateway.upstream.folders import resolve_folder
 from gateway.upstream.imap_client import BodySink, ImapError, ReadObserver, Response
+from gateway.upstream.logins import UpstreamLogins
 
 log = logging.getLogger("popgate.pop3")
 
@@ -45,12 +46,19 @@ class UpdateFailed(Exception):
 
 
 class MaildropService:
-    def __init__(self, reactor: Any, config: Config, metrics: Metrics = DISCARD) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        metrics: Metrics = DISCARD,
+        logins: UpstreamLogins | None = None,
+    ) -> None:
         self.reactor = reactor
         self.config = config
         self.metrics = metrics
+        self.logins = logins or UpstreamLogins(reactor, config.upstream.imap)
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
-        self.retention = RetentionService(reactor, config, metrics)
+        self.retention = RetentionService(reactor, config, metrics, self.logins)
         retention = config.retention
         self.capabilities = (
             expire_capability(retention.delete_after_days, retention.quota_high_percent),
@@ -62,10 +70,9 @@ class MaildropService:
         return Login.parse(name, self.config.pop3.device_separator)
 
     async def open(self, login: Login, password: str, peer_ip: str | None) -> UpstreamMaildrop:
-        """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable."""
-        account = await ImapAccount.open(
-            self.reactor, self.config.upstream.imap, login.user, password, peer_ip
-        )
+        """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable
+        and, with OAuth, gateway.oauth.errors.OAuthError."""
+        account = await self.logins.device(login.user, password, peer_ip)
         try:
             return await self._snapshot(account, login)
         except BaseException:

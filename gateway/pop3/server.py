@@ -27,6 +27,7 @@ from gateway.addresses import Networks, client_address, format_peer, limit_key
 from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.views import Login
 from gateway.metrics import since
+from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
 from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
@@ -34,6 +35,7 @@ from gateway.proto.dotstuff import DotStuffer, TopFilter
 from gateway.transports import enable_keepalive, set_buffer_size, unsent_octets, write_through
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
 from gateway.upstream.imap_client import READ_SIZE, ImapError
+from gateway.upstream.logins import grant_problem
 
 log = logging.getLogger("popgate.pop3")
 
@@ -456,6 +458,15 @@ class Pop3Protocol(Protocol):
             if not await self._hold(throttle.failed(attempt)):
                 return
             session.login_failed(pop3.BadCredentials())
+        except (NoGrant, GrantRevoked) as e:
+            throttle.abandoned(attempt)  # the device password was right: not a guess
+            self._log(logging.ERROR, "login failed: %s", grant_problem(e), login=login)
+            self.metrics.auth("pop3", ok=False)
+            session.login_failed(pop3.BadCredentials())
+        except ProviderUnavailable as e:
+            throttle.abandoned(attempt)
+            self._log(logging.ERROR, "login failed, OAuth provider unavailable: %s", e, login=login)
+            session.login_failed(pop3.UpstreamUnavailable())
         except (UpstreamUnavailable, ImapError) as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)

@@ -48,6 +48,7 @@ class Command:
     body_uids: Container[int]  # the UIDs whose bodies this command asked for
     any_body: bool  # takes every body no command claims by UID
     untagged: list[Untagged] = field(default_factory=list)
+    challenges: list[str] = field(default_factory=list)  # the "+ " texts it was sent (at most 4)
 
 
 @dataclass(slots=True)
@@ -116,20 +117,22 @@ class ImapConnection:
         *parts: CommandPart,
         body_uids: Container[int] = _NO_UIDS,
         any_body: bool = False,
-        continuation: bytes | None = None,
+        continuation: bytes | Sequence[bytes] | None = None,
     ) -> Command:
         """Queue a command; its bytes are in ``data_to_send()`` as soon as they may go.
 
         ``continuation`` is a line sent when the server asks for more (a SASL response for a
-        server without SASL-IR). On a closed connection nothing is queued.
+        server without SASL-IR); a sequence of lines answers that many requests, one each (the
+        answer to a SASL error challenge). On a closed connection nothing is queued.
         """
         self._counter += 1
         tag = f"G{self._counter}"
         encoded = encode_command(tag, *parts, literal_plus=self.has("LITERAL+"))
         name = " ".join(str(p) for p in parts[:2] if isinstance(p, str) and p.isupper())
         lines = deque(encoded.parts)
-        if continuation is not None:
-            lines.append(continuation + b"\r\n")
+        if isinstance(continuation, bytes):
+            continuation = (continuation,)
+        lines.extend(line + b"\r\n" for line in continuation or ())
         command = Command(name or "command", tag, lines, body_uids, any_body)
         if self.closed:
             return command
@@ -208,7 +211,7 @@ class ImapConnection:
                 if made is not None:
                     return made
             elif isinstance(event, Continuation):
-                self._continue()
+                self._continue(event)
         return None
 
     # -- internals ----------------------------------------------------------------------------
@@ -291,10 +294,12 @@ class ImapConnection:
             self._start_unsent()
         return Completed(command, Response(status, command.untagged))
 
-    def _continue(self) -> None:
+    def _continue(self, event: Continuation) -> None:
         command = self._continuing
         if command is None:
             return
+        if len(command.challenges) < 4:  # bounded, whatever the server sends
+            command.challenges.append(event.text)
         self._outgoing.append(command.parts.popleft())
         if not command.parts:
             self._continuing = None

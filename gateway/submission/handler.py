@@ -32,6 +32,7 @@ from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD, Metrics, since
+from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
 from gateway.proto import sasl
 from gateway.proxy_protocol import HEADER_TIMEOUT, RefusalLog
 from gateway.submission.message import (
@@ -45,10 +46,12 @@ from gateway.submission.relay import Relay, RelaySession, RelayUnavailable
 from gateway.submission.replies import with_enhanced_code
 from gateway.submission.spool import SentSpool, SpoolEntry, SpoolStore, new_entry_id
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
+from gateway.upstream.logins import grant_problem
 
 log = logging.getLogger("popgate.submission")
 
-#: Checks a user's password upstream; raises LoginRejected or UpstreamUnavailable.
+#: Checks a user's password (upstream, or with OAuth locally); raises LoginRejected or
+#: UpstreamUnavailable, with OAuth also NoGrant, GrantRevoked or ProviderUnavailable.
 Authenticator = Callable[[str, str, str | None], Awaitable[None]]
 
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
@@ -428,6 +431,14 @@ class SubmissionHandler:
         except LoginRejected:
             delay = throttle.failed(attempt)
             return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
+        except (NoGrant, GrantRevoked) as e:
+            throttle.abandoned(attempt)  # the device password was right: not a guess
+            log.error("auth failed: %s", grant_problem(e), extra=context)
+            return await self._failed(srv, name, "no usable OAuth grant")
+        except ProviderUnavailable as e:
+            throttle.abandoned(attempt)
+            log.warning("auth deferred: OAuth provider unavailable: %s", e, extra=context)
+            return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
         except UpstreamUnavailable as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)

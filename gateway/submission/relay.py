@@ -12,15 +12,21 @@ advertises; :class:`Relay` learns it from every EHLO it sees and keeps the last 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import aiosmtplib
+from twisted.internet.defer import Deferred
 
 from gateway.config import SmtpUpstream
+from gateway.oauth.errors import GrantRevoked, NoGrant, OAuthError
+from gateway.oauth.tokens import AccessTokens
+from gateway.proto import sasl
 from gateway.submission.replies import Reply
+from gateway.upstream.logins import grant_problem
 
 log = logging.getLogger("popgate.submission")
 
@@ -71,14 +77,28 @@ class RelayUnavailable(Exception):
 _UNREACHABLE = Reply(451, "4.4.1 The relay is unavailable; try again later")
 _LOST = Reply(451, "4.4.2 Connection to the relay was lost; try again later")
 _MISCONFIGURED = Reply(451, "4.3.5 The relay does not accept this gateway's login; try later")
+# With auth = "oauth2" the device was let in with its local password; a token problem at MAIL
+# is the operator's to fix (or the provider's), so the device is told to try again later.
+_NO_TOKEN = Reply(451, "4.7.0 No usable access token for the relay; try again later")
+_TOKEN_REFUSED = Reply(451, "4.7.0 The relay refused this user's access token; try again later")
 
 
 class Relay:
     """Shared by all sessions: where to connect, how, and the relay's last known extensions."""
 
-    def __init__(self, settings: SmtpUpstream, local_hostname: str) -> None:
+    def __init__(
+        self,
+        settings: SmtpUpstream,
+        local_hostname: str,
+        tokens: AccessTokens | None = None,
+        mechanism: str = "xoauth2",
+    ) -> None:
+        if settings.auth == "oauth2" and tokens is None:
+            raise ValueError('[upstream.smtp] auth = "oauth2" needs the OAuth token store')
         self.settings = settings
         self.local_hostname = local_hostname
+        self.tokens = tokens
+        self.mechanism = mechanism
         self.tls_context = client_tls_context(settings) if settings.security != "none" else None
         self.capabilities: RelayCapabilities | None = None
         self._probe: asyncio.Task[RelayCapabilities | None] | None = None
@@ -183,8 +203,45 @@ class RelaySession:
             except aiosmtplib.SMTPException as e:
                 smtp.close()
                 raise RelayUnavailable(_MISCONFIGURED, f"relay login impossible: {e}") from e
+        elif self.relay.settings.auth == "oauth2":
+            try:
+                await self._oauth_login(smtp, user)
+            except RelayUnavailable:
+                smtp.close()
+                raise
         self._smtp, self._identity = smtp, (user, password)
         return smtp
+
+    async def _oauth_login(self, smtp: aiosmtplib.SMTP, user: str) -> None:
+        """AUTH with the user's access token; one that is refused is forgotten and a fresh one
+        tried once on the same connection."""
+        relay = self.relay
+        tokens = relay.tokens
+        assert tokens is not None
+        loop = asyncio.get_running_loop()
+        status = ""
+        for attempt in (1, 2):
+            try:
+                token = await Deferred.asFuture(tokens.access_token(user), loop)
+            except (NoGrant, GrantRevoked) as e:
+                log.error("relay login: %s", grant_problem(e), extra={"user": user})
+                raise RelayUnavailable(_NO_TOKEN, f"no OAuth grant: {e}") from e
+            except OAuthError as e:
+                raise RelayUnavailable(_NO_TOKEN, f"OAuth provider unavailable: {e}") from e
+            try:
+                failure = await _authenticate_oauth(smtp, relay.mechanism, user, token)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
+                raise RelayUnavailable(_LOST, f"relay connection lost during login: {e}") from e
+            except (aiosmtplib.SMTPException, sasl.UnusableCredential) as e:
+                raise RelayUnavailable(_MISCONFIGURED, f"relay login impossible: {e}") from e
+            if failure is None:
+                return
+            status = failure.status
+            if not failure.token_rejected or attempt == 2:
+                break
+            log.info("relay refused the access token; refreshing", extra={"user": user})
+            tokens.forget_access_token(user, token)
+        raise RelayUnavailable(_TOKEN_REFUSED, f"relay refused the access token ({status})")
 
     async def mail(self, user: str, password: str, sender: str, options: list[str]) -> Reply:
         """Start a transaction (connecting and logging in first if needed)."""
@@ -265,3 +322,35 @@ async def _login(smtp: aiosmtplib.SMTP, user: str, password: str) -> None:
         await smtp.auth_login(user, password)
     else:
         await smtp.login(user, password)
+
+
+async def _authenticate_oauth(
+    smtp: aiosmtplib.SMTP, mechanism: str, user: str, token: str
+) -> sasl.OAuthFailure | None:
+    """AUTH XOAUTH2 / OAUTHBEARER with the token as initial response (RFC 4954).
+
+    None on 235. A refusal comes as a 334 error challenge, answered (empty for XOAUTH2, ^A for
+    OAUTHBEARER) so the relay ends the exchange, or as a plain 5xx: either way the decoded
+    failure, ``token_rejected`` when a fresh token may help. Raises SMTPException when the relay
+    does not offer the mechanism (the operator's configuration).
+    """
+    name = mechanism.upper()
+    if name.lower() not in smtp.server_auth_methods:
+        raise aiosmtplib.SMTPException(f"the relay does not offer AUTH {name}")
+    blob = base64.b64encode(sasl.oauth_response(name, user, token))
+    response = await smtp.execute_command(b"AUTH", name.encode("ascii"), blob)
+    if response.code == 235:
+        return None
+    failure = sasl.OAuthFailure("")
+    if response.code == 334:
+        failure = sasl.parse_oauth_challenge(response.message)
+        response = await smtp.execute_command(base64.b64encode(sasl.oauth_error_reply(name)))
+        if response.code == 235:  # a relay that let the exchange succeed after all
+            return None
+    if response.code in (535, 534) and not failure.status:
+        failure = sasl.OAuthFailure("invalid_token")  # no challenge: a plain refusal
+    if response.code >= 500 and failure.status:
+        return failure
+    if response.code >= 400 and response.code < 500:
+        raise aiosmtplib.SMTPResponseException(response.code, response.message)
+    return failure

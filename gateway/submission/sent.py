@@ -40,6 +40,7 @@ from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
 from gateway.upstream.account import ImapAccount, LoginRejected
 from gateway.upstream.imap_client import ImapCommandFailed
+from gateway.upstream.logins import UpstreamLogins
 
 DEFAULT_SENT = "Sent"
 # Only the newest messages with one Message-ID are compared: a copy stored twice is a recent
@@ -110,9 +111,11 @@ class SentWriter:
         settings: ImapUpstream,
         sent_folder: str,
         loop: asyncio.AbstractEventLoop,
+        logins: UpstreamLogins | None = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
+        self.logins = logins or UpstreamLogins(reactor, settings)
         self.sent_folder = sent_folder
         self.loop = loop
         self._storing = KeyedLocks()
@@ -128,13 +131,13 @@ class SentWriter:
             return await d.asFuture(self.loop)
 
     async def _login(self, entry: SpoolEntry) -> ImapAccount:
-        if entry.password is not None:
+        if entry.password is not None and not self.logins.oauth:
             peer_ip = entry.peer.rpartition(":")[0].strip("[]") or None
             return await ImapAccount.open(
                 self.reactor, self.settings, entry.user, entry.password, peer_ip
             )
-        if self.settings.master_user:
-            return await ImapAccount.open_as_master(self.reactor, self.settings, entry.user)
+        if self.logins.unattended:  # the master identity, or the user's OAuth grant
+            return await self.logins.without_device(entry.user)
         raise LoginRejected("no credential for this entry and no master identity configured")
 
     async def _store(self, entry: SpoolEntry) -> str:

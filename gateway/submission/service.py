@@ -25,7 +25,7 @@ from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
 from gateway.submission.spool import SentSpool, SpoolStore, load_key
 from gateway.tls import asyncio_server_context
-from gateway.upstream.account import ImapAccount
+from gateway.upstream.logins import UpstreamLogins
 
 log = logging.getLogger("popgate.submission")
 
@@ -42,8 +42,10 @@ class SubmissionService:
         limits: ClientLimits | None = None,
         metrics: Metrics = DISCARD,
         tls_context: ssl.SSLContext | None = None,
+        logins: UpstreamLogins | None = None,
     ) -> None:
         self.reactor = reactor
+        self.logins = logins or UpstreamLogins(reactor, config.upstream.imap)
         # The listeners' TLS; the gateway passes ServerTLS.asyncio_context, which follows a
         # certificate reload. Without one, a context of the files as they are now.
         self.tls_context = tls_context
@@ -57,14 +59,10 @@ class SubmissionService:
         self._warm_up: asyncio.Future[RelayCapabilities | None] | None = None
 
     async def _authenticate(self, user: str, password: str, peer_ip: str | None) -> None:
-        """Log in to IMAP as the user (and out again): the submission password check."""
-        imap = self.config.upstream.imap
-
-        async def check() -> None:
-            account = await ImapAccount.open(self.reactor, imap, user, password, peer_ip)
-            await account.logout()
-
-        await Deferred.fromCoroutine(check()).asFuture(asyncio.get_running_loop())
+        """The submission password check: a login to IMAP as the user (and out again), or with
+        OAuth the local device password and a usable token."""
+        check = self.logins.check_device(user, password, peer_ip)
+        await Deferred.fromCoroutine(check).asFuture(asyncio.get_running_loop())
 
     async def start(self) -> list[tuple[ListenAddress, bool]]:
         config, settings = self.config, self.config.submission
@@ -73,7 +71,9 @@ class SubmissionService:
         assert key is not None
         store = SpoolStore(settings.spool_dir, key)
         await asyncio.to_thread(store.prepare)
-        writer = SentWriter(self.reactor, config.upstream.imap, settings.sent_folder, loop)
+        writer = SentWriter(
+            self.reactor, config.upstream.imap, settings.sent_folder, loop, self.logins
+        )
         writer.metrics = self.metrics
         self.spool = SentSpool(
             store, writer.store, settings.retry_initial_delay, settings.retry_max_delay, loop
@@ -81,7 +81,9 @@ class SubmissionService:
         self.spool.metrics = self.metrics
         self.metrics.watch_spool(lambda: self.spool.waiting if self.spool else 0)
         hostname = socket.getfqdn() or "localhost"
-        self.relay = Relay(config.upstream.smtp, hostname)
+        self.relay = Relay(
+            config.upstream.smtp, hostname, self.logins.tokens, self.logins.mechanism
+        )
         handler = SubmissionHandler(
             relay=self.relay,
             authenticate=self._authenticate,
@@ -91,8 +93,8 @@ class SubmissionService:
             device_separator=config.pop3.device_separator,
             max_message_size=settings.max_message_size,
             hostname=hostname,
-            # With a master identity a retry needs no password, so none is kept on disk.
-            keep_password=not config.upstream.imap.master_user,
+            # With a master identity (or OAuth) a retry needs no password: none is kept on disk.
+            keep_password=not self.logins.unattended,
             limits=self.limits,
             metrics=self.metrics,
         )

@@ -23,6 +23,7 @@ from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
 from gateway.maildrop.uidset import format_uid_set
 from gateway.maildrop.views import IndexedMessage
 from gateway.proto import imap_responses as decode
+from gateway.proto import sasl
 from gateway.proto.imap import (
     Atom,
     CommandPart,
@@ -62,6 +63,14 @@ class UpstreamUnavailable(ImapError):
 
 class LoginRejected(ImapError):
     """The server refused these credentials."""
+
+
+class TokenRejected(LoginRejected):
+    """The server refused an OAuth access token (expired, revoked): a fresh one may work.
+
+    A refusal whose error challenge names another cause (``insufficient_scope``) is a plain
+    LoginRejected: a fresh token would be refused the same way.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +172,85 @@ class ImapAccount:
         return await cls._open(
             reactor, settings, username, settings.master_user, settings.master_password, None
         )
+
+    @classmethod
+    async def open_oauth(
+        cls,
+        reactor: IReactorTime,
+        settings: ImapUpstream,
+        username: str,
+        token: str,
+        mechanism: str,
+        client_ip: str | None = None,
+    ) -> ImapAccount:
+        """Log in as ``username`` with an OAuth 2.0 access token (SASL XOAUTH2 or OAUTHBEARER).
+
+        Raises TokenRejected when the server refuses the token itself.
+        """
+        proto = await connect(reactor, settings)
+        account = cls(proto)
+        try:
+            login = account._login_oauth(username, token, mechanism, settings, client_ip)
+            await _with_timeout(Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT)
+        except BaseException:
+            _abort(proto)
+            raise
+        return account
+
+    async def _login_oauth(
+        self,
+        username: str,
+        token: str,
+        mechanism: str,
+        settings: ImapUpstream,
+        client_ip: str | None,
+    ) -> None:
+        """AUTHENTICATE with the token: SASL-IR where offered, else after the server's ``+``.
+
+        A server refusing the token sends an error challenge first; it is answered (empty for
+        XOAUTH2, ^A for OAUTHBEARER) so the server finishes with its NO, and decoded to tell a
+        refused token from other failures.
+        """
+        proto = self.proto
+        name = mechanism.upper()
+        if not proto.has(f"AUTH={name}"):
+            raise UpstreamUnavailable(f"IMAP server does not offer AUTH={name}")
+        try:
+            blob = sasl.oauth_response(name, username, token, settings.host, settings.port)
+        except sasl.UnusableCredential as e:
+            raise LoginRejected(str(e)) from None
+        if client_ip and proto.has("ID"):
+            ident = proto.command(Atom("ID"), ["x-originating-ip", client_ip])
+            ident.addErrback(lambda failure: failure.trap(ImapError))
+        response = base64.b64encode(blob)
+        after_error = base64.b64encode(sasl.oauth_error_reply(name))
+        try:
+            if proto.has("SASL-IR"):
+                await proto.command(
+                    Atom("AUTHENTICATE"),
+                    Atom(name),
+                    Atom(response.decode("ascii")),
+                    continuation=after_error,
+                )
+            else:
+                # Two continuations may come: "+ " for the response, then an error challenge.
+                await proto.command(
+                    Atom("AUTHENTICATE"), Atom(name), continuation=(response, after_error)
+                )
+        except ImapCommandFailed as e:
+            if e.status.code_name in ("UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE"):
+                raise UpstreamUnavailable(f"IMAP login deferred: {e.status.text}") from e
+            challenges = e.challenges if proto.has("SASL-IR") else e.challenges[1:]
+            failure = sasl.parse_oauth_challenge(challenges[-1]) if challenges else None
+            if failure is None or failure.token_rejected:
+                # No challenge at all (a server answering NO straight away) is taken as a
+                # refused token too: the one retry with a fresh token settles it.
+                raise TokenRejected(f"access token refused: {e.status.text}") from e
+            raise LoginRejected(f"OAuth login refused ({failure.status}): {e.status.text}") from e
+        except ImapConnectionLost as e:
+            raise UpstreamUnavailable(str(e)) from e
+        if not proto.capabilities or not any(c.startswith("IMAP4") for c in proto.capabilities):
+            await proto.command(Atom("CAPABILITY"))
 
     @classmethod
     async def _open(

@@ -8,7 +8,7 @@ download too), and the timer. Only ``gateway.upstream.account`` issues commands.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -52,9 +52,11 @@ class ImapTimeout(ImapError):
 class ImapCommandFailed(ImapError):
     """A NO or BAD completion; ``status`` holds the server's code and text."""
 
-    def __init__(self, command: str, status: Status) -> None:
+    def __init__(self, command: str, status: Status, challenges: Sequence[str] = ()) -> None:
         super().__init__(f"{command} failed: {status.kind} {status.text}")
         self.status = status
+        # The server's continuation texts, for AUTHENTICATE (a SASL error challenge).
+        self.challenges = tuple(challenges)
 
 
 class BodySink(TypingProtocol):
@@ -134,13 +136,14 @@ class ImapClientProtocol(Protocol):
         *parts: CommandPart,
         sink: BodySink | None = None,
         sinks: Mapping[int, BodySink] | None = None,
-        continuation: bytes | None = None,
+        continuation: bytes | Sequence[bytes] | None = None,
     ) -> Deferred[Response]:
         """Send a command; the Deferred fires with its Response, or fails with ImapError.
 
         Message bodies in the responses go to the sink ``sinks`` names for their UID, else to
         ``sink``, which takes every body no UID-bound sink claims. ``continuation`` is a line
-        sent when the server asks for more (a SASL response for a server without SASL-IR).
+        sent when the server asks for more (a SASL response for a server without SASL-IR); a
+        sequence of lines answers that many requests, one each.
         """
         sinks = sinks or {}
         command = self.connection.send(
@@ -230,7 +233,7 @@ class ImapClientProtocol(Protocol):
             if status.kind == "OK":
                 d.callback(event.response)
             else:
-                d.errback(ImapCommandFailed(event.command.name, status))
+                d.errback(ImapCommandFailed(event.command.name, status, event.command.challenges))
         elif isinstance(event, Greeting):
             if event.status.kind in ("OK", "PREAUTH"):
                 self.greeting.callback(event.status)

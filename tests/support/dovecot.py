@@ -258,13 +258,20 @@ class Dovecot:
         imapc: tuple[str, int] | None = None,
         metadata: bool = False,
         extra_config: str = "",
+        oauth2_introspection_url: str | None = None,
+        auth_port: bool = False,
     ) -> None:
         """``imapc=(host, port)`` makes this instance a proxy over another IMAP server
         (Dovecot's imapc storage): users log in with their password on that server (passdb
         imap), mail and flags stay there, only an index cache lives here (``~/imapc``).
         ``metadata=True`` turns on IMAP METADATA (RFC 5464), entries kept in
         ``~/Maildir/dovecot-attributes``; :meth:`set_metadata` switches it while running.
-        ``extra_config`` is appended to the generated ``dovecot.conf`` (later settings win)."""
+        ``extra_config`` is appended to the generated ``dovecot.conf`` (later settings win).
+        ``oauth2_introspection_url`` makes users log in only with OAuth 2.0 access tokens
+        (SASL XOAUTH2 / OAUTHBEARER, ``passdb { driver = oauth2 }`` asking that RFC 7662
+        endpoint); their passwords are refused, the master user still logs in (to seed mail).
+        ``auth_port=True`` opens Dovecot's auth service on a loopback TCP port
+        (:attr:`auth_port`), for a Postfix with ``smtpd_sasl_type = dovecot``."""
         self._owns_base_dir = base_dir is None
         if base_dir is None:
             base_dir = tempfile.mkdtemp(prefix="popgate-dovecot-")
@@ -282,6 +289,8 @@ class Dovecot:
         self.imapc = imapc
         self.metadata = metadata
         self.extra_config = extra_config
+        self.oauth2_introspection_url = oauth2_introspection_url
+        self.auth_listener = auth_port
         self._ports: dict[str, int] = {}
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -333,6 +342,13 @@ class Dovecot:
         if not self.lmtp:
             raise DovecotError("this instance has no LMTP listener (Dovecot(lmtp=True))")
         return self._port("lmtp")
+
+    @property
+    def auth_port(self) -> int:
+        """Dovecot's auth service (SASL for Postfix), only with ``Dovecot(auth_port=True)``."""
+        if not self.auth_listener:
+            raise DovecotError("this instance has no auth listener (Dovecot(auth_port=True))")
+        return self._port("auth")
 
     @property
     def ca_file(self) -> Path:
@@ -407,6 +423,7 @@ class Dovecot:
         last_error = ""
         for _attempt in range(3):  # a picked port can be taken in between: retry with others
             names = ("imap", "imaps", "pop3", "pop3s") + (("lmtp",) if self.lmtp else ())
+            names += ("auth",) if self.auth_listener else ()
             self._ports = {name: free_port(self._host) for name in names}
             self.config_file.write_text(self._config_text())
             log_mark = self.log_file.stat().st_size if self.log_file.exists() else 0
@@ -620,7 +637,7 @@ ssl_key = <{self._pki["key_file"]}
 # Test instance: loopback only, no brakes.
 disable_plaintext_auth = no
 login_trusted_networks = 127.0.0.0/8 ::1/128
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if self.oauth2_introspection_url else ""}
 # (Dovecot 2.3 still answers a failed login on its next 500 ms failure-queue tick.)
 auth_failure_delay = 0
 auth_verbose = yes
@@ -663,7 +680,7 @@ service imap-login {{
     ssl = yes
   }}
 }}
-{self._lmtp_config()}service pop3-login {{
+{self._lmtp_config()}{self._auth_listener_config()}service pop3-login {{
   inet_listener pop3 {{
     address = {h}
     port = {p["pop3"]}
@@ -702,8 +719,61 @@ service imap-login {{
                 raise DovecotError(f"METADATA still {'off' if on else 'on'} after the reload")
             time.sleep(0.05)
 
+    def _auth_listener_config(self) -> str:
+        if not self.auth_listener:
+            return ""
+        return f"""service auth {{
+  inet_listener auth-sasl {{
+    address = {self._host}
+    port = {self._ports["auth"]}
+  }}
+}}
+"""
+
+    def _write_oauth2_args(self) -> Path:
+        """FACTS.md "OAuth2": RFC 7662 introspection by POST, the user from ``username``."""
+        path = self._base / "dovecot-oauth2.conf.ext"
+        path.write_text(
+            "introspection_mode = post\n"
+            f"introspection_url = {self.oauth2_introspection_url}\n"
+            "username_attribute = username\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+        )
+        self._chmod_readable_by_auth(path)
+        return path
+
+    def _oauth2_auth_text(self) -> str:
+        b = self._base
+        # Users authenticate only with a token; their passwd-files serve as userdb only. A
+        # password gets a plain NO (a static passdb whose password nobody knows), as Microsoft
+        # 365 answers once basic authentication is off.
+        return f"""mail_location = maildir:~/Maildir
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {b}/master-passwd
+}}
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {self._write_oauth2_args()}
+}}
+passdb {{
+  driver = static
+  mechanisms = plain login
+  args = password={secrets.token_hex(24)}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {b}/users/%u
+}}
+"""
+
     def _storage_and_auth_text(self) -> str:
         b = self._base
+        if self.oauth2_introspection_url:
+            return self._oauth2_auth_text()
         if self.imapc is None:
             return f"""mail_location = maildir:~/Maildir
 passdb {{

@@ -84,13 +84,18 @@ class Postfix:
         domains: Sequence[str] = ("example.org",),
         host: str = HOST,
         port: int | None = None,
+        sasl: tuple[str, int] | None = None,
     ) -> None:
+        """``sasl=(host, port)``: clients must AUTH (no relaying for 127.0.0.0/8), checked by
+        that Dovecot auth service (``smtpd_sasl_type = dovecot``; ``Dovecot(auth_port=True)``),
+        which offers Dovecot's mechanisms: with its oauth2 passdb, XOAUTH2 and OAUTHBEARER."""
         if os.geteuid() != 0:
             raise PostfixError("the private Postfix needs root (its master runs as root)")
         self._owns_base_dir = base_dir is None
         self._base = Path(base_dir or tempfile.mkdtemp(prefix="popgate-postfix-")).absolute()
         self.lmtp = lmtp
         self.domains = tuple(domains)
+        self.sasl = sasl
         self.host = host
         self.port = port or free_port(host)
         self._postfix = _find_postfix()
@@ -137,9 +142,7 @@ alias_database =
 mynetworks = 127.0.0.0/8
 relay_domains = {", ".join(self.domains)}
 relay_transport = lmtp:inet:{lmtp_host}:{lmtp_port}
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-smtpd_recipient_restrictions = permit_mynetworks, reject
-smtpd_tls_security_level = none
+{self._access_cf()}smtpd_tls_security_level = none
 smtp_tls_security_level = none
 smtputf8_enable = yes
 biff = no
@@ -148,6 +151,22 @@ append_dot_mydomain = no
 queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
+"""
+
+    def _access_cf(self) -> str:
+        if self.sasl is None:
+            return (
+                "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n"
+                "smtpd_recipient_restrictions = permit_mynetworks, reject\n"
+            )
+        host, port = self.sasl
+        return f"""smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = inet:{host}:{port}
+smtpd_sasl_security_options = noanonymous
+smtpd_tls_auth_only = no
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 """
 
     def _postfix_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -733,6 +733,7 @@ def test_effective_config_redacts_secrets_and_lists_every_key(conf_dir: Path) ->
         "retention",
         "log",
         "http",
+        "oauth2",
     }
 
 

@@ -9,7 +9,12 @@ from pathlib import Path
 import gateway
 
 PURE_PACKAGES = ["gateway.proto", "gateway.maildrop"]
-PURE_MODULES = ["gateway.limits", "gateway.addresses"]
+PURE_MODULES = [
+    "gateway.limits",
+    "gateway.addresses",
+    "gateway.oauth.protocol",
+    "gateway.oauth.errors",
+]
 
 
 def test_pure_layers_import_no_io_framework() -> None:
