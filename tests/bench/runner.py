@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import ssl
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from tests.bench.workloads import (
     Result,
     Target,
     big_message,
+    client_tls,
     devices,
     dovecot_target,
     full_download,
@@ -63,6 +65,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "imapc, on one mail store.",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 20 messages, 1 round")
+    p.add_argument(
+        "--tls",
+        nargs="?",
+        const="both",
+        default="none",
+        choices=("none", "both", "client"),
+        help="POP3S towards the client for all three systems (Dovecot's own POP3S, popgate, the "
+        "imapc peer); 'both' (the default with --tls) also IMAPS upstream for popgate and the "
+        "peer, 'client' keeps their upstream plain (a private network)",
+    )
     p.add_argument("--rounds", type=int, help="measured rounds (default 5; quick: 1)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
@@ -109,22 +121,34 @@ class Bench:
         assert self.store.dovecot is not None
         return self.store.dovecot
 
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return client_tls() if self.args.tls != "none" else None
+
+    def pop3_port(self, server: Dovecot | GatewayProcess) -> int:
+        return server.pop3s_port if self.args.tls != "none" else server.pop3_port
+
     def start(self) -> None:
         dc = self.dovecot
         assert dc.pid is not None
+        tls = self.tls
         if "direct" in self.args.systems:
-            self.targets["direct"] = dovecot_target("direct", dc.host, dc.pop3_port, dc.pid)
+            self.targets["direct"] = dovecot_target(
+                "direct", dc.host, self.pop3_port(dc), dc.pid, tls
+            )
         if "imapc" in self.args.systems:
-            self.peer = start_peer(self.args.work_dir, dc, self.store.sizes.key)
+            self.peer = start_peer(
+                self.args.work_dir, dc, self.store.sizes.key, self.args.tls == "both"
+            )
             assert self.peer.pid is not None
             self.targets["imapc"] = dovecot_target(
-                "imapc", self.peer.host, self.peer.pop3_port, self.peer.pid
+                "imapc", self.peer.host, self.pop3_port(self.peer), self.peer.pid, tls
             )
         if "popgate" in self.args.systems:
-            self.gateway = start_gateway(dc, self.args.work_dir / "popgate")
+            self.gateway = start_gateway(dc, self.args.work_dir / "popgate", self.args.tls)
             assert self.gateway.pid is not None
             self.targets["popgate"] = gateway_target(
-                "popgate", self.gateway.host, self.gateway.pop3_port, self.gateway.pid
+                "popgate", self.gateway.host, self.pop3_port(self.gateway), self.gateway.pid, tls
             )
 
     def stop(self, out: Path) -> None:
@@ -138,9 +162,11 @@ class Bench:
     async def measure(self, workload: str, system: str) -> Result:
         if workload == "big" and system == "popgate":
             # A fresh gateway, so its peak RSS (VmHWM) is this download's and nothing older.
-            with fresh_gateway(self.dovecot, self.args.work_dir / "popgate-big") as gw:
+            with fresh_gateway(
+                self.dovecot, self.args.work_dir / "popgate-big", self.args.tls
+            ) as gw:
                 assert gw.pid is not None
-                t = gateway_target("popgate", gw.host, gw.pop3_port, gw.pid)
+                t = gateway_target("popgate", gw.host, self.pop3_port(gw), gw.pid, self.tls)
                 return await self._with_cpu(workload, t, gw.pid)
         gw_pid = self.gateway.pid if self.gateway is not None else None
         return await self._with_cpu(workload, self.targets[system], gw_pid)
@@ -213,9 +239,11 @@ class Bench:
         for workload in self.args.workloads:
             path = out / f"profile-{workload}.txt"
             if workload == "big":
-                with fresh_gateway(self.dovecot, self.args.work_dir / "popgate-big") as gw:
+                with fresh_gateway(
+                    self.dovecot, self.args.work_dir / "popgate-big", self.args.tls
+                ) as gw:
                     assert gw.pid is not None
-                    t = gateway_target("popgate", gw.host, gw.pop3_port, gw.pid)
+                    t = gateway_target("popgate", gw.host, self.pop3_port(gw), gw.pid, self.tls)
                     result, summary = await profile.record(gw.pid, self._run(workload, t), path)
             else:
                 assert self.gateway is not None and self.gateway.pid is not None
@@ -310,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             "systems": {s: SYSTEM_LABELS[s] for s in args.systems},
             "workloads": {w: WORKLOAD_TITLES[w] for w in args.workloads},
             "quick": args.quick,
+            "tls": args.tls,
         },
         "corpus": {
             "seed": sizes.seed,
@@ -337,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(out / "report.json", data)
     text = report.table(summary)
     (out / "table.md").write_text(text)
+    over = {"none": "", "both": ", POP3S + IMAPS upstream", "client": ", POP3S, plain upstream"}
     title = (
-        f"popgate vs Dovecot 2.3, medians of {args.rounds} round(s), "
+        f"popgate vs Dovecot 2.3{over[args.tls]}, medians of {args.rounds} round(s), "
         f"{started:%Y-%m-%d}, {os.cpu_count()} shared cores"
     )
     drew = report.chart(out / "ratios.png", summary, title)
