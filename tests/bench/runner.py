@@ -25,6 +25,7 @@ from tests.bench.systems import (
     SYSTEMS,
     Sizes,
     Store,
+    add_scale_users,
     fresh_gateway,
     settle,
     start_gateway,
@@ -46,6 +47,7 @@ from tests.bench.workloads import (
     gateway_target,
     pipelined_download,
     poll,
+    scale,
 )
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
@@ -87,17 +89,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="afterwards, run each workload once more on popgate under py-spy",
     )
+    p.add_argument(
+        "--scale",
+        nargs="?",
+        const="50,200,1000,2000",
+        metavar="STEPS",
+        help="instead of the workloads: that many devices (default 50,200,1000,2000) polling the "
+        "1,000-message mailbox at once, over TLS (implies --tls unless given), one round each, "
+        "against Dovecot POP3S and popgate",
+    )
+    p.add_argument(
+        "--scale-users",
+        default="one,many",
+        help="with --scale: 'one' (one user, #device logins), 'many' (a user per device), or both",
+    )
     p.add_argument("--work-dir", type=Path, default=ROOT / "run" / "bench")
     p.add_argument("--out", type=Path, help="results directory (default WORK_DIR/results/TIME)")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.systems = [s for s in args.systems.split(",") if s]
     for w in args.workloads:
-        if w not in WORKLOADS:
+        if w not in WORKLOADS and not w.startswith("scale-"):
             p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    if args.scale:
+        args.scale = [int(n) for n in args.scale.split(",") if n]
+        args.scale_users = [m for m in args.scale_users.split(",") if m]
+        if args.tls == "none" and "--tls" not in (argv if argv is not None else sys.argv):
+            args.tls = "both"
+        if "--systems" not in (argv if argv is not None else sys.argv):
+            args.systems = ["direct", "popgate"]
+        args.workloads = [f"scale-{n}-{m}" for n in args.scale for m in args.scale_users]
+        args.rounds = args.rounds or 1
+        args.no_warmup = True
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.devices = args.devices or (10 if args.quick else 200)
     args.poll_repeats = args.poll_repeats or (2 if args.quick else 10)
@@ -115,6 +141,7 @@ class Bench:
         self.gateway: GatewayProcess | None = None
         self.peer: Dovecot | None = None
         self.profiles: dict[str, Any] = {}
+        self.scale_users: list[str] = []
 
     @property
     def dovecot(self) -> Dovecot:
@@ -132,6 +159,8 @@ class Bench:
         dc = self.dovecot
         assert dc.pid is not None
         tls = self.tls
+        if self.args.scale and "many" in self.args.scale_users:
+            self.scale_users = add_scale_users(dc, max(self.args.scale))
         if "direct" in self.args.systems:
             self.targets["direct"] = dovecot_target(
                 "direct", dc.host, self.pop3_port(dc), dc.pid, tls
@@ -208,6 +237,11 @@ class Bench:
             return await devices(t, exp, chk, a.devices)
         if workload == "big":
             return await big_message(t, exp, chk)
+        if workload.startswith("scale-"):
+            _, count, mode = workload.split("-")
+            users = self.scale_users[: int(count)] if mode == "many" else None
+            gw_pid = self.gateway.pid if t.name == "popgate" and self.gateway else None
+            return await scale(t, exp, chk, int(count), users, gw_pid)
         raise ValueError(workload)
 
     async def rounds(self) -> dict[str, dict[str, list[Result]]]:
@@ -336,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             "devices": args.devices,
             "poll_repeats": args.poll_repeats,
             "systems": {s: SYSTEM_LABELS[s] for s in args.systems},
-            "workloads": {w: WORKLOAD_TITLES[w] for w in args.workloads},
+            "workloads": {w: WORKLOAD_TITLES.get(w, w) for w in args.workloads},
             "quick": args.quick,
             "tls": args.tls,
         },
@@ -355,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             "mismatches": chk.mismatches[:50],
             "mismatch_count": len(chk.mismatches),
             "uidl_identical_to_dovecot": chk.uidl_exact,
-            "bytes_ok": not chk.mismatches and chk.retr_checked > 0,
+            "bytes_ok": not chk.mismatches and (chk.retr_checked > 0 or bool(args.scale)),
         },
         "failures": bench.failures,
         "results": results,
@@ -364,14 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     data["machine"]["loadavg_after"] = os.getloadavg()
     report.write_json(out / "report.json", data)
-    text = report.table(summary)
+    text = report.table(summary) if not args.scale else report.scale_table(results)
     (out / "table.md").write_text(text)
     over = {"none": "", "both": ", POP3S + IMAPS upstream", "client": ", POP3S, plain upstream"}
     title = (
         f"popgate vs Dovecot 2.3{over[args.tls]}, medians of {args.rounds} round(s), "
         f"{started:%Y-%m-%d}, {os.cpu_count()} shared cores"
     )
-    drew = report.chart(out / "ratios.png", summary, title)
+    drew = not args.scale and report.chart(out / "ratios.png", summary, title)
     if bench.profiles:
         (out / "profiles.md").write_text(
             "".join(profile.format_summary(w, s) + "\n" for w, s in bench.profiles.items())
@@ -387,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in bench.failures:
         print("  FAILED", f)
     print(f"report: {out / 'report.json'}" + (f", chart: {out / 'ratios.png'}" if drew else ""))
-    return 1 if chk.mismatches or bench.failures or chk.retr_checked == 0 else 0
+    checked = chk.uidl_checked if args.scale else chk.retr_checked  # scale: polls (UIDL)
+    return 1 if chk.mismatches or bench.failures or checked == 0 else 0
 
 
 if __name__ == "__main__":

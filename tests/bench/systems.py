@@ -45,7 +45,7 @@ USERS = {"full": "bench-full", "poll": "bench-poll", "big": "bench-big"}
 DOVECOT_EXTRA = """
 # --- benchmark settings (tests/bench/systems.py)
 pop3_no_flag_updates = yes
-default_process_limit = 1000
+default_process_limit = 2500
 default_client_limit = 5000
 """
 
@@ -260,6 +260,24 @@ def _stop_leftover(base: Path) -> None:
             Dovecot.attach(base)._kill_leftovers()
 
 
+SCALE_USER = "bench-scale{:04d}"
+
+
+def add_scale_users(store: Dovecot, count: int) -> list[str]:
+    """``count`` users whose Maildir is bench-full's (a symlink): many users polling a
+    1,000-message mailbox without seeding it again for each of them."""
+    shared = store.base_dir / "home" / USERS["full"] / "Maildir"
+    names = []
+    for i in range(count):
+        name = SCALE_USER.format(i)
+        store.add_user(name, PASSWORD)
+        link = store.base_dir / "home" / name / "Maildir"
+        if not link.is_symlink():
+            link.symlink_to(shared)
+        names.append(name)
+    return names
+
+
 # --------------------------------------------------------------------- the other systems
 def start_peer(work_dir: Path, store: Dovecot, key: str, tls_upstream: bool = False) -> Dovecot:
     """Dovecot POP3 over imapc in front of ``store``; its index cache persists per store.
@@ -297,6 +315,8 @@ def gateway_config(
             "key_file": str(workdir / "popgate.key"),
         },
         "log": {"level": "info"},
+        # every benchmark client comes from 127.0.0.1, up to 2,000 at once (--scale)
+        "security": {"max_connections": 5000, "max_connections_per_ip": 5000},
     }
 
 
