@@ -84,7 +84,10 @@ class Postfix:
         domains: Sequence[str] = ("example.org",),
         host: str = HOST,
         port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """``tls=(cert_file, key_file)`` offers STARTTLS with that pair (the benchmark's
+        submission comparison); without it smtpd speaks plain SMTP only."""
         if os.geteuid() != 0:
             raise PostfixError("the private Postfix needs root (its master runs as root)")
         self._owns_base_dir = base_dir is None
@@ -93,6 +96,7 @@ class Postfix:
         self.domains = tuple(domains)
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
         self._postfix = _find_postfix()
 
     @property
@@ -139,7 +143,7 @@ relay_domains = {", ".join(self.domains)}
 relay_transport = lmtp:inet:{lmtp_host}:{lmtp_port}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 smtpd_recipient_restrictions = permit_mynetworks, reject
-smtpd_tls_security_level = none
+{self._smtpd_tls()}
 smtp_tls_security_level = none
 smtputf8_enable = yes
 biff = no
@@ -149,6 +153,15 @@ queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
 """
+
+    def _smtpd_tls(self) -> str:
+        if self.tls is None:
+            return "smtpd_tls_security_level = none"
+        cert, key = self.tls
+        return (
+            f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {cert}\n"
+            f"smtpd_tls_key_file = {key}"
+        )
 
     def _postfix_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -173,6 +186,7 @@ maximal_backoff_time = 2s
         (self.config_dir / "main.cf").write_text(self._main_cf())
         (self.config_dir / "master.cf").write_text(
             _MASTER_CF.format(host=self.host, port=self.port)
+            + ("tlsmgr    unix  - - n 1000? 1 tlsmgr\n" if self.tls else "")
         )
         self.log_file.touch()
         os.chown(self.log_file, *_ids("postfix"))
