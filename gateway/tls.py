@@ -298,6 +298,12 @@ def server_context_factory(
         options["raiseMinimumTo"] = floor
     # pyOpenSSL takes cryptography objects directly (its own X509/PKey are deprecated);
     # Twisted's annotations still name the old types.
+    # Resumption: a device polling every few minutes skips the certificate and key exchange
+    # (docs/benchmark.md, "Handshakes"). Twisted turns both off by default; session IDs (a
+    # server-side cache) serve old TLS 1.0 devices, tickets everyone else. The ticket keys are
+    # per process: a restart or another process behind SO_REUSEPORT means one full handshake.
+    options["enableSessions"] = True
+    options["enableSessionTickets"] = True
     factory = CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]
         certificate=leaf,  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Sequence
 
 TERMINATOR = b"\r\n.\r\n"
@@ -79,10 +80,18 @@ class PopClient:
         self.greeting = b""
 
     @classmethod
-    async def connect(cls, host: str, port: int, timeout: float = 120.0) -> PopClient:
+    async def connect(
+        cls, host: str, port: int, timeout: float = 120.0, tls: ssl.SSLContext | None = None
+    ) -> PopClient:
+        """``tls``: implicit TLS (POP3S) with that context."""
         loop = asyncio.get_running_loop()
         try:
-            _, reader = await asyncio.wait_for(loop.create_connection(_Reader, host, port), timeout)
+            _, reader = await asyncio.wait_for(
+                loop.create_connection(
+                    _Reader, host, port, ssl=tls, server_hostname=host if tls else None
+                ),
+                timeout,
+            )
         except (OSError, TimeoutError) as e:
             raise PopError(f"connect to {host}:{port} failed: {e!r}") from e
         client = cls(reader, timeout)

@@ -224,3 +224,34 @@ def chart(path: Path, summary: Mapping[str, Any], title: str) -> bool:
 
 def workload_titles() -> dict[str, str]:
     return dict(WORKLOAD_TITLES)
+
+
+def scale_table(results: Mapping[str, Mapping[str, Sequence[Result]]]) -> str:
+    """Markdown for ``--scale``: per step, errors and latencies of both systems, popgate's
+    p99 ratio, its RSS growth per session and server CPU per session (``cpu_server_s``)."""
+    lines = [
+        "| devices | logins | errors (direct / popgate) | p50 direct | p50 popgate | p99 direct "
+        "| p99 popgate | p99 ratio | popgate RSS / session | CPU / session direct "
+        "| CPU / session popgate |",
+        "|" + "---|" * 11,
+    ]
+    for workload, by_system in results.items():
+        _, count, mode = workload.split("-")
+        n = int(count)
+        d = (by_system.get("direct") or [{}])[0]
+        g = (by_system.get("popgate") or [{}])[0]
+
+        def ms(r: Mapping[str, Any], k: str) -> str:
+            v = r.get(k)
+            return f"{v * 1000:.0f} ms" if _number(v) else "-"
+
+        ratio = f"{g['p99'] / d['p99']:.2f}x" if _number(g.get("p99")) and d.get("p99") else "-"
+        rss = f"{g['rss_growth_mb'] * 1024 / n:.0f} KiB" if _number(g.get("rss_growth_mb")) else "-"
+        logins = "one user, #device" if mode == "one" else "a user each"
+        lines.append(
+            f"| {n} | {logins} | {d.get('errors', '-'):g} / {g.get('errors', '-'):g} "
+            f"| {ms(d, 'p50')} | {ms(g, 'p50')} | {ms(d, 'p99')} | {ms(g, 'p99')} | {ratio} "
+            f"| {rss} | {ms({'v': d.get('cpu_server_s', math.nan) / n}, 'v')} "
+            f"| {ms({'v': g.get('cpu_server_s', math.nan) / n}, 'v')} |"
+        )
+    return "\n".join(lines) + "\n"

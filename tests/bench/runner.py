@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from tests.bench.systems import (
     SYSTEMS,
     Sizes,
     Store,
+    add_scale_users,
     fresh_gateway,
     settle,
     start_gateway,
@@ -38,12 +40,14 @@ from tests.bench.workloads import (
     Result,
     Target,
     big_message,
+    client_tls,
     devices,
     dovecot_target,
     full_download,
     gateway_target,
     pipelined_download,
     poll,
+    scale,
 )
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
@@ -63,6 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "imapc, on one mail store.",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 20 messages, 1 round")
+    p.add_argument(
+        "--tls",
+        nargs="?",
+        const="both",
+        default="none",
+        choices=("none", "both", "client"),
+        help="POP3S towards the client for all three systems (Dovecot's own POP3S, popgate, the "
+        "imapc peer); 'both' (the default with --tls) also IMAPS upstream for popgate and the "
+        "peer, 'client' keeps their upstream plain (a private network)",
+    )
     p.add_argument("--rounds", type=int, help="measured rounds (default 5; quick: 1)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
@@ -75,17 +89,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="afterwards, run each workload once more on popgate under py-spy",
     )
+    p.add_argument(
+        "--scale",
+        nargs="?",
+        const="50,200,1000,2000",
+        metavar="STEPS",
+        help="instead of the workloads: that many devices (default 50,200,1000,2000) polling the "
+        "1,000-message mailbox at once, over TLS (implies --tls unless given), one round each, "
+        "against Dovecot POP3S and popgate",
+    )
+    p.add_argument(
+        "--scale-users",
+        default="one,many",
+        help="with --scale: 'one' (one user, #device logins), 'many' (a user per device), or both",
+    )
+    p.add_argument(
+        "--submission",
+        action="store_true",
+        help="the submission benchmark instead (tests/bench/submission.py: --submitters N, "
+        "--messages N, --rounds N, --quick)",
+    )
     p.add_argument("--work-dir", type=Path, default=ROOT / "run" / "bench")
     p.add_argument("--out", type=Path, help="results directory (default WORK_DIR/results/TIME)")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.systems = [s for s in args.systems.split(",") if s]
     for w in args.workloads:
-        if w not in WORKLOADS:
+        if w not in WORKLOADS and not w.startswith("scale-"):
             p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    if args.scale:
+        args.scale = [int(n) for n in args.scale.split(",") if n]
+        args.scale_users = [m for m in args.scale_users.split(",") if m]
+        if args.tls == "none" and "--tls" not in (argv if argv is not None else sys.argv):
+            args.tls = "both"
+        if "--systems" not in (argv if argv is not None else sys.argv):
+            args.systems = ["direct", "popgate"]
+        args.workloads = [f"scale-{n}-{m}" for n in args.scale for m in args.scale_users]
+        args.rounds = args.rounds or 1
+        args.no_warmup = True
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.devices = args.devices or (10 if args.quick else 200)
     args.poll_repeats = args.poll_repeats or (2 if args.quick else 10)
@@ -103,28 +147,43 @@ class Bench:
         self.gateway: GatewayProcess | None = None
         self.peer: Dovecot | None = None
         self.profiles: dict[str, Any] = {}
+        self.scale_users: list[str] = []
 
     @property
     def dovecot(self) -> Dovecot:
         assert self.store.dovecot is not None
         return self.store.dovecot
 
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return client_tls() if self.args.tls != "none" else None
+
+    def pop3_port(self, server: Dovecot | GatewayProcess) -> int:
+        return server.pop3s_port if self.args.tls != "none" else server.pop3_port
+
     def start(self) -> None:
         dc = self.dovecot
         assert dc.pid is not None
+        tls = self.tls
+        if self.args.scale and "many" in self.args.scale_users:
+            self.scale_users = add_scale_users(dc, max(self.args.scale))
         if "direct" in self.args.systems:
-            self.targets["direct"] = dovecot_target("direct", dc.host, dc.pop3_port, dc.pid)
+            self.targets["direct"] = dovecot_target(
+                "direct", dc.host, self.pop3_port(dc), dc.pid, tls
+            )
         if "imapc" in self.args.systems:
-            self.peer = start_peer(self.args.work_dir, dc, self.store.sizes.key)
+            self.peer = start_peer(
+                self.args.work_dir, dc, self.store.sizes.key, self.args.tls == "both"
+            )
             assert self.peer.pid is not None
             self.targets["imapc"] = dovecot_target(
-                "imapc", self.peer.host, self.peer.pop3_port, self.peer.pid
+                "imapc", self.peer.host, self.pop3_port(self.peer), self.peer.pid, tls
             )
         if "popgate" in self.args.systems:
-            self.gateway = start_gateway(dc, self.args.work_dir / "popgate")
+            self.gateway = start_gateway(dc, self.args.work_dir / "popgate", self.args.tls)
             assert self.gateway.pid is not None
             self.targets["popgate"] = gateway_target(
-                "popgate", self.gateway.host, self.gateway.pop3_port, self.gateway.pid
+                "popgate", self.gateway.host, self.pop3_port(self.gateway), self.gateway.pid, tls
             )
 
     def stop(self, out: Path) -> None:
@@ -138,9 +197,11 @@ class Bench:
     async def measure(self, workload: str, system: str) -> Result:
         if workload == "big" and system == "popgate":
             # A fresh gateway, so its peak RSS (VmHWM) is this download's and nothing older.
-            with fresh_gateway(self.dovecot, self.args.work_dir / "popgate-big") as gw:
+            with fresh_gateway(
+                self.dovecot, self.args.work_dir / "popgate-big", self.args.tls
+            ) as gw:
                 assert gw.pid is not None
-                t = gateway_target("popgate", gw.host, gw.pop3_port, gw.pid)
+                t = gateway_target("popgate", gw.host, self.pop3_port(gw), gw.pid, self.tls)
                 return await self._with_cpu(workload, t, gw.pid)
         gw_pid = self.gateway.pid if self.gateway is not None else None
         return await self._with_cpu(workload, self.targets[system], gw_pid)
@@ -182,6 +243,11 @@ class Bench:
             return await devices(t, exp, chk, a.devices)
         if workload == "big":
             return await big_message(t, exp, chk)
+        if workload.startswith("scale-"):
+            _, count, mode = workload.split("-")
+            users = self.scale_users[: int(count)] if mode == "many" else None
+            gw_pid = self.gateway.pid if t.name == "popgate" and self.gateway else None
+            return await scale(t, exp, chk, int(count), users, gw_pid)
         raise ValueError(workload)
 
     async def rounds(self) -> dict[str, dict[str, list[Result]]]:
@@ -213,9 +279,11 @@ class Bench:
         for workload in self.args.workloads:
             path = out / f"profile-{workload}.txt"
             if workload == "big":
-                with fresh_gateway(self.dovecot, self.args.work_dir / "popgate-big") as gw:
+                with fresh_gateway(
+                    self.dovecot, self.args.work_dir / "popgate-big", self.args.tls
+                ) as gw:
                     assert gw.pid is not None
-                    t = gateway_target("popgate", gw.host, gw.pop3_port, gw.pid)
+                    t = gateway_target("popgate", gw.host, self.pop3_port(gw), gw.pid, self.tls)
                     result, summary = await profile.record(gw.pid, self._run(workload, t), path)
             else:
                 assert self.gateway is not None and self.gateway.pid is not None
@@ -263,6 +331,11 @@ def _version(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if "--submission" in raw:  # its own systems and checks: tests/bench/submission.py
+        from tests.bench import submission
+
+        return submission.main(raw)
     args = parse_args(argv)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out: Path = args.out or args.work_dir / "results" / stamp
@@ -308,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             "devices": args.devices,
             "poll_repeats": args.poll_repeats,
             "systems": {s: SYSTEM_LABELS[s] for s in args.systems},
-            "workloads": {w: WORKLOAD_TITLES[w] for w in args.workloads},
+            "workloads": {w: WORKLOAD_TITLES.get(w, w) for w in args.workloads},
             "quick": args.quick,
+            "tls": args.tls,
         },
         "corpus": {
             "seed": sizes.seed,
@@ -326,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "mismatches": chk.mismatches[:50],
             "mismatch_count": len(chk.mismatches),
             "uidl_identical_to_dovecot": chk.uidl_exact,
-            "bytes_ok": not chk.mismatches and chk.retr_checked > 0,
+            "bytes_ok": not chk.mismatches and (chk.retr_checked > 0 or bool(args.scale)),
         },
         "failures": bench.failures,
         "results": results,
@@ -335,13 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     data["machine"]["loadavg_after"] = os.getloadavg()
     report.write_json(out / "report.json", data)
-    text = report.table(summary)
+    text = report.table(summary) if not args.scale else report.scale_table(results)
     (out / "table.md").write_text(text)
+    over = {"none": "", "both": ", POP3S + IMAPS upstream", "client": ", POP3S, plain upstream"}
     title = (
-        f"popgate vs Dovecot 2.3, medians of {args.rounds} round(s), "
+        f"popgate vs Dovecot 2.3{over[args.tls]}, medians of {args.rounds} round(s), "
         f"{started:%Y-%m-%d}, {os.cpu_count()} shared cores"
     )
-    drew = report.chart(out / "ratios.png", summary, title)
+    drew = not args.scale and report.chart(out / "ratios.png", summary, title)
     if bench.profiles:
         (out / "profiles.md").write_text(
             "".join(profile.format_summary(w, s) + "\n" for w, s in bench.profiles.items())
@@ -357,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in bench.failures:
         print("  FAILED", f)
     print(f"report: {out / 'report.json'}" + (f", chart: {out / 'ratios.png'}" if drew else ""))
-    return 1 if chk.mismatches or bench.failures or chk.retr_checked == 0 else 0
+    checked = chk.uidl_checked if args.scale else chk.retr_checked  # scale: polls (UIDL)
+    return 1 if chk.mismatches or bench.failures or checked == 0 else 0
 
 
 if __name__ == "__main__":

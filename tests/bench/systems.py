@@ -45,7 +45,7 @@ USERS = {"full": "bench-full", "poll": "bench-poll", "big": "bench-big"}
 DOVECOT_EXTRA = """
 # --- benchmark settings (tests/bench/systems.py)
 pop3_no_flag_updates = yes
-default_process_limit = 1000
+default_process_limit = 2500
 default_client_limit = 5000
 """
 
@@ -260,37 +260,75 @@ def _stop_leftover(base: Path) -> None:
             Dovecot.attach(base)._kill_leftovers()
 
 
+SCALE_USER = "bench-scale{:04d}"
+
+
+def add_scale_users(store: Dovecot, count: int) -> list[str]:
+    """``count`` users whose Maildir is bench-full's (a symlink): many users polling a
+    1,000-message mailbox without seeding it again for each of them."""
+    shared = store.base_dir / "home" / USERS["full"] / "Maildir"
+    names = []
+    for i in range(count):
+        name = SCALE_USER.format(i)
+        store.add_user(name, PASSWORD)
+        link = store.base_dir / "home" / name / "Maildir"
+        if not link.is_symlink():
+            link.symlink_to(shared)
+        names.append(name)
+    return names
+
+
 # --------------------------------------------------------------------- the other systems
-def start_peer(work_dir: Path, store: Dovecot, key: str) -> Dovecot:
-    """Dovecot POP3 over imapc in front of ``store``; its index cache persists per store."""
+def start_peer(work_dir: Path, store: Dovecot, key: str, tls_upstream: bool = False) -> Dovecot:
+    """Dovecot POP3 over imapc in front of ``store``; its index cache persists per store.
+
+    ``tls_upstream``: its imapc storage talks IMAPS to the store, verified against the store's
+    CA, as popgate's upstream does in the TLS benchmark. (Its passdb's login check stays on the
+    plain port: one short exchange per login, not the data path.)
+    """
     base = work_dir / f"peer-{key}"
     _stop_leftover(base)
-    peer = Dovecot(base, imapc=(store.host, store.imap_port), extra_config=DOVECOT_EXTRA)
+    extra = DOVECOT_EXTRA
+    if tls_upstream:
+        extra += (
+            f"imapc_port = {store.imaps_port}\nimapc_ssl = imaps\n"
+            f"ssl_client_ca_file = {store.ca_file}\n"
+        )
+    peer = Dovecot(base, imapc=(store.host, store.imap_port), extra_config=extra)
     peer.start()
     return peer
 
 
-def gateway_config(store: Dovecot, workdir: Path) -> dict[str, dict[str, object]]:
+def gateway_config(
+    store: Dovecot, workdir: Path, tls: str = "none"
+) -> dict[str, dict[str, object]]:
+    """``tls``: "none" (plain POP3, plain IMAP upstream), "client" (POP3S towards the client,
+    plain upstream, as on a private network), "both" (POP3S and IMAPS upstream, verified)."""
+    upstream: dict[str, object] = {"host": store.host, "port": store.imap_port, "security": "none"}
+    if tls == "both":
+        upstream |= {"port": store.imaps_port, "security": "tls", "ca_file": str(store.ca_file)}
     return {
-        "upstream.imap": {"host": store.host, "port": store.imap_port, "security": "none"},
-        "pop3": {"listen": ["127.0.0.1:0"]},
+        "upstream.imap": upstream,
+        "pop3": {"listen": ["127.0.0.1:0"], "listen_tls": ["127.0.0.1:0"] if tls != "none" else []},
         "tls": {
             "cert_file": str(workdir / "popgate.crt"),
             "key_file": str(workdir / "popgate.key"),
         },
         "log": {"level": "info"},
+        # every benchmark client comes from 127.0.0.1, up to 2,000 at once (--scale)
+        "security": {"max_connections": 5000, "max_connections_per_ip": 5000},
     }
 
 
-def start_gateway(store: Dovecot, workdir: Path) -> GatewayProcess:
+def start_gateway(store: Dovecot, workdir: Path, tls: str = "none") -> GatewayProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    gw = GatewayProcess(gateway_config(store, workdir), workdir / "popgate.toml")
+    gw = GatewayProcess(gateway_config(store, workdir, tls), workdir / "popgate.toml")
     return gw.start()
 
 
 @contextlib.contextmanager
-def fresh_gateway(store: Dovecot, workdir: Path) -> Iterator[GatewayProcess]:
-    gw = start_gateway(store, workdir)
+def fresh_gateway(store: Dovecot, workdir: Path, tls: str = "none") -> Iterator[GatewayProcess]:
+    gw = start_gateway(store, workdir, tls)
     try:
         yield gw
     finally:

@@ -10,7 +10,10 @@ run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import math
+import ssl
 import statistics
 import time
 from collections.abc import Callable
@@ -47,6 +50,8 @@ class Target:
     existing: Callable[[], set[int]] = lambda: set()
     #: popgate logs a device in as USER#DEVICE; Dovecot knows only USER
     devices: bool = False
+    #: POP3S: the client's TLS context (None: plain POP3)
+    tls: ssl.SSLContext | None = None
 
     def login_name(self, user: str, device: int | None = None) -> str:
         if device is not None and self.devices:
@@ -54,11 +59,24 @@ class Target:
         return user
 
 
-def gateway_target(name: str, host: str, port: int, pid: int) -> Target:
-    return Target(name, host, port, lambda _before: pid, devices=True)
+def client_tls() -> ssl.SSLContext:
+    """What a device does: TLS 1.2 or newer, the servers' default choice of cipher. Not
+    verified (each system has its own test certificate); the handshake costs the same."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
-def dovecot_target(name: str, host: str, port: int, master_pid: int) -> Target:
+def gateway_target(
+    name: str, host: str, port: int, pid: int, tls: ssl.SSLContext | None = None
+) -> Target:
+    return Target(name, host, port, lambda _before: pid, devices=True, tls=tls)
+
+
+def dovecot_target(
+    name: str, host: str, port: int, master_pid: int, tls: ssl.SSLContext | None = None
+) -> Target:
     def existing() -> set[int]:
         return set(children_named(master_pid, "pop3"))
 
@@ -66,7 +84,7 @@ def dovecot_target(name: str, host: str, port: int, master_pid: int) -> Target:
         new = [p for p in children_named(master_pid, "pop3") if p not in before]
         return max(new) if new else None
 
-    return Target(name, host, port, find, existing)
+    return Target(name, host, port, find, existing, tls=tls)
 
 
 @dataclass
@@ -132,7 +150,7 @@ class Expected:
 
 # --------------------------------------------------------------------- the workloads
 async def _login(t: Target, box: Mailbox, device: int | None = None) -> PopClient:
-    client = await PopClient.connect(t.host, t.port)
+    client = await PopClient.connect(t.host, t.port, tls=t.tls)
     await client.login(t.login_name(box.user, device), PASSWORD)
     return client
 
@@ -176,17 +194,26 @@ async def pipelined_download(t: Target, exp: Expected, chk: Checker) -> Result:
     return await _download(t, exp, chk, pipelined=True)
 
 
-async def _one_poll(t: Target, exp: Expected, chk: Checker, device: int | None) -> float:
-    box = exp.boxes["poll"]
+async def _one_poll(
+    t: Target,
+    exp: Expected,
+    chk: Checker,
+    device: int | None,
+    name: str = "poll",
+    user: str | None = None,
+) -> float:
+    """Login, UIDL, QUIT on mailbox ``name`` (as ``user``, another login to the same mailbox,
+    if given), the listing checked against the store."""
+    box = exp.boxes[name]
     start = time.perf_counter()
-    client = await _login(t, box, device)
+    client = await _login(t, dataclasses.replace(box, user=user) if user else box, device)
     try:
         _, uidl = await client.multiline("UIDL")
         await client.quit()
     finally:
         client.close()
     seconds = time.perf_counter() - start
-    chk.uidl(t.name, box, uidl, exp.uidl["poll"])
+    chk.uidl(t.name, box, uidl, exp.uidl[name])
     return seconds
 
 
@@ -215,6 +242,55 @@ async def devices(t: Target, exp: Expected, chk: Checker, count: int) -> Result:
         "errors": float(len(errors)),
         "sessions_per_s": len(latencies) / wall,
         "wall": wall,
+        "first_error": str(errors[0]) if errors else "",
+    }
+
+
+async def scale(
+    t: Target,
+    exp: Expected,
+    chk: Checker,
+    count: int,
+    users: list[str] | None,
+    rss_pid: int | None,
+) -> Result:
+    """``count`` devices poll the 1,000-message mailbox at once: as ``#device`` logins of one
+    user (``users`` None), or each as a user of its own. popgate's RSS is sampled meanwhile:
+    its growth over the sessions open at the peak is the memory per session."""
+    before = proc_status(rss_pid).get("VmRSS", 0) if rss_pid else 0
+    peak = before
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set() and rss_pid:
+            peak = max(peak, proc_status(rss_pid).get("VmRSS", 0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.05)
+
+    sampler = asyncio.create_task(sample())
+    start = time.perf_counter()
+    results = await asyncio.gather(
+        *(_one_poll(t, exp, chk, i, "full", users[i] if users else None) for i in range(count)),
+        return_exceptions=True,
+    )
+    wall = time.perf_counter() - start
+    done.set()
+    await sampler
+    latencies = sorted(r for r in results if isinstance(r, float))
+    errors = [r for r in results if not isinstance(r, float)]
+    for e in errors[:3]:
+        if not isinstance(e, PopError | OSError | TimeoutError):
+            raise e
+    mb = 1024 * 1024
+    return {
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "max": latencies[-1] if latencies else math.nan,
+        "errors": float(len(errors)),
+        "sessions_per_s": len(latencies) / wall,
+        "wall": wall,
+        "rss_growth_mb": (peak - before) / mb,
         "first_error": str(errors[0]) if errors else "",
     }
 

@@ -58,3 +58,28 @@ def test_quick_bench_runs_every_workload_on_every_system(tmp_path: Path) -> None
     assert (out / "table.md").read_text().startswith("| workload |")
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "ratios.png").stat().st_size > 0
+
+
+def test_quick_bench_over_tls_checks_every_byte(tmp_path: Path) -> None:
+    """One TLS round: POP3S to all three systems, IMAPS upstream for popgate and the peer."""
+    out = tmp_path / "results"
+    work = Path(tempfile.mkdtemp(prefix="pgbench-"))
+    os.chmod(work, 0o755)
+    argv = [sys.executable, "-m", "tests.bench", "--quick", "--tls", "--no-warmup"]
+    argv += ["--workloads", "full,poll", "--work-dir", str(work), "--out", str(out)]
+    try:
+        proc = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["tls"] == "both"
+    checks = report["checks"]
+    assert checks["mismatch_count"] == 0, checks["mismatches"]
+    assert checks["retr_checked"] == len(SYSTEMS) * 20  # full: 20 RETRs per system
+    assert checks["uidl_checked"] > 0
+    assert report["failures"] == []
+    log = (out / "popgate.log").read_text()
+    assert "tls=implicit" in log  # the clients really came in over POP3S

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -183,6 +185,14 @@ async def vanish(host: str, port: int, box: Mailbox, tally: Tally, end: float) -
         writer.transport.abort()
 
 
+class MemtracedGateway(GatewayProcess):
+    """The gateway under tests/soak/memtrace.py, which samples its memory on SIGUSR2."""
+
+    def command(self) -> list[str]:
+        probe = Path(__file__).with_name("memtrace.py")
+        return [sys.executable, str(probe), "serve", "-c", str(self.config_path)]
+
+
 BEHAVIOURS = {"idle": idle, "slow": slow, "flood": flood, "vanish": vanish, "valid": valid}
 
 
@@ -196,8 +206,14 @@ async def run_client(kind: str, host: str, port: int, box: Mailbox, tally: Tally
             tally.problems.append(f"{kind}: {type(e).__name__}: {e}"[:200])
 
 
-async def sample(pid: int, tally: Tally, end: float, start: float) -> None:
+async def sample(
+    pid: int, tally: Tally, end: float, start: float, memtrace: bool, interval: float
+) -> None:
     while time.monotonic() < end:
+        if memtrace:
+            # tests/soak/memtrace.py appends a sample; the last one (SIGUSR1) also collects
+            last = time.monotonic() + interval >= end
+            os.kill(pid, signal.SIGUSR1 if last else signal.SIGUSR2)
         tally.samples.append(
             {
                 "t": round(time.monotonic() - start, 1),
@@ -205,7 +221,7 @@ async def sample(pid: int, tally: Tally, end: float, start: float) -> None:
                 "fds": process_fds(pid),
             }
         )
-        await asyncio.sleep(5)
+        await asyncio.sleep(interval)
 
 
 async def soak(args: argparse.Namespace, gw: GatewayProcess, boxes: list[Mailbox]) -> Tally:
@@ -215,7 +231,11 @@ async def soak(args: argparse.Namespace, gw: GatewayProcess, boxes: list[Mailbox
     end = start + args.duration
     mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
     kinds = random.Random(1).choices(list(mix), weights=list(mix.values()), k=args.connections)
-    tasks = [asyncio.create_task(sample(gw.pid, tally, end, start))]
+    tasks = [
+        asyncio.create_task(
+            sample(gw.pid, tally, end, start, args.memtrace is not None, args.interval)
+        )
+    ]
     for i, kind in enumerate(kinds):
         box = boxes[i % len(boxes)]
         tasks.append(asyncio.create_task(run_client(kind, gw.host, gw.pop3_port, box, tally, end)))
@@ -252,6 +272,14 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
+        "--memtrace",
+        type=Path,
+        metavar="FILE",
+        help="run the gateway under tests/soak/memtrace.py (tracemalloc, object counts by type)"
+        " and append one JSON sample to FILE at every RSS sample",
+    )
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument(
         "--mix",
         default=",".join(f"{k}={v}" for k, v in MIX.items()),
         help="behaviour shares, e.g. valid=1 or idle=0.5,slow=0.5 (default: %(default)s)",
@@ -283,6 +311,15 @@ def main() -> int:
             overrides,
         )
         gw = GatewayProcess(config, work / "popgate.toml")
+        if args.memtrace is not None:
+            gw = MemtracedGateway(
+                config,
+                work / "popgate.toml",
+                env={
+                    "POPGATE_MEMTRACE": str(args.memtrace.resolve()),
+                    **{k: v for k, v in os.environ.items() if k.startswith("POPGATE_MEMTRACE_")},
+                },
+            )
         gw.start()
         try:
             before = {"rss_mib": process_rss(gw.pid or 0) / 2**20, "fds": process_fds(gw.pid or 0)}

@@ -85,10 +85,13 @@ class Postfix:
         host: str = HOST,
         port: int | None = None,
         sasl: tuple[str, int] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         """``sasl=(host, port)``: clients must AUTH (no relaying for 127.0.0.0/8), checked by
         that Dovecot auth service (``smtpd_sasl_type = dovecot``; ``Dovecot(auth_port=True)``),
-        which offers Dovecot's mechanisms: with its oauth2 passdb, XOAUTH2 and OAUTHBEARER."""
+        which offers Dovecot's mechanisms: with its oauth2 passdb, XOAUTH2 and OAUTHBEARER.
+        ``tls=(cert_file, key_file)`` offers STARTTLS with that pair (the benchmark's
+        submission comparison); without it smtpd speaks plain SMTP only."""
         if os.geteuid() != 0:
             raise PostfixError("the private Postfix needs root (its master runs as root)")
         self._owns_base_dir = base_dir is None
@@ -98,6 +101,7 @@ class Postfix:
         self.sasl = sasl
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
         self._postfix = _find_postfix()
 
     @property
@@ -142,7 +146,7 @@ alias_database =
 mynetworks = 127.0.0.0/8
 relay_domains = {", ".join(self.domains)}
 relay_transport = lmtp:inet:{lmtp_host}:{lmtp_port}
-{self._access_cf()}smtpd_tls_security_level = none
+{self._access_cf()}{self._smtpd_tls()}
 smtp_tls_security_level = none
 smtputf8_enable = yes
 biff = no
@@ -169,6 +173,15 @@ smtpd_relay_restrictions = permit_sasl_authenticated, reject
 smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 """
 
+    def _smtpd_tls(self) -> str:
+        if self.tls is None:
+            return "smtpd_tls_security_level = none"
+        cert, key = self.tls
+        return (
+            f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {cert}\n"
+            f"smtpd_tls_key_file = {key}"
+        )
+
     def _postfix_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [self._postfix, "-c", str(self.config_dir), *args],
@@ -192,6 +205,7 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
         (self.config_dir / "main.cf").write_text(self._main_cf())
         (self.config_dir / "master.cf").write_text(
             _MASTER_CF.format(host=self.host, port=self.port)
+            + ("tlsmgr    unix  - - n 1000? 1 tlsmgr\n" if self.tls else "")
         )
         self.log_file.touch()
         os.chown(self.log_file, *_ids("postfix"))
