@@ -29,7 +29,7 @@ class Client:
 
     def pump(self) -> None:
         while (action := self.session.next_action()) is not None:
-            if isinstance(action, pop3.Send):
+            if isinstance(action, pop3.Send | pop3.SendBody):
                 self.out += action.data
             elif isinstance(action, pop3.Close):
                 self.closed = True
@@ -54,6 +54,21 @@ class Client:
     def answer(self, call: object, *args: object) -> bytes:
         start = len(self.out)
         call(*args)  # type: ignore[operator]
+        self.pump()
+        return bytes(self.out[start:])
+
+    def body(
+        self, request: pop3.Retrieve, *chunks: bytes, size: int | None = None, end: bool = True
+    ) -> bytes:
+        """The upstream delivers ``request``'s message in these chunks, its size (by default
+        theirs) announced first as an IMAP literal's is; return what the client received."""
+        start = len(self.out)
+        self.session.body_begin(request, sum(map(len, chunks)) if size is None else size)
+        for chunk in chunks:
+            self.session.body_data(request, chunk)
+            self.pump()
+        if end:
+            self.session.body_end(request)
         self.pump()
         return bytes(self.out[start:])
 
@@ -208,20 +223,25 @@ def test_retr_and_top_wait_for_the_download() -> None:
     retr = c.take(pop3.Retrieve)
     assert (retr.info.uid, retr.top_lines) == (11, None)
     assert c.actions == []  # TOP is not looked at before RETR finished
-    c.answer(c.session.retrieve_done)
+    assert c.body(retr, b"body\r\n") == b"+OK 300 octets\r\nbody\r\n.\r\n"
+    assert c.take(pop3.Retrieved).request is retr
     top = c.take(pop3.Retrieve)
     assert (top.info.uid, top.top_lines) == (10, 5)
-    assert c.answer(c.session.retrieve_done) == b"+OK 2 420\r\n"
+    assert c.body(top, b"H: 1\r\n\r\nbody\r\n") == (
+        b"+OK 120 octets\r\nH: 1\r\n\r\nbody\r\n.\r\n+OK 2 420\r\n"
+    )
 
 
 def test_pipelined_retrieves_peeks_at_waiting_retrs_without_consuming_them() -> None:
     c = Client().logged_in()
     c.send(b"RETR 1\r\nRETR 2\r\nNOOP\r\nRETR 9\r\nretr 1\r\nTOP 2 0\r\nRETR 2\r\nRETR")
-    assert c.take(pop3.Retrieve).info.uid == 10
+    first = c.take(pop3.Retrieve)
+    assert first.info.uid == 10
     peeked = c.session.pipelined_retrieves()
     assert [m.uid for m in peeked] == [11, 10]  # no such message 9; stops at TOP
     assert [m.uid for m in c.session.pipelined_retrieves(limit=1)] == [11]
-    c.answer(c.session.retrieve_done)
+    c.body(first, b"x\r\n")
+    c.take(pop3.Retrieved)
     assert c.take(pop3.Retrieve).info.uid == 11  # nothing was consumed by peeking
     assert [m.uid for m in c.session.pipelined_retrieves()] == [10]
 
@@ -229,10 +249,12 @@ def test_pipelined_retrieves_peeks_at_waiting_retrs_without_consuming_them() -> 
 def test_retrieve_of_a_message_gone_upstream() -> None:
     c = Client().logged_in()
     c.line("RETR 1")
-    c.take(pop3.Retrieve)
+    retr = c.take(pop3.Retrieve)
     assert (
-        c.answer(c.session.retrieve_unavailable) == b"-ERR Message no longer available upstream\r\n"
+        c.answer(c.session.retrieve_unavailable, retr)
+        == b"-ERR Message no longer available upstream\r\n"
     )
+    assert not c.session.in_multiline_answer and c.session.retrieving is None
 
 
 def test_top_argument_errors() -> None:
@@ -331,23 +353,25 @@ def test_abandoned_inside_a_download_the_connection_is_dropped_without_an_error_
 def test_no_error_line_can_follow_a_retrieve_whatever_ends_the_session() -> None:
     """Every way the session can end with an -ERR, tried inside a multi-line answer."""
     for end in (
-        lambda s: s.abandon("Idle timeout, closing connection"),
-        lambda s: s.retrieve_broken(),
-        lambda s: s.receive_data(b"x" * (pop3.MAX_INPUT + 1)),
+        lambda s, r: s.abandon("Idle timeout, closing connection"),
+        lambda s, r: s.retrieve_failed(r),
+        lambda s, r: s.retrieve_unavailable(r),
+        lambda s, r: s.receive_data(b"x" * (pop3.MAX_INPUT + 1)),
     ):
         c = Client().logged_in()
         c.line("RETR 2")
-        c.take(pop3.Retrieve)
-        assert c.answer(end, c.session) == b""
+        retr = c.take(pop3.Retrieve)
+        assert c.body(retr, b"part", size=300, end=False) == b"+OK 300 octets\r\npart"
+        assert c.answer(end, c.session, retr) == b""
         c.take(pop3.Abort)
-        assert c.answer(c.session.retrieve_done) == b""  # a late completion changes nothing
+        assert c.body(retr, b" rest") == b""  # a late completion changes nothing
+        assert c.actions == []
 
 
 def test_after_the_answer_is_complete_errors_are_lines_again() -> None:
     c = Client().logged_in()
     c.line("RETR 1")
-    c.take(pop3.Retrieve)
-    c.answer(c.session.retrieve_done)
+    c.body(c.take(pop3.Retrieve), b"whole\r\n")
     assert not c.session.in_multiline_answer
     assert c.answer(c.session.abandon, "Idle timeout, closing connection") == (
         b"-ERR Idle timeout, closing connection\r\n"
