@@ -133,7 +133,7 @@ class NeverLoses(RuleBasedStateMachine):
             state.merge(found)
         newer = None if self.upstream.next_uid == session.uidnext else session.uidnext
         state.prune(session.index, newer)
-        self.upstream.stored_state[device] = [state.to_message()]
+        self.upstream.stored_state[device] = [state.to_message(date=0, message_id="<s@test>")]
         self.hidden[device] |= {m.uid for m in messages}
 
     @invariant()
