@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import NamedTuple
 
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.uidset import MAX_UID, UidSet, parse_uid_set
 
 POP_DELETED = "$POPDeleted"

@@ -470,7 +470,7 @@ class Pop3Protocol(Protocol):
             self._pace.attach(maildrop.imap_transport)
             maildrop.observe_reads(self)
             self.login = login
-            count, octets = maildrop.maildrop.stat()
+            count, octets = maildrop.numbered.stat()
             self._log(
                 logging.INFO,
                 "login ok mechanism=%s messages=%d octets=%d",
@@ -478,7 +478,7 @@ class Pop3Protocol(Protocol):
                 count,
                 octets,
             )
-            session.login_done(maildrop.maildrop)
+            session.login_done(maildrop.numbered)
         self._pump()
 
     def _retrieve(self, action: pop3.Retrieve) -> None:
@@ -540,7 +540,7 @@ class Pop3Protocol(Protocol):
             self.session.update_done(problem)
             self._pump()
         if problem is None:
-            await maildrop.finish(deleted_any=bool(action.deleted))
+            await maildrop.retention_then_logout(deleted_any=bool(action.deleted))
         else:
             await maildrop.close()
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.limits import MAX_AUTH_FAILURES
-from gateway.maildrop.maildrop import Maildrop, MaildropError, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MaildropError, MessageInfo
 from gateway.proto import sasl
 from gateway.proto.dotstuff import DotStuffer, TopFilter
 

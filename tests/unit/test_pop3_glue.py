@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.addresses import Networks
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD
 from gateway.pop3.backend import UpdateFailed
@@ -39,7 +39,7 @@ class FakeMaildrop:
     """Stands in for UpstreamMaildrop: the test decides when body chunks arrive."""
 
     def __init__(self, messages: list[MessageInfo]) -> None:
-        self.maildrop = Maildrop(messages)
+        self.numbered = Maildrop(messages)
         self.imap_transport = FakeProducer()
         self.fetches: list[tuple[MessageInfo, Any, Deferred[None]]] = []
         self.updates: list[list[int]] = []
@@ -59,7 +59,7 @@ class FakeMaildrop:
 
     def fetch_many(self, sinks: Mapping[int, Any]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        by_uid = {info.uid: info for _, info in self.maildrop.listing()}
+        by_uid = {info.uid: info for _, info in self.numbered.listing()}
         self.fetches.extend((by_uid[uid], sink, d) for uid, sink in sinks.items())
         return d
 
@@ -71,7 +71,7 @@ class FakeMaildrop:
     def retrieved(self, info: MessageInfo, whole: bool) -> None:
         self.retrieved_uids.append((info.uid, whole))
 
-    async def finish(self, deleted_any: bool) -> None:
+    async def retention_then_logout(self, deleted_any: bool) -> None:
         self.finished = deleted_any
         self.closed = True
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.proto import pop3
 
 MESSAGES = [MessageInfo(10, 120, "UIDL-A"), MessageInfo(11, 300, "UIDL-B")]

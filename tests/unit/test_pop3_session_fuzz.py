@@ -18,7 +18,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.proto import pop3
 
 MESSAGES = [MessageInfo(10, 120, "UIDL-A"), MessageInfo(11, 300, "UIDL-B")]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.maildrop.maildrop import MessageDeleted, NoSuchMessage
+from gateway.maildrop.numbering import MessageDeleted, NoSuchMessage
 from gateway.maildrop.uidset import format_uid_set, parse_uid_set
 from gateway.maildrop.views import (
     POP_DELETED,

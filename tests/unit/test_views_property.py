@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gateway.maildrop.maildrop import Maildrop
+from gateway.maildrop.numbering import Maildrop
 from gateway.maildrop.policy import policy_for
 from gateway.maildrop.views import (
     DeviceState,
