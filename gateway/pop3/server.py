@@ -64,16 +64,19 @@ class _BodyFeed:
         session = self.session
         if session.retrieving is self.request and not session.answer_started:
             self.protocol.metrics.pop3_retr_first_byte_seconds.observe(since(self.asked_at))
+            # The status line is written with the first chunk (or the end of an empty body):
+            # a message that arrives in one piece, most do, costs one round through the pump.
             session.body_begin(self.request, size)
-            self.protocol._pump()
 
     def literal_data(self, data: bytes) -> None:
         self.session.body_data(self.request, data)
         self.protocol._pump()
 
     def literal_end(self) -> None:
-        self.session.body_end(self.request)
-        self.protocol._pump()
+        # Usually the answer completed with the last chunk already: nothing to do then.
+        if self.session.retrieving is self.request:
+            self.session.body_end(self.request)
+            self.protocol._pump()
 
     def fetch_done(self, result: object) -> None:
         """The FETCH completed (``result`` may be a Failure): if the session still waits for
