@@ -14,7 +14,6 @@ import gc
 import logging
 import resource
 import signal
-import socket
 import sys
 from typing import Any
 
@@ -26,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway import tls
 from gateway.config import LISTEN_BACKLOG, Config, ListenAddress
+from gateway.host import host_name
 from gateway.limits import ClientLimits, open_files_needed
 from gateway.log import setup_logging
 from gateway.metrics import Metrics
@@ -75,7 +75,7 @@ class Gateway:
 
     async def start(self) -> None:
         config = self.config
-        hostname = socket.getfqdn() or "localhost"
+        hostname = host_name()  # the one lookup: state messages use it too
         if tls.ensure_server_certificate(config.tls, hostname):
             log.warning(
                 "generated a self-signed certificate %s for %s; devices will warn about it",

@@ -17,10 +17,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from typing import NamedTuple
 
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.uidset import MAX_UID, UidSet, parse_uid_set
 
 POP_DELETED = "$POPDeleted"
@@ -155,8 +155,12 @@ class DeviceState:
     def key(self) -> str:
         return state_key(self.mailbox, self.device)
 
-    def to_message(self) -> bytes:
-        """An RFC 5322 message holding this state, to APPEND to the state mailbox."""
+    def to_message(self, *, date: float, message_id: str) -> bytes:
+        """An RFC 5322 message holding this state, to APPEND to the state mailbox.
+
+        ``date`` (Unix seconds) and ``message_id`` come from the caller: making them takes a
+        clock and this host's name, which this layer does not touch.
+        """
         body = json.dumps(
             {
                 "version": _STATE_VERSION,
@@ -172,8 +176,8 @@ class DeviceState:
             "From: popgate <popgate@localhost>",
             "To: popgate <popgate@localhost>",
             f"Subject: POP device state ({_ascii(self.device)}); used by popgate, keep",
-            f"Date: {formatdate(localtime=False)}",
-            f"Message-ID: {make_msgid('popgate-state')}",
+            f"Date: {formatdate(date, localtime=False)}",
+            f"Message-ID: {message_id}",
             f"{STATE_HEADER}: {self.key}",
             "MIME-Version: 1.0",
             "Content-Type: application/json; charset=utf-8",

@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from gateway.config import Config
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.policy import DeletePolicy, expire_capability, policy_for
 from gateway.maildrop.snapshot_cache import SnapshotCache
 from gateway.maildrop.views import (
@@ -124,7 +124,8 @@ class UpstreamMaildrop:
         self.uidnext = info.uidnext  # at the snapshot; 0 if the server did not say
         self.index = index
         self.state = state
-        self.maildrop: Maildrop = build_maildrop(index, self.uidvalidity, state)
+        # The numbered messages the POP session sees (RFC 1939 maildrop).
+        self.numbered: Maildrop = build_maildrop(index, self.uidvalidity, state)
         self._closed = False
 
     @property
@@ -211,7 +212,7 @@ class UpstreamMaildrop:
             return None
         return self.uidnext or max((m.uid for m in self.index), default=0) + 1
 
-    async def finish(self, deleted_any: bool) -> None:
+    async def retention_then_logout(self, deleted_any: bool) -> None:
         """After QUIT was answered: retention on this connection if due, then log out."""
         if self._closed:
             return

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from gateway.maildrop.maildrop import MessageInfo
+from gateway.maildrop.numbering import MessageInfo
 from gateway.upstream.imap_client import BodySink
 
 # Speculative: messages up to this size, and this many octets (by RFC822.SIZE) in all.

@@ -31,7 +31,6 @@ from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
 from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
-from gateway.proto.dotstuff import DotStuffer, TopFilter
 from gateway.transports import enable_keepalive, set_buffer_size, unsent_octets, write_through
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
 from gateway.upstream.imap_client import READ_SIZE, ImapError
@@ -44,64 +43,63 @@ log = logging.getLogger("popgate.pop3")
 OUT_BATCH = 64 * 1024
 
 
-class _BodyStream:
-    """Receives the IMAP literal and writes it, dot-stuffed, to the POP client.
+class _BodyFeed:
+    """Carries one message from its upstream FETCH into the session (a BodySink).
 
-    The message is complete at the literal's end, before the FETCH's tagged OK: servers answer
-    pipelined FETCHes first and complete them later, and the next RETR must take over the
-    stream at once rather than have its body buffered meanwhile.
-
-    The +OK line goes out with the first chunk and the terminator with the last, so a message
-    that arrives in one piece (most do) costs one write.
+    The session frames the answer and ignores events of a download it no longer waits for (it
+    completed at the literal's end, before the FETCH's tagged OK: servers answer pipelined
+    FETCHes first and complete them later, and the next RETR takes over at once). This only
+    passes the events on and has what they make written.
     """
 
+    __slots__ = ("asked_at", "protocol", "request", "session")
+
     def __init__(
-        self,
-        protocol: Pop3Protocol,
-        ok_line: bytes,
-        top_lines: int | None,
-        on_end: Callable[[], None],
+        self, protocol: Pop3Protocol, session: pop3.Pop3Session, request: pop3.Retrieve
     ) -> None:
         self.protocol = protocol
-        self.ok_line = ok_line
-        self.stuffer = DotStuffer()
-        self.top = TopFilter(top_lines) if top_lines is not None else None
-        self.on_end = on_end
+        self.session = session
+        self.request = request
         self.asked_at = time.perf_counter()  # for popgate_pop3_retr_first_byte_seconds
-        self.started = False
-        self.complete = False  # the terminator is written
-        self._left = 0
 
     def literal_begin(self, size: int) -> None:
-        if not self.started:
-            self.started = True
-            self._left = size
+        session = self.session
+        if session.retrieving is self.request and not session.answer_started:
+            self.protocol.metrics.pop3_retr_first_byte_seconds.observe(since(self.asked_at))
+            # The status line is written with the first chunk (or the end of an empty body):
+            # a message that arrives in one piece, most do, costs one round through the pump.
+            session.body_begin(self.request, size)
 
     def literal_data(self, data: bytes) -> None:
-        if self.complete:
-            return
-        self._left -= len(data)
-        if self.top is not None:
-            data = self.top.feed(data)
-        pieces = [self.stuffer.feed(data)] if data else []
-        if self._left <= 0:
-            pieces.append(self.stuffer.finish())
-            self.complete = True
-        self._write(pieces)
+        self.session.body_data(self.request, data)
+        self.protocol._pump()
 
     def literal_end(self) -> None:
-        if not self.complete:  # an empty literal
-            self.complete = True
-            self._write([self.stuffer.finish()])
-        self.on_end()
+        # Usually the answer completed with the last chunk already: nothing to do then.
+        if self.session.retrieving is self.request:
+            self.session.body_end(self.request)
+            self.protocol._pump()
 
-    def _write(self, pieces: list[bytes]) -> None:
-        if self.ok_line:
-            self.protocol.metrics.pop3_retr_first_byte_seconds.observe(since(self.asked_at))
-            pieces.insert(0, self.ok_line)
-            self.ok_line = b""
-        if pieces:
-            self.protocol.write_sequence(pieces)
+    def fetch_done(self, result: object) -> None:
+        """The FETCH completed (``result`` may be a Failure): if the session still waits for
+        this message, it did not come whole."""
+        session, request = self.session, self.request
+        if session.retrieving is not request:
+            return
+        protocol, uid = self.protocol, request.info.uid
+        if session.answer_started:
+            protocol._log(logging.ERROR, "download of UID %d failed", uid)
+            protocol.metrics.upstream_error("imap")
+            session.retrieve_failed(request)
+        elif isinstance(result, Failure) and result.check(ImapError):
+            # Nothing sent yet (e.g. the upstream timed out): an answer, not a drop.
+            protocol._log(logging.ERROR, "download failed upstream: %s", result.value)
+            protocol.metrics.upstream_error("imap")
+            session.retrieve_failed(request)
+        else:
+            protocol._log(logging.WARNING, "message UID %d vanished upstream", uid)
+            session.retrieve_unavailable(request)
+        protocol._pump()
 
 
 class _ClientPace:
@@ -267,15 +265,6 @@ class Pop3Protocol(Protocol):
 
     # -- helpers --------------------------------------------------------------------------
 
-    def write_sequence(self, pieces: list[bytes]) -> None:
-        if self._closed:  # dropped: a body still arriving from upstream goes nowhere
-            return
-        if self._corked:
-            self._out.extend(pieces)  # one upstream read's worth at most: not counted
-        else:
-            self._reset_timer()
-            write_through(self.transport, pieces)
-
     def read_started(self) -> None:
         """An upstream read is being handled: hold the writes it causes (ReadObserver)."""
         self._cork()
@@ -386,7 +375,11 @@ class Pop3Protocol(Protocol):
                 action = session.next_action(take_commands=not self._pace.paused)
                 if action is None:
                     break
-                if isinstance(action, pop3.Send):
+                if isinstance(action, pop3.SendBody):
+                    # Paced by the upstream (paused with the client): one read's worth at
+                    # most, so not counted towards OUT_BATCH.
+                    self._out.append(action.data)
+                elif isinstance(action, pop3.Send):
                     self._out.append(action.data)
                     self._out_size += len(action.data)
                     if self._out_size >= OUT_BATCH:
@@ -396,6 +389,8 @@ class Pop3Protocol(Protocol):
                     self.abort()
                 elif isinstance(action, pop3.Retrieve):
                     self._retrieve(action)
+                elif isinstance(action, pop3.Retrieved):
+                    self._retrieved(action)
                 elif isinstance(action, pop3.Authenticate):
                     Deferred.fromCoroutine(self._authenticate(action))
                 elif isinstance(action, pop3.Update):
@@ -489,7 +484,7 @@ class Pop3Protocol(Protocol):
             self._pace.attach(maildrop.imap_transport)
             maildrop.observe_reads(self)
             self.login = login
-            count, octets = maildrop.maildrop.stat()
+            count, octets = maildrop.numbered.stat()
             self._log(
                 logging.INFO,
                 "login ok mechanism=%s messages=%d octets=%d",
@@ -497,53 +492,26 @@ class Pop3Protocol(Protocol):
                 count,
                 octets,
             )
-            session.login_done(maildrop.maildrop)
+            session.login_done(maildrop.numbered)
         self._pump()
 
     def _retrieve(self, action: pop3.Retrieve) -> None:
         assert self.maildrop is not None and self.session is not None
-        ok = f"+OK {action.info.size} octets\r\n".encode()
-        done = False
-
-        def finished(result: object) -> None:
-            """Once: at the literal's end, or when the FETCH completes without one (or fails)."""
-            nonlocal done
-            if done:
-                return
-            done = True
-            if self._closed or self.session is None:
-                return
-            if isinstance(result, Failure) or not stream.complete:
-                if stream.started:
-                    self._log(logging.ERROR, "download of UID %d failed", action.info.uid)
-                    self.metrics.upstream_error("imap")
-                    self.session.retrieve_broken()
-                    self._pump()
-                    return
-                if isinstance(result, Failure) and result.check(ImapError):
-                    # Nothing sent yet (e.g. the upstream timed out): an answer, not a drop.
-                    self._log(logging.ERROR, "download failed upstream: %s", result.value)
-                    self.metrics.upstream_error("imap")
-                    self.session.retrieve_failed()
-                else:
-                    self._log(logging.WARNING, "message UID %d vanished upstream", action.info.uid)
-                    self.session.retrieve_unavailable()
-            else:
-                assert self.maildrop is not None
-                self.maildrop.retrieved(action.info, whole=action.top_lines is None)
-                if action.top_lines is None:
-                    self.metrics.pop3_retrieved_messages.inc()
-                    self.metrics.pop3_retrieved_bytes.inc(action.info.size)
-                self.session.retrieve_done()
-            self._pump()
-
-        stream = _BodyStream(self, ok, action.top_lines, on_end=lambda: finished(None))
+        feed = _BodyFeed(self, self.session, action)
         prefetched = self.prefetcher.take(action.info.uid) if self.prefetcher else None
         if prefetched is not None:
-            prefetched.attach(stream, finished)
+            prefetched.attach(feed, feed.fetch_done)
         else:
-            self.maildrop.fetch(action.info, stream).addBoth(finished)
+            self.maildrop.fetch(action.info, feed).addBoth(feed.fetch_done)
         self._fetch_ahead(action)
+
+    def _retrieved(self, action: pop3.Retrieved) -> None:
+        assert self.maildrop is not None
+        request = action.request
+        self.maildrop.retrieved(request.info, whole=request.top_lines is None)
+        if request.top_lines is None:
+            self.metrics.pop3_retrieved_messages.inc()
+            self.metrics.pop3_retrieved_bytes.inc(request.info.size)
 
     def _fetch_ahead(self, action: pop3.Retrieve) -> None:
         """Fetch what the client already asked for, else the message a sequential download
@@ -586,7 +554,7 @@ class Pop3Protocol(Protocol):
             self.session.update_done(problem)
             self._pump()
         if problem is None:
-            await maildrop.finish(deleted_any=bool(action.deleted))
+            await maildrop.retention_then_logout(deleted_any=bool(action.deleted))
         else:
             await maildrop.close()
 

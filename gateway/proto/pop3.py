@@ -1,11 +1,13 @@
 """The POP3 server conversation as a sans-IO state machine (RFC 1939, 2449, 2595, 3206, 5034).
 
 Bytes from the client go in through :meth:`Pop3Session.receive_data`; :meth:`next_action` hands
-out what the I/O layer must do: send bytes, authenticate, stream a message, apply the deletes,
+out what the I/O layer must do: send bytes, authenticate, fetch a message, apply the deletes,
 start TLS or close. While an action that needs the outside world is under way (a login, a
 download, the UPDATE) no further command is looked at, so pipelined commands (RFC 2449) are
 answered strictly in order. The I/O layer reports back through the ``*_done``/``*_failed``
-methods. Nothing here knows about sockets, Twisted or IMAP.
+methods, and feeds a fetched message in through ``body_*``: the session frames the RETR/TOP
+answer itself (status line, TOP's cut, dot-stuffing, terminator), so it alone knows when a
+multi-line answer starts and ends. Nothing here knows about sockets, Twisted or IMAP.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.limits import MAX_AUTH_FAILURES
-from gateway.maildrop.maildrop import Maildrop, MaildropError, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MaildropError, MessageInfo
 from gateway.proto import sasl
+from gateway.proto.dotstuff import DotStuffer, TopFilter
 
 # RFC 2449 section 4 caps a command line at 255 octets, but AUTH PLAIN initial responses of long
 # passwords exceed that (RFC 5034 lifts the limit for them); anything longer is not a real client.
@@ -69,15 +72,36 @@ class Authenticate:
 
 
 @dataclass(frozen=True, slots=True)
+class SendBody:
+    """Bytes of the RETR/TOP answer under way (its status line, message text, terminator).
+
+    Apart from ``Send`` because their pace is the upstream's: the I/O layer writes them as
+    they come and holds the upstream back while the client does not take them, where answers
+    to commands are held back by not reading further commands.
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Retrieve:
-    """Send ``+OK`` once the body starts arriving, then the body through a dot-stuffer and the
-    terminator; ``top_lines`` is None for RETR. Answer with ``retrieve_done``, or with
-    ``retrieve_unavailable`` when the message is gone upstream before a byte was sent. If the
-    download fails part way the only honest thing left is to drop the connection."""
+    """Fetch this message and feed it in: ``body_begin`` with its size, ``body_data`` with
+    each chunk as it arrives, ``body_end``; ``top_lines`` is None for RETR. If the fetch ends
+    without the whole body, say ``retrieve_unavailable`` (the message is gone upstream) or
+    ``retrieve_failed`` (the upstream failed): the session answers ``-ERR`` if nothing of the
+    answer is out yet, else drops the connection (``Abort``)."""
 
     number: int
     info: MessageInfo
     top_lines: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """The answer to ``request`` is complete, terminator included (queued before this):
+    the I/O layer records the download (flags, counters)."""
+
+    request: Retrieve
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +123,7 @@ class Abort:
     so the client must see a broken connection rather than a complete-looking answer."""
 
 
-Action = Send | StartTLS | Authenticate | Retrieve | Update | Close | Abort
+Action = Send | SendBody | StartTLS | Authenticate | Retrieve | Retrieved | Update | Close | Abort
 
 
 # --- errors the I/O layer reports back ---------------------------------------------------------
@@ -132,6 +156,23 @@ class PlaintextDisallowed(LoginError):
     text = "Plaintext authentication disallowed on insecure connections; use STLS or TLS"
 
 
+# --- the framing of one RETR/TOP answer ---------------------------------------------------------
+
+
+class _Answer:
+    """One RETR/TOP answer as it is framed: its request, whether the status line is out, the
+    octets of the message still to come, and the streaming dot-stuffer and TOP cut."""
+
+    __slots__ = ("left", "request", "started", "stuffer", "top")
+
+    def __init__(self, request: Retrieve) -> None:
+        self.request = request
+        self.started = False  # the status line is queued: from here no -ERR can be said
+        self.left = 0  # octets of the message not yet received
+        self.stuffer = DotStuffer()
+        self.top = TopFilter(request.top_lines) if request.top_lines is not None else None
+
+
 # --- the session --------------------------------------------------------------------------------
 
 
@@ -155,9 +196,10 @@ class Pop3Session:
         self._discarding = False  # inside an over-long line, dropping bytes up to its end
         self._actions: deque[Action] = deque()
         self._busy = False
-        # A RETR/TOP answer is under way: from the Retrieve handed out (its +OK may be on the
-        # wire from then on) until the I/O layer reports it finished.
+        # A RETR/TOP answer is under way: from the Retrieve handed out until its terminator is
+        # queued, or the download ends without one.
         self._in_multiline = False
+        self._answer: _Answer | None = None  # the RETR/TOP whose message is being fed in
         self._user: str | None = None
         self._auth_failures = 0
         # A pending SASL exchange waits for the client's next line instead of a command.
@@ -191,6 +233,20 @@ class Pop3Session:
     def in_multiline_answer(self) -> bool:
         """A multi-line answer (RETR, TOP) is under way: nothing but its own bytes may follow."""
         return self._in_multiline
+
+    @property
+    def retrieving(self) -> Retrieve | None:
+        """The RETR/TOP whose message the session is waiting for, else None. Body events for
+        any other (a download that ended, a session that was dropped) are to be ignored."""
+        answer = self._answer
+        return answer.request if answer is not None else None
+
+    @property
+    def answer_started(self) -> bool:
+        """Part of the RETR/TOP answer under way has been handed out (its status line at
+        least): it can only be completed or dropped now."""
+        answer = self._answer
+        return answer is not None and answer.started
 
     def next_action(self, *, take_commands: bool = True) -> Action | None:
         """The next thing to do, or None. With ``take_commands`` False only what is already
@@ -282,30 +338,75 @@ class Pop3Session:
             if self._auth_failures >= MAX_AUTH_FAILURES:
                 self._close()
 
-    def retrieve_done(self) -> None:
-        """The whole answer, terminator included, has been handed to the I/O layer."""
+    # -- the message of a RETR/TOP, fed in as it arrives -----------------------------------------
+
+    def body_begin(self, request: Retrieve, size: int) -> None:
+        """The message starts arriving, ``size`` octets long: the status line goes out.
+
+        Like every ``body_*`` and ``retrieve_*`` call, ignored unless ``request`` is the
+        download the session waits for: late events of one that ended go nowhere.
+        """
+        answer = self._answer
+        if answer is None or answer.request is not request or answer.started:
+            return
+        answer.started = True
+        answer.left = size
+        # TOP says the whole message's size too: RFC 1939 leaves the octet count free text.
+        self._actions.append(SendBody(b"+OK %d octets\r\n" % answer.request.info.size))
+
+    def body_data(self, request: Retrieve, chunk: bytes) -> None:
+        """The next chunk of the message. Once its announced size has arrived the answer is
+        complete: the terminator follows at once, before the upstream confirms the fetch, so
+        the next pipelined command need not wait for that."""
+        answer = self._answer
+        if answer is None or answer.request is not request:
+            return
+        if not answer.started:
+            self.body_begin(request, 0)  # no size announced: complete with this chunk
+        answer.left -= len(chunk)
+        if answer.top is not None:
+            chunk = answer.top.feed(chunk)
+        if chunk:
+            self._actions.append(SendBody(answer.stuffer.feed(chunk)))
+        if answer.left <= 0:
+            self._complete_answer(answer)
+
+    def body_end(self, request: Retrieve) -> None:
+        """The message has ended (an empty one, or a size that overstated it)."""
+        answer = self._answer
+        if answer is None or answer.request is not request:
+            return
+        if not answer.started:
+            self.body_begin(request, 0)
+        self._complete_answer(answer)
+
+    def _complete_answer(self, answer: _Answer) -> None:
+        self._actions.append(SendBody(answer.stuffer.finish()))
+        self._actions.append(Retrieved(answer.request))
+        self._answer = None
         self._in_multiline = False
         self._busy = False
 
-    def retrieve_unavailable(self) -> None:
-        """The message is gone upstream and not one byte of the answer went out."""
-        if self.state is State.CLOSED:
+    def retrieve_unavailable(self, request: Retrieve) -> None:
+        """The fetch ended without the message: it is gone upstream."""
+        self._retrieve_ended(request, "Message no longer available upstream")
+
+    def retrieve_failed(self, request: Retrieve) -> None:
+        """The fetch failed (timeout, lost link) before the whole message arrived."""
+        self._retrieve_ended(request, UpstreamUnavailable.text, UpstreamUnavailable.code)
+
+    def _retrieve_ended(self, request: Retrieve, text: str, code: str | None = None) -> None:
+        answer = self._answer
+        if answer is None or answer.request is not request or self.state is State.CLOSED:
+            return
+        self._answer = None
+        if answer.started:
+            # A short message must not look complete, and no -ERR can be said inside it.
+            self._abort()
             return
         self._in_multiline = False
-        self._reply_err("Message no longer available upstream")
+        self._reply_err(text, code=code)
         self._busy = False
-
-    def retrieve_failed(self) -> None:
-        """The upstream failed before any of the answer went out (timeout, lost link)."""
-        if self.state is State.CLOSED:
-            return
-        self._in_multiline = False
-        self._reply_err(UpstreamUnavailable.text, code=UpstreamUnavailable.code)
-        self._busy = False
-
-    def retrieve_broken(self) -> None:
-        """The download broke after its ``+OK``: a short message must not look complete."""
-        self._abort()
 
     def abandon(self, text: str, code: str | None = None) -> None:
         """The server ends the session on its own (idle timeout, shutdown, a dead upstream).
@@ -332,6 +433,7 @@ class Pop3Session:
         """The client went away; nothing of the session's deletes is applied (RFC 1939)."""
         self.state = State.CLOSED
         self._in_multiline = False
+        self._answer = None
         self._actions.clear()
 
     # -- command dispatch ------------------------------------------------------------------
@@ -486,8 +588,12 @@ class Pop3Session:
         except MaildropError as e:
             self._reply_err(str(e))
             return
-        self._actions.append(Retrieve(number, info, top_lines))
+        request = Retrieve(number, info, top_lines)
+        self._actions.append(request)
+        self._answer = _Answer(request)
         self._busy = True
+        # From here the I/O layer may be feeding the message in: the answer counts as under
+        # way, so whatever ends the session meanwhile drops the connection.
         self._in_multiline = True
 
     def _dele(self, arg: str) -> None:
@@ -555,6 +661,7 @@ class Pop3Session:
     def _abort(self) -> None:
         self.state = State.CLOSED
         self._in_multiline = False
+        self._answer = None
         self._actions.clear()
         self._actions.append(Abort())
 

@@ -37,9 +37,11 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email.utils import make_msgid
 from typing import Protocol
 
 from gateway.config import Pop3Settings
+from gateway.host import host_name
 from gateway.maildrop.views import (
     MAX_STATE_BYTES,
     STATE_HEADER,
@@ -170,6 +172,12 @@ def _report(state: DeviceState, problems: list[str], what: str = "state message(
     )
 
 
+def _state_message(state: DeviceState) -> bytes:
+    """The state as the message both stores hold, dated now."""
+    message_id = make_msgid("popgate-state", domain=host_name())
+    return state.to_message(date=time.time(), message_id=message_id)
+
+
 def _check_size(state: DeviceState, message: bytes) -> None:
     if len(message) > MAX_STATE_BYTES:
         # Written anyway (it is the truth), but the next read will refuse it: the device will
@@ -273,7 +281,7 @@ class MailboxStore:
             log.warning("device %r: state not rewritten: %s", state.device, e.status.text)
 
     async def _write(self, account: ImapAccount, state: DeviceState, old: list[int]) -> None:
-        message = state.to_message()
+        message = _state_message(state)
         _check_size(state, message)
         await account.append(self.state_mailbox, message, ["\\Seen"])
         await self.remove(account, old)
@@ -451,7 +459,7 @@ class MetadataStore:
 
     async def _write(self, account: ImapAccount, state: DeviceState, remove: Sequence[str]) -> None:
         """One SETMETADATA: the new copy first, then the removal of what it replaces."""
-        data = state.to_message()
+        data = _state_message(state)
         _check_size(state, data)
         size = self.chunk_size
         while True:

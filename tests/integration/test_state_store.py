@@ -189,8 +189,12 @@ def test_copies_of_overlapping_writers_are_merged_then_replaced_by_one(
                 "INBOX",
                 {
                     name: None,
-                    f"{STATE_ROOT}/{key}/00000000000000aa0001-0-1": first.to_message(),
-                    f"{STATE_ROOT}/{key}/00000000000000bb0002-0-1": second.to_message(),
+                    f"{STATE_ROOT}/{key}/00000000000000aa0001-0-1": first.to_message(
+                        date=0, message_id="<s@test>"
+                    ),
+                    f"{STATE_ROOT}/{key}/00000000000000bb0002-0-1": second.to_message(
+                        date=0, message_id="<s@test>"
+                    ),
                 },
             )
         assert visible(gw, f"{acct.name}#phone", acct.password) == [acct.uids[0], acct.uids[3]]
@@ -364,7 +368,7 @@ async def test_a_10000_message_state_fits_in_chunks_and_reads_back(
     emailids = {f"M{n:024x}" for n in range(10_000)}
     big = DeviceState("INBOX", "phone", 7, uids, emailids)
     present = [IndexedMessage(u, 1, frozenset(), f"M{(u // 2):024x}") for u in uids]
-    data = big.to_message()
+    data = big.to_message(date=0, message_id="<s@test>")
     assert len(data) > 8 * CHUNK_SIZE  # really spread over several entries
     account = await ImapAccount.open_as_master(reactor, imap_settings(metadata_server), acct.name)
     try:
@@ -400,7 +404,9 @@ def test_forged_metadata_state_never_locks_a_device_out(
                 {
                     f"{STATE_ROOT}/{key}/00000000000000aa0001-0-1": b"\r\n\r\n" + b"[" * 50_000,
                     f"{STATE_ROOT}/{key}/00000000000000aa0002-0-1": b"\r\n\r\n{}",
-                    f"{STATE_ROOT}/{key}/00000000000000aa0003-0-1": unborn.to_message(),
+                    f"{STATE_ROOT}/{key}/00000000000000aa0003-0-1": unborn.to_message(
+                        date=0, message_id="<s@test>"
+                    ),
                 },
             )
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[2:]

@@ -197,7 +197,7 @@ def test_non_state_bodies_are_invalid(body: bytes) -> None:
 
 
 def test_a_state_naming_another_device_is_invalid_for_this_one() -> None:
-    raw = DeviceState("INBOX", "other", 1, {1}).to_message()
+    raw = DeviceState("INBOX", "other", 1, {1}).to_message(date=0, message_id="<s@test>")
     with pytest.raises(InvalidState):
         DeviceState.from_message(raw, "INBOX", "phone")
 
@@ -279,7 +279,7 @@ def test_state_messages_round_trip(
     mailbox: str, device: str, uidvalidity: int, uids: set[int], emailids: set[str]
 ) -> None:
     state = DeviceState(mailbox, device, uidvalidity, uids, emailids)
-    raw = state.to_message()
+    raw = state.to_message(date=0, message_id="<s@test>")
     assert len(raw) <= MAX_STATE_BYTES
     assert DeviceState.from_message(raw, mailbox, device) == state
 

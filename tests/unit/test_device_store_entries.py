@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import time
+
+import pytest
+
+from gateway.host import host_name
 from gateway.maildrop.views import DeviceState
 from gateway.upstream.device_store import (
     STALE_PARTIAL_SECONDS,
     STATE_ROOT,
+    _state_message,
     assemble,
     chunk_entries,
     new_writer_id,
@@ -71,9 +79,29 @@ def test_a_10000_message_state_size() -> None:
     """The numbers docs/pop3.md gives."""
     uids = set(range(1, 20_000, 2))
     emailids = {f"M{n:024x}" for n in range(10_000)}
-    with_ids = DeviceState("INBOX", "phone", 7, uids, emailids).to_message()
-    uids_only = DeviceState("INBOX", "phone", 7, uids).to_message()
+    with_ids = DeviceState("INBOX", "phone", 7, uids, emailids).to_message(
+        date=0, message_id="<s@test>"
+    )
+    uids_only = DeviceState("INBOX", "phone", 7, uids).to_message(date=0, message_id="<s@test>")
     assert 300_000 < len(with_ids) < 360_000
     assert len(chunk_entries(KEY, "w", with_ids, 32 * 1024)) == 11
     assert 50_000 < len(uids_only) < 60_000
     assert len(chunk_entries(KEY, "w", uids_only, 32 * 1024)) == 2
+
+
+def test_a_state_message_is_dated_and_named_without_a_dns_lookup_per_save(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host name for the Message-ID is looked up once per process (``gateway.host``), not
+    by every save on the reactor thread (``make_msgid`` without a domain calls getfqdn)."""
+    host_name()  # what Gateway.start does
+    lookups: list[str] = []
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": lookups.append(name) or "slow.dns")
+    monkeypatch.setattr(time, "time", lambda: 1_000_000_000.0)
+    state = DeviceState("INBOX", "phone", 7, {1})
+    first, second = _state_message(state), _state_message(state)
+    assert lookups == []
+    assert b"\r\nDate: Sun, 09 Sep 2001 01:46:40 -0000\r\n" in first
+    ids = [re.findall(rb"\r\nMessage-ID: (<[^\r\n]*>)\r\n", m) for m in (first, second)]
+    assert len(ids[0]) == len(ids[1]) == 1 and ids[0] != ids[1]
+    assert all(i[0].endswith(f".popgate-state@{host_name()}>".encode()) for i in ids)

@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from gateway.addresses import Networks
 from gateway.config import SecuritySettings
 from gateway.limits import ClientLimits
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD
 from gateway.pop3.server import Listener, Pop3Factory
@@ -23,7 +23,7 @@ AUTH_FAILED = b"-ERR [AUTH] Authentication failed\r\n"
 
 class FakeDrop:
     def __init__(self) -> None:
-        self.maildrop = Maildrop([MessageInfo(5, 12, "U5")])
+        self.numbered = Maildrop([MessageInfo(5, 12, "U5")])
         self.imap_transport = self
 
     def pauseProducing(self) -> None:

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.addresses import Networks
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD
 from gateway.pop3.backend import UpdateFailed
@@ -39,7 +39,7 @@ class FakeMaildrop:
     """Stands in for UpstreamMaildrop: the test decides when body chunks arrive."""
 
     def __init__(self, messages: list[MessageInfo]) -> None:
-        self.maildrop = Maildrop(messages)
+        self.numbered = Maildrop(messages)
         self.imap_transport = FakeProducer()
         self.fetches: list[tuple[MessageInfo, Any, Deferred[None]]] = []
         self.updates: list[list[int]] = []
@@ -59,7 +59,7 @@ class FakeMaildrop:
 
     def fetch_many(self, sinks: Mapping[int, Any]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        by_uid = {info.uid: info for _, info in self.maildrop.listing()}
+        by_uid = {info.uid: info for _, info in self.numbered.listing()}
         self.fetches.extend((by_uid[uid], sink, d) for uid, sink in sinks.items())
         return d
 
@@ -71,7 +71,7 @@ class FakeMaildrop:
     def retrieved(self, info: MessageInfo, whole: bool) -> None:
         self.retrieved_uids.append((info.uid, whole))
 
-    async def finish(self, deleted_any: bool) -> None:
+    async def retention_then_logout(self, deleted_any: bool) -> None:
         self.finished = deleted_any
         self.closed = True
 
@@ -199,9 +199,11 @@ def test_pipelined_commands_wait_for_the_download() -> None:
     sink.literal_data(b"x\r\n")
     assert said(transport) == b"+OK 3 octets\r\nx\r\n"  # no STAT answer inside the body
     sink.literal_data(b"y")
-    assert said(transport) == b"y\r\n.\r\n"  # the literal's size says the message is whole
+    # The literal's size says the message is whole: the answer ends and STAT is answered
+    # without waiting for the FETCH's completion.
+    assert said(transport) == b"y\r\n.\r\n+OK 2 15\r\n"
     done.callback(None)
-    assert said(transport) == b"+OK 2 15\r\n"
+    assert said(transport) == b""
 
 
 def test_message_gone_upstream_before_any_byte() -> None:
@@ -266,7 +268,7 @@ def test_a_stalled_download_is_cut_without_an_error_line_inside_the_message() ->
     protocol.dataReceived(b"RETR 1\r\n")
     (_, sink, _) = drop.fetches[0]
     sink.literal_begin(12)
-    sink.literal_data(b"part of it\r\n")
+    sink.literal_data(b"part of\r\n")  # 9 of 12 octets, then nothing
     said(transport)
     reactor.advance(IDLE)
     assert transport.value() == b""  # no "-ERR" that the client would take for message text

@@ -18,7 +18,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.maildrop.maildrop import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.proto import pop3
 
 MESSAGES = [MessageInfo(10, 120, "UIDL-A"), MessageInfo(11, 300, "UIDL-B")]
@@ -84,7 +84,7 @@ class Driver:
             plaintext_allowed=True,
             implementation="popgate-fuzz",
         )
-        self.retrieving = False  # a RETR/TOP answer is going out (the glue's _BodyStream)
+        self.retrieving: pop3.Retrieve | None = None  # a RETR/TOP answer is going out
         self.body_started = False
         self.ended = False  # Close or Abort handed out
         self.sends = 0
@@ -100,16 +100,23 @@ class Driver:
             if isinstance(action, pop3.Send):
                 assert not self.retrieving, f"{action.data[:40]!r} inside a multi-line answer"
                 self.check_answer(action.data)
+            elif isinstance(action, pop3.SendBody):
+                assert self.retrieving, f"{action.data[:40]!r} outside a RETR/TOP answer"
+                self.body += action.data
+            elif isinstance(action, pop3.Retrieved):
+                assert action.request is self.retrieving
+                assert self.body.startswith(b"+OK ") and self.body.endswith(b"\r\n.\r\n")
+                self.retrieving = None
             elif isinstance(action, pop3.Abort | pop3.Close):
                 self.ended = True
-                self.retrieving = False
+                self.retrieving = None
             elif isinstance(action, pop3.StartTLS):
                 session.tls_started()
             elif isinstance(action, pop3.Authenticate):
                 self.answer_login()
             elif isinstance(action, pop3.Retrieve):
-                assert session.in_multiline_answer
-                self.retrieving, self.body_started = True, False
+                assert session.in_multiline_answer and session.retrieving is action
+                self.retrieving, self.body_started, self.body = action, False, b""
                 self.progress_retrieve()
             elif isinstance(action, pop3.Update):
                 problem = self.draw(st.sampled_from([None, "STORE failed"]))
@@ -138,23 +145,24 @@ class Driver:
             self.pending_login = True
 
     def progress_retrieve(self) -> None:
-        """The download's fate: finished, gone or failed upstream before a byte, broken part
-        way, or still on."""
-        outcome = self.draw(st.sampled_from(["later", "done", "gone", "failed", "broken"]))
+        """The download's fate: finished, gone or failed upstream (before a byte or part way),
+        or some more of it."""
+        session, request = self.session, self.retrieving
+        assert request is not None
+        outcome = self.draw(st.sampled_from(["more", "more", "done", "gone", "failed"]))
         if outcome == "done":
-            self.retrieving = False  # the terminator is out
-            self.session.retrieve_done()
-        elif outcome == "gone" and not self.body_started:
-            self.retrieving = False
-            self.session.retrieve_unavailable()
-        elif outcome == "failed" and not self.body_started:
-            self.retrieving = False
-            self.session.retrieve_failed()
-        elif outcome == "broken":
-            self.body_started = True
-            self.session.retrieve_broken()
+            session.body_end(request)  # the terminator goes out
+        elif outcome == "gone":
+            session.retrieve_unavailable(request)
+        elif outcome == "failed":
+            session.retrieve_failed(request)
         else:
-            self.body_started = True  # the +OK and some of the body are out
+            if not self.body_started:
+                self.body_started = True
+                session.body_begin(request, self.draw(st.integers(0, 64)))
+            session.body_data(request, self.draw(st.sampled_from([b".", b"\r\n", b"x.\n.", b""])))
+        if outcome in ("gone", "failed") and not self.body_started:
+            self.retrieving = None  # an -ERR answers the command
 
     pending_login = False
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from gateway.maildrop.maildrop import MessageInfo
+from gateway.maildrop.numbering import MessageInfo
 from gateway.pop3.prefetch import Prefetcher
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.maildrop.maildrop import MessageDeleted, NoSuchMessage
+from gateway.maildrop.numbering import MessageDeleted, NoSuchMessage
 from gateway.maildrop.uidset import format_uid_set, parse_uid_set
 from gateway.maildrop.views import (
     POP_DELETED,
@@ -113,7 +113,7 @@ def test_state_is_read_only_when_a_message_could_be_hidden() -> None:
 
 def test_state_message_round_trip_and_foreign_messages() -> None:
     state = DeviceState("INBOX", 'ph\u00f6ne "x"', 42, {1, 2, 3, 9}, {"M1"})
-    raw = state.to_message()
+    raw = state.to_message(date=0, message_id="<s@test>")
     assert raw.count(b"\r\n\r\n") == 1 and state.key.encode() in raw
     back = DeviceState.from_message(raw, "INBOX", 'ph\u00f6ne "x"')
     assert back == state

@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gateway.maildrop.maildrop import Maildrop
+from gateway.maildrop.numbering import Maildrop
 from gateway.maildrop.policy import policy_for
 from gateway.maildrop.views import (
     DeviceState,
@@ -133,7 +133,7 @@ class NeverLoses(RuleBasedStateMachine):
             state.merge(found)
         newer = None if self.upstream.next_uid == session.uidnext else session.uidnext
         state.prune(session.index, newer)
-        self.upstream.stored_state[device] = [state.to_message()]
+        self.upstream.stored_state[device] = [state.to_message(date=0, message_id="<s@test>")]
         self.hidden[device] |= {m.uid for m in messages}
 
     @invariant()
