@@ -1,8 +1,9 @@
 """Operator commands that act on one user's mailbox through the master identity.
 
 ``popgate device list|reset|forget`` and ``popgate retention``. Each opens one IMAP connection
-as the user (SASL PLAIN with the master identity, as the contract's ``master_user``), does its work and
-prints a plain-text report; errors come back as ``AdminError`` with a message for stderr.
+as the user (SASL PLAIN with the master identity, as the contract's ``master_user``), does its
+work and prints a plain-text report; errors come back as ``AdminError`` with a message for
+stderr.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ async def device_reset(reactor: Any, config: Config, user: str, device: str) -> 
     async def work(account: ImapAccount) -> list[str]:
         removed = await device_store.reset(account, config.pop3, config.pop3.mailbox, device)
         if not removed:
-            return [f"{user}#{device}: nothing to reset (the device has hidden nothing)"]
+            return [f"{user}#{device}: nothing to reset (the device has no state)"]
         return [
             f"{user}#{device}: reset; the device will see every message still in "
             f"{config.pop3.mailbox} at its next login"

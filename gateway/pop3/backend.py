@@ -54,6 +54,11 @@ class MaildropService:
         self.config = config
         self.metrics = metrics
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
+        # What each device downloaded, and when it was last seen, matter where a message can
+        # stay after one device deleted it (hide, seen) or leave once all downloaded it.
+        self.tracks_devices = (
+            self.policy.hide_for_device or config.retention.after_all_devices_days > 0
+        )
         self.retention = RetentionService(reactor, config, metrics)
         retention = config.retention
         self.capabilities = (
@@ -226,7 +231,8 @@ class UpstreamMaildrop:
         if self._closed:
             return
         try:
-            await self.record_device()
+            if self.service.tracks_devices:
+                await self.record_device()
         except ImapError as e:
             # Only costs retention's knowledge: the device holds back a little longer.
             log.warning("device %r: downloads not recorded: %s", self.login.device, e)
