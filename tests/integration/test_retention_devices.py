@@ -7,6 +7,7 @@ Time never passes here: messages carry old INTERNALDATEs, and ``popgate retentio
 from __future__ import annotations
 
 import contextlib
+import json
 import poplib
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gateway.maildrop.views import DeviceState
 from tests.integration.test_retention import seed_dated
 from tests.support.gateway import GatewayProcess
 from tests.support.upstreams import Upstream
@@ -228,3 +230,33 @@ def test_capa_expire_names_the_shortest_rule(
     gw = start_gateway(retention={"delete_after_days": 3, "after_all_devices_days": 14})
     with pop(gw, mail_user.name, mail_user.password) as client:
         assert client.capa()["EXPIRE"] == ["3"]
+
+
+def test_a_state_written_before_download_tracking_still_works(
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """A version-1 state (hidden set only) in the state mailbox: the device keeps its hidden
+    messages hidden, counts as active with an unknown last login, and its next QUIT writes the
+    new format (wherever the store is: Cyrus carries it over to METADATA)."""
+    user, pw = mail_user.name, mail_user.password
+    uid = seed_dated(upstream, mail_user, [("seen-before", 10, 0), ("new", 10, 0)])
+    with upstream.imap(user, pw) as conn:
+        assert conn.select("INBOX", readonly=True)[0] == "OK"
+        uidvalidity = int(conn.response("UIDVALIDITY")[1][0])
+        assert conn.create('"POP Device State"')[0] == "OK"
+    header, _, _ = DeviceState("INBOX", "phone").to_message().partition(b"\r\n\r\n")
+    body = json.dumps(
+        {"version": 1, "mailbox": "INBOX", "device": "phone", "uidvalidity": uidvalidity,
+         "uids": str(uid["seen-before"]), "emailids": []}
+    ).encode()  # fmt: skip
+    upstream.append(user, pw, header + b"\r\n\r\n" + body + b"\r\n", mailbox="POP Device State")
+    with upstream.imap(user, pw) as conn:  # the keyword a hide always sets first
+        assert conn.select("INBOX")[0] == "OK"
+        assert conn.uid("STORE", str(uid["seen-before"]), "+FLAGS", "($POPDeleted)")[0] == "OK"
+    gw = start_gateway()  # no retention: it would take "seen-before" (phone alone hid it)
+    listed = devices(gw, user)
+    # LAST SEEN unknown, downloaded 0, hidden 1, holds back 0, active.
+    assert listed["phone"] == ["unknown", "0", "1", "0", "active"], listed
+    assert session(gw, f"{user}#phone", pw, retr=set()) == {uid["new"]}
+    listed = devices(gw, user)
+    assert listed["phone"][0] != "unknown" and listed["phone"][3] == "1", listed
