@@ -54,10 +54,13 @@ class MaildropService:
         self.config = config
         self.metrics = metrics
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
-        # What each device downloaded, and when it was last seen, matter where a message can
-        # stay after one device deleted it (hide, seen) or leave once all downloaded it.
-        self.tracks_devices = (
-            self.policy.hide_for_device or config.retention.after_all_devices_days > 0
+        # What each device downloaded, and when it was last seen, matter only to retention:
+        # where a message can stay after one device deleted it (hide, seen) and retention
+        # waits for the others, or where it leaves once all downloaded it. Otherwise a QUIT
+        # writes nothing it did not write before.
+        retention = config.retention
+        self.tracks_devices = retention.after_all_devices_days > 0 or (
+            retention.enabled and retention.wait_for_devices and self.policy.hide_for_device
         )
         self.retention = RetentionService(reactor, config, metrics)
         retention = config.retention

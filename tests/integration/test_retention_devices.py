@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import poplib
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.maildrop.views import DeviceState
+from tests.integration.pop3_helpers import wait_until
 from tests.integration.test_retention import seed_dated
 from tests.support.gateway import GatewayProcess
 from tests.support.upstreams import Upstream
@@ -253,10 +255,40 @@ def test_a_state_written_before_download_tracking_still_works(
     with upstream.imap(user, pw) as conn:  # the keyword a hide always sets first
         assert conn.select("INBOX")[0] == "OK"
         assert conn.uid("STORE", str(uid["seen-before"]), "+FLAGS", "($POPDeleted)")[0] == "OK"
-    gw = start_gateway()  # no retention: it would take "seen-before" (phone alone hid it)
+    # Retention on (devices are tracked), but "seen-before" is too young for it.
+    gw = start_gateway(retention={"delete_after_days": 30, "sweep_interval": 0})
     listed = devices(gw, user)
     # LAST SEEN unknown, downloaded 0, hidden 1, holds back 0, active.
     assert listed["phone"] == ["unknown", "0", "1", "0", "active"], listed
     assert session(gw, f"{user}#phone", pw, retr=set()) == {uid["new"]}
     listed = devices(gw, user)
     assert listed["phone"][0] != "unknown" and listed["phone"][3] == "1", listed
+
+
+def test_only_a_whole_retr_in_a_session_ended_by_quit_counts_as_downloaded(
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    user, pw = mail_user.name, mail_user.password
+    uid = seed_dated(upstream, mail_user, [("a", 1, 0), ("b", 1, 0), ("c", 1, 0)])
+    gw = start_gateway(retention=RETENTION)
+    with pop(gw, f"{user}#phone", pw) as client:
+        n = numbers(client)
+        client.top(n[uid["a"]], 0)  # headers only: not a download
+        client.retr(n[uid["b"]])
+    assert devices(gw, user)["phone"][2] == "1"  # DOWNLOADED
+    client = poplib.POP3("127.0.0.1", gw.pop3_port, timeout=30)
+    client.user(f"{user}#phone")
+    client.pass_(pw)
+    client.retr(numbers(client)[uid["c"]])
+    client.close()  # no QUIT: nothing recorded, as for deletes (RFC 1939)
+    wait_until(
+        lambda: len(re.findall(r"disconnect .*device=phone ", gw.log_text())) >= 2,
+        what="the dropped session's disconnect logged",
+    )
+    assert devices(gw, user)["phone"][2] == "1"
+    # RSET then QUIT: nothing hidden, but the device was seen (it was already, this hour).
+    with pop(gw, f"{user}#phone", pw) as client:
+        client.dele(1)
+        client.rset()
+    listed = devices(gw, user)["phone"]
+    assert listed[2:6] == ["1", "0", "0", "active"], listed
