@@ -1,19 +1,23 @@
 """Operator commands that act on one user's mailbox through the master identity (with
 ``[upstream.imap] auth = "oauth2"``: the user's stored OAuth grant).
 
-``popgate device list|reset`` and ``popgate retention``. Each opens one IMAP connection as the
-user (SASL PLAIN with the master identity, as the contract's ``master_user``), does its work and
-prints a plain-text report; errors come back as ``AdminError`` with a message for stderr.
+``popgate device list|reset|forget`` and ``popgate retention``. Each opens one IMAP connection
+as the user (SASL PLAIN with the master identity, as the contract's ``master_user``), does its
+work and prints a plain-text report; errors come back as ``AdminError`` with a message for
+stderr.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
 from gateway.config import Config
+from gateway.maildrop.retention_plan import Candidate, device_views, held_back_counts
+from gateway.maildrop.views import POP_DELETED
 from gateway.oauth.errors import OAuthError
 from gateway.retention import run_retention
 from gateway.upstream import device_store
@@ -52,12 +56,70 @@ async def _as_user(
         await account.logout()
 
 
-async def device_list(reactor: Any, config: Config, user: str) -> list[str]:
+async def device_list(
+    reactor: Any, config: Config, user: str, now: datetime | None = None
+) -> list[str]:
+    """One line per device: last seen, downloaded / hidden / held-back counts, status.
+
+    Counts are of messages still in the mailbox; "held back" is what the device alone keeps
+    there (deleted by another device, or downloaded by every other active device with
+    ``after_all_devices_days``, and not yet downloaded nor deleted by it).
+    """
+    settings = config.retention
+    mailbox = config.pop3.mailbox
+
     async def work(account: ImapAccount) -> list[str]:
-        states = await device_store.load_all(account, config.pop3, config.pop3.mailbox)
+        states = await device_store.load_all(account, config.pop3, mailbox)
         if not states:
-            return [f"{user}: no device has hidden any message in {config.pop3.mailbox}"]
-        return [f"{s.device}\t{len(s.emailids or s.uids)} messages hidden" for s in states]
+            return [f"{user}: no POP device has state in {mailbox} (none holds mail back)"]
+        when = now or datetime.now(UTC)
+        views = device_views(states, now=when, inactive_days=settings.device_inactive_days)
+        info = await account.examine(mailbox)
+        deleted = set(await account.search_keyword(POP_DELETED))
+        present = [
+            Candidate(*row, deleted=row[0] in deleted) for row in await account.fetch_arrivals_all()
+        ]
+        held = held_back_counts(
+            present,
+            views,
+            info.uidvalidity,
+            after_all_devices_days=settings.after_all_devices_days,
+        )
+        if not settings.wait_for_devices and not settings.after_all_devices_days:
+            held = dict.fromkeys(held, 0)  # retention waits for no device
+        rows = [("DEVICE", "LAST SEEN (UTC)", "DOWNLOADED", "HIDDEN", "HELD BACK", "STATUS")]
+        for v in views:
+            same = v.state.uidvalidity == info.uidvalidity
+            downloaded = sum(1 for m in present if same and m.uid in v.state.downloaded)
+            hidden = sum(1 for m in present if same and m.uid in v.state.uids)
+            if not same:
+                hidden = len(v.state.emailids)
+            seen = f"{v.last_seen:%Y-%m-%d %H:%M}" if v.last_seen else "unknown"
+            if v.active:
+                status = "active"
+            else:
+                status = f"inactive (not seen for {settings.device_inactive_days}+ days)"
+            rows.append((v.device, seen, str(downloaded), str(hidden), str(held[v.device]), status))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [
+            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:5])) + "  " + r[5]
+            for r in rows
+        ]
+        lines.append(f"{user}: {len(present)} messages in {mailbox}")
+        return lines
+
+    return await _as_user(reactor, config, user, work)
+
+
+async def device_forget(reactor: Any, config: Config, user: str, device: str) -> list[str]:
+    """Retire a device (a stolen phone): its state goes, it no longer holds mail back. If it
+    logs in again it is a new device that downloads everything still in the mailbox."""
+
+    async def work(account: ImapAccount) -> list[str]:
+        removed = await device_store.reset(account, config.pop3, config.pop3.mailbox, device)
+        if not removed:
+            return [f"{user}#{device}: no such device (it has no state in {config.pop3.mailbox})"]
+        return [f"{user}#{device}: forgotten; it no longer holds any message back"]
 
     return await _as_user(reactor, config, user, work)
 
@@ -66,7 +128,7 @@ async def device_reset(reactor: Any, config: Config, user: str, device: str) -> 
     async def work(account: ImapAccount) -> list[str]:
         removed = await device_store.reset(account, config.pop3, config.pop3.mailbox, device)
         if not removed:
-            return [f"{user}#{device}: nothing to reset (the device has hidden nothing)"]
+            return [f"{user}#{device}: nothing to reset (the device has no state)"]
         return [
             f"{user}#{device}: reset; the device will see every message still in "
             f"{config.pop3.mailbox} at its next login"
@@ -75,12 +137,18 @@ async def device_reset(reactor: Any, config: Config, user: str, device: str) -> 
     return await _as_user(reactor, config, user, work)
 
 
-async def retention(reactor: Any, config: Config, user: str, dry_run: bool) -> list[str]:
+async def retention(
+    reactor: Any, config: Config, user: str, dry_run: bool, now: datetime | None = None
+) -> list[str]:
     async def work(account: ImapAccount) -> list[str]:
-        report = await run_retention(account, config, user, dry_run=dry_run)
+        report = await run_retention(account, config, user, now=now, dry_run=dry_run)
         lines = report.lines()
         if not config.retention.enabled:
-            lines.insert(0, "retention is off (delete_after_days and quota_high_percent are 0)")
+            lines.insert(
+                0,
+                "retention is off (delete_after_days, quota_high_percent and "
+                "after_all_devices_days are 0)",
+            )
         return lines
 
     return await _as_user(reactor, config, user, work)

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +155,17 @@ def _admin(args: argparse.Namespace, command: str) -> int:
         return EXIT_CONFIG
     from gateway import admin
 
+    now = getattr(args, "now", None)
     if command == "device list":
-        status, lines = admin.run(lambda r: admin.device_list(r, config, args.user))
+        status, lines = admin.run(lambda r: admin.device_list(r, config, args.user, now))
     elif command == "device reset":
         status, lines = admin.run(lambda r: admin.device_reset(r, config, args.user, args.device))
+    elif command == "device forget":
+        status, lines = admin.run(lambda r: admin.device_forget(r, config, args.user, args.device))
     else:
-        status, lines = admin.run(lambda r: admin.retention(r, config, args.user, args.dry_run))
+        status, lines = admin.run(
+            lambda r: admin.retention(r, config, args.user, args.dry_run, now)
+        )
     print("\n".join(lines), file=sys.stdout if status == EXIT_OK else sys.stderr)
     return status
 
@@ -172,8 +178,21 @@ def cmd_device_reset(args: argparse.Namespace) -> int:
     return _admin(args, "device reset")
 
 
+def cmd_device_forget(args: argparse.Namespace) -> int:
+    return _admin(args, "device forget")
+
+
 def cmd_retention(args: argparse.Namespace) -> int:
     return _admin(args, "retention")
+
+
+def _moment(text: str) -> datetime:
+    """``--now``: an ISO 8601 date or time, UTC unless it says otherwise."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def cmd_spool_list(args: argparse.Namespace) -> int:
@@ -383,8 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     device = commands.add_parser("device", help="per-device views of a user (master identity)")
     device_commands = device.add_subparsers(dest="device_command", metavar="ACTION")
     device_commands.required = True
-    device_list = device_commands.add_parser("list", help="devices with hidden messages")
+    now_help = "judge ages and inactivity as of this ISO 8601 time (UTC), not the clock's"
+    device_list = device_commands.add_parser(
+        "list", help="devices: last seen, downloaded / hidden / held back, inactive"
+    )
     device_list.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    device_list.add_argument("--now", type=_moment, metavar="TIME", help=now_help)
     device_list.add_argument("user")
     device_list.set_defaults(handler=cmd_device_list)
     device_reset = device_commands.add_parser(
@@ -394,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     device_reset.add_argument("user")
     device_reset.add_argument("device")
     device_reset.set_defaults(handler=cmd_device_reset)
+    device_forget = device_commands.add_parser(
+        "forget", help="retire DEVICE (a stolen phone): its state goes, it holds nothing back"
+    )
+    device_forget.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    device_forget.add_argument("user")
+    device_forget.add_argument("device")
+    device_forget.set_defaults(handler=cmd_device_forget)
 
     retention = commands.add_parser(
         "retention", help="apply [retention] to one user now, or show what it would remove"
@@ -401,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     retention.add_argument("-c", "--config", metavar="FILE", help=config_help)
     retention.add_argument("--user", required=True)
     retention.add_argument("--dry-run", action="store_true", help="change nothing, only report")
+    retention.add_argument("--now", type=_moment, metavar="TIME", help=now_help)
     retention.set_defaults(handler=cmd_retention)
 
     spool = commands.add_parser("spool", help="the submission spool (Sent copies waiting)")

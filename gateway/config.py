@@ -166,10 +166,18 @@ class RetentionSettings:
     quota_target_percent: int = 80
     sweep_interval: int = 3600  # seconds between sweeps over recently seen users (master only)
     time_limit: float = 20  # seconds one user's retention run may take
+    # Retention that knows every device (docs/deleting-and-retention.md):
+    wait_for_devices: bool = True  # only what every active device downloaded or deleted leaves
+    device_inactive_days: int = 30  # a device not seen for this long holds nothing back
+    after_all_devices_days: int = 0  # > 0: what every active device downloaded leaves then
 
     @property
     def enabled(self) -> bool:
-        return self.delete_after_days > 0 or self.quota_high_percent > 0
+        return (
+            self.delete_after_days > 0
+            or self.quota_high_percent > 0
+            or self.after_all_devices_days > 0
+        )
 
 
 @dataclass(frozen=True)
@@ -368,6 +376,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "quota_target_percent": _Key("int", low=0, high=100),
         "sweep_interval": _Key("int", low=0),
         "time_limit": _Key("number", low=0),
+        "wait_for_devices": _Key("bool"),
+        "device_inactive_days": _Key("int", low=1),
+        "after_all_devices_days": _Key("int", low=0),
     },
     "log": {
         "level": _Key("choice", ("debug", "info", "warning", "error")),

@@ -133,6 +133,18 @@ class Metrics:
             "Messages retention moved out of the mailbox or expunged.",
             registry=r,
         )
+        self.retention_held_back_messages = Counter(
+            "popgate_retention_held_back_messages",
+            "Messages a retention run would have removed but kept: an active device of the "
+            "user has not downloaded or deleted them yet (wait_for_devices).",
+            registry=r,
+        )
+        self.retention_quota_blocked = Counter(
+            "popgate_retention_quota_blocked",
+            "Retention runs that found the quota above quota_high_percent and could not bring "
+            "it down because every remaining candidate is still needed by an active device.",
+            registry=r,
+        )
         self.readiness_probes = Counter(
             "popgate_readiness_probes",
             "Upstream IMAP probes made for /readyz, by result.",

@@ -1,4 +1,7 @@
-"""Retention: removes old POP-deleted messages per ``[retention]``, never anything else.
+"""Retention: removes old POP-deleted messages per ``[retention]`` (and, with
+``after_all_devices_days``, messages every active device downloaded), never anything else.
+With ``wait_for_devices`` it first reads every device's state and keeps what an active device
+still needs (gateway/maildrop/retention_plan.py decides).
 
 It runs after a user's QUIT on the session's own IMAP connection (after the ``+OK`` has gone
 out, bounded by ``time_limit``), and, with a master identity configured, as a periodic sweep
@@ -16,10 +19,19 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from gateway.config import Config
-from gateway.maildrop.retention_plan import Candidate, Quota, Removal, plan_retention
+from gateway.maildrop.retention_plan import (
+    Candidate,
+    DeviceView,
+    Held,
+    Quota,
+    Removal,
+    device_views,
+    plan_retention,
+)
 from gateway.maildrop.views import POP_DELETED
 from gateway.metrics import DISCARD, Metrics
 from gateway.oauth.errors import OAuthError
+from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.folders import resolve_folder
 from gateway.upstream.imap_client import ImapError
@@ -44,6 +56,14 @@ class RetentionReport:
     removals: list[Removal] = field(default_factory=list)
     applied: bool = False
     quota: Quota | None = None
+    held: list[Held] = field(default_factory=list)
+    devices: list[DeviceView] = field(default_factory=list)
+    quota_unrelieved: bool = False
+
+    @property
+    def quota_blocked(self) -> bool:
+        """Over quota, and what would relieve it is still needed by some active device."""
+        return self.quota_unrelieved and any(h.rule == "quota" for h in self.held)
 
     def lines(self) -> list[str]:
         where = f" to {self.target}" if self.target else ""
@@ -58,6 +78,21 @@ class RetentionReport:
             f"  UID {r.uid}  {r.size} octets  arrived {r.arrived:%Y-%m-%d}  {r.reason}"
             for r in self.removals
         ]
+        if self.held:
+            rows.append(f"{self.user}: kept {len(self.held)} messages active devices still need")
+            rows += [
+                f"  UID {h.uid}  {h.size} octets  arrived {h.arrived:%Y-%m-%d}  "
+                f"held back by {', '.join(h.devices)} (not downloaded or deleted there)"
+                for h in self.held
+            ]
+        if self.quota_blocked:
+            rows.append(
+                f"{self.user}: WARNING quota above quota_high_percent and every remaining "
+                f"candidate is still needed by an active device; nothing more removed"
+            )
+        inactive = [d.device for d in self.devices if not d.active]
+        if inactive:
+            rows.append(f"{self.user}: inactive devices (hold nothing back): {', '.join(inactive)}")
         return [head, *rows]
 
 
@@ -71,23 +106,43 @@ async def run_retention(
 ) -> RetentionReport:
     settings = config.retention
     mailbox = config.pop3.mailbox
+    now = now or datetime.now(UTC)
     report = RetentionReport(user, settings.action)
-    await account.open_mailbox(mailbox, readonly=dry_run)
+    devices: list[DeviceView] | None = None
+    if settings.wait_for_devices or settings.after_all_devices_days:
+        # First: the state store may select other mailboxes. A device whose state another
+        # session writes meanwhile only holds back more than it needs to.
+        states = await device_store.load_all(account, config.pop3, mailbox)
+        devices = report.devices = device_views(
+            states, now=now, inactive_days=settings.device_inactive_days
+        )
+    info = await account.open_mailbox(mailbox, readonly=dry_run)
     uids = await account.search_keyword(POP_DELETED)
     if settings.quota_high_percent:
         usage = await account.storage_quota(mailbox)
         report.quota = Quota(*usage) if usage else None
-    if not uids:
+    if settings.after_all_devices_days and any(d.active for d in devices or ()):
+        deleted = set(uids)
+        rows = await account.fetch_arrivals_all()
+        candidates = [Candidate(*row, deleted=row[0] in deleted) for row in rows]
+    elif uids:
+        candidates = [Candidate(*row) for row in await account.fetch_arrivals(uids)]
+    else:
         return report
-    candidates = [Candidate(*row) for row in await account.fetch_arrivals(uids)]
-    report.removals = plan_retention(
+    plan = plan_retention(
         candidates,
-        now=now or datetime.now(UTC),
+        now=now,
         delete_after_days=settings.delete_after_days,
         quota=report.quota,
         quota_high_percent=settings.quota_high_percent,
         quota_target_percent=settings.quota_target_percent,
+        devices=devices,
+        uidvalidity=info.uidvalidity,
+        wait_for_devices=settings.wait_for_devices,
+        after_all_devices_days=settings.after_all_devices_days,
     )
+    report.removals, report.held = plan.removals, plan.held
+    report.quota_unrelieved = plan.quota_unrelieved
     if not report.removals:
         return report
     if settings.action != "expunge":
@@ -155,6 +210,18 @@ class RetentionService:
             return
         if report.applied:
             self.metrics.retention_removed_messages.inc(len(report.removals))
+        if report.held:
+            self.metrics.retention_held_back_messages.inc(len(report.held))
+        if report.quota_blocked:
+            self.metrics.retention_quota_blocked.inc()
+            log.warning(
+                "retention: quota at %.0f%% and every remaining candidate (%d messages) is "
+                "still needed by an active device (%s); nothing more removed",
+                report.quota.percent if report.quota else 0.0,
+                sum(1 for h in report.held if h.rule == "quota"),
+                ", ".join(sorted({d for h in report.held for d in h.devices})),
+                extra={"user": user},
+            )
         if report.removals:
             log.info(
                 "retention %s %d messages (%s)",

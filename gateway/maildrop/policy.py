@@ -42,14 +42,21 @@ def policy_for(name: str) -> DeletePolicy:
     return POLICIES[name]
 
 
-def expire_capability(delete_after_days: int, quota_high_percent: int) -> str:
+def expire_capability(
+    delete_after_days: int, quota_high_percent: int, after_all_devices_days: int = 0
+) -> str:
     """The RFC 2449 EXPIRE capability: the minimum days a message stays on the server.
 
-    Only retention removes messages without the device's own DELE, and it only takes messages
-    some POP device deleted: after ``delete_after_days``, or at any time when quota-driven.
+    Only retention removes messages without the device's own DELE: those some POP device
+    deleted, after ``delete_after_days`` or at any time when quota-driven, and those every
+    active device downloaded, after ``after_all_devices_days``. ``wait_for_devices`` changes
+    nothing here: it only keeps messages longer, and a device that stays away longer than
+    ``device_inactive_days`` is not waited for, so the shortest rule is what a device can rely
+    on.
     """
     if quota_high_percent:
         return "EXPIRE 0"
-    if delete_after_days:
-        return f"EXPIRE {delete_after_days}"
+    days = [d for d in (delete_after_days, after_all_devices_days) if d > 0]
+    if days:
+        return f"EXPIRE {min(days)}"
     return "EXPIRE NEVER"

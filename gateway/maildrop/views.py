@@ -27,7 +27,10 @@ POP_DELETED = "$POPDeleted"
 DEFAULT_DEVICE = "default"
 STATE_HEADER = "X-Popgate-State"
 STATE_KEY_PREFIX = "pg1-"
-_STATE_VERSION = 1
+# Version 2 adds what the device downloaded and when it was last seen (retention waits for
+# every active device); version 1 states still load, as a device that downloaded nothing and
+# whose last login is unknown.
+_STATE_VERSION = 2
 # A state message is written by popgate but readable and writable by anyone with the user's
 # password, so reading one must cost a bounded amount whatever it holds. The budget: 4 MiB holds
 # some 600,000 single UIDs (alternating deletes in a mailbox of 1.2 million) or 150,000 EMAILIDs.
@@ -36,7 +39,10 @@ _STATE_VERSION = 1
 MAX_STATE_BYTES = 4 * 1024 * 1024
 _MAX_UID_RANGES = MAX_STATE_BYTES // 2  # "1," is the shortest range
 _MAX_EMAILID = 255  # RFC 8474 objectid: 1 to 255 characters
-_STATE_FIELDS = frozenset({"version", "mailbox", "device", "uidvalidity", "uids", "emailids"})
+_STATE_FIELDS_V1 = frozenset({"version", "mailbox", "device", "uidvalidity", "uids", "emailids"})
+_STATE_FIELDS = _STATE_FIELDS_V1 | {"downloaded", "last_seen"}
+# A last-seen time later than this (year 9999) is forged: refused rather than trusted forever.
+_MAX_LAST_SEEN = 253402300799
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +84,19 @@ class InvalidState(ValueError):
 
 @dataclass
 class DeviceState:
-    """The messages one device has hidden in one mailbox.
+    """The messages one device has hidden and downloaded in one mailbox, and its last login.
 
     Messages are remembered by EMAILID where the server has OBJECTID (RFC 8474), which survives a
     UIDVALIDITY change; otherwise by UID under the UIDVALIDITY it was valid for. After a
     UIDVALIDITY change without EMAILIDs the UIDs mean nothing any more and the device sees
     everything again: a re-download, never a loss. UIDs are kept as ranges (``UidSet``), so a
     stored ``1:4294967295`` costs two numbers.
+
+    ``downloaded`` (UIDs whose whole body a RETR sent, under ``uidvalidity``) and ``last_seen``
+    (Unix seconds of the last login that ended in QUIT; 0 = unknown) are what retention asks
+    before removing a message (``wait_for_devices``). Downloads are kept by UID only: after a
+    UIDVALIDITY change every UIDL changes, the device downloads everything again, and until
+    then it holds everything back, which only keeps mail longer.
     """
 
     mailbox: str
@@ -92,10 +104,14 @@ class DeviceState:
     uidvalidity: int = 0
     uids: UidSet = field(default_factory=UidSet)
     emailids: set[str] = field(default_factory=set)
+    downloaded: UidSet = field(default_factory=UidSet)
+    last_seen: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.uids, UidSet):
             self.uids = UidSet(self.uids)
+        if not isinstance(self.downloaded, UidSet):
+            self.downloaded = UidSet(self.downloaded)
 
     def hides(self, msg: IndexedMessage, uidvalidity: int) -> bool:
         """By UID while the UIDVALIDITY is the one the UIDs were recorded under; by EMAILID
@@ -107,19 +123,43 @@ class DeviceState:
         return msg.emailid is not None and msg.emailid in self.emailids
 
     def merge(self, other: DeviceState) -> None:
-        """Union with another copy (two replicas may each have written one)."""
+        """Union with another copy (two replicas may each have written one): hidden and
+        downloaded sets alike, and the later of the two last logins."""
         self.emailids |= other.emailids
-        if other.uidvalidity == self.uidvalidity or not self.uids:
+        self.last_seen = max(self.last_seen, other.last_seen)
+        if other.uidvalidity == self.uidvalidity or not (self.uids or self.downloaded):
             self.uidvalidity = other.uidvalidity or self.uidvalidity
             self.uids = self.uids | other.uids
+            self.downloaded = self.downloaded | other.downloaded
 
-    def hide(self, messages: Iterable[IndexedMessage], uidvalidity: int) -> None:
+    def _at(self, uidvalidity: int) -> None:
         if uidvalidity != self.uidvalidity:
             self.uids = UidSet()
+            self.downloaded = UidSet()
             self.uidvalidity = uidvalidity
+
+    def hide(self, messages: Iterable[IndexedMessage], uidvalidity: int) -> None:
+        self._at(uidvalidity)
         messages = list(messages)
         self.uids = self.uids | UidSet(msg.uid for msg in messages)
         self.emailids.update(msg.emailid for msg in messages if msg.emailid is not None)
+
+    def download(self, uids: Iterable[int], uidvalidity: int) -> bool:
+        """Record completed RETRs; True if any of them is new to the state."""
+        new = UidSet(uids)
+        if uidvalidity == self.uidvalidity and all(uid in self.downloaded for uid in new):
+            return False
+        self._at(uidvalidity)
+        self.downloaded = self.downloaded | new
+        return True
+
+    def covers(self, uid: int, uidvalidity: int) -> bool:
+        """Whether this device has downloaded or hidden the message: it no longer needs it
+        in the mailbox. By UID only (what retention can ask without reading EMAILIDs)."""
+        return uidvalidity == self.uidvalidity and (uid in self.downloaded or uid in self.uids)
+
+    def seen(self, when: int) -> None:
+        self.last_seen = max(self.last_seen, when)
 
     def prune(self, present: Sequence[IndexedMessage], newer_from: int | None = None) -> None:
         """Forget messages no longer in the mailbox, so the state never outgrows it.
@@ -129,13 +169,10 @@ class DeviceState:
         UIDNEXT, given when the mailbox has had arrivals since) keeps every UID from there on,
         and every EMAILID (they carry no order); a later UPDATE prunes them.
         """
-        kept = self.uids.intersection(m.uid for m in present)
+        self.uids = _prune(self.uids, present, newer_from)
+        self.downloaded = _prune(self.downloaded, present, newer_from)
         if newer_from is None:
-            self.uids = kept
             self.emailids &= {m.emailid for m in present if m.emailid is not None}
-        else:
-            newer = [(max(a, newer_from), b) for a, b in self.uids.ranges() if b >= newer_from]
-            self.uids = kept | UidSet.from_ranges(newer)
 
     def drop_unborn(self, uidvalidity: int, uidnext: int) -> bool:
         """Forget UIDs the mailbox has not given out yet; True if there were any.
@@ -143,12 +180,12 @@ class DeviceState:
         Only a forged or corrupt state holds them, and they would hide messages that arrive
         later from this device.
         """
-        if uidnext <= 0 or uidvalidity != self.uidvalidity or not self.uids:
+        if uidnext <= 0 or uidvalidity != self.uidvalidity:
             return False
-        kept = self.uids.below(uidnext)
-        if kept == self.uids:
+        kept, downloaded = self.uids.below(uidnext), self.downloaded.below(uidnext)
+        if kept == self.uids and downloaded == self.downloaded:
             return False
-        self.uids = kept
+        self.uids, self.downloaded = kept, downloaded
         return True
 
     @property
@@ -169,6 +206,8 @@ class DeviceState:
                 "uidvalidity": self.uidvalidity,
                 "uids": self.uids.format(),
                 "emailids": sorted(self.emailids),
+                "downloaded": self.downloaded.format(),
+                "last_seen": self.last_seen,
             },
             separators=(",", ":"),
         )
@@ -215,10 +254,13 @@ class DeviceState:
             raise InvalidState("state nested too deeply") from None
         except (UnicodeDecodeError, ValueError):
             raise InvalidState("state is not JSON") from None
-        if not isinstance(data, dict) or set(data) != _STATE_FIELDS:
+        if not isinstance(data, dict):
             raise InvalidState("state has the wrong fields")
-        if type(data["version"]) is not int or data["version"] != _STATE_VERSION:
+        version = data.get("version")
+        if type(version) is not int or version not in (1, _STATE_VERSION):
             raise InvalidState("state has an unknown version")
+        if set(data) != (_STATE_FIELDS_V1 if version == 1 else _STATE_FIELDS):
+            raise InvalidState("state has the wrong fields")
         mailbox, device, uidvalidity = data["mailbox"], data["device"], data["uidvalidity"]
         uids, emailids = data["uids"], data["emailids"]
         if not isinstance(mailbox, str) or not isinstance(device, str):
@@ -227,15 +269,33 @@ class DeviceState:
             raise InvalidState("state has an invalid UIDVALIDITY")
         if not isinstance(uids, str):
             raise InvalidState("state has an invalid UID set")
+        downloaded, last_seen = data.get("downloaded", ""), data.get("last_seen", 0)
+        if not isinstance(downloaded, str):
+            raise InvalidState("state has an invalid downloaded set")
+        if type(last_seen) is not int or not 0 <= last_seen <= _MAX_LAST_SEEN:
+            raise InvalidState("state has an invalid last-seen time")
+        # Both sets share the one budget: the whole message is within MAX_STATE_BYTES already,
+        # so together they hold at most _MAX_UID_RANGES ranges.
         try:
             uid_set = parse_uid_set(uids, max_ranges=_MAX_UID_RANGES)
+            downloaded_set = parse_uid_set(
+                downloaded, max_ranges=max(1, _MAX_UID_RANGES - len(uid_set.ranges()))
+            )
         except ValueError:
             raise InvalidState("state has an invalid UID set") from None
         if not isinstance(emailids, list) or not all(
             isinstance(e, str) and 0 < len(e) <= _MAX_EMAILID for e in emailids
         ):
             raise InvalidState("state has invalid EMAILIDs")
-        return cls(mailbox, device, uidvalidity, uid_set, set(emailids))
+        return cls(mailbox, device, uidvalidity, uid_set, set(emailids), downloaded_set, last_seen)
+
+
+def _prune(uids: UidSet, present: Sequence[IndexedMessage], newer_from: int | None) -> UidSet:
+    kept = uids.intersection(m.uid for m in present)
+    if newer_from is None:
+        return kept
+    newer = [(max(a, newer_from), b) for a, b in uids.ranges() if b >= newer_from]
+    return kept | UidSet.from_ranges(newer)
 
 
 def state_key(mailbox: str, device: str) -> str:

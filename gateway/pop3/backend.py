@@ -40,6 +40,10 @@ from gateway.upstream.logins import UpstreamLogins
 
 log = logging.getLogger("popgate.pop3")
 
+# A session that downloaded nothing new rewrites its device's state only to say the device was
+# seen, and at most this often (seconds): inactivity is counted in days.
+LAST_SEEN_EVERY = 3600
+
 
 class UpdateFailed(Exception):
     """The UPDATE did not complete; ``str(self)`` says what was not done."""
@@ -58,10 +62,22 @@ class MaildropService:
         self.metrics = metrics
         self.logins = logins or UpstreamLogins(reactor, config.upstream.imap)
         self.policy: DeletePolicy = policy_for(config.pop3.on_delete)
+        # What each device downloaded, and when it was last seen, matter only to retention:
+        # where a message can stay after one device deleted it (hide, seen) and retention
+        # waits for the others, or where it leaves once all downloaded it. Otherwise a QUIT
+        # writes nothing it did not write before.
+        retention = config.retention
+        self.tracks_devices = retention.after_all_devices_days > 0 or (
+            retention.enabled and retention.wait_for_devices and self.policy.hide_for_device
+        )
         self.retention = RetentionService(reactor, config, metrics, self.logins)
         retention = config.retention
         self.capabilities = (
-            expire_capability(retention.delete_after_days, retention.quota_high_percent),
+            expire_capability(
+                retention.delete_after_days,
+                retention.quota_high_percent,
+                retention.after_all_devices_days,
+            ),
         )
         limit = config.pop3.snapshot_cache_messages
         self.snapshots = SnapshotCache(limit) if limit else None
@@ -126,6 +142,7 @@ class UpstreamMaildrop:
         self.state = state
         # The numbered messages the POP session sees (RFC 1939 maildrop).
         self.numbered: Maildrop = build_maildrop(index, self.uidvalidity, state)
+        self.downloads: list[int] = []  # UIDs whose whole body a RETR sent, this session
         self._closed = False
 
     @property
@@ -146,11 +163,14 @@ class UpstreamMaildrop:
         return self.account.fetch_bodies(sinks)
 
     def retrieved(self, info: MessageInfo, whole: bool) -> None:
-        """A download completed; with ``on_retrieve = "seen"`` a whole one marks it read.
+        """A download completed: a whole one (RETR, not TOP) counts as downloaded by the
+        device (recorded after QUIT), and with ``on_retrieve = "seen"`` marks it read.
 
         The STORE is pipelined behind whatever comes next rather than awaited: the device
         does not wait for it, and a failure only costs the flag.
         """
+        if whole:
+            self.downloads.append(info.uid)
         if not whole or self.service.config.pop3.on_retrieve != "seen":
             return
         d = Deferred.fromCoroutine(self.account.add_flags([info.uid], ["\\Seen"]))
@@ -194,6 +214,10 @@ class UpstreamMaildrop:
                 step = f"recording the deletes of device {self.login.device}"
                 state = self.state or DeviceState(config.mailbox, self.login.device)
                 state.hide(messages, self.uidvalidity)
+                if self.downloads:
+                    state.download(self.downloads, self.uidvalidity)
+                state.seen(int(self.service.reactor.seconds()))
+                self.state = state
                 await device_store.save(
                     self.account,
                     self.service.config.pop3,
@@ -212,12 +236,49 @@ class UpstreamMaildrop:
             return None
         return self.uidnext or max((m.uid for m in self.index), default=0) + 1
 
-    async def retention_then_logout(self, deleted_any: bool) -> None:
-        """After QUIT was answered: retention on this connection if due, then log out."""
+    async def after_quit(self, deleted_any: bool) -> None:
+        """After QUIT was answered: record what the device downloaded and that it was seen,
+        then retention on this connection if due (it sees those downloads), then log out."""
         if self._closed:
             return
+        try:
+            if self.service.tracks_devices:
+                await self.record_device()
+        except ImapError as e:
+            # Only costs retention's knowledge: the device holds back a little longer.
+            log.warning("device %r: downloads not recorded: %s", self.login.device, e)
         await self.service.retention.after_quit(self.account, self.login.user, deleted_any)
         await self.close()
+
+    async def record_device(self) -> None:
+        """Merge this session's completed RETRs and its time into the device state.
+
+        Written only when something is new to the stored state: a download it does not hold,
+        or a last-seen time more than ``LAST_SEEN_EVERY`` old. The clock is the reactor's.
+        """
+        config = self.service.config.pop3
+        now = int(self.service.reactor.seconds())
+        state = self.state
+        if state is None:
+            state = await device_store.load(
+                self.account,
+                config,
+                config.mailbox,
+                self.login.device,
+                uidvalidity=self.uidvalidity,
+                uidnext=self.uidnext,
+            )
+        new = bool(self.downloads) and state.download(self.downloads, self.uidvalidity)
+        if not new and now - state.last_seen < LAST_SEEN_EVERY:
+            return
+        state.seen(now)
+        self.state = state
+        info = await self.account.examine(config.mailbox)
+        if info.uidvalidity != self.uidvalidity:
+            return  # rebuilt upstream: what this session downloaded names nothing now
+        await device_store.save(
+            self.account, config, state, self.index, self._arrived_since_snapshot(info)
+        )
 
     async def close(self) -> None:
         """Log out; safe to call more than once."""

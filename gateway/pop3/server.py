@@ -554,7 +554,7 @@ class Pop3Protocol(Protocol):
             self.session.update_done(problem)
             self._pump()
         if problem is None:
-            await maildrop.retention_then_logout(deleted_any=bool(action.deleted))
+            await maildrop.after_quit(deleted_any=bool(action.deleted))
         else:
             await maildrop.close()
 

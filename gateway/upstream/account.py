@@ -506,9 +506,15 @@ class ImapAccount:
         )
         return decode.search_result(response)
 
-    async def fetch_arrivals(self, uids: Iterable[int]) -> list[tuple[int, int, datetime]]:
+    async def fetch_arrivals_all(self) -> list[tuple[int, int, datetime]]:
+        """(UID, size, INTERNALDATE) of every message in the selected mailbox."""
+        return await self.fetch_arrivals((), everything=True)
+
+    async def fetch_arrivals(
+        self, uids: Iterable[int], *, everything: bool = False
+    ) -> list[tuple[int, int, datetime]]:
         """(UID, size, INTERNALDATE) of ``uids``: what retention decides on."""
-        uid_set = format_uid_set(uids)
+        uid_set = "1:*" if everything else format_uid_set(uids)
         if not uid_set:
             return []
         response = await self.proto.command(

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from gateway.maildrop.views import DeviceState
 from tests import conftest
 from tests.support.dovecot import fetch_bodies, fetch_flags, quote_mailbox
 from tests.support.gateway import GatewayProcess, merge_config
@@ -282,6 +283,21 @@ class UpstreamView:
 
     def hidden_uids(self) -> set[int]:
         return {uid for uid, fl in self.inbox_flags.items() if POP_DELETED in fl}
+
+    def states(self) -> dict[str, DeviceState]:
+        """Each device's state, its copies merged."""
+        found: dict[str, DeviceState] = {}
+        for raw in self.state_messages.values():
+            state = DeviceState.parse(raw)
+            found.setdefault(state.device, DeviceState(state.mailbox, state.device)).merge(state)
+        return found
+
+    def mail(self) -> tuple[frozenset[str], dict[int, frozenset[str]], dict[str, frozenset[int]]]:
+        """What deletes change: the mailboxes but the gateway's own, the flags, and what each
+        device hides. Not the state's record of downloads and logins, which every QUIT of a
+        device that can hide (on_delete hide or seen) updates."""
+        hidden = {d: frozenset(s.uids) for d, s in self.states().items() if s.uids}
+        return self.mailboxes - {STATE_MAILBOX}, self.inbox_flags, hidden
 
 
 def upstream_view(upstream: Upstream, user: str) -> UpstreamView:

@@ -69,7 +69,16 @@ def test_age_retention_dry_run_then_apply(
     devices = start_gateway()
     pop_delete(devices, mail_user.name, mail_user.password, {uid["old-a"], uid["recent"]})
     pop_delete(devices, f"{mail_user.name}#phone", mail_user.password, {uid["old-b"]})
-    gw = start_gateway(retention={"delete_after_days": 30, "action": "trash", "sweep_interval": 0})
+    # The age rule alone: the default device never saw old-b, phone never saw old-a, and with
+    # wait_for_devices (test_retention_waits_for_devices.py) each would hold the other's back.
+    gw = start_gateway(
+        retention={
+            "delete_after_days": 30,
+            "action": "trash",
+            "sweep_interval": 0,
+            "wait_for_devices": False,
+        }
+    )
     before = upstream.fetch_flags(mail_user.name, mail_user.password)
 
     dry = popgate(gw, "retention", "--user", mail_user.name, "--dry-run")

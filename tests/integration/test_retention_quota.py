@@ -3,8 +3,10 @@ plugin, a Cyrus with ``autocreate_quota``."""
 
 from __future__ import annotations
 
+import poplib
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,3 +105,76 @@ def test_quota_retention_removes_oldest_pop_deleted_first(
     left = upstream.list_uids(mail_user.name, mail_user.password)
     assert left == sorted(uid[s] for s in ("m5", "m6", "m7", "m8", "m9"))
     assert quota_kib(upstream, mail_user)[0] < 0.5 * limit
+
+
+def test_quota_pressure_with_everything_still_needed_removes_nothing_and_warns(
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    user, pw = mail_user.name, mail_user.password
+    gw = start_gateway(
+        retention={
+            "quota_high_percent": 80,
+            "quota_target_percent": 50,
+            "action": "expunge",
+            "sweep_interval": 0,
+        },
+        http={"listen": ["127.0.0.1:0"]},
+    )
+    # The laptop is known (it polled once, when the mailbox was empty) and active.
+    pop_session(gw, f"{user}#laptop", pw, set())
+    size = 100 * 1024
+    items = [(f"m{i}", 10 + i, size) for i in range(1, 10)]
+    uid = seed_dated(upstream, mail_user, items)
+    used, limit = quota_kib(upstream, mail_user)
+    assert used > 0.85 * limit
+    # The PC downloads and deletes everything: retention runs after its QUIT.
+    pop_session(gw, f"{user}#pc", pw, set(uid.values()))
+    gw.wait_for_log(
+        r"WARNING popgate\.retention retention: quota at \d+% and every remaining candidate "
+        r"\(9 messages\) is still needed by an active device \(laptop\); nothing more removed"
+    )
+    assert upstream.list_uids(user, pw) == sorted(uid.values())
+    metrics = metric_values(gw)
+    assert metrics["popgate_retention_quota_blocked_total"] == 1.0
+    assert metrics["popgate_retention_held_back_messages_total"] == 9.0
+
+    dry = subprocess.run(
+        [sys.executable, "-m", "gateway", "retention", "--user", user, "--dry-run",
+         "-c", str(gw.config_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[0].startswith(f"{user}: nothing to remove (expunge); quota ")
+    assert lines[1] == f"{user}: kept 9 messages active devices still need"
+    assert all(line.endswith("held back by laptop (not downloaded or deleted there)")
+               for line in lines[2:11])  # fmt: skip
+    assert lines[11].startswith(f"{user}: WARNING quota above quota_high_percent")
+    assert upstream.list_uids(user, pw) == sorted(uid.values())
+
+
+def pop_session(gw: GatewayProcess, login: str, password: str, dele: set[int]) -> None:
+    """RETR everything, DELE ``dele`` (by UID), QUIT."""
+    client = poplib.POP3("127.0.0.1", gw.pop3_port, timeout=30)
+    try:
+        client.user(login)
+        client.pass_(password)
+        for line in client.uidl()[1]:
+            number, uidl = line.decode().split()
+            client.retr(int(number))
+            if int(uidl[:8], 16) in dele:
+                client.dele(int(number))
+        assert client.quit() == b"+OK Bye"
+    finally:
+        client.close()
+
+
+def metric_values(gw: GatewayProcess) -> dict[str, float]:
+    url = f"http://{gw.host}:{gw.port('http')}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name and not name.startswith("#")
+    }

@@ -849,3 +849,21 @@ def test_limits_from_the_environment(conf_dir: Path) -> None:
         f"{conf_dir / 'popgate.toml'}: [security] max_connections_per_ip: "
         "must not exceed max_connections (100), got 200"
     ]
+
+
+def test_retention_device_keys_default_and_parse(conf_dir: Path) -> None:
+    base = '[upstream.imap]\nhost = "imap.example.org"\n'
+    default = load(conf_dir, base).retention
+    assert (default.wait_for_devices, default.device_inactive_days) == (True, 30)
+    assert default.after_all_devices_days == 0 and not default.enabled
+    custom = load(
+        conf_dir,
+        base + "[retention]\nwait_for_devices = false\ndevice_inactive_days = 7\n"
+        "after_all_devices_days = 14\n",
+    ).retention
+    assert not custom.wait_for_devices and custom.device_inactive_days == 7
+    assert custom.after_all_devices_days == 14 and custom.enabled  # on by itself
+    found = problems(conf_dir, base + "[retention]\ndevice_inactive_days = 0\n")
+    assert found == [
+        f"{conf_dir / 'popgate.toml'}: [retention] device_inactive_days: must be at least 1, got 0"
+    ]

@@ -71,7 +71,7 @@ class FakeMaildrop:
     def retrieved(self, info: MessageInfo, whole: bool) -> None:
         self.retrieved_uids.append((info.uid, whole))
 
-    async def retention_then_logout(self, deleted_any: bool) -> None:
+    async def after_quit(self, deleted_any: bool) -> None:
         self.finished = deleted_any
         self.closed = True
 

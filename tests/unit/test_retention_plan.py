@@ -25,7 +25,7 @@ def plan(candidates: list[Candidate], **kw: object) -> list[int]:
         "quota_target_percent": 80,
     }
     args.update(kw)
-    return [r.uid for r in plan_retention(candidates, **args)]  # type: ignore[arg-type]
+    return [r.uid for r in plan_retention(candidates, **args).removals]  # type: ignore[arg-type]
 
 
 def test_nothing_happens_when_retention_is_off() -> None:
@@ -69,7 +69,7 @@ def test_reasons_say_why() -> None:
         quota=None,
         quota_high_percent=0,
         quota_target_percent=80,
-    )
+    ).removals
     assert removal.reason == "deleted by POP, arrived 45 days ago (> 30)"
 
 
