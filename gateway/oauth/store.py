@@ -36,6 +36,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway import secret_files
 from gateway.config import OAuth2Settings
 
 __all__ = [
@@ -66,52 +67,21 @@ class StoreError(Exception):
 # ---------------------------------------------------------------------------------- key
 def parse_key(text: str) -> bytes:
     try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise StoreError("the token key must be 32 bytes in base64")
-    return key
+        return secret_files.parse_key(text)
+    except secret_files.InvalidKey as e:
+        raise StoreError(f"the token key {e}") from None
 
 
 def load_token_key(settings: OAuth2Settings, *, create: bool) -> bytes | None:
     """``token_key`` (or what ``token_key_file`` held), else ``token_dir/token.key``, generated
     (32 random bytes, base64, mode 0600) when ``create`` and missing. None: no key yet."""
-    if settings.token_key:
-        return parse_key(settings.token_key)
     path = settings.token_dir / KEY_FILE
-    if create and not path.exists():
-        settings.token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        text = base64.b64encode(secrets.token_bytes(32)) + b"\n"
-        with contextlib.suppress(FileExistsError):  # another process was first: use its key
-            _write_new(path, text)
-            _fsync_dir(settings.token_dir)
-            log.warning(
-                "generated the OAuth token key %s; keep it: the stored grants need it", path
-            )
     try:
-        return parse_key(path.read_text(encoding="ascii"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StoreError(f"cannot read the token key {path}: {exc}") from None
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return secret_files.load_key(
+            settings.token_key, path, create=create, what="OAuth token key"
+        )
+    except secret_files.InvalidKey as e:
+        raise StoreError(f"the token key {e}") from None
 
 
 # ---------------------------------------------------------------------------------- passwords
@@ -295,20 +265,20 @@ class TokenStore:
         )
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            _write_new(tmp, _MAGIC + nonce + sealed)
+            secret_files.write_new(tmp, _MAGIC + nonce + sealed)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        _fsync_dir(self.directory)
+        secret_files.fsync_dir(self.directory)
 
     def remove(self, user: str) -> bool:
         try:
             self.path(user).unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self.directory)
+        secret_files.fsync_dir(self.directory)
         return True
 
     # -- locking --------------------------------------------------------------------------

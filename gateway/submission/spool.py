@@ -22,7 +22,6 @@ then has no other way in; it never exists outside the sealed file.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -36,6 +35,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway import secret_files
 from gateway.config import SubmissionSettings
 from gateway.metrics import DISCARD, Metrics
 
@@ -129,57 +129,19 @@ def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
 
 def parse_key(text: str) -> bytes:
     try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise SpoolError("the spool key must be 32 bytes in base64")
-    return key
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (mode 0600 from the start), write and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return secret_files.parse_key(text)
+    except secret_files.InvalidKey as e:
+        raise SpoolError(f"the spool key {e}") from None
 
 
 def load_key(settings: SubmissionSettings, *, create: bool) -> bytes | None:
     """The spool key: ``spool_key`` from the configuration, else ``spool_dir/spool.key``,
     generated (32 random bytes, base64, mode 0600) on first start when ``create``."""
-    if settings.spool_key:
-        return parse_key(settings.spool_key)
     path = settings.spool_dir / KEY_FILE
-    if create and not path.exists():
-        settings.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        text = base64.b64encode(secrets.token_bytes(32)) + b"\n"
-        with contextlib.suppress(FileExistsError):  # another process was first: use its key
-            _write_new(path, text)
-            _fsync_dir(settings.spool_dir)
-            log.warning("generated spool key %s; keep it: spooled entries need it", path)
     try:
-        return parse_key(path.read_text(encoding="ascii"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpoolError(f"cannot read the spool key {path}: {e}") from None
+        return secret_files.load_key(settings.spool_key, path, create=create, what="spool key")
+    except secret_files.InvalidKey as e:
+        raise SpoolError(f"the spool key {e}") from None
 
 
 @dataclass(frozen=True)
@@ -210,18 +172,18 @@ class SpoolStore:
 
     def write_relaying(self, entry: SpoolEntry, keep_password: bool) -> None:
         stored = entry if keep_password else entry.without_password()
-        _write_new(self._path(entry.id, RELAYING), seal(self.key, encode_entry(stored)))
-        _fsync_dir(self.directory)
+        secret_files.write_new(self._path(entry.id, RELAYING), seal(self.key, encode_entry(stored)))
+        secret_files.fsync_dir(self.directory)
 
     def mark_relayed(self, entry_id: str) -> None:
         os.rename(self._path(entry_id, RELAYING), self._path(entry_id, PENDING))
-        _fsync_dir(self.directory)
+        secret_files.fsync_dir(self.directory)
 
     def remove(self, entry_id: str) -> None:
         for suffix in (RELAYING, PENDING, STATUS):
             with contextlib.suppress(FileNotFoundError):
                 self._path(entry_id, suffix).unlink()
-        _fsync_dir(self.directory)
+        secret_files.fsync_dir(self.directory)
 
     def load(self, entry_id: str, state: str = PENDING) -> SpoolEntry:
         return decode_entry(unseal(self.key, self._path(entry_id, state).read_bytes()))
@@ -238,7 +200,7 @@ class SpoolStore:
         temporary = path.with_name(f".{path.name}.tmp")
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-        _write_new(temporary, seal(self.key, json.dumps(asdict(status)).encode()))
+        secret_files.write_new(temporary, seal(self.key, json.dumps(asdict(status)).encode()))
         os.replace(temporary, path)
 
     def read_status(self, entry_id: str) -> SpoolStatus | None:
