@@ -20,16 +20,12 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from gateway.config import Config
+from gateway.maildrop.device_state import DeviceState
+from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.policy import DeletePolicy, expire_capability, policy_for
 from gateway.maildrop.snapshot_cache import SnapshotCache
-from gateway.maildrop.views import (
-    DeviceState,
-    IndexedMessage,
-    Login,
-    build_maildrop,
-    needs_state,
-)
+from gateway.maildrop.uidl import IndexedMessage, build_maildrop, needs_state
 from gateway.metrics import DISCARD, Metrics
 from gateway.retention import RetentionService
 from gateway.upstream import device_store

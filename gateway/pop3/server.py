@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 import gateway
 from gateway.addresses import Networks, client_address, format_peer, limit_key
 from gateway.limits import ClientLimits, FailureThrottle, Refusal
-from gateway.maildrop.views import Login
+from gateway.maildrop.login import Login
 from gateway.metrics import since
 from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
 from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop

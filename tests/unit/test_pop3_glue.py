@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.addresses import Networks
+from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import Maildrop, MessageInfo
-from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD
 from gateway.pop3.backend import UpdateFailed
 from gateway.pop3.server import Listener, Pop3Protocol
