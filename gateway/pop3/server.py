@@ -461,17 +461,17 @@ class Pop3Protocol(Protocol):
         except ProviderUnavailable as e:
             throttle.abandoned(attempt)
             self._log(logging.ERROR, "login failed, OAuth provider unavailable: %s", e, login=login)
-            session.login_failed(pop3.UpstreamUnavailable())
+            session.login_failed(pop3.UpstreamUnavailableReply())
         except (UpstreamUnavailable, ImapError) as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
             self.metrics.upstream_error("imap")
-            session.login_failed(pop3.UpstreamUnavailable())
+            session.login_failed(pop3.UpstreamUnavailableReply())
         except Exception:
             throttle.abandoned(attempt)
             # A bug must not leave the client waiting for ever: answer, keep the traceback.
             log.exception("unexpected error during login", extra={"session": self.session_id})
-            session.login_failed(pop3.UpstreamUnavailable())
+            session.login_failed(pop3.UpstreamUnavailableReply())
         else:
             throttle.succeeded(attempt)
             self.metrics.auth("pop3", ok=True)
