@@ -158,7 +158,7 @@ class UpstreamMaildrop:
         """Several bodies in one command (by UID), for fetching ahead."""
         return self.account.fetch_bodies(sinks)
 
-    def retrieved(self, info: MessageInfo, whole: bool) -> None:
+    def record_retrieved(self, info: MessageInfo, whole: bool) -> None:
         """A download completed: a whole one (RETR, not TOP) counts as downloaded by the
         device (recorded after QUIT), and with ``on_retrieve = "seen"`` marks it read.
 

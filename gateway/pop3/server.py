@@ -508,7 +508,7 @@ class Pop3Protocol(Protocol):
     def _retrieved(self, action: pop3.Retrieved) -> None:
         assert self.maildrop is not None
         request = action.request
-        self.maildrop.retrieved(request.info, whole=request.top_lines is None)
+        self.maildrop.record_retrieved(request.info, whole=request.top_lines is None)
         if request.top_lines is None:
             self.metrics.pop3_retrieved_messages.inc()
             self.metrics.pop3_retrieved_bytes.inc(request.info.size)

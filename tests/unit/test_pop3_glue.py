@@ -68,7 +68,7 @@ class FakeMaildrop:
         if self.update_error:
             raise UpdateFailed(self.update_error)
 
-    def retrieved(self, info: MessageInfo, whole: bool) -> None:
+    def record_retrieved(self, info: MessageInfo, whole: bool) -> None:
         self.retrieved_uids.append((info.uid, whole))
 
     async def after_quit(self, deleted_any: bool) -> None:
