@@ -28,7 +28,7 @@ from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.login import Login
 from gateway.metrics import since
 from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
-from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
+from gateway.pop3.backend import MaildropService, Pop3Mailbox, UpdateFailed
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
 from gateway.transports import enable_keepalive, set_buffer_size, unsent_octets, write_through
@@ -180,7 +180,7 @@ class Pop3Protocol(Protocol):
         self.on_close = on_close
         self.session_id = secrets.token_hex(4)
         self.session: pop3.Pop3Session | None = None
-        self.maildrop: UpstreamMaildrop | None = None
+        self.maildrop: Pop3Mailbox | None = None
         self.prefetcher: Prefetcher | None = None
         self.login: Login | None = None
         self.peer = "?"

@@ -36,7 +36,7 @@ class FakeProducer:
 
 
 class FakeMaildrop:
-    """Stands in for UpstreamMaildrop: the test decides when body chunks arrive."""
+    """Stands in for Pop3Mailbox: the test decides when body chunks arrive."""
 
     def __init__(self, messages: list[MessageInfo]) -> None:
         self.numbered = Maildrop(messages)
