@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 
 from gateway.config import Config
 from gateway.maildrop.retention_plan import Candidate, device_views, held_back_counts
-from gateway.maildrop.views import POP_DELETED
+from gateway.maildrop.uidl import POP_DELETED
 from gateway.oauth.errors import OAuthError
 from gateway.retention import run_retention
 from gateway.upstream import device_store

@@ -28,7 +28,7 @@ from gateway.maildrop.retention_plan import (
     device_views,
     plan_retention,
 )
-from gateway.maildrop.views import POP_DELETED
+from gateway.maildrop.uidl import POP_DELETED
 from gateway.metrics import DISCARD, Metrics
 from gateway.oauth.errors import OAuthError
 from gateway.upstream import device_store

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.maildrop.views import POP_DELETED
+from gateway.maildrop.uidl import POP_DELETED
 
 Folder = Literal["archive", "trash"]
 

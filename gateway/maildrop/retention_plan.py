@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from gateway.maildrop.views import DeviceState
+from gateway.maildrop.device_state import DeviceState
 
 
 @dataclass(frozen=True, slots=True)

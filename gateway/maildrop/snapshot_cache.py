@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.maildrop.views import IndexedMessage
+from gateway.maildrop.uidl import IndexedMessage
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Where a POP3 session meets the upstream mailbox: login, snapshot, download, UPDATE.
 
-``MaildropService`` is shared by all sessions; ``UpstreamMaildrop`` belongs to one session and
+``MaildropService`` is shared by all sessions; ``Pop3Mailbox`` belongs to one session and
 owns its IMAP connection.
 
 Sessions of one user and device may run at the same time, here or on other replicas: there is
@@ -20,16 +20,12 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from gateway.config import Config
+from gateway.maildrop.device_state import DeviceState
+from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.policy import DeletePolicy, expire_capability, policy_for
 from gateway.maildrop.snapshot_cache import SnapshotCache
-from gateway.maildrop.views import (
-    DeviceState,
-    IndexedMessage,
-    Login,
-    build_maildrop,
-    needs_state,
-)
+from gateway.maildrop.uidl import IndexedMessage, build_maildrop, needs_state
 from gateway.metrics import DISCARD, Metrics
 from gateway.retention import RetentionService
 from gateway.upstream import device_store
@@ -85,7 +81,7 @@ class MaildropService:
     def parse_login(self, name: str) -> Login:
         return Login.parse(name, self.config.pop3.device_separator)
 
-    async def open(self, login: Login, password: str, peer_ip: str | None) -> UpstreamMaildrop:
+    async def open(self, login: Login, password: str, peer_ip: str | None) -> Pop3Mailbox:
         """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable
         and, with OAuth, gateway.oauth.errors.OAuthError."""
         account = await self.logins.device(login.user, password, peer_ip)
@@ -95,7 +91,7 @@ class MaildropService:
             account.abort()
             raise
 
-    async def _snapshot(self, account: ImapAccount, login: Login) -> UpstreamMaildrop:
+    async def _snapshot(self, account: ImapAccount, login: Login) -> Pop3Mailbox:
         mailbox = self.config.pop3.mailbox
         # Read-only unless RETR must set \Seen: nothing can change upstream by accident.
         readonly = self.config.pop3.on_retrieve == "keep"
@@ -120,10 +116,13 @@ class MaildropService:
             raise
         except ImapError as e:
             raise UpstreamUnavailable(f"cannot open {mailbox}: {e}") from e
-        return UpstreamMaildrop(self, account, login, info, index, state)
+        return Pop3Mailbox(self, account, login, info, index, state)
 
 
-class UpstreamMaildrop:
+class Pop3Mailbox:
+    """One POP3 session's mailbox: its IMAP connection, the snapshot taken at login, the
+    numbered maildrop built from it, and the device's state."""
+
     def __init__(
         self,
         service: MaildropService,
@@ -162,7 +161,7 @@ class UpstreamMaildrop:
         """Several bodies in one command (by UID), for fetching ahead."""
         return self.account.fetch_bodies(sinks)
 
-    def retrieved(self, info: MessageInfo, whole: bool) -> None:
+    def record_retrieved(self, info: MessageInfo, whole: bool) -> None:
         """A download completed: a whole one (RETR, not TOP) counts as downloaded by the
         device (recorded after QUIT), and with ``on_retrieve = "seen"`` marks it read.
 

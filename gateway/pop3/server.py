@@ -25,10 +25,10 @@ from twisted.python.failure import Failure
 import gateway
 from gateway.addresses import Networks, client_address, format_peer, limit_key
 from gateway.limits import ClientLimits, FailureThrottle, Refusal
-from gateway.maildrop.views import Login
+from gateway.maildrop.login import Login
 from gateway.metrics import since
 from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
-from gateway.pop3.backend import MaildropService, UpdateFailed, UpstreamMaildrop
+from gateway.pop3.backend import MaildropService, Pop3Mailbox, UpdateFailed
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
 from gateway.transports import enable_keepalive, set_buffer_size, unsent_octets, write_through
@@ -180,7 +180,7 @@ class Pop3Protocol(Protocol):
         self.on_close = on_close
         self.session_id = secrets.token_hex(4)
         self.session: pop3.Pop3Session | None = None
-        self.maildrop: UpstreamMaildrop | None = None
+        self.maildrop: Pop3Mailbox | None = None
         self.prefetcher: Prefetcher | None = None
         self.login: Login | None = None
         self.peer = "?"
@@ -461,17 +461,17 @@ class Pop3Protocol(Protocol):
         except ProviderUnavailable as e:
             throttle.abandoned(attempt)
             self._log(logging.ERROR, "login failed, OAuth provider unavailable: %s", e, login=login)
-            session.login_failed(pop3.UpstreamUnavailable())
+            session.login_failed(pop3.UpstreamUnavailableReply())
         except (UpstreamUnavailable, ImapError) as e:
             throttle.abandoned(attempt)  # no verdict: its turn is given back
             self._log(logging.ERROR, "login failed, upstream unavailable: %s", e, login=login)
             self.metrics.upstream_error("imap")
-            session.login_failed(pop3.UpstreamUnavailable())
+            session.login_failed(pop3.UpstreamUnavailableReply())
         except Exception:
             throttle.abandoned(attempt)
             # A bug must not leave the client waiting for ever: answer, keep the traceback.
             log.exception("unexpected error during login", extra={"session": self.session_id})
-            session.login_failed(pop3.UpstreamUnavailable())
+            session.login_failed(pop3.UpstreamUnavailableReply())
         else:
             throttle.succeeded(attempt)
             self.metrics.auth("pop3", ok=True)
@@ -508,7 +508,7 @@ class Pop3Protocol(Protocol):
     def _retrieved(self, action: pop3.Retrieved) -> None:
         assert self.maildrop is not None
         request = action.request
-        self.maildrop.retrieved(request.info, whole=request.top_lines is None)
+        self.maildrop.record_retrieved(request.info, whole=request.top_lines is None)
         if request.top_lines is None:
             self.metrics.pop3_retrieved_messages.inc()
             self.metrics.pop3_retrieved_bytes.inc(request.info.size)

@@ -140,7 +140,10 @@ class BadCredentials(LoginError):
     pass
 
 
-class UpstreamUnavailable(LoginError):
+class UpstreamUnavailableReply(LoginError):
+    """The POP3 answer when the upstream cannot serve a login (the I/O layer's
+    ``UpstreamUnavailable`` or another IMAP failure): temporary, so the client tries again."""
+
     code = "SYS/TEMP"
     text = "Mail server temporarily unavailable, try again later"
 
@@ -393,7 +396,7 @@ class Pop3Session:
 
     def retrieve_failed(self, request: Retrieve) -> None:
         """The fetch failed (timeout, lost link) before the whole message arrived."""
-        self._retrieve_ended(request, UpstreamUnavailable.text, UpstreamUnavailable.code)
+        self._retrieve_ended(request, UpstreamUnavailableReply.text, UpstreamUnavailableReply.code)
 
     def _retrieve_ended(self, request: Retrieve, text: str, code: str | None = None) -> None:
         answer = self._answer

@@ -30,7 +30,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
-from gateway.maildrop.views import Login
+from gateway.maildrop.login import Login
 from gateway.metrics import DISCARD, Metrics, since
 from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
 from gateway.proto import sasl

@@ -20,8 +20,8 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from gateway.config import ImapUpstream
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
+from gateway.maildrop.uidl import IndexedMessage
 from gateway.maildrop.uidset import format_uid_set
-from gateway.maildrop.views import IndexedMessage
 from gateway.proto import imap_responses as decode
 from gateway.proto import sasl
 from gateway.proto.imap import (

@@ -17,7 +17,7 @@ Both stores hold the same bytes (:meth:`DeviceState.to_message`) and merge the s
 write never replaces in place: it adds a new copy, then removes the copies it read (in
 METADATA both in one SETMETADATA). Two writers that overlap each leave their copy, and the next
 read merges them (a union), so no writer's hidden messages are lost and the state is never
-absent. See gateway/maildrop/views.py for what the state means.
+absent. See gateway/maildrop/device_state.py for what the state means.
 
 Anyone with the user's password can write the state, so reading is bounded: at most
 ``MAX_COPIES`` copies, each read only up to ``MAX_STATE_BYTES`` (a partial FETCH; METADATA
@@ -42,14 +42,14 @@ from typing import Protocol
 
 from gateway.config import Pop3Settings
 from gateway.host import host_name
-from gateway.maildrop.views import (
+from gateway.maildrop.device_state import (
     MAX_STATE_BYTES,
     STATE_HEADER,
     STATE_KEY_PREFIX,
     DeviceState,
-    IndexedMessage,
     InvalidState,
 )
+from gateway.maildrop.uidl import IndexedMessage
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.imap_client import BodyCollector, ImapCommandFailed, ImapError
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gateway.maildrop.views import DeviceState
+from gateway.maildrop.device_state import DeviceState
 from tests import conftest
 from tests.support.dovecot import fetch_bodies, fetch_flags, quote_mailbox
 from tests.support.gateway import GatewayProcess, merge_config

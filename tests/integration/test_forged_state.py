@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.maildrop.views import DeviceState, state_key
+from gateway.maildrop.device_state import DeviceState, state_key
 from tests.integration.pop3_helpers import (
     POP_DELETED,
     STATE_MAILBOX,

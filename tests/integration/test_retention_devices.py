@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.maildrop.views import DeviceState
+from gateway.maildrop.device_state import DeviceState
 from tests.integration.pop3_helpers import wait_until
 from tests.integration.test_retention import seed_dated
 from tests.support.gateway import GatewayProcess

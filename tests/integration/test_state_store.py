@@ -22,7 +22,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
 from gateway.config import ImapUpstream, Pop3Settings
-from gateway.maildrop.views import DeviceState, IndexedMessage
+from gateway.maildrop.device_state import DeviceState
+from gateway.maildrop.uidl import IndexedMessage
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.device_store import CHUNK_SIZE, MARKER, STATE_ROOT, MetadataStore

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.maildrop.views import POP_DELETED
+from gateway.maildrop.uidl import POP_DELETED
 from tests.conftest import SeededUser
 from tests.integration.test_real_clients import lf_form, read_maildir, run_client
 from tests.support.gateway import GatewayProcess

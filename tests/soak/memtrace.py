@@ -26,7 +26,7 @@ from types import FrameType
 FRAMES = int(os.environ.get("POPGATE_MEMTRACE_FRAMES", "0"))
 WATCHED = (
     "Pop3Protocol",
-    "UpstreamMaildrop",
+    "Pop3Mailbox",
     "ImapAccount",
     "Prefetcher",
     "PrefetchedBody",

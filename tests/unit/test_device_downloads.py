@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.maildrop.device_state import MAX_STATE_BYTES, DeviceState, InvalidState
+from gateway.maildrop.uidl import IndexedMessage
 from gateway.maildrop.uidset import MAX_UID
-from gateway.maildrop.views import MAX_STATE_BYTES, DeviceState, IndexedMessage, InvalidState
 
 HEADER = b"X-Popgate-State: pg1-x\r\n\r\n"
 # A state message exactly as popgate wrote it before download tracking (version 1).

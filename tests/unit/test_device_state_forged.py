@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.maildrop.device_state import MAX_STATE_BYTES, DeviceState, InvalidState
+from gateway.maildrop.uidl import IndexedMessage
 from gateway.maildrop.uidset import MAX_UID, UidSet, parse_uid_set
-from gateway.maildrop.views import MAX_STATE_BYTES, DeviceState, IndexedMessage, InvalidState
 
 HEADER = b"X-Popgate-State: pg1-x\r\n\r\n"
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gateway.host import host_name
-from gateway.maildrop.views import DeviceState
+from gateway.maildrop.device_state import DeviceState
 from gateway.upstream.device_store import (
     STALE_PARTIAL_SECONDS,
     STATE_ROOT,

@@ -12,8 +12,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from gateway.addresses import Networks
 from gateway.config import SecuritySettings
 from gateway.limits import ClientLimits
+from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import Maildrop, MessageInfo
-from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD
 from gateway.pop3.server import Listener, Pop3Factory
 from gateway.upstream.account import LoginRejected

@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.addresses import Networks
+from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import Maildrop, MessageInfo
-from gateway.maildrop.views import Login
 from gateway.metrics import DISCARD
 from gateway.pop3.backend import UpdateFailed
 from gateway.pop3.server import Listener, Pop3Protocol
@@ -36,7 +36,7 @@ class FakeProducer:
 
 
 class FakeMaildrop:
-    """Stands in for UpstreamMaildrop: the test decides when body chunks arrive."""
+    """Stands in for Pop3Mailbox: the test decides when body chunks arrive."""
 
     def __init__(self, messages: list[MessageInfo]) -> None:
         self.numbered = Maildrop(messages)
@@ -68,7 +68,7 @@ class FakeMaildrop:
         if self.update_error:
             raise UpdateFailed(self.update_error)
 
-    def retrieved(self, info: MessageInfo, whole: bool) -> None:
+    def record_retrieved(self, info: MessageInfo, whole: bool) -> None:
         self.retrieved_uids.append((info.uid, whole))
 
     async def after_quit(self, deleted_any: bool) -> None:

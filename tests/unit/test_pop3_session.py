@@ -118,7 +118,7 @@ def test_user_pass_login_and_password_not_in_repr() -> None:
     [
         (pop3.BadCredentials(), b"-ERR [AUTH] Authentication failed\r\n"),
         (
-            pop3.UpstreamUnavailable(),
+            pop3.UpstreamUnavailableReply(),
             b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n",
         ),
     ],

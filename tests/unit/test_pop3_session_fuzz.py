@@ -143,7 +143,7 @@ class Driver:
         elif outcome == "bad":
             self.session.login_failed(pop3.BadCredentials())
         elif outcome == "unavailable":
-            self.session.login_failed(pop3.UpstreamUnavailable())
+            self.session.login_failed(pop3.UpstreamUnavailableReply())
         else:
             self.pending_login = True
 

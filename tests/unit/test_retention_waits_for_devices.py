@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
+from gateway.maildrop.device_state import DeviceState
 from gateway.maildrop.policy import expire_capability
 from gateway.maildrop.retention_plan import (
     Candidate,
@@ -21,7 +22,7 @@ from gateway.maildrop.retention_plan import (
     held_back_counts,
     plan_retention,
 )
-from gateway.maildrop.views import DeviceState, IndexedMessage
+from gateway.maildrop.uidl import IndexedMessage
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 UV = 7

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
-from gateway.maildrop.views import IndexedMessage
+from gateway.maildrop.uidl import IndexedMessage
 from tests.unit.imap_playbook import AccountPlaybook
 
 V1 = MailboxVersion(uidvalidity=9, uidnext=3, exists=2, highestmodseq=40)

@@ -6,19 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.maildrop.device_state import DeviceState, InvalidState, state_key
+from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import MessageDeleted, NoSuchMessage
+from gateway.maildrop.uidl import POP_DELETED, IndexedMessage, build_maildrop, needs_state, uidl_for
 from gateway.maildrop.uidset import format_uid_set, parse_uid_set
-from gateway.maildrop.views import (
-    POP_DELETED,
-    DeviceState,
-    IndexedMessage,
-    InvalidState,
-    Login,
-    build_maildrop,
-    needs_state,
-    state_key,
-    uidl_for,
-)
 
 
 def test_login_names_split_on_the_last_separator() -> None:

@@ -15,14 +15,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from gateway.maildrop.device_state import DeviceState
 from gateway.maildrop.numbering import Maildrop
 from gateway.maildrop.policy import policy_for
-from gateway.maildrop.views import (
-    DeviceState,
-    IndexedMessage,
-    build_maildrop,
-    needs_state,
-)
+from gateway.maildrop.uidl import IndexedMessage, build_maildrop, needs_state
 
 UIDVALIDITY = 77
 DEVICES = ["default", "phone", "office"]

@@ -1,14 +1,10 @@
-"""Per-device views of one mailbox: which messages a POP device still sees, and their UIDLs.
+"""One POP device's state in one mailbox: what it hid, what it downloaded, when it was last seen.
 
-A POP login ``alice#phone`` is user ``alice`` on device ``phone``. Each device keeps its own set
-of hidden messages (the ones it deleted under ``on_delete = "hide"``), so several devices each
-download every message. The set lives upstream, in a small state message per device (see
-``DeviceState``), so the gateway itself keeps no state and any replica serves any session.
-
-Every message some device has hidden also carries the keyword ``POP_DELETED`` upstream. That
-keyword is what retention looks for, what IMAP users can search for, and what lets a login skip
-reading the device state when no message carries it. The invariant: where the server accepts
-keywords, a hidden message always has the keyword (UPDATE stores it before the state).
+Each device keeps its own set of hidden messages (the ones it deleted under
+``on_delete = "hide"``), so several devices each download every message. The set lives upstream,
+in a small state message per device (``DeviceState``), so the gateway itself keeps no state and
+any replica serves any session. This module holds that state, its storage format and the bounded
+parser for it.
 """
 
 from __future__ import annotations
@@ -18,13 +14,10 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import NamedTuple
 
-from gateway.maildrop.numbering import Maildrop, MessageInfo
+from gateway.maildrop.uidl import IndexedMessage
 from gateway.maildrop.uidset import MAX_UID, UidSet, parse_uid_set
 
-POP_DELETED = "$POPDeleted"
-DEFAULT_DEVICE = "default"
 STATE_HEADER = "X-Popgate-State"
 STATE_KEY_PREFIX = "pg1-"
 # Version 2 adds what the device downloaded and when it was last seen (retention waits for
@@ -43,35 +36,6 @@ _STATE_FIELDS_V1 = frozenset({"version", "mailbox", "device", "uidvalidity", "ui
 _STATE_FIELDS = _STATE_FIELDS_V1 | {"downloaded", "last_seen"}
 # A last-seen time later than this (year 9999) is forged: refused rather than trusted forever.
 _MAX_LAST_SEEN = 253402300799
-
-
-@dataclass(frozen=True, slots=True)
-class Login:
-    """A POP user name split into the upstream user and the device."""
-
-    user: str
-    device: str
-
-    @classmethod
-    def parse(cls, name: str, separator: str) -> Login:
-        if separator and separator in name:
-            user, _, device = name.rpartition(separator)
-            if user and device:
-                return cls(user, device)
-        return cls(name, DEFAULT_DEVICE)
-
-
-class IndexedMessage(NamedTuple):
-    """What the gateway learns about one upstream message at login (no body).
-
-    A named tuple: a login makes one per message, and a 10,000-message mailbox should not
-    spend its time in dataclass constructors.
-    """
-
-    uid: int
-    size: int
-    flags: frozenset[str]
-    emailid: str | None = None
 
 
 class InvalidState(ValueError):
@@ -302,44 +266,6 @@ def state_key(mailbox: str, device: str) -> str:
     """A search-safe token naming one (mailbox, device) pair, whatever characters they hold."""
     digest = hashlib.sha256(f"{mailbox}\0{device}".encode()).hexdigest()
     return f"{STATE_KEY_PREFIX}{digest[:32]}"
-
-
-def uidl_for(msg: IndexedMessage, uidvalidity: int) -> str:
-    """The message's UIDL: its UID and the mailbox's UIDVALIDITY, as Dovecot's default
-    ``pop3_uidl_format = %08Xu%08Xv`` writes them (lower-case hex, despite the ``X``).
-
-    RFC 1939 asks for a unique-id that is unique in the maildrop and persistent across
-    sessions. A UID is never reused under one UIDVALIDITY, so this one never names another
-    message, on any server, from any replica. The EMAILID is not used: Cyrus derives it from
-    the content (byte-identical messages share it, RFC 8474 allows that), so no rule built on
-    it alone is unique, and a rule that made twins unique by looking at the other messages would
-    change a UIDL's meaning when a twin leaves. The cost is a one-time re-download on servers
-    with OBJECTID, where popgate used to serve EMAILIDs (docs/pop3.md); devices moving from
-    Dovecot's own POP3 keep their UIDLs.
-    """
-    return f"{msg.uid:08x}{uidvalidity:08x}"
-
-
-def build_maildrop(
-    index: Sequence[IndexedMessage], uidvalidity: int, state: DeviceState | None
-) -> Maildrop:
-    """The session's maildrop: everything not ``\\Deleted`` upstream nor hidden for the device."""
-    # uidl_for, inlined: this runs once per message and a call was 15 % of a poll's time
-    # (docs/benchmark.md); tests/unit/test_views.py holds the two to the same result.
-    suffix = f"{uidvalidity:08x}"
-    return Maildrop(
-        [
-            MessageInfo(m.uid, m.size, f"{m.uid:08x}{suffix}")
-            for m in index
-            if "\\Deleted" not in m.flags
-            and not (state is not None and state.hides(m, uidvalidity))
-        ]
-    )
-
-
-def needs_state(index: Sequence[IndexedMessage], keywords_allowed: bool) -> bool:
-    """Whether the device state must be read: only when some message could be hidden."""
-    return not keywords_allowed or any(POP_DELETED in m.flags for m in index)
 
 
 def _ascii(text: str) -> str:
