@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import poplib
+import re
 import shutil
 import subprocess
 import sys
@@ -325,6 +326,8 @@ def test_revoked_grant_is_auth_and_tells_the_operator(
     fresh.provider.revoke(user)
     answer = pop_login_error(gw, f"{user}#pc")
     assert answer.startswith(b"-ERR [AUTH]")
+    # The answer can overtake the gateway's stderr on its way to the test: wait for the line.
+    gw.wait_for_log(re.escape(f"popgate oauth login {user}"))
     lines = [line for line in gw.log_text().splitlines() if f"popgate oauth login {user}" in line]
     assert len(lines) == 1, gw.log_text()[-3000:]
     assert_no_secrets(gw, fresh, user)
@@ -464,6 +467,8 @@ def test_submission_auth_answers(
     fresh.provider.revoke(user)
     code, text = smtp_auth(gw, f"{user}#scanner", DEVICE_PASSWORD)
     assert (code, text[:5]) == (535, b"5.7.8")
+    # The answer can overtake the gateway's stderr on its way to the test: wait for the line.
+    gw.wait_for_log(re.escape(f"popgate oauth login {user}"))
     lines = [line for line in gw.log_text().splitlines() if f"popgate oauth login {user}" in line]
     assert len(lines) == 1, gw.log_text()[-3000:]
     assert_no_secrets(gw, fresh, user, "wrong")
