@@ -133,20 +133,11 @@ class SubmissionSMTP(SMTP):
                 transport.close()
                 return
         elif not upgrade and limits is not None:
-            peer = transport.get_extra_info("peername")
-            host = str(peer[0]) if isinstance(peer, tuple) and peer else None
-            key = limit_key(host)
-            refusal = limits.connections.open(key)
+            refusal = self.count_connection(transport.get_extra_info("peername"))
             if refusal is not None:
-                line = limits.refusal_log_line(refusal, "submission", _peer_text(peer))
-                if line is not None:
-                    log.warning("%s", line)
-                cast(asyncio.WriteTransport, transport).write(
-                    f"421 4.7.0 {refusal.value}\r\n".encode()
-                )
+                cast(asyncio.WriteTransport, transport).write(refusal)
                 transport.close()
                 return
-            self.limit_key = key
         super().connection_made(transport)
         if upgrade and self.client_peer is not None:
             # aiosmtpd starts a new session after STARTTLS, with the socket's peer: the
@@ -197,8 +188,8 @@ class SubmissionSMTP(SMTP):
         return self.count_connection(self.session.peer)
 
     def count_connection(self, peer: Any) -> bytes | None:
-        """Count a proxied connection under its client's address; the refusal when over the
-        limits."""
+        """Count the connection under its client's address (the socket's, or with PROXY the
+        header's); the refusal when over the limits."""
         limits = self.event_handler.limits
         if limits is None:
             return None
