@@ -22,8 +22,8 @@ import pytest
 
 from gateway.maildrop.device_state import DeviceState
 from tests import conftest
-from tests.support.dovecot import fetch_bodies, fetch_flags, quote_mailbox
 from tests.support.gateway import GatewayProcess, merge_config
+from tests.support.imap_access import fetch_bodies, fetch_flags, quote_mailbox
 from tests.support.upstreams import Upstream
 
 STATE_MAILBOX = "POP Device State"

@@ -25,8 +25,8 @@ from tests.integration.pop3_helpers import (
     upstream_view,
 )
 from tests.support import messages
-from tests.support.dovecot import append_message, quote_mailbox
 from tests.support.gateway import GatewayProcess
+from tests.support.imap_access import append_message, quote_mailbox
 from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import MailUser, SeededUser
 from tests.support import messages
 from tests.support.cyrus import Cyrus
-from tests.support.dovecot import Dovecot, DovecotError, _alive
+from tests.support.dovecot import Dovecot, _alive
 from tests.support.gateway import (
     LISTENING_RE,
     GatewayProcess,
@@ -23,6 +23,7 @@ from tests.support.gateway import (
     expected_listeners,
     merge_config,
 )
+from tests.support.imap_access import ImapCommandError
 from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
@@ -135,7 +136,7 @@ def test_quota_flag_wiring(tmp_path_factory: pytest.TempPathFactory) -> None:
             # imaplib returns [[QUOTAROOT lines], [QUOTA lines]] here
             assert "(STORAGE 0 1024)" in repr(data), data
         dc.append("q", "qpw", messages.with_attachment(200 * 1024))
-        with pytest.raises(DovecotError, match=r"(?i)quota"):
+        with pytest.raises(ImapCommandError, match=r"(?i)quota"):
             for _ in range(10):
                 dc.append("q", "qpw", messages.with_attachment(200 * 1024))
 

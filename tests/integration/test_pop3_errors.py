@@ -29,8 +29,9 @@ from tests.integration.pop3_helpers import (
     upstream_view,
 )
 from tests.support import messages
-from tests.support.dovecot import append_message, free_port
+from tests.support.dovecot import free_port
 from tests.support.gateway import GatewayProcess
+from tests.support.imap_access import append_message
 from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import hashlib
-import imaplib
 import json
 import os
 import pwd
@@ -60,21 +58,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tests.support.dovecot import (
     _alive,
-    _check,
     _children,
     _identity,
-    append_message,
-    fetch_bodies,
-    fetch_flags,
     free_port,
     make_test_pki,
-    quote_mailbox,
 )
+from tests.support.imap_access import ImapAccess
 
 __all__ = ["Cyrus", "CyrusError", "find_cyrus"]
 
@@ -161,7 +154,7 @@ def cyrus_available() -> str | None:
     return None
 
 
-class Cyrus:
+class Cyrus(ImapAccess):
     """One private Cyrus IMAP instance. See the module docstring."""
 
     #: the value the gateway tests compare with: Cyrus has no ``user*master`` form
@@ -625,95 +618,6 @@ EVENTS {{
 
     def password(self, name: str) -> str:
         return self._users[name]
-
-    # ----------------------------------------------------------------- IMAP helpers
-    @contextlib.contextmanager
-    def imap(
-        self, user: str, password: str, *, security: str = "starttls"
-    ) -> Iterator[imaplib.IMAP4]:
-        conn = self._connect(security)
-        try:
-            conn.login(user, password)
-            yield conn
-        finally:
-            with contextlib.suppress(Exception):
-                conn.logout()
-
-    @contextlib.contextmanager
-    def imap_as_master(self, user: str, *, security: str = "starttls") -> Iterator[imaplib.IMAP4]:
-        """Logged in as ``user`` through the master identity (SASL PLAIN with authzid)."""
-        conn = self._connect(security)
-        token = f"{user}\0{self._master_user}\0{self._master_password}".encode()
-        try:
-            conn.authenticate("PLAIN", lambda _challenge: token)
-            yield conn
-        finally:
-            with contextlib.suppress(Exception):
-                conn.logout()
-
-    def _connect(self, security: str) -> imaplib.IMAP4:
-        if security == "tls":
-            return imaplib.IMAP4_SSL(
-                self._host, self.imaps_port, ssl_context=self.client_ssl_context(), timeout=30
-            )
-        conn = imaplib.IMAP4(self._host, self.imap_port, timeout=30)
-        if security == "starttls":
-            conn.starttls(ssl_context=self.client_ssl_context())
-        elif security != "none":
-            raise ValueError(f"security must be starttls, tls or none: {security!r}")
-        return conn
-
-    def append(
-        self,
-        user: str,
-        password: str,
-        message: bytes,
-        mailbox: str = "INBOX",
-        flags: Iterable[str] = (),
-        internaldate: datetime.datetime | float | None = None,
-    ) -> int:
-        with self.imap(user, password) as conn:
-            return append_message(conn, message, mailbox, flags, internaldate)
-
-    def append_many(
-        self, user: str, password: str, messages: Iterable[bytes], mailbox: str = "INBOX"
-    ) -> list[int]:
-        with self.imap(user, password) as conn:
-            return [append_message(conn, m, mailbox) for m in messages]
-
-    def list_uids(self, user: str, password: str, mailbox: str = "INBOX") -> list[int]:
-        with self.imap(user, password) as conn:
-            _check(conn.select(quote_mailbox(mailbox), readonly=True), "EXAMINE")
-            typ, data = conn.uid("SEARCH", "ALL")
-            _check((typ, data), "UID SEARCH")
-            return sorted(int(x) for x in (data[0] or b"").split())
-
-    def fetch_flags(self, user: str, password: str, mailbox: str = "INBOX") -> dict[int, set[str]]:
-        with self.imap(user, password) as conn:
-            return fetch_flags(conn, mailbox)
-
-    def fetch_bodies(self, user: str, password: str, mailbox: str = "INBOX") -> dict[int, bytes]:
-        with self.imap(user, password) as conn:
-            return fetch_bodies(conn, mailbox)
-
-    def list_mailboxes(self, user: str, password: str) -> list[tuple[set[str], str]]:
-        """(attributes, name) for every mailbox, from LIST (SPECIAL-USE attributes as Cyrus
-        sends them: in lower case)."""
-        with self.imap(user, password) as conn:
-            typ, data = conn.list()
-            _check((typ, data), "LIST")
-            out = []
-            for line in data:
-                if not isinstance(line, bytes):
-                    continue
-                m = re.match(rb'\(([^)]*)\) (?:"[^"]*"|NIL) (.*)$', line)
-                if m:
-                    attrs = {a.decode() for a in m.group(1).split()}
-                    name = m.group(2).decode()
-                    if name.startswith('"') and name.endswith('"'):
-                        name = name[1:-1]
-                    out.append((attrs, name))
-            return out
 
     # ----------------------------------------------------------------- state for the CLI
     def _save_state(self) -> None:

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tests.support.dovecot import fetch_bodies, fetch_flags
 from tests.support.gateway import GatewayProcess
+from tests.support.imap_access import fetch_bodies, fetch_flags
 from tests.support.upstreams import Upstream
 
 CLIENT_TIMEOUT = 60
