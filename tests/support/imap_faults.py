@@ -35,7 +35,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tests.support.dovecot import HOST
+from tests.support.forwarder import LoopbackForwarder
 
 __all__ = ["Fault", "ImapFaults"]
 
@@ -233,35 +233,18 @@ def _first_uids(uid_set: str, count: int) -> str:
     return ",".join(taken)
 
 
-class ImapFaults:
+class ImapFaults(LoopbackForwarder):
     def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.commands: Counter[str] = Counter()  # command name → times seen (all connections)
         self._faults: list[Fault] = []
-        self._lock = threading.Lock()
         self._connections: list[_Connection] = []
-        self._listener = socket.create_server((HOST, 0))
-        self.host, self.port = HOST, self._listener.getsockname()[1]
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> ImapFaults:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
+    def _drop_connections(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
         for c in connections:
             c.close()
-        self._thread.join(5)
 
     # -- faults ---------------------------------------------------------------------------
     def stall_at(
@@ -309,20 +292,9 @@ class ImapFaults:
         return None
 
     # -- plumbing -------------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            connection = _Connection(self, client, server)
-            with self._lock:
-                self._connections.append(connection)
-            threading.Thread(target=connection.client_to_server, daemon=True).start()
-            threading.Thread(target=connection.server_to_client, daemon=True).start()
+    def _forward(self, client: socket.socket, server: socket.socket) -> None:
+        connection = _Connection(self, client, server)
+        with self._lock:
+            self._connections.append(connection)
+        threading.Thread(target=connection.client_to_server, daemon=True).start()
+        threading.Thread(target=connection.server_to_client, daemon=True).start()

@@ -14,39 +14,19 @@ import contextlib
 import socket
 import threading
 
-from tests.support.dovecot import HOST
+from tests.support.forwarder import LoopbackForwarder
 
 __all__ = ["TcpProxy"]
 
 
-class TcpProxy:
+class TcpProxy(LoopbackForwarder):
     def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.refuse = False
         self.freeze_after: bytes | None = None
         self.frozen = threading.Event()  # set once a connection froze
         self.connections = 0
-        self._listener = socket.create_server((HOST, 0))
-        self.host, self.port = HOST, self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    def __enter__(self) -> TcpProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self.drop_all()
-        self._thread.join(5)
 
     def drop_all(self) -> None:
         """Close every forwarded connection now (the server "crashed")."""
@@ -57,31 +37,23 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if self.refuse:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets += [client, upstream]
-                self.connections += 1
-            frozen = threading.Event()
-            threading.Thread(
-                target=self._pump, args=(client, upstream, frozen, True), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._pump, args=(upstream, client, frozen, False), daemon=True
-            ).start()
+    def _drop_connections(self) -> None:
+        self.drop_all()
+
+    def _admit(self) -> bool:
+        return not self.refuse
+
+    def _forward(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self._lock:
+            self._sockets += [client, upstream]
+            self.connections += 1
+        frozen = threading.Event()
+        threading.Thread(
+            target=self._pump, args=(client, upstream, frozen, True), daemon=True
+        ).start()
+        threading.Thread(
+            target=self._pump, args=(upstream, client, frozen, False), daemon=True
+        ).start()
 
     def _pump(
         self, source: socket.socket, sink: socket.socket, frozen: threading.Event, from_client: bool
