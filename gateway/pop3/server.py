@@ -27,7 +27,7 @@ from gateway.addresses import Networks, client_address, format_peer, limit_key
 from gateway.limits import ClientLimits, FailureThrottle, Refusal
 from gateway.maildrop.login import Login
 from gateway.metrics import since
-from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
+from gateway.oauth.errors import GrantUnusable, ProviderUnavailable
 from gateway.pop3.backend import MaildropService, Pop3Mailbox, UpdateFailed
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
@@ -453,7 +453,7 @@ class Pop3Protocol(Protocol):
             if not await self._hold(throttle.failed(attempt)):
                 return
             session.login_failed(pop3.BadCredentials())
-        except (NoGrant, GrantRevoked) as e:
+        except GrantUnusable as e:
             throttle.abandoned(attempt)  # the device password was right: not a guess
             self._log(logging.ERROR, "login failed: %s", grant_problem(e), login=login)
             self.metrics.auth("pop3", ok=False)

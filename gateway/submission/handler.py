@@ -32,7 +32,7 @@ from gateway.config import SecuritySettings
 from gateway.limits import MAX_AUTH_FAILURES, ClientLimits, FailureThrottle
 from gateway.maildrop.login import Login
 from gateway.metrics import DISCARD, Metrics, since
-from gateway.oauth.errors import GrantRevoked, NoGrant, ProviderUnavailable
+from gateway.oauth.errors import GrantUnusable, ProviderUnavailable
 from gateway.proto import sasl
 from gateway.proxy_protocol import HEADER_TIMEOUT, RefusalLog
 from gateway.submission.message import (
@@ -51,7 +51,7 @@ from gateway.upstream.logins import grant_problem
 log = logging.getLogger("popgate.submission")
 
 #: Checks a user's password (upstream, or with OAuth locally); raises LoginRejected or
-#: UpstreamUnavailable, with OAuth also NoGrant, GrantRevoked or ProviderUnavailable.
+#: UpstreamUnavailable, with OAuth also a GrantUnusable or ProviderUnavailable.
 Authenticator = Callable[[str, str, str | None], Awaitable[None]]
 
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
@@ -422,7 +422,7 @@ class SubmissionHandler:
         except LoginRejected:
             delay = throttle.failed(attempt)
             return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
-        except (NoGrant, GrantRevoked) as e:
+        except GrantUnusable as e:
             throttle.abandoned(attempt)  # the device password was right: not a guess
             log.error("auth failed: %s", grant_problem(e), extra=context)
             return await self._failed(srv, name, "no usable OAuth grant")

@@ -241,6 +241,15 @@ class RelaySession:
                 break
             log.info("relay refused the access token; refreshing", extra={"user": user})
             tokens.forget_access_token(user, token)
+        log.error(
+            "oauth: the SMTP relay refuses the access tokens of %s (status %s), fresh ones too:"
+            " the grant does not allow sending as this user; to restore it, run:"
+            " popgate oauth login %s (and sign in as %s)",
+            user,
+            status,
+            user,
+            user,
+        )
         raise RelayUnavailable(_TOKEN_REFUSED, f"relay refused the access token ({status})")
 
     async def mail(self, user: str, password: str, sender: str, options: list[str]) -> Reply:

@@ -7,8 +7,10 @@ local hash first (a wrong one never reaches the provider), then the user's acces
 (SASL XOAUTH2 or OAUTHBEARER), and work without a device uses that same stored grant.
 
 Errors stay types: LoginRejected / UpstreamUnavailable from the IMAP side, and NoGrant,
-GrantRevoked, ProviderUnavailable (gateway.oauth.errors) from the token side, for the POP3 and
-submission edges to turn into answers.
+GrantRevoked, TokenRefused, ProviderUnavailable (gateway.oauth.errors) from the token side, for
+the POP3 and submission edges to turn into answers. Once the device password has matched, an
+IMAP refusal is never a LoginRejected (which the edges count as a failed login of the device's
+address): it is TokenRefused, the grant's problem.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ import logging
 from twisted.internet.interfaces import IReactorTime
 
 from gateway.config import Config, ImapUpstream
-from gateway.oauth.errors import GrantRevoked, NoGrant
+from gateway.oauth.errors import GrantRevoked, GrantUnusable, TokenRefused
 from gateway.oauth.tokens import AccessTokens
 from gateway.upstream.account import ImapAccount, LoginRejected, TokenRejected
 
 log = logging.getLogger("popgate.oauth")
 
 
-def grant_problem(error: NoGrant | GrantRevoked) -> str:
-    """The log text for a grant only the operator can fix. The token service says what to run
-    (``popgate oauth login USER``) once: in NoGrant's detail, or in its own line when the
-    provider refused the refresh token; so this line does not repeat it."""
-    why = "revoked or expired" if isinstance(error, GrantRevoked) else "missing"
+def grant_problem(error: GrantUnusable) -> str:
+    """The log text for a grant only the operator can fix. What to run (``popgate oauth login
+    USER``) is said once: in NoGrant's detail, or in its own line when the provider refused the
+    refresh token or the IMAP server refused the tokens; so this line does not repeat it."""
+    if isinstance(error, TokenRefused):
+        why = "refused by the IMAP server"
+    elif isinstance(error, GrantRevoked):
+        why = "revoked or expired"
+    else:
+        why = "missing"
     return f"OAuth grant {why}: {error}"
 
 
@@ -80,8 +87,9 @@ class UpstreamLogins:
     async def device(self, user: str, password: str, client_ip: str | None) -> ImapAccount:
         """Log in for a device that gave ``password``.
 
-        Raises LoginRejected (DevicePasswordRejected: the provider was not asked),
-        UpstreamUnavailable, and with OAuth NoGrant, GrantRevoked, ProviderUnavailable.
+        Raises LoginRejected (with OAuth only DevicePasswordRejected: the provider was not
+        asked), UpstreamUnavailable, and with OAuth NoGrant, GrantRevoked, TokenRefused,
+        ProviderUnavailable.
         """
         if not self.oauth:
             return await ImapAccount.open(self.reactor, self.settings, user, password, client_ip)
@@ -102,18 +110,33 @@ class UpstreamLogins:
 
     async def _with_token(self, user: str, client_ip: str | None) -> ImapAccount:
         """Log in with the cached (or a refreshed) token; a token the server refuses is
-        forgotten and a fresh one tried once. A second refusal is the server's verdict."""
+        forgotten and a fresh one tried once. A second refusal is the server's verdict on the
+        grant (TokenRefused), never on the device that is waiting."""
         tokens = self.tokens
         assert tokens is not None
         token = await tokens.access_token(user)
         try:
-            return await ImapAccount.open_oauth(
-                self.reactor, self.settings, user, token, self.mechanism, client_ip
+            try:
+                return await self._open_oauth(user, token, client_ip)
+            except TokenRejected:
+                log.info("IMAP server refused the access token; refreshing", extra={"user": user})
+                tokens.forget_access_token(user, token)
+            token = await tokens.access_token(user)
+            return await self._open_oauth(user, token, client_ip)
+        except LoginRejected as e:
+            log.error(
+                "oauth: the IMAP server refuses the access tokens of %s (%s), fresh ones too:"
+                " the grant does not open this mailbox (signed in as another account, or IMAP"
+                " access not allowed for it); to restore it, run: popgate oauth login %s"
+                " (and sign in as %s)",
+                user,
+                e,
+                user,
+                user,
             )
-        except TokenRejected:
-            log.info("IMAP server refused the access token; refreshing", extra={"user": user})
-            tokens.forget_access_token(user, token)
-        token = await tokens.access_token(user)
+            raise TokenRefused(user, f"the IMAP server refused a fresh access token: {e}") from e
+
+    async def _open_oauth(self, user: str, token: str, client_ip: str | None) -> ImapAccount:
         return await ImapAccount.open_oauth(
             self.reactor, self.settings, user, token, self.mechanism, client_ip
         )

@@ -168,9 +168,12 @@ def start_gateway(fresh: Stack, tmp_path: Path) -> Iterator[Callable[..., Gatewa
         gw.stop()
 
 
-def oauth_login(gw: GatewayProcess, provider: OAuthProvider, user: str) -> str:
+def oauth_login(
+    gw: GatewayProcess, provider: OAuthProvider, user: str, signed_in_as: str | None = None
+) -> str:
     """``popgate oauth login USER --device-password-file F``: the device flow, approved at the
-    provider as a person would in a browser. Returns what the command printed."""
+    provider as a person would in a browser (as ``signed_in_as``: by default ``user``).
+    Returns what the command printed."""
     password_file = gw.config_path.parent / f"{user}.device-password"
     password_file.write_text(DEVICE_PASSWORD + "\n")
     os.chmod(password_file, 0o600)
@@ -180,7 +183,7 @@ def oauth_login(gw: GatewayProcess, provider: OAuthProvider, user: str) -> str:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         code = provider.wait_for_user_code(30, after=seen)
-        provider.approve(code, user)
+        provider.approve(code, signed_in_as or user)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -331,6 +334,41 @@ def test_revoked_grant_is_auth_and_tells_the_operator(
     lines = [line for line in gw.log_text().splitlines() if f"popgate oauth login {user}" in line]
     assert len(lines) == 1, gw.log_text()[-3000:]
     assert_no_secrets(gw, fresh, user)
+
+
+def test_fresh_tokens_the_upstream_refuses_are_the_grants_fault_not_the_devices(
+    fresh: Stack, user: str, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """The operator signed in as another account: the provider issues and refreshes tokens,
+    Dovecot refuses them for this mailbox, a fresh one too. The device's password was right:
+    ``-ERR [AUTH]`` at once with a log line naming the user and the command, and the device's
+    address is not throttled (with failures counted, every later login from it, another
+    user's too, would be held for the 600 s failure delay: longer than the clients wait)."""
+    good = f"ouser{next(_names)}"
+    fresh.dovecot.add_user(good, "x")
+    seed(fresh.dovecot, good, [messages.plain("for the good user", "hello\n")])
+    gw = start_gateway(security={"auth_failure_delay": 600, "auth_failure_max_delay": 600})
+    oauth_login(gw, fresh.provider, user, signed_in_as=good)  # the wrong account
+    oauth_login(gw, fresh.provider, good)
+
+    def operator_lines() -> list[str]:
+        command = re.compile(rf"popgate oauth login {user}\b")
+        return [line for line in gw.log_text().splitlines() if command.search(line)]
+
+    for attempt in (1, 2):
+        refreshes = fresh.provider.count("refresh_token")
+        answer = pop_login_error(gw, f"{user}#scanner")
+        assert answer.startswith(b"-ERR [AUTH]"), answer
+        assert fresh.provider.count("refresh_token") == refreshes + 1  # a fresh token was tried
+        # the answer can overtake the gateway's stderr on its way to the test: wait for it
+        wait_until(lambda n=attempt: len(operator_lines()) >= n, "the operator's log line", gw)
+    assert len(pop_download(gw, f"{good}#pc")) == 1  # same address, not held back
+    assert mailbox_count(fresh.dovecot, user) == 0
+    lines = operator_lines()
+    assert len(lines) == 2, gw.log_text()[-3000:]
+    assert all("refuses the access tokens" in line for line in lines), lines
+    assert_no_secrets(gw, fresh, user)
+    assert_no_secrets(gw, fresh, good)
 
 
 def test_provider_outage_is_sys_temp_and_a_cached_token_still_works(
