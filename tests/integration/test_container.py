@@ -18,6 +18,7 @@ import re
 import secrets
 import smtplib
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -29,10 +30,14 @@ from typing import Any
 
 import pytest
 
+from gateway.oauth.store import KEY_FILE, SUFFIX, TokenStore
+from gateway.secret_files import parse_key
 from tests.conftest import MailUser, SeededUser
 from tests.support.container import Podman
 from tests.support.dovecot import Dovecot, free_port
 from tests.support.gateway import GatewayProcess
+from tests.support.oauth_provider import OAuthProvider
+from tests.support.postfix import Postfix
 from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import make_message, sent_mailbox, wait_for_sent
 from tests.support.tcp_proxy import TcpProxy
@@ -156,7 +161,10 @@ def run_container(
     secret.write_text(dovecot.master_password + "\n")
     secret.chmod(0o644)  # read by the image's user
 
-    def run(volumes: Mapping[str, str] | None = None, **env: str) -> Container:
+    def run(
+        volumes: Mapping[str, str] | None = None, ca_file: Path | None = None, **env: str
+    ) -> Container:
+        """``ca_file``: the upstream's CA, when it is not the session Dovecot's."""
         ports = Ports.free()
         settings = {
             "UPSTREAM_IMAP_HOST": dovecot.host,
@@ -181,7 +189,8 @@ def run_container(
         }
         name = f"popgate-test-{secrets.token_hex(4)}"
         argv = ["run", "-d", "--name", name, "--network=host"]
-        argv += ["-v", f"{dovecot.ca_file}:{UPSTREAM_CA}:ro", "-v", f"{secret}:{MASTER_SECRET}:ro"]
+        argv += ["-v", f"{ca_file or dovecot.ca_file}:{UPSTREAM_CA}:ro"]
+        argv += ["-v", f"{secret}:{MASTER_SECRET}:ro"]
         for volume, path in (volumes or {}).items():
             argv += ["-v", f"{volume}:{path}"]
         for key, value in settings.items():
@@ -410,6 +419,245 @@ def test_certificates_and_spool_survive_recreating_the_container(
         time.sleep(0.1)
     assert "empty" in second.exec("popgate", "spool", "list").stdout
     assert len(smtp_sink.messages) == 1  # relayed once, before the restart; never again
+
+
+# --------------------------------------------------------------------- OAuth 2.0 tokens in a volume
+OAUTH_DIR = "/var/lib/popgate/oauth"  # [oauth2] token_dir's default, a VOLUME of the image
+DEVICE_PASSWORD = "scanner-pin-4711"
+OAUTH_DOMAIN = "example.org"
+
+
+@dataclass
+class OAuthStack:
+    provider: OAuthProvider
+    dovecot: Dovecot
+    postfix: Postfix
+
+
+@pytest.fixture(scope="module")
+def oauth_stack() -> Iterator[OAuthStack]:
+    """An OAuth-only upstream on the host, as tests/integration/test_oauth2.py has it: the local
+    identity provider, a private Dovecot whose oauth2 passdb introspects tokens there, and
+    Postfix authenticating relay clients through that Dovecot (XOAUTH2)."""
+    with (
+        OAuthProvider() as provider,
+        Dovecot(
+            oauth2_introspection_url=provider.introspection_url, auth_port=True, lmtp=True
+        ) as dc,
+        Postfix(
+            lmtp=(dc.host, dc.lmtp_port), domains=[OAUTH_DOMAIN], sasl=(dc.host, dc.auth_port)
+        ) as mta,
+    ):
+        yield OAuthStack(provider, dc, mta)
+
+
+def _oauth_settings(stack: OAuthStack) -> dict[str, str]:
+    """``POPGATE_*`` settings of a container that logs in upstream with OAuth only: no master
+    identity, token_dir left at the image's volume, its key generated there."""
+    provider, dc = stack.provider, stack.dovecot
+    return {
+        "UPSTREAM_IMAP_HOST": dc.host,
+        "UPSTREAM_IMAP_PORT": str(dc.imap_port),
+        "UPSTREAM_IMAP_AUTH": "oauth2",
+        "UPSTREAM_IMAP_MASTER_USER": "",
+        "UPSTREAM_IMAP_MASTER_PASSWORD_FILE": "",
+        "UPSTREAM_SMTP_HOST": stack.postfix.host,
+        "UPSTREAM_SMTP_PORT": str(stack.postfix.port),
+        "UPSTREAM_SMTP_AUTH": "oauth2",
+        "OAUTH2_PROVIDER": "custom",
+        "OAUTH2_DEVICE_AUTHORIZATION_URL": provider.device_authorization_url,
+        "OAUTH2_TOKEN_URL": provider.token_url,
+        "OAUTH2_CLIENT_ID": provider.client_id,
+        "OAUTH2_SCOPES": "mail",
+        "LOG_LEVEL": "debug",  # nothing secret at any level
+    }
+
+
+def _login_in_container(container: Container, provider: OAuthProvider, user: str) -> str:
+    """What docs/oauth2.md shows for scripts: ``podman exec -i NAME popgate oauth login USER
+    --device-password-file /dev/stdin`` with the device password on stdin; the device code is
+    approved at the provider as a person would in a browser. What the command printed."""
+    seen = provider.count("device_authorization")
+    argv = ["podman", "exec", "-i", container.name, "popgate", "oauth", "login", user]
+    argv += ["--device-password-file", "/dev/stdin"]
+    login = subprocess.Popen(
+        argv,
+        env=container.podman.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert login.stdin is not None
+        login.stdin.write(DEVICE_PASSWORD + "\n")
+        login.stdin.close()
+        code = provider.wait_for_user_code(60, after=seen)
+        provider.approve(code, user)
+        login.wait(timeout=120)  # its output is a few lines: the pipe cannot fill up
+        assert login.stdout is not None
+        out = login.stdout.read()
+    finally:
+        if login.poll() is None:
+            login.kill()
+            login.wait()
+    assert login.returncode == 0, out
+    assert code in out and provider.verification_uri in out, out  # shown to the operator
+    assert f"Stored the grant of {user} in {OAUTH_DIR}." in out, out
+    return out
+
+
+def _imap_bodies(dc: Dovecot, user: str, mailbox: str) -> list[bytes]:
+    """The mailbox's messages, read with Dovecot's master identity (the users have no
+    password the server accepts)."""
+    with dc.imap_as_master(user) as conn:
+        typ, data = conn.select(f'"{mailbox}"', readonly=True)
+        if typ != "OK":
+            return []
+        count = int(data[0] or 0)
+        if count == 0:
+            return []
+        typ, fetched = conn.fetch(f"1:{count}", "(BODY.PEEK[])")
+        assert typ == "OK", fetched
+        return [item[1] for item in fetched if isinstance(item, tuple)]
+
+
+def _wait_for_bodies(dc: Dovecot, user: str, mailbox: str, n: int) -> list[bytes]:
+    deadline = time.monotonic() + 60
+    while len(bodies := _imap_bodies(dc, user, mailbox)) < n:
+        assert time.monotonic() < deadline, f"{user}'s {mailbox}: {len(bodies)} of {n} messages"
+        time.sleep(0.1)
+    return bodies
+
+
+def _mpop_download(container: Container, login: str, workdir: Path) -> list[bytes]:
+    """An old POP client (mpop: STLS, keep, maildir) fetches everything; the files it stored."""
+    maildir = workdir / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    rc = workdir / "mpoprc"
+    rc.write_text("")
+    rc.chmod(0o600)
+    run = subprocess.run(
+        [
+            "mpop", f"--file={rc}", "--host=127.0.0.1", f"--port={container.ports.pop3}",
+            "--auth=user", f"--user={login}", f"--passwordeval=printf %s '{DEVICE_PASSWORD}'",
+            "--tls=on", "--tls-starttls=on", "--tls-certcheck=off",  # the image's own cert
+            "--keep=on", "--received-header=off", f"--delivery=maildir,{maildir}",
+            f"--uidls-file={workdir / 'uidls'}", "--only-new=off", "--half-quiet",
+        ],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return sorted(p.read_bytes() for sub in ("new", "cur") for p in (maildir / sub).iterdir())
+
+
+def _token_dir_state(volume: Path) -> dict[str, tuple[int, int, int]]:
+    """Every entry of the token volume: (uid, gid, permission bits), the directory as "."."""
+    entries = {".": volume.stat(), **{p.name: p.stat() for p in volume.iterdir()}}
+    return {name: (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) for name, st in entries.items()}
+
+
+def _issued_tokens(provider: OAuthProvider, user: str) -> list[str]:
+    """Every access and refresh token the provider ever issued to ``user``."""
+    state = provider._state
+    return [t for t, a in state.access.items() if a.user == user] + [
+        t for t, r in state.refresh.items() if r.user == user
+    ]
+
+
+def test_oauth_grant_in_a_volume_serves_pop3_and_submission_and_survives_recreation(
+    run_container: Callable[..., Container],
+    volumes: Callable[[str], Path],
+    oauth_stack: OAuthStack,
+    tmp_path: Path,
+) -> None:
+    """The container with tokens in a volume (issue 13): ``popgate oauth login`` run inside it
+    with ``podman exec``; mpop downloads byte-exact and msmtp submits with the device password
+    while the upstream accepts only tokens; the key and the grant sit in the volume, owned by
+    the image's user, 0600, the grant unreadable without the key; a new container from the
+    same volume uses the stored refresh token; no token or password reaches the logs."""
+    stack = oauth_stack
+    dc, provider = stack.dovecot, stack.provider
+    user, recipient = f"cuser{secrets.token_hex(3)}", f"crcpt{secrets.token_hex(3)}"
+    dc.add_user(user, "upstream-refuses-passwords")
+    dc.add_user(recipient, "upstream-refuses-passwords")
+    inbox = _messages()
+    with dc.imap_as_master(user) as conn:
+        for body in inbox:
+            assert conn.append("INBOX", None, None, body)[0] == "OK"
+    volume = volumes("oauth")
+    mounts = {_volume_name(volume): OAUTH_DIR}
+    settings = _oauth_settings(stack)
+
+    first = run_container(mounts, ca_file=dc.ca_file, **settings)
+    first.wait_healthy()
+    printed = _login_in_container(first, provider, user)
+    listed = first.exec("popgate", "oauth", "list").stdout
+    assert re.search(rf"^{user}\s", listed, re.M), listed
+
+    # an old POP client downloads every message through the container with the device password
+    got = _mpop_download(first, f"{user}#scanner", tmp_path / "mpop")
+    assert got == sorted(m.replace(b"\r\n", b"\n") for m in inbox)  # mpop stores LF
+    # a scan-to-email device submits; Postfix relays after AUTH XOAUTH2; the copy lands in Sent
+    sender = f"{user}@{OAUTH_DOMAIN}"
+    message = make_message(sender, [f"{recipient}@{OAUTH_DOMAIN}"], "scan from the container")
+    run = subprocess.run(
+        [
+            "msmtp", "--host=127.0.0.1", f"--port={first.ports.submission}", "--tls=on",
+            "--tls-starttls=on", "--tls-certcheck=off", "--auth=plain", f"--user={user}#scanner",
+            f"--passwordeval=printf %s '{DEVICE_PASSWORD}'", f"--from={sender}",
+            "--domain=scanner.test", f"{recipient}@{OAUTH_DOMAIN}",
+        ],
+        input=message, capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    [delivered] = _wait_for_bodies(dc, recipient, "INBOX", 1)
+    assert delivered.endswith(message)  # after the headers Postfix and LMTP added
+    assert f"sasl_method=XOAUTH2, sasl_username={user}" in stack.postfix.log_text()
+    assert _wait_for_bodies(dc, user, "Sent", 1) == [message]
+    assert _imap_bodies(dc, user, "INBOX") == inbox  # POP took nothing away
+
+    # the volume: key and grant, owned by the image's user, 0600; the grant opaque without the key
+    gid = int(first.exec("id", "-g").stdout)
+    state = _token_dir_state(volume)
+    [grant] = [name for name in state if name.endswith(SUFFIX)]
+    assert state[KEY_FILE] == state[grant] == (IMAGE_UID, gid, 0o600), state
+    assert state["."] == (IMAGE_UID, gid, 0o700), state
+    assert all(owner == (IMAGE_UID, gid, 0o600) for n, owner in state.items() if n != "."), state
+    key = parse_key((volume / KEY_FILE).read_text())
+    assert [e.record.user for e in TokenStore(volume, key).listing() if e.record] == [user]
+    [opaque] = TokenStore(volume, secrets.token_bytes(32)).listing()
+    assert opaque.record is None and opaque.problem, opaque
+    raw = (volume / grant).read_bytes()
+    for plain in [*_issued_tokens(provider, user), DEVICE_PASSWORD, user]:
+        assert plain.encode() not in raw
+
+    # a new container from the same volume: the stored access token is dead by now, so the
+    # first login must spend the stored refresh token (and store the rotated one)
+    assert first.stop() == 0
+    first_logs = first.logs()
+    first.podman.remove([first.name])
+    provider.expire_access_tokens(user)
+    refreshes = provider.count("refresh_token")
+    second = run_container(mounts, ca_file=dc.ca_file, **settings)
+    second.wait_healthy()
+    pop = poplib.POP3("127.0.0.1", second.ports.pop3, timeout=30)
+    pop.stls(_unverified())
+    pop.user(f"{user}#phone")
+    pop.pass_(DEVICE_PASSWORD)
+    assert [_retr_bytes(pop, n) for n in (1, 2, 3)] == inbox
+    pop.quit()
+    assert provider.count("refresh_token") == refreshes + 1
+    assert _token_dir_state(volume) == state  # rewritten by the refresh, same owner and modes
+    assert (volume / grant).read_bytes() != raw
+
+    second_logs = second.logs()
+    key_text = (volume / KEY_FILE).read_text().strip()
+    for secret in [*_issued_tokens(provider, user), DEVICE_PASSWORD, key_text]:
+        for where, text in (("login", printed), ("first", first_logs), ("second", second_logs)):
+            assert secret not in text, f"a secret in the {where} container's output"
+    assert "login ok" in second_logs, second_logs  # the log was captured at all
 
 
 def test_the_images_own_configuration_serves_the_standard_ports_on_a_bridge_network(
