@@ -619,7 +619,8 @@ def test_oauth_grant_in_a_volume_serves_pop3_and_submission_and_survives_recreat
     assert _imap_bodies(dc, user, "INBOX") == inbox  # POP took nothing away
 
     # the volume: key and grant, owned by the image's user, 0600; the grant opaque without the key
-    gid = int(first.exec("id", "-g").stdout)
+    gid = IMAGE_UID  # the image's group has the same number (docs/docker.md: chown 10110:10110)
+    assert first.exec("id", "-g").stdout.strip() == str(gid)
     state = _token_dir_state(volume)
     [grant] = [name for name in state if name.endswith(SUFFIX)]
     assert state[KEY_FILE] == state[grant] == (IMAGE_UID, gid, 0o600), state
