@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
+from twisted.internet.defer import Deferred
 
 from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
@@ -45,20 +46,25 @@ from gateway.submission.message import (
 from gateway.submission.relay import Relay, RelaySession, RelayUnavailable
 from gateway.submission.replies import with_enhanced_code
 from gateway.submission.spool import SentSpool, SpoolEntry, SpoolStore, new_entry_id
-from gateway.upstream.account import LoginRejected, UpstreamUnavailable
+from gateway.upstream.account import ImapAccount, LoginRejected, UpstreamUnavailable
 from gateway.upstream.logins import grant_problem
 
 log = logging.getLogger("popgate.submission")
 
 #: Checks a user's password (upstream, or with OAuth locally); raises LoginRejected or
-#: UpstreamUnavailable, with OAuth also NoGrant, GrantRevoked or ProviderUnavailable.
-Authenticator = Callable[[str, str, str | None], Awaitable[None]]
+#: UpstreamUnavailable, with OAuth also NoGrant, GrantRevoked or ProviderUnavailable. Returns
+#: the IMAP connection the check logged in with, if any: the session keeps it for its Sent copy.
+Authenticator = Callable[[str, str, str | None], Awaitable[ImapAccount | None]]
+#: Hands a logged-in IMAP connection to the Sent writer for the copy of one spool entry.
+Lend = Callable[[str, ImapAccount], None]
 
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 _AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
 _NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 _NEED_AUTH = "530 5.7.0 Authentication required"
 _PROXY_REFUSED = b"421 4.7.0 connection refused (PROXY)\r\n"
+# Logouts under way of connections no message took over: held so none is collected.
+_background: set[asyncio.Future[None]] = set()
 _TOO_MANY_FAILURES = "454 4.7.0 Too many failed authentications from your address; try again later"
 
 
@@ -112,6 +118,8 @@ class SubmissionSMTP(SMTP):
         self._greeting_done = False
         self._plain_reply = False  # EHLO/HELO replies never carry enhanced codes (RFC 2034)
         self._sessions = sessions
+        # The connection AUTH logged in with, until a message's Sent copy takes it over.
+        self.imap_account: ImapAccount | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -208,11 +216,21 @@ class SubmissionSMTP(SMTP):
         if self.session is None:  # refused in connection_made: nothing was set up
             return
         self.relay_session.close()
+        self.release_account()
         self._sessions.discard(self)
         key, self.limit_key = self.limit_key, None
         if key is not None and self.event_handler.limits is not None:
             self.event_handler.limits.connections.close(key)
         super().connection_lost(error)
+
+    def release_account(self) -> None:
+        """Log out of an IMAP connection no message took over (in the background)."""
+        account, self.imap_account = self.imap_account, None
+        if account is not None:
+            logout = Deferred.fromCoroutine(account.logout())
+            task = asyncio.ensure_future(logout.asFuture(self.loop))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     @property
     def peer_ip(self) -> str | None:
@@ -293,8 +311,10 @@ class SubmissionHandler:
         keep_password: bool,
         limits: ClientLimits | None = None,
         metrics: Metrics = DISCARD,
+        lend: Lend | None = None,
     ) -> None:
         self.metrics = metrics
+        self.lend = lend
         self.relay = relay
         self.authenticate = authenticate
         self.store = store
@@ -417,28 +437,39 @@ class SubmissionHandler:
         except asyncio.CancelledError:
             throttle.abandoned(attempt)
             raise
+        # The relay connection is set up while the password is checked (relay.py, prepare);
+        # it is closed again if the check fails.
+        srv.relay_session.prepare()
+        verified = False
         try:
-            await self.authenticate(login.user, password, client_address(srv.peer_ip))
-        except LoginRejected:
-            delay = throttle.failed(attempt)
-            return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
-        except (NoGrant, GrantRevoked) as e:
-            throttle.abandoned(attempt)  # the device password was right: not a guess
-            log.error("auth failed: %s", grant_problem(e), extra=context)
-            return await self._failed(srv, name, "no usable OAuth grant")
-        except ProviderUnavailable as e:
-            throttle.abandoned(attempt)
-            log.warning("auth deferred: OAuth provider unavailable: %s", e, extra=context)
-            return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
-        except UpstreamUnavailable as e:
-            throttle.abandoned(attempt)  # no verdict: its turn is given back
-            log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
-            self.metrics.upstream_error("imap")
-            return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
-        except asyncio.CancelledError:  # the client left during the check
-            throttle.abandoned(attempt)
-            raise
+            try:
+                account = await self.authenticate(login.user, password, client_address(srv.peer_ip))
+            except LoginRejected:
+                delay = throttle.failed(attempt)
+                return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
+            except (NoGrant, GrantRevoked) as e:
+                throttle.abandoned(attempt)  # the device password was right: not a guess
+                log.error("auth failed: %s", grant_problem(e), extra=context)
+                return await self._failed(srv, name, "no usable OAuth grant")
+            except ProviderUnavailable as e:
+                throttle.abandoned(attempt)
+                log.warning("auth deferred: OAuth provider unavailable: %s", e, extra=context)
+                return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+            except UpstreamUnavailable as e:
+                throttle.abandoned(attempt)  # no verdict: its turn is given back
+                log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
+                self.metrics.upstream_error("imap")
+                return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+            except asyncio.CancelledError:  # the client left during the check
+                throttle.abandoned(attempt)
+                raise
+            verified = True
+        finally:
+            if not verified:
+                srv.relay_session.close()
         throttle.succeeded(attempt)
+        srv.release_account()
+        srv.imap_account = account
         self.metrics.auth("submission", ok=True)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)
@@ -533,7 +564,7 @@ class SubmissionHandler:
         return MISSING
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
-        await cast(SubmissionSMTP, server).relay_session.quit()
+        cast(SubmissionSMTP, server).relay_session.quit_later()
         return MISSING
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -597,6 +628,11 @@ class SubmissionHandler:
             " (Message-ID added)" if added else "",
             extra={**context, "message_id": mid, "spool_entry": entry.id},
         )
+        account, srv.imap_account = srv.imap_account, None
+        if account is not None and self.lend is not None:
+            self.lend(entry.id, account)  # the Sent copy needs no login of its own
+        elif account is not None:
+            srv.imap_account = account
         self.spool.submit(entry)
         return reply.render(enhanced=False)
 
