@@ -19,13 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 from twisted.internet.defer import Deferred
 
 from gateway.addresses import client_address, format_peer, limit_key
@@ -95,6 +104,16 @@ class _Session(Session):
     @login_data.setter
     def login_data(self, value: Any) -> None:
         self._login_data = value
+
+
+class _TlsInfo:
+    """What aiosmtpd reads from its own TLS protocol after STARTTLS: ``_extra`` (it becomes
+    ``session.ssl``), and that one exists at all (AUTH's TLS check, ``is_tls``)."""
+
+    _NAMES = ("sslcontext", "ssl_object", "peercert", "cipher", "compression")
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._extra = {name: transport.get_extra_info(name) for name in self._NAMES}
 
 
 class SubmissionSMTP(SMTP):
@@ -252,6 +271,32 @@ class SubmissionSMTP(SMTP):
         """Drop the client (shutdown after the grace period)."""
         if self.transport is not None:
             self.transport.close()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS through the loop's own ``start_tls``: aiosmtpd's runs asyncio's pure-Python
+        TLS protocol even on uvloop, whose Cython one does the same handshake and records for
+        less CPU (docs/benchmark.md, "Submission"). The upgraded connection then goes through
+        aiosmtpd's own STARTTLS path in ``connection_made`` (new session, buffer cleared)."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context or self.transport is None:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        plain = self.transport
+        try:
+            secure = await self.loop.start_tls(
+                cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
+            )
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as error:
+            raise TLSSetupException() from error
+        if secure is None:  # the connection closed during the handshake
+            raise TLSSetupException() from ConnectionResetError("closed during the handshake")
+        self._tls_protocol = cast(Any, _TlsInfo(secure))
+        self._original_transport = plain
+        self.connection_made(secure)
 
     # -- replies ---------------------------------------------------------------------------
 
