@@ -434,6 +434,13 @@ class _UnverifiedClientTLS:
         return connection
 
 
+#: Creators made by client_context_factory, by their arguments and the CA file's version.
+_CLIENT_CREATORS: dict[
+    tuple[str, bool, Path | None, tuple[int, int]], IOpenSSLClientConnectionCreator
+] = {}
+_MAX_CLIENT_CREATORS = 16
+
+
 def client_context_factory(
     hostname: str, verify: bool = True, ca_file: Path | None = None
 ) -> IOpenSSLClientConnectionCreator:
@@ -442,8 +449,33 @@ def client_context_factory(
     Verification checks the chain against the system store (plus ``ca_file``) and the
     ``hostname`` against the certificate via service_identity. Use the result with
     ``endpoints.wrapClientTLS(creator, endpoint)`` for implicit TLS or
-    ``transport.startTLS(creator)`` after STARTTLS; create one per upstream host.
+    ``transport.startTLS(creator)`` after STARTTLS.
+
+    One creator (and so one OpenSSL context) serves every connection with the same arguments:
+    building a context loads the system trust store, which took a quarter of the gateway's CPU
+    when every upstream login built its own (docs/benchmark.md, "Submission"). A ``ca_file``
+    replaced on disk (another mtime or size) gets a fresh one.
     """
+    version = (0, 0)
+    if ca_file is not None:
+        try:
+            stat = os.stat(ca_file)
+            version = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            pass  # _new_client_creator reports the missing file
+    key = (hostname, verify, ca_file, version)
+    creator = _CLIENT_CREATORS.get(key)
+    if creator is None:
+        creator = _new_client_creator(hostname, verify, ca_file)
+        if len(_CLIENT_CREATORS) >= _MAX_CLIENT_CREATORS:
+            _CLIENT_CREATORS.clear()
+        _CLIENT_CREATORS[key] = creator
+    return creator
+
+
+def _new_client_creator(
+    hostname: str, verify: bool, ca_file: Path | None
+) -> IOpenSSLClientConnectionCreator:
     if not verify:
         return _UnverifiedClientTLS(hostname)
     if ca_file is not None:

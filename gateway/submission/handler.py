@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    TLSSetupException,
+    syntax,
+)
+from twisted.internet.defer import Deferred
 
 from gateway.addresses import client_address, format_peer, limit_key
 from gateway.config import SecuritySettings
@@ -45,20 +55,25 @@ from gateway.submission.message import (
 from gateway.submission.relay import Relay, RelaySession, RelayUnavailable
 from gateway.submission.replies import with_enhanced_code
 from gateway.submission.spool import SentSpool, SpoolEntry, SpoolStore, new_entry_id
-from gateway.upstream.account import LoginRejected, UpstreamUnavailable
+from gateway.upstream.account import ImapAccount, LoginRejected, UpstreamUnavailable
 from gateway.upstream.logins import grant_problem
 
 log = logging.getLogger("popgate.submission")
 
 #: Checks a user's password (upstream, or with OAuth locally); raises LoginRejected or
-#: UpstreamUnavailable, with OAuth also a GrantUnusable or ProviderUnavailable.
-Authenticator = Callable[[str, str, str | None], Awaitable[None]]
+#: UpstreamUnavailable, with OAuth also a GrantUnusable or ProviderUnavailable. Returns
+#: the IMAP connection the check logged in with, if any: the session keeps it for its Sent copy.
+Authenticator = Callable[[str, str, str | None], Awaitable[ImapAccount | None]]
+#: Hands a logged-in IMAP connection to the Sent writer for the copy of one spool entry.
+Lend = Callable[[str, ImapAccount], None]
 
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 _AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
 _NEED_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 _NEED_AUTH = "530 5.7.0 Authentication required"
 _PROXY_REFUSED = b"421 4.7.0 connection refused (PROXY)\r\n"
+# Logouts under way of connections no message took over: held so none is collected.
+_background: set[asyncio.Future[None]] = set()
 _TOO_MANY_FAILURES = "454 4.7.0 Too many failed authentications from your address; try again later"
 
 
@@ -91,6 +106,16 @@ class _Session(Session):
         self._login_data = value
 
 
+class _TlsInfo:
+    """What aiosmtpd reads from its own TLS protocol after STARTTLS: ``_extra`` (it becomes
+    ``session.ssl``), and that one exists at all (AUTH's TLS check, ``is_tls``)."""
+
+    _NAMES = ("sslcontext", "ssl_object", "peercert", "cipher", "compression")
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._extra = {name: transport.get_extra_info(name) for name in self._NAMES}
+
+
 class SubmissionSMTP(SMTP):
     """One client connection (aiosmtpd creates the session state, we add the relay's)."""
 
@@ -112,6 +137,8 @@ class SubmissionSMTP(SMTP):
         self._greeting_done = False
         self._plain_reply = False  # EHLO/HELO replies never carry enhanced codes (RFC 2034)
         self._sessions = sessions
+        # The connection AUTH logged in with, until a message's Sent copy takes it over.
+        self.imap_account: ImapAccount | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -208,11 +235,21 @@ class SubmissionSMTP(SMTP):
         if self.session is None:  # refused in connection_made: nothing was set up
             return
         self.relay_session.close()
+        self.release_account()
         self._sessions.discard(self)
         key, self.limit_key = self.limit_key, None
         if key is not None and self.event_handler.limits is not None:
             self.event_handler.limits.connections.close(key)
         super().connection_lost(error)
+
+    def release_account(self) -> None:
+        """Log out of an IMAP connection no message took over (in the background)."""
+        account, self.imap_account = self.imap_account, None
+        if account is not None:
+            logout = Deferred.fromCoroutine(account.logout())
+            task = asyncio.ensure_future(logout.asFuture(self.loop))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     @property
     def peer_ip(self) -> str | None:
@@ -234,6 +271,32 @@ class SubmissionSMTP(SMTP):
         """Drop the client (shutdown after the grace period)."""
         if self.transport is not None:
             self.transport.close()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS through the loop's own ``start_tls``: aiosmtpd's runs asyncio's pure-Python
+        TLS protocol even on uvloop, whose Cython one does the same handshake and records for
+        less CPU (docs/benchmark.md, "Submission"). The upgraded connection then goes through
+        aiosmtpd's own STARTTLS path in ``connection_made`` (new session, buffer cleared)."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context or self.transport is None:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        plain = self.transport
+        try:
+            secure = await self.loop.start_tls(
+                cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
+            )
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as error:
+            raise TLSSetupException() from error
+        if secure is None:  # the connection closed during the handshake
+            raise TLSSetupException() from ConnectionResetError("closed during the handshake")
+        self._tls_protocol = cast(Any, _TlsInfo(secure))
+        self._original_transport = plain
+        self.connection_made(secure)
 
     # -- replies ---------------------------------------------------------------------------
 
@@ -293,8 +356,10 @@ class SubmissionHandler:
         keep_password: bool,
         limits: ClientLimits | None = None,
         metrics: Metrics = DISCARD,
+        lend: Lend | None = None,
     ) -> None:
         self.metrics = metrics
+        self.lend = lend
         self.relay = relay
         self.authenticate = authenticate
         self.store = store
@@ -417,28 +482,39 @@ class SubmissionHandler:
         except asyncio.CancelledError:
             throttle.abandoned(attempt)
             raise
+        # The relay connection is set up while the password is checked (relay.py, prepare);
+        # it is closed again if the check fails.
+        srv.relay_session.prepare()
+        verified = False
         try:
-            await self.authenticate(login.user, password, client_address(srv.peer_ip))
-        except LoginRejected:
-            delay = throttle.failed(attempt)
-            return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
-        except GrantUnusable as e:
-            throttle.abandoned(attempt)  # the device password was right: not a guess
-            log.error("auth failed: %s", grant_problem(e), extra=context)
-            return await self._failed(srv, name, "no usable OAuth grant")
-        except ProviderUnavailable as e:
-            throttle.abandoned(attempt)
-            log.warning("auth deferred: OAuth provider unavailable: %s", e, extra=context)
-            return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
-        except UpstreamUnavailable as e:
-            throttle.abandoned(attempt)  # no verdict: its turn is given back
-            log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
-            self.metrics.upstream_error("imap")
-            return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
-        except asyncio.CancelledError:  # the client left during the check
-            throttle.abandoned(attempt)
-            raise
+            try:
+                account = await self.authenticate(login.user, password, client_address(srv.peer_ip))
+            except LoginRejected:
+                delay = throttle.failed(attempt)
+                return await self._failed(srv, name, "rejected by the IMAP server", delay=delay)
+            except GrantUnusable as e:
+                throttle.abandoned(attempt)  # the device password was right: not a guess
+                log.error("auth failed: %s", grant_problem(e), extra=context)
+                return await self._failed(srv, name, "no usable OAuth grant")
+            except ProviderUnavailable as e:
+                throttle.abandoned(attempt)
+                log.warning("auth deferred: OAuth provider unavailable: %s", e, extra=context)
+                return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+            except UpstreamUnavailable as e:
+                throttle.abandoned(attempt)  # no verdict: its turn is given back
+                log.warning("auth deferred: IMAP server unavailable: %s", e, extra=context)
+                self.metrics.upstream_error("imap")
+                return AuthResult(success=False, handled=False, message=_AUTH_TEMPORARY)
+            except asyncio.CancelledError:  # the client left during the check
+                throttle.abandoned(attempt)
+                raise
+            verified = True
+        finally:
+            if not verified:
+                srv.relay_session.close()
         throttle.succeeded(attempt)
+        srv.release_account()
+        srv.imap_account = account
         self.metrics.auth("submission", ok=True)
         log.info("auth ok", extra=context)
         identity = Identity(name, login.user, login.device, password)
@@ -533,7 +609,7 @@ class SubmissionHandler:
         return MISSING
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
-        await cast(SubmissionSMTP, server).relay_session.quit()
+        cast(SubmissionSMTP, server).relay_session.quit_later()
         return MISSING
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -597,6 +673,11 @@ class SubmissionHandler:
             " (Message-ID added)" if added else "",
             extra={**context, "message_id": mid, "spool_entry": entry.id},
         )
+        account, srv.imap_account = srv.imap_account, None
+        if account is not None and self.lend is not None:
+            self.lend(entry.id, account)  # the Sent copy needs no login of its own
+        elif account is not None:
+            srv.imap_account = account
         self.spool.submit(entry)
         return reply.render(enhanced=False)
 

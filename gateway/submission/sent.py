@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,8 +40,10 @@ from gateway.metrics import DISCARD, Metrics, since
 from gateway.submission.message import envelope_only, sent_copy
 from gateway.submission.spool import SpoolEntry
 from gateway.upstream.account import ImapAccount, LoginRejected
-from gateway.upstream.imap_client import ImapCommandFailed
+from gateway.upstream.imap_client import ImapCommandFailed, ImapConnectionLost
 from gateway.upstream.logins import UpstreamLogins
+
+log = logging.getLogger("popgate.submission")
 
 DEFAULT_SENT = "Sent"
 # Only the newest messages with one Message-ID are compared: a copy stored twice is a recent
@@ -120,6 +123,27 @@ class SentWriter:
         self.loop = loop
         self._storing = KeyedLocks()
         self.metrics: Metrics = DISCARD
+        # Connections the submission's AUTH logged in with, by spool entry (lend)
+        self._lent: dict[str, ImapAccount] = {}
+
+    def lend(self, entry_id: str, account: ImapAccount) -> None:
+        """The user's connection that checked the password at AUTH, for this entry's copy.
+
+        The copy is stored over it instead of over a login of its own: the same user, the same
+        credentials, checked seconds ago, so one upstream login per submission, not two. A
+        connection that turns out to be gone is replaced by a fresh login in the same attempt;
+        the duplicate check makes that safe even if the APPEND had gone through.
+        """
+        old = self._lent.pop(entry_id, None)
+        if old is not None:
+            old.abort()
+        self._lent[entry_id] = account
+
+    async def close_lent(self) -> None:
+        """Log out of connections no attempt took (the spool was stopping)."""
+        lent, self._lent = list(self._lent.values()), {}
+        for account in lent:
+            await Deferred.fromCoroutine(account.logout()).asFuture(self.loop)
 
     async def store(self, entry: SpoolEntry) -> str:
         """asyncio entry point: store the copy unless the same copy is in Sent already.
@@ -142,7 +166,20 @@ class SentWriter:
 
     async def _store(self, entry: SpoolEntry) -> str:
         copy = copy_for(entry)
-        account = await self._login(entry)
+        lent = self._lent.pop(entry.id, None)
+        if lent is not None:
+            try:
+                return await self._store_over(lent, entry, copy)
+            except ImapConnectionLost as e:
+                log.info(
+                    "Sent copy: the AUTH connection is gone (%s); logging in again",
+                    e,
+                    extra={"user": entry.user, "spool_entry": entry.id},
+                )
+        return await self._store_over(await self._login(entry), entry, copy)
+
+    async def _store_over(self, account: ImapAccount, entry: SpoolEntry, copy: bytes) -> str:
+        """Store the copy over ``account`` and log out of it, whatever happens."""
         try:
             mailbox = await self._mailbox(account)
             uid = await self._find_copy(account, mailbox, entry.message_id, copy)

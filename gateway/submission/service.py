@@ -25,6 +25,7 @@ from gateway.submission.relay import Relay, RelayCapabilities
 from gateway.submission.sent import SentWriter
 from gateway.submission.spool import SentSpool, SpoolStore, load_key
 from gateway.tls import asyncio_server_context
+from gateway.upstream.account import ImapAccount
 from gateway.upstream.logins import UpstreamLogins
 
 log = logging.getLogger("popgate.submission")
@@ -57,12 +58,21 @@ class SubmissionService:
         self.spool: SentSpool | None = None
         self.relay: Relay | None = None
         self._warm_up: asyncio.Future[RelayCapabilities | None] | None = None
+        self.writer: SentWriter | None = None
 
-    async def _authenticate(self, user: str, password: str, peer_ip: str | None) -> None:
-        """The submission password check: a login to IMAP as the user (and out again), or with
-        OAuth the local device password and a usable token."""
-        check = self.logins.check_device(user, password, peer_ip)
-        await Deferred.fromCoroutine(check).asFuture(asyncio.get_running_loop())
+    async def _authenticate(
+        self, user: str, password: str, peer_ip: str | None
+    ) -> ImapAccount | None:
+        """The submission password check: a login to IMAP as the user, kept for the Sent copy
+        of the session's message (see SentWriter.lend); or with OAuth the local device password
+        and a usable token (no connection)."""
+        loop = asyncio.get_running_loop()
+        if self.logins.oauth:
+            check = self.logins.check_device(user, password, peer_ip)
+            await Deferred.fromCoroutine(check).asFuture(loop)
+            return None
+        login = self.logins.device(user, password, peer_ip)
+        return await Deferred.fromCoroutine(login).asFuture(loop)
 
     async def start(self) -> list[tuple[ListenAddress, bool]]:
         config, settings = self.config, self.config.submission
@@ -75,6 +85,7 @@ class SubmissionService:
             self.reactor, config.upstream.imap, settings.sent_folder, loop, self.logins
         )
         writer.metrics = self.metrics
+        self.writer = writer
         self.spool = SentSpool(
             store, writer.store, settings.retry_initial_delay, settings.retry_max_delay, loop
         )
@@ -89,6 +100,7 @@ class SubmissionService:
             authenticate=self._authenticate,
             store=store,
             spool=self.spool,
+            lend=writer.lend,
             security=config.security,
             device_separator=config.pop3.device_separator,
             max_message_size=settings.max_message_size,
@@ -154,5 +166,9 @@ class SubmissionService:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.close()
+        if self.relay is not None and self.relay.closing:
+            await asyncio.wait(list(self.relay.closing), timeout=1.0)
         if self.spool is not None:
             await self.spool.stop(max(0.0, deadline - loop.time()) + 1.0)
+        if self.writer is not None:
+            await self.writer.close_lent()

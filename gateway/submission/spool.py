@@ -1,7 +1,7 @@
 """The durable spool of submissions whose Sent copy is not stored yet.
 
 One submission is one file in ``spool_dir``, sealed with AES-256-GCM (``cryptography``), mode
-0600, fsync'ed together with its directory before anything depends on it:
+0600, fsync'ed together with its directory before anything depends on it (the client's 250):
 
 ``ID.relaying``
     written before the message goes to the relay. If the relay refuses, it is removed. If the
@@ -171,19 +171,26 @@ class SpoolStore:
         return self.directory / f"{entry_id}{suffix}"
 
     def write_relaying(self, entry: SpoolEntry, keep_password: bool) -> None:
+        """The file and its contents are fsync'ed, its name is not yet: until mark_relayed
+        makes the rename durable, a crash may lose the entry, and that is what a crash while
+        relaying does to it anyway (the client has no 250; the next start drops ``.relaying``).
+        One directory fsync per message, not two."""
         stored = entry if keep_password else entry.without_password()
         secret_files.write_new(self._path(entry.id, RELAYING), seal(self.key, encode_entry(stored)))
-        secret_files.fsync_dir(self.directory)
 
     def mark_relayed(self, entry_id: str) -> None:
+        """Durable before the client hears 250: the directory fsync commits the entry's name
+        (created in write_relaying) and its rename together."""
         os.rename(self._path(entry_id, RELAYING), self._path(entry_id, PENDING))
         secret_files.fsync_dir(self.directory)
 
     def remove(self, entry_id: str) -> None:
+        """Not fsync'ed: an entry that comes back after a crash is harmless. A ``.relaying``
+        one is dropped again at start, and a ``.pending`` one whose copy is stored is found in
+        Sent by the next attempt (sent.py) and not stored twice."""
         for suffix in (RELAYING, PENDING, STATUS):
             with contextlib.suppress(FileNotFoundError):
                 self._path(entry_id, suffix).unlink()
-        secret_files.fsync_dir(self.directory)
 
     def load(self, entry_id: str, state: str = PENDING) -> SpoolEntry:
         return decode_entry(unseal(self.key, self._path(entry_id, state).read_bytes()))

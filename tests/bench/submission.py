@@ -25,9 +25,11 @@ import imaplib
 import json
 import os
 import pwd
+import signal
 import smtplib
 import ssl
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.bench import profile
 from tests.bench.workloads import percentile
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
@@ -68,32 +71,85 @@ def message(system: str, n: int) -> tuple[str, bytes, bytes]:
     return mid, head + body, body
 
 
-def send_via_popgate(gw: GatewayProcess, device: int, data: bytes, system: str) -> None:
-    with smtplib.SMTP(gw.host, gw.submission_port, timeout=TIMEOUT) as smtp:
+#: (phase, seconds since the message's start) as a submitter passes each step
+Marks = list[tuple[str, float]]
+
+
+def send_via_popgate(
+    host: str, port: int, device: int, data: bytes, system: str, marks: Marks, began: float
+) -> None:
+    def mark(phase: str) -> None:
+        marks.append((phase, time.perf_counter() - began))
+
+    with smtplib.SMTP(host, port, timeout=TIMEOUT) as smtp:
+        mark("connect")
         smtp.starttls(context=_client_tls())
+        mark("starttls")
         smtp.login(f"sender-{system}#dev{device:03d}", PASSWORD)
-        smtp.sendmail(f"sender-{system}@{DOMAIN}", [f"rcpt-{system}@{DOMAIN}"], data)
+        mark("auth")
+        smtp.mail(f"sender-{system}@{DOMAIN}")
+        mark("mail")
+        smtp.rcpt(f"rcpt-{system}@{DOMAIN}")
+        mark("rcpt")
+        code, text = smtp.data(data)
+        if code != 250:
+            raise RuntimeError(f"DATA: {code} {text!r}")
+        mark("data")
+    mark("quit")
 
 
-def send_as_pair(mta: Postfix, dc: Dovecot, device: int, data: bytes, system: str) -> None:
+def send_as_pair(
+    mta: Postfix,
+    dc: Dovecot,
+    device: int,
+    data: bytes,
+    system: str,
+    marks: Marks,
+    began: float,
+    auth: bool,
+) -> None:
+    def mark(phase: str) -> None:
+        marks.append((phase, time.perf_counter() - began))
+
     with smtplib.SMTP(mta.host, mta.port, timeout=TIMEOUT) as smtp:
+        mark("connect")
         smtp.starttls(context=_client_tls())
-        smtp.sendmail(f"sender-{system}@{DOMAIN}", [f"rcpt-{system}@{DOMAIN}"], data)
+        mark("starttls")
+        if auth:
+            smtp.login(f"sender-{system}", PASSWORD)
+            mark("auth")
+        smtp.mail(f"sender-{system}@{DOMAIN}")
+        mark("mail")
+        smtp.rcpt(f"rcpt-{system}@{DOMAIN}")
+        mark("rcpt")
+        code, text = smtp.data(data)
+        if code != 250:
+            raise RuntimeError(f"DATA: {code} {text!r}")
+        mark("data")
+    mark("quit")
     imap = imaplib.IMAP4_SSL(dc.host, dc.imaps_port, ssl_context=_client_tls(), timeout=TIMEOUT)
     try:
+        mark("imap_connect")
         imap.login(f"sender-{system}", PASSWORD)
+        mark("imap_login")
         typ, answer = imap.append("Sent", "(\\Seen)", None, data)
         if typ != "OK":
             raise RuntimeError(f"APPEND: {answer!r}")
+        mark("append")
     finally:
         imap.logout()
+    mark("logout")
+
+
+Send = Callable[[int, bytes, Marks, float], None]
 
 
 def run_round(
-    system: str, send: Callable[[int, bytes], None], submitters: int, per: int
+    system: str, send: Send, submitters: int, per: int
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Every submitter in its own thread; returns the figures and Message-ID -> body sent."""
     latencies: list[float] = []
+    steps: dict[str, list[float]] = {}
     errors: list[str] = []
     sent: dict[str, bytes] = {}
     lock = threading.Lock()
@@ -103,9 +159,10 @@ def run_round(
         start_together.wait()
         for k in range(per):
             mid, data, body = message(system, device * 1000 + k)
+            marks: Marks = []
             began = time.perf_counter()
             try:
-                send(device, data)
+                send(device, data, marks, began)
             except Exception as e:  # a failed submission is counted, never hidden
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}"[:200])
@@ -113,6 +170,10 @@ def run_round(
             with lock:
                 latencies.append(time.perf_counter() - began)
                 sent[mid] = body
+                previous = 0.0
+                for phase, at in marks:
+                    steps.setdefault(phase, []).append(at - previous)
+                    previous = at
 
     threads = [threading.Thread(target=submitter, args=(d,)) for d in range(submitters)]
     began = time.perf_counter()
@@ -129,6 +190,8 @@ def run_round(
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
         "wall": wall,
+        # the median time of each step (from the previous one's end), in the order taken
+        "steps_p50": {k: statistics.median(v) for k, v in steps.items()},
     }, sent
 
 
@@ -161,6 +224,65 @@ def check_arrival(
     return result
 
 
+def _start_py_spy(gw: GatewayProcess, out: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    exe = profile.py_spy()
+    if exe is None or gw.pid is None:
+        raise RuntimeError("py-spy is not installed (pip install -e '.[bench]')")
+    argv = [exe, "record", "--pid", str(gw.pid), "--rate", str(profile.RATE), "--format", "raw"]
+    proc = subprocess.Popen(
+        [*argv, "--nonblocking", "--output", str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)  # attach
+    return proc, out
+
+
+def _stop_py_spy(proc: subprocess.Popen[bytes], out: Path, wall: float) -> dict[str, Any]:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if not out.exists():
+        raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')}")
+    return profile.summarize(out, wall, top=25)
+
+
+def _gateway_config(
+    work: Path, dc: Dovecot, mta: Postfix, relay_auth: str, same_cert: bool
+) -> dict[str, dict[str, Any]]:
+    """popgate's settings; ``same_cert``: the certificate and key Postfix serves (the test
+    PKI's ECDSA P-256 pair), else popgate's own self-signed RSA-2048 default."""
+    if same_cert:
+        tls = {"cert_file": str(dc.cert_file), "key_file": str(dc._pki["key_file"])}
+    else:
+        tls = {"cert_file": str(work / "popgate.crt"), "key_file": str(work / "popgate.key")}
+    return {
+        "upstream.imap": {
+            "host": dc.host,
+            "port": dc.imaps_port,
+            "security": "tls",
+            "ca_file": str(dc.ca_file),
+            "master_user": dc.master_user,
+            "master_password": dc.master_password,
+        },
+        "upstream.smtp": {
+            "host": mta.host,
+            "port": mta.port,
+            "security": "none",
+            "auth": relay_auth,
+        },
+        "submission": {"listen": ["127.0.0.1:0"], "spool_dir": str(work / "spool")},
+        "pop3": {"listen": []},
+        "tls": tls,
+        "security": {
+            "auth_failure_delay": 0,
+            "max_connections": 5000,
+            "max_connections_per_ip": 5000,
+        },
+        "log": {"level": "info"},
+    }
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tests/bench/run --submission", description=__doc__)
     p.add_argument("--submission", action="store_true")
@@ -168,19 +290,49 @@ def main(argv: list[str]) -> int:
     p.add_argument("--messages", type=int, default=3, help="per submitter per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="5 submitters, 1 message, 1 round")
+    p.add_argument(
+        "--auth",
+        choices=("none", "sasl"),
+        default="none",
+        help="sasl: Postfix requires AUTH (Dovecot's auth service), the pair logs in to it and "
+        "popgate relays with auth = passthrough; none: Postfix relays for loopback",
+    )
+    p.add_argument(
+        "--cert",
+        choices=("same", "own"),
+        default="same",
+        help="same: popgate serves Postfix's certificate (ECDSA P-256), so both sides do the "
+        "same TLS; own: popgate's self-signed RSA-2048 default (the first runs, before 12-01)",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="a source tree (its gateway/ package) to run as a third system, 'base', "
+        "alternated with the others: e.g. `git archive main gateway | tar -x -C DIR`",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy on each gateway while its rounds run (profile-SYSTEM-ROUND.txt, .md)",
+    )
     p.add_argument("--out", type=Path, default=Path("run/bench/submission"))
     args, _rest = p.parse_known_args(argv)
     if args.quick:
         args.submitters, args.messages, args.rounds = 5, 1, 1
+    args.out = args.out.resolve()  # the gateway runs in its config's directory
     args.out.mkdir(parents=True, exist_ok=True)
+    systems = ["popgate", "pair"] + (["base"] if args.base else [])
     load_before = os.getloadavg()
-    dc = Dovecot(lmtp=True, extra_config="default_process_limit = 2500\n")
+    sasl = args.auth == "sasl"
+    dc = Dovecot(lmtp=True, auth_port=sasl, extra_config="default_process_limit = 2500\n")
     dc.start()
-    results: dict[str, list[dict[str, Any]]] = {"popgate": [], "pair": []}
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     failed = False
+    gateways: dict[str, GatewayProcess] = {}
     try:
         for r in range(args.rounds):
-            for system in ("popgate", "pair"):
+            for system in systems:
                 for who in ("sender", "rcpt"):
                     dc.add_user(f"{who}-{system}{r}", PASSWORD)
         # The Dovecot test PKI's server pair serves Postfix too; smtpd reads it as "postfix".
@@ -194,55 +346,55 @@ def main(argv: list[str]) -> int:
             os.chown(f, postfix_ids.pw_uid, postfix_ids.pw_gid)
         os.chmod(key_file, 0o600)
         with Postfix(
-            lmtp=(dc.host, dc.lmtp_port), domains=[DOMAIN], tls=(cert_file, key_file)
+            lmtp=(dc.host, dc.lmtp_port),
+            domains=[DOMAIN],
+            tls=(cert_file, key_file),
+            sasl=(dc.host, dc.auth_port) if sasl else None,
         ) as mta:
-            work = args.out / "popgate"
-            work.mkdir(parents=True, exist_ok=True)
-            config = {
-                "upstream.imap": {
-                    "host": dc.host,
-                    "port": dc.imaps_port,
-                    "security": "tls",
-                    "ca_file": str(dc.ca_file),
-                    "master_user": dc.master_user,
-                    "master_password": dc.master_password,
-                },
-                "upstream.smtp": {
-                    "host": mta.host,
-                    "port": mta.port,
-                    "security": "none",
-                    "auth": "none",
-                },
-                "submission": {"listen": ["127.0.0.1:0"], "spool_dir": str(work / "spool")},
-                "pop3": {"listen": []},
-                "tls": {
-                    "cert_file": str(work / "popgate.crt"),
-                    "key_file": str(work / "popgate.key"),
-                },
-                "security": {
-                    "auth_failure_delay": 0,
-                    "max_connections": 5000,
-                    "max_connections_per_ip": 5000,
-                },
-                "log": {"level": "info"},
-            }
-            gw = GatewayProcess(config, work / "popgate.toml").start()
             try:
+                for system in systems:
+                    if system == "pair":
+                        continue
+                    work = args.out / system
+                    work.mkdir(parents=True, exist_ok=True)
+                    relay_auth = "passthrough" if sasl else "none"
+                    config = _gateway_config(work, dc, mta, relay_auth, args.cert == "same")
+                    env = {"PYTHONPATH": str(args.base.resolve())} if system == "base" else {}
+                    gateways[system] = GatewayProcess(
+                        config, work / "popgate.toml", env=env
+                    ).start()
                 for r in range(args.rounds):
-                    order = ("popgate", "pair") if r % 2 == 0 else ("pair", "popgate")
+                    order = systems[r % len(systems) :] + systems[: r % len(systems)]
                     for system in order:
                         name = f"{system}{r}"
-                        if system == "popgate":
+                        if system == "pair":
 
-                            def send(d: int, data: bytes, n: str = name) -> None:
-                                send_via_popgate(gw, d, data, n)
+                            def send(
+                                d: int, data: bytes, marks: Marks, t0: float, n: str = name
+                            ) -> None:
+                                send_as_pair(mta, dc, d, data, n, marks, t0, sasl)
                         else:
+                            gw = gateways[system]
 
-                            def send(d: int, data: bytes, n: str = name) -> None:
-                                send_as_pair(mta, dc, d, data, n)
+                            def send(
+                                d: int,
+                                data: bytes,
+                                marks: Marks,
+                                t0: float,
+                                n: str = name,
+                                gw: GatewayProcess = gw,
+                            ) -> None:
+                                send_via_popgate(gw.host, gw.submission_port, d, data, n, marks, t0)
 
                         load = os.getloadavg()[0]
+                        spy = None
+                        if args.profile and system != "pair":
+                            spy = _start_py_spy(gateways[system], args.out / f"profile-{name}.txt")
                         figures, sent = run_round(name, send, args.submitters, args.messages)
+                        if spy is not None:
+                            figures["profile"] = _stop_py_spy(*spy, figures["wall"])
+                            summary_text = profile.format_summary(name, figures["profile"])
+                            (args.out / f"profile-{name}.md").write_text(summary_text)
                         figures |= check_arrival(dc, name, sent, time.monotonic() + 180)
                         figures["delivered_checked"] = len(sent)
                         figures["load"] = load
@@ -252,22 +404,26 @@ def main(argv: list[str]) -> int:
                         figures["lost"] = lost
                         failed |= bool(lost or figures["errors"])
                         results[system].append(figures)
+                        steps = " ".join(
+                            f"{k}={v * 1000:.0f}" for k, v in figures["steps_p50"].items()
+                        )
                         print(
                             f"[{time.strftime('%H:%M:%S')}] round {r + 1} {system:8} "
                             f"p50={figures['p50']:.3f}s p99={figures['p99']:.3f}s "
                             f"{figures['messages_per_s']:.1f} msg/s errors={figures['errors']} "
-                            f"lost={lost} load={load:.1f}",
+                            f"lost={lost} load={load:.1f}\n    steps p50 ms: {steps}",
                             flush=True,
                         )
             finally:
-                gw.stop()
-                (args.out / "popgate.log").write_text(gw.log_text())
+                for system, gw in gateways.items():
+                    gw.stop()
+                    (args.out / f"{system}.log").write_text(gw.log_text())
     finally:
         dc.stop()
     summary = {
         s: {
             k: statistics.median(r[k] for r in rs)
-            for k in ("p50", "p99", "messages_per_s", "errors", "lost")
+            for k in ("p50", "p99", "messages_per_s", "errors", "lost", "load")
         }
         for s, rs in results.items()
         if rs
@@ -279,15 +435,26 @@ def main(argv: list[str]) -> int:
         "submitters": args.submitters,
         "messages_per_submitter": args.messages,
         "size": SIZE,
+        "auth": args.auth,
+        "cert": args.cert,
+        "base": str(args.base) if args.base else None,
         "results": results,
         "medians": summary,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    pg, pair = summary.get("popgate", {}), summary.get("pair", {})
-    if pg and pair and pair["p50"] == pair["p50"] and pair["messages_per_s"]:
+    pair = summary.get("pair", {})
+    for system in systems:
+        pg = summary.get(system, {})
+        if system != "pair" and pg and pair and pair["p50"] == pair["p50"]:
+            print(
+                f"p50 {system}/pair {pg['p50'] / pair['p50']:.2f}x, "
+                f"messages/s {system}/pair {pg['messages_per_s'] / pair['messages_per_s']:.2f}x"
+            )
+    if "base" in summary and "popgate" in summary:
+        pg, base = summary["popgate"], summary["base"]
         print(
-            f"p50 popgate/pair {pg['p50'] / pair['p50']:.2f}x, "
-            f"messages/s popgate/pair {pg['messages_per_s'] / pair['messages_per_s']:.2f}x"
+            f"p50 popgate/base {pg['p50'] / base['p50']:.2f}x, "
+            f"messages/s popgate/base {pg['messages_per_s'] / base['messages_per_s']:.2f}x"
         )
     print(json.dumps(summary, indent=1))
     return 1 if failed else 0

@@ -123,7 +123,8 @@ def test_both_sends_waiting_in_the_spool_land_once(
         smtp_session(gw, upstream, mail_user) as first,
         smtp_session(gw, upstream, mail_user) as second,
     ):  # AUTH needs IMAP: both log in while it is up
-        imap_proxy.refuse = True
+        imap_proxy.refuse = True  # IMAP goes down: new connections fail ...
+        imap_proxy.drop_all()  # ... and so does the one AUTH logged in with
         assert first.sendmail(sender, ["bob@example.org"], message) == {}
         assert second.sendmail(sender, ["bob@example.org"], message) == {}
     assert len(smtp_sink.wait_for(2)) == 2

@@ -86,7 +86,8 @@ def test_imap_down_entry_waits_with_reason_then_lands_once(
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)
     with smtp_session(gw, upstream, mail_user) as client:  # AUTH needs IMAP: proxy still up
-        imap_proxy.refuse = True
+        imap_proxy.refuse = True  # IMAP goes down: new connections fail ...
+        imap_proxy.drop_all()  # ... and so does the one AUTH logged in with
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "offline")
         assert client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message) == {}
     assert smtp_sink.wait_for(1)[0].data == message  # relayed although IMAP is down
@@ -117,7 +118,8 @@ def test_sigkill_after_relay_before_append_copy_appears_once_after_restart(
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)
     with smtp_session(gw, upstream, mail_user) as client:
-        imap_proxy.refuse = True
+        imap_proxy.refuse = True  # IMAP goes down: new connections fail ...
+        imap_proxy.drop_all()  # ... and so does the one AUTH logged in with
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "crash")
         assert client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message) == {}
     smtp_sink.wait_for(1)
@@ -195,7 +197,8 @@ def test_spool_files_are_private_and_encrypted(
         submission_gateway, mail_user, imap_proxy, master_user=None, master_password=None
     )
     with smtp_session(gw, upstream, mail_user) as client:
-        imap_proxy.refuse = True
+        imap_proxy.refuse = True  # IMAP goes down: new connections fail ...
+        imap_proxy.drop_all()  # ... and so does the one AUTH logged in with
         message = make_message(
             f"{mail_user.name}@example.org", ["bob@example.org"], "secret", "the body\r\n"
         )
@@ -229,7 +232,8 @@ def test_with_master_identity_no_password_is_spooled_and_retry_uses_master(
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)  # base config has a master
     with smtp_session(gw, upstream, mail_user) as client:
-        imap_proxy.refuse = True
+        imap_proxy.refuse = True  # IMAP goes down: new connections fail ...
+        imap_proxy.drop_all()  # ... and so does the one AUTH logged in with
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "master")
         client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message)
     gw.wait_for_log(r"Sent copy of spool entry \S+ not stored")
@@ -256,7 +260,8 @@ def test_sigterm_keeps_pending_entries_for_the_next_start(
 ) -> None:
     gw = proxied_gateway(submission_gateway, mail_user, imap_proxy)
     with smtp_session(gw, upstream, mail_user) as client:
-        imap_proxy.refuse = True
+        imap_proxy.refuse = True  # IMAP goes down: new connections fail ...
+        imap_proxy.drop_all()  # ... and so does the one AUTH logged in with
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "term")
         client.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message)
     gw.wait_for_log(r"Sent copy of spool entry \S+ not stored")

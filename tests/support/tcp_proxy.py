@@ -26,6 +26,7 @@ class TcpProxy(LoopbackForwarder):
         self.freeze_after: bytes | None = None
         self.frozen = threading.Event()  # set once a connection froze
         self.connections = 0
+        self.client_closed = 0  # connections whose client (popgate) closed its side
         self._sockets: list[socket.socket] = []
 
     def drop_all(self) -> None:
@@ -63,6 +64,9 @@ class TcpProxy(LoopbackForwarder):
             while True:
                 data = source.recv(65536)
                 if not data:
+                    if from_client:
+                        with self._lock:
+                            self.client_closed += 1
                     break
                 if from_client and self.freeze_after is not None and not frozen.is_set():
                     seen = (seen + data)[-4096:]

@@ -482,6 +482,39 @@ async def test_client_never_goes_below_tls12(pair: TLSSettings) -> None:
     assert refused(verified)
 
 
+def test_client_creator_is_shared_by_connections_with_the_same_settings(
+    tmp_path: Path, pair: TLSSettings
+) -> None:
+    """Building an OpenSSL client context loads the system trust store: once per settings, not
+    once per upstream login."""
+    ca_file = tmp_path / "ca.pem"
+    shutil.copyfile(pair.cert_file, ca_file)
+
+    first = client_context_factory("localhost", ca_file=ca_file)
+
+    assert client_context_factory("localhost", ca_file=ca_file) is first
+    assert client_context_factory("imap.example.com", ca_file=ca_file) is not first
+    assert client_context_factory("localhost", verify=False) is not first
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_creator_follows_a_replaced_ca_file(
+    tls_port: int, pair: TLSSettings, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    shutil.copyfile(pair.cert_file, ca_file)
+    trusted = await connect(tls_port, client_context_factory("localhost", ca_file=ca_file))
+    generate_self_signed("localhost", tmp_path / "other.crt", tmp_path / "other.key")
+    replacement = (tmp_path / "other.crt").read_bytes() + b"\n"  # another size, surely
+    ca_file.write_bytes(replacement)
+
+    distrusted = await connect(tls_port, client_context_factory("localhost", ca_file=ca_file))
+
+    assert trusted.data == GREETING
+    assert distrusted.data == b""
+    assert refused(distrusted)
+
+
 def test_client_ca_file_must_hold_a_certificate(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("not a certificate")
 
