@@ -13,16 +13,25 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
-from gateway.maildrop.device_state import DeviceState, InvalidState
+from gateway.maildrop.device_state import (
+    DeviceState,
+    InvalidState,
+    UnreadableState,
+    header_key,
+    state_key,
+    unreadable_state,
+)
 from gateway.maildrop.policy import expire_capability
 from gateway.maildrop.retention_plan import (
     Candidate,
     Quota,
+    Removal,
     device_views,
     held_back_counts,
     plan_retention,
 )
 from gateway.maildrop.uidl import IndexedMessage
+from gateway.retention import RetentionReport
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 UV = 7
@@ -172,6 +181,52 @@ def test_expire_says_the_shortest_stay_any_rule_allows(
 
 
 # --------------------------------------------------------------------- the state machine
+def test_an_unreadable_state_withholds_every_removal() -> None:
+    msgs = [Candidate(1, 100, ago(10)), Candidate(2, 100, ago(10), deleted=False)]
+    pc = state("pc", hidden={1}, got={1, 2})
+    result = plan(msgs, [pc], unreadable=1, after_all_devices_days=3)
+    assert result.removals == []
+    assert sorted(r.uid for r in result.withheld) == [1, 2]
+    # Quota pressure too: nothing goes.
+    full = plan(msgs, [pc], unreadable=1, quota=Quota(99, 100), quota_high_percent=80)
+    assert full.removals == [] and [r.uid for r in full.withheld] == [1]
+    assert [r.uid for r in plan(msgs, [pc]).removals] == [1]
+
+
+def test_an_unreadable_copy_names_its_device_only_when_the_name_hashes_to_its_key() -> None:
+    raw = DeviceState("INBOX", "laptop").to_message(date=0, message_id="<s@t>")
+    key = state_key("INBOX", "laptop")
+    assert header_key(raw) == key
+    broken = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n{not json"
+    found = unreadable_state(broken, "INBOX", key, "state is not JSON")
+    assert found == UnreadableState(key, "laptop", "state is not JSON")
+    assert found.label == f"laptop (state {key})"
+    # A copy filed under the phone's key whose Subject claims "laptop": the name is not shown.
+    phone = state_key("INBOX", "phone")
+    assert unreadable_state(broken, "INBOX", phone, "x").label == f"unknown device (state {phone})"
+    # No well-formed key: no device's state at all.
+    assert header_key(b"X-Popgate-State: pg1-zz\r\n\r\n{}") is None
+    assert header_key(b"Subject: x\r\n\r\nX-Popgate-State: " + key.encode() + b"\r\n") is None
+
+
+def test_the_dry_run_report_says_which_state_is_unreadable() -> None:
+    key = state_key("INBOX", "laptop")
+    report = RetentionReport("alice", "trash")
+    report.unreadable = [UnreadableState(key, "laptop", "state is not JSON")]
+    report.withheld = [Removal(7, 100, ago(10), "deleted by POP, arrived 10 days ago (> 3)")]
+    head, warning, row = report.lines()
+    assert head == (
+        "alice: nothing to remove (trash): a device state cannot be read; "
+        "1 messages would otherwise go"
+    )
+    assert warning == (
+        f"alice: WARNING state of device laptop (state {key}) unreadable (state is not JSON); "
+        "retention removes nothing for alice until that device logs in again or "
+        "`popgate device forget alice laptop`"
+    )
+    assert row.startswith("  UID 7  100 octets") and "kept (a device state is unreadable)" in row
+
+
 DEVICES = ["pc", "laptop", "phone"]
 INACTIVE_DAYS = 5
 
