@@ -100,7 +100,7 @@ async def device_list(
             if v.active:
                 status = "active"
             else:
-                status = f"inactive (not seen for {settings.device_inactive_days}+ days)"
+                status = f"inactive (no login for {settings.device_inactive_days}+ days)"
             rows.append((v.device, seen, str(downloaded), str(hidden), str(held[v.device]), status))
         tracked = settings.wait_for_devices or settings.after_all_devices_days
         for u in stored.unreadable:
