@@ -1,4 +1,4 @@
-"""One POP device's state in one mailbox: what it hid, what it downloaded, when it was last seen.
+"""One POP device's state in one mailbox: what it hid, what it downloaded, its last login.
 
 Each device keeps its own set of hidden messages (the ones it deleted under
 ``on_delete = "hide"``), so several devices each download every message. The set lives upstream,
