@@ -30,8 +30,8 @@ from tests.integration.test_retention import seed_dated
 from tests.integration.test_retention_devices import devices, popgate, retention, session
 from tests.integration.test_retention_quota import metric_values
 from tests.integration.test_state_store import metadata_server, pytest_generate_tests
-from tests.support.dovecot import append_message, quote_mailbox
 from tests.support.gateway import GatewayProcess
+from tests.support.imap_access import append_message, quote_mailbox
 from tests.support.metadata import set_metadata
 from tests.support.upstreams import Upstream
 
