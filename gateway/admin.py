@@ -59,18 +59,20 @@ async def _as_user(
 async def device_list(
     reactor: Any, config: Config, user: str, now: datetime | None = None
 ) -> list[str]:
-    """One line per device: last seen, downloaded / hidden / held-back counts, status.
+    """One line per device: last login, downloaded / hidden / held-back counts, status.
 
     Counts are of messages still in the mailbox; "held back" is what the device alone keeps
     there (deleted by another device, or downloaded by every other active device with
-    ``after_all_devices_days``, and not yet downloaded nor deleted by it).
+    ``after_all_devices_days``, and not yet downloaded nor deleted by it). A device whose
+    state cannot be read gets a line saying so: retention removes nothing while it is there.
     """
     settings = config.retention
     mailbox = config.pop3.mailbox
 
     async def work(account: ImapAccount) -> list[str]:
-        states = await device_store.load_all(account, config.pop3, mailbox)
-        if not states:
+        stored = await device_store.load_all(account, config.pop3, mailbox)
+        states = stored.states
+        if not states and not stored.unreadable:
             return [f"{user}: no POP device has state in {mailbox} (none holds mail back)"]
         when = now or datetime.now(UTC)
         views = device_views(states, now=when, inactive_days=settings.device_inactive_days)
@@ -87,7 +89,7 @@ async def device_list(
         )
         if not settings.wait_for_devices and not settings.after_all_devices_days:
             held = dict.fromkeys(held, 0)  # retention waits for no device
-        rows = [("DEVICE", "LAST SEEN (UTC)", "DOWNLOADED", "HIDDEN", "HELD BACK", "STATUS")]
+        rows = [("DEVICE", "LAST LOGIN (UTC)", "DOWNLOADED", "HIDDEN", "HELD BACK", "STATUS")]
         for v in views:
             same = v.state.uidvalidity == info.uidvalidity
             downloaded = sum(1 for m in present if same and m.uid in v.state.downloaded)
@@ -98,8 +100,15 @@ async def device_list(
             if v.active:
                 status = "active"
             else:
-                status = f"inactive (not seen for {settings.device_inactive_days}+ days)"
+                status = f"inactive (no login for {settings.device_inactive_days}+ days)"
             rows.append((v.device, seen, str(downloaded), str(hidden), str(held[v.device]), status))
+        tracked = settings.wait_for_devices or settings.after_all_devices_days
+        for u in stored.unreadable:
+            status = f"STATE UNREADABLE ({u.reason}; state {u.key})"
+            if tracked and settings.enabled:
+                status += f": retention removes nothing for {user} until it logs in again or "
+                status += f"`popgate device forget {user} {u.device or 'DEVICE'}`"
+            rows.append((u.device or "?", "unknown", "-", "-", "all" if tracked else "0", status))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [
             "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:5])) + "  " + r[5]

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_commands.required = True
     now_help = "judge ages and inactivity as of this ISO 8601 time (UTC), not the clock's"
     device_list = device_commands.add_parser(
-        "list", help="devices: last seen, downloaded / hidden / held back, inactive"
+        "list", help="devices: last login, downloaded / hidden / held back, inactive"
     )
     device_list.add_argument("-c", "--config", metavar="FILE", help=config_help)
     device_list.add_argument("--now", type=_moment, metavar="TIME", help=now_help)

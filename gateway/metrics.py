@@ -145,6 +145,12 @@ class Metrics:
             "it down because every remaining candidate is still needed by an active device.",
             registry=r,
         )
+        self.retention_state_unreadable = Counter(
+            "popgate_retention_state_unreadable",
+            "Retention runs that removed nothing for a user because a device state of that "
+            "user could not be read (forged, corrupt or over the size limit).",
+            registry=r,
+        )
         self.readiness_probes = Counter(
             "popgate_readiness_probes",
             "Upstream IMAP probes made for /readyz, by result.",

@@ -1,7 +1,8 @@
 """Retention: removes old POP-deleted messages per ``[retention]`` (and, with
 ``after_all_devices_days``, messages every active device downloaded), never anything else.
 With ``wait_for_devices`` it first reads every device's state and keeps what an active device
-still needs (gateway/maildrop/retention_plan.py decides).
+still needs (gateway/maildrop/retention_plan.py decides). If any of those states cannot be read
+it removes nothing for that user, and warns (``RetentionReport.unreadable``).
 
 It runs after a user's QUIT on the session's own IMAP connection (after the ``+OK`` has gone
 out, bounded by ``time_limit``), and, with a master identity configured, as a periodic sweep
@@ -19,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from gateway.config import Config
+from gateway.maildrop.device_state import UnreadableState
 from gateway.maildrop.retention_plan import (
     Candidate,
     DeviceView,
@@ -59,6 +61,9 @@ class RetentionReport:
     held: list[Held] = field(default_factory=list)
     devices: list[DeviceView] = field(default_factory=list)
     quota_unrelieved: bool = False
+    # Device states that could not be read: nothing is removed while there is one.
+    unreadable: list[UnreadableState] = field(default_factory=list)
+    withheld: list[Removal] = field(default_factory=list)
 
     @property
     def quota_blocked(self) -> bool:
@@ -70,6 +75,11 @@ class RetentionReport:
         verb = "removed" if self.applied else "would remove"
         if self.removals:
             head = f"{self.user}: {verb} {len(self.removals)} messages ({self.action}{where})"
+        elif self.unreadable:
+            head = (
+                f"{self.user}: nothing to remove ({self.action}): a device state cannot be "
+                f"read; {len(self.withheld)} messages would otherwise go"
+            )
         else:
             head = f"{self.user}: nothing to remove ({self.action})"
         if self.quota is not None:
@@ -77,6 +87,17 @@ class RetentionReport:
         rows = [
             f"  UID {r.uid}  {r.size} octets  arrived {r.arrived:%Y-%m-%d}  {r.reason}"
             for r in self.removals
+        ]
+        rows += [
+            f"{self.user}: WARNING state of device {u.label} unreadable ({u.reason}); "
+            f"retention removes nothing for {self.user} until that device logs in again or "
+            f"`popgate device forget {self.user} {u.device or 'DEVICE'}`"
+            for u in self.unreadable
+        ]
+        rows += [
+            f"  UID {r.uid}  {r.size} octets  arrived {r.arrived:%Y-%m-%d}  kept (a device "
+            f"state is unreadable); otherwise: {r.reason}"
+            for r in self.withheld
         ]
         if self.held:
             rows.append(f"{self.user}: kept {len(self.held)} messages active devices still need")
@@ -112,9 +133,10 @@ async def run_retention(
     if settings.wait_for_devices or settings.after_all_devices_days:
         # First: the state store may select other mailboxes. A device whose state another
         # session writes meanwhile only holds back more than it needs to.
-        states = await device_store.load_all(account, config.pop3, mailbox)
+        stored = await device_store.load_all(account, config.pop3, mailbox)
+        report.unreadable = stored.unreadable
         devices = report.devices = device_views(
-            states, now=now, inactive_days=settings.device_inactive_days
+            stored.states, now=now, inactive_days=settings.device_inactive_days
         )
     info = await account.open_mailbox(mailbox, readonly=dry_run)
     uids = await account.search_keyword(POP_DELETED)
@@ -140,8 +162,10 @@ async def run_retention(
         uidvalidity=info.uidvalidity,
         wait_for_devices=settings.wait_for_devices,
         after_all_devices_days=settings.after_all_devices_days,
+        unreadable=len(report.unreadable),
     )
     report.removals, report.held = plan.removals, plan.held
+    report.withheld = plan.withheld
     report.quota_unrelieved = plan.quota_unrelieved
     if not report.removals:
         return report
@@ -208,6 +232,17 @@ class RetentionService:
             log.warning("retention incomplete: %r", e, extra={"user": user})
             account.abort()
             return
+        if report.unreadable:
+            self.metrics.retention_state_unreadable.inc()
+            # Names the user and the state key (and the device when verified), never content.
+            log.warning(
+                "retention removed nothing: state of device %s unreadable (%s); run "
+                "`popgate device forget` for it, or wait for its next login (%d messages kept)",
+                ", ".join(u.label for u in report.unreadable),
+                "; ".join(sorted({u.reason for u in report.unreadable})),
+                len(report.withheld),
+                extra={"user": user},
+            )
         if report.applied:
             self.metrics.retention_removed_messages.inc(len(report.removals))
         if report.held:

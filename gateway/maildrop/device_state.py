@@ -1,4 +1,4 @@
-"""One POP device's state in one mailbox: what it hid, what it downloaded, when it was last seen.
+"""One POP device's state in one mailbox: what it hid, what it downloaded, its last login.
 
 Each device keeps its own set of hidden messages (the ones it deleted under
 ``on_delete = "hide"``), so several devices each download every message. The set lives upstream,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -57,7 +58,8 @@ class DeviceState:
     stored ``1:4294967295`` costs two numbers.
 
     ``downloaded`` (UIDs whose whole body a RETR sent, under ``uidvalidity``) and ``last_seen``
-    (Unix seconds of the last login that ended in QUIT; 0 = unknown) are what retention asks
+    (Unix seconds of the last login, recorded at login and at QUIT, at most hourly when
+    nothing else changed; 0 = unknown) are what retention asks
     before removing a message (``wait_for_devices``). Downloads are kept by UID only: after a
     UIDVALIDITY change every UIDL changes, the device downloads everything again, and until
     then it holds everything back, which only keeps mail longer.
@@ -252,6 +254,64 @@ class DeviceState:
         ):
             raise InvalidState("state has invalid EMAILIDs")
         return cls(mailbox, device, uidvalidity, uid_set, set(emailids), downloaded_set, last_seen)
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableState:
+    """A stored state copy that cannot be read (forged, corrupt, or over ``MAX_STATE_BYTES``).
+
+    Retention must not take it for "no device": the device it belongs to may not have
+    downloaded what others deleted. ``key`` (``state_key``) names the (mailbox, device) pair;
+    ``device`` is the device's name when the copy's own headers give one that hashes to
+    ``key``, else None. ``reason`` is InvalidState's text, which quotes nothing stored.
+    """
+
+    key: str
+    device: str | None
+    reason: str
+
+    @property
+    def label(self) -> str:
+        """How logs and reports name it: the device, else its state key."""
+        if self.device is not None:
+            return f"{self.device} (state {self.key})"
+        return f"unknown device (state {self.key})"
+
+
+# The headers that name a state: at most this much of a copy is looked at for them.
+_MAX_HEADER_BYTES = 8 * 1024
+_KEY_RE = re.compile(
+    rb"^" + re.escape(STATE_HEADER.encode()) + rb":[ \t]*(pg1-[0-9a-f]{32})[ \t]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SUBJECT_RE = re.compile(
+    rb"^Subject: POP device state \(([ -~]{1,60})\); used by popgate, keep\r?$", re.MULTILINE
+)
+
+
+def header_key(raw: bytes) -> str | None:
+    """The state key a state message's ``X-Popgate-State`` header holds, if well formed."""
+    found = _KEY_RE.search(_headers(raw))
+    return found.group(1).decode("ascii").lower() if found else None
+
+
+def unreadable_state(raw: bytes, mailbox: str, key: str, reason: str) -> UnreadableState:
+    """Describe an unreadable copy stored under ``key``, naming its device only if the name
+    in its Subject (as ``to_message`` writes it) hashes to ``key``: a forged name is never
+    shown as a device's."""
+    device = None
+    found = _SUBJECT_RE.search(_headers(raw))
+    if found:
+        name = found.group(1).decode("ascii")
+        if state_key(mailbox, name) == key:
+            device = name
+    return UnreadableState(key, device, reason)
+
+
+def _headers(raw: bytes) -> bytes:
+    head = raw[:_MAX_HEADER_BYTES]
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[:end]
 
 
 def _prune(uids: UidSet, present: Sequence[IndexedMessage], newer_from: int | None) -> UidSet:

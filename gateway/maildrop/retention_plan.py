@@ -6,6 +6,9 @@ and, with ``after_all_devices_days``, those every active device has downloaded. 
 ``wait_for_devices`` a deleted one also waits until every *active* device (seen within
 ``device_inactive_days``) has downloaded or deleted it. A user with no device state at all
 (IMAP clients only) has no device to wait for, and nothing counts as "downloaded by all".
+A user one of whose device states cannot be read (forged, corrupt, too large) loses nothing:
+that device may lack anything, so the plan removes nothing (``Plan.withheld`` says what it
+would have) until the state is readable again or the device is forgotten.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ class Plan:
     # Quota above quota_high_percent and still above the target after every removal allowed:
     # what is left is needed by some device (or nothing was POP-deleted at all).
     quota_unrelieved: bool = False
+    # What the rules would remove, kept because some device's state cannot be read.
+    withheld: list[Removal] = field(default_factory=list)
 
 
 def waiting_devices(
@@ -111,9 +116,11 @@ def plan_retention(
     uidvalidity: int = 0,
     wait_for_devices: bool = False,
     after_all_devices_days: int = 0,
+    unreadable: int = 0,
 ) -> Plan:
     """The removals, oldest first: by age, by "downloaded by all", then (if usage is too
-    high) by quota; and what a rule would take but a device still needs."""
+    high) by quota; and what a rule would take but a device still needs. ``unreadable``
+    (device states that could not be read) makes every removal a withheld one."""
     oldest_first = sorted(candidates, key=lambda c: (c.arrived, c.uid))
     plan = Plan()
     chosen: set[int] = set()
@@ -175,6 +182,8 @@ def plan_retention(
                 used -= c.size
             plan.quota_unrelieved = used >= target
     plan.removals.sort(key=lambda r: (r.arrived, r.uid))
+    if unreadable:
+        plan.withheld, plan.removals = plan.removals, []
     return plan
 
 

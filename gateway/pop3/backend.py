@@ -31,13 +31,19 @@ from gateway.retention import RetentionService
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount, MailboxInfo, UpstreamUnavailable
 from gateway.upstream.folders import resolve_folder
-from gateway.upstream.imap_client import BodySink, ImapError, ReadObserver, Response
+from gateway.upstream.imap_client import (
+    BodySink,
+    ImapCommandFailed,
+    ImapError,
+    ReadObserver,
+    Response,
+)
 from gateway.upstream.logins import UpstreamLogins
 
 log = logging.getLogger("popgate.pop3")
 
-# A session that downloaded nothing new rewrites its device's state only to say the device was
-# seen, and at most this often (seconds): inactivity is counted in days.
+# A login, or a session that downloaded nothing new, rewrites its device's state only to say
+# the device was seen, and at most this often (seconds): inactivity is counted in days.
 LAST_SEEN_EVERY = 3600
 
 
@@ -100,7 +106,8 @@ class MaildropService:
                 mailbox, readonly=readonly, cache=self.snapshots, cache_key=(login.user, mailbox)
             )
             state = None
-            if needs_state(index, info.keywords_allowed):
+            hides = needs_state(index, info.keywords_allowed)
+            if hides or self.tracks_devices:
                 state = await device_store.load(
                     account,
                     self.config.pop3,
@@ -109,6 +116,8 @@ class MaildropService:
                     uidvalidity=info.uidvalidity,
                     uidnext=info.uidnext,
                 )
+                if self.tracks_devices:
+                    await self._record_login(account, state, info, index)
                 again = await account.open_mailbox(mailbox, readonly=readonly)
                 if again.uidvalidity != info.uidvalidity:
                     raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")
@@ -116,7 +125,29 @@ class MaildropService:
             raise
         except ImapError as e:
             raise UpstreamUnavailable(f"cannot open {mailbox}: {e}") from e
-        return Pop3Mailbox(self, account, login, info, index, state)
+        return Pop3Mailbox(self, account, login, info, index, state, hides=hides)
+
+    async def _record_login(
+        self,
+        account: ImapAccount,
+        state: DeviceState,
+        info: MailboxInfo,
+        index: Sequence[IndexedMessage],
+    ) -> None:
+        """Record that the device logged in, so that from now on it holds back what it has
+        not downloaded, even if this session never reaches QUIT. At most one write per
+        ``LAST_SEEN_EVERY``, as at QUIT. A refused write only costs retention's knowledge."""
+        now = int(self.reactor.seconds())
+        if now - state.last_seen < LAST_SEEN_EVERY:
+            return
+        before = state.last_seen
+        state.seen(now)
+        newer_from = info.uidnext or max((m.uid for m in index), default=0) + 1
+        try:
+            await device_store.save(account, self.config.pop3, state, index, newer_from)
+        except ImapCommandFailed as e:
+            state.last_seen = before  # QUIT tries again
+            log.warning("device %r: login not recorded: %s", state.device, e)
 
 
 class Pop3Mailbox:
@@ -131,7 +162,11 @@ class Pop3Mailbox:
         info: MailboxInfo,
         index: Sequence[IndexedMessage],
         state: DeviceState | None,
+        *,
+        hides: bool = True,
     ) -> None:
+        """``hides``: whether ``state`` decides what the device sees (else it was read only
+        to record the login: a message without the keyword is never hidden, see uidl.py)."""
         self.service = service
         self.account = account
         self.login = login
@@ -140,7 +175,7 @@ class Pop3Mailbox:
         self.index = index
         self.state = state
         # The numbered messages the POP session sees (RFC 1939 maildrop).
-        self.numbered: Maildrop = build_maildrop(index, self.uidvalidity, state)
+        self.numbered: Maildrop = build_maildrop(index, self.uidvalidity, state if hides else None)
         self.downloads: list[int] = []  # UIDs whose whole body a RETR sent, this session
         self._closed = False
 

@@ -23,7 +23,9 @@ Anyone with the user's password can write the state, so reading is bounded: at m
 ``MAX_COPIES`` copies, each read only up to ``MAX_STATE_BYTES`` (a partial FETCH; METADATA
 entries over ``CHUNK_SIZE`` are not sent). A copy that cannot be used is ignored and the state
 rewritten without it, with one log line: a broken state costs a device at most a re-download,
-never a lockout.
+never a lockout. ``load_all`` (retention, ``popgate device list``) reports such copies
+(``UnreadableState``) instead of skipping them: retention removes nothing for a user while
+one of its devices' state cannot be read.
 
 A copy in METADATA is spread over entries of at most ``CHUNK_SIZE`` octets (``<writer>-<i>-<n>``,
 ``i`` of ``n``), because servers limit a value's size; it counts only when all ``n`` are there.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -48,6 +51,9 @@ from gateway.maildrop.device_state import (
     STATE_KEY_PREFIX,
     DeviceState,
     InvalidState,
+    UnreadableState,
+    header_key,
+    unreadable_state,
 )
 from gateway.maildrop.uidl import IndexedMessage
 from gateway.upstream.account import ImapAccount
@@ -107,7 +113,7 @@ class StateStore(Protocol):
 
     async def reset(self, account: ImapAccount, mailbox: str, device: str) -> int: ...
 
-    async def load_all(self, account: ImapAccount, mailbox: str) -> list[DeviceState]: ...
+    async def load_all(self, account: ImapAccount, mailbox: str) -> DeviceStates: ...
 
 
 async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str) -> StateStore:
@@ -189,6 +195,14 @@ def _check_size(state: DeviceState, message: bytes) -> None:
             len(message),
             MAX_STATE_BYTES,
         )
+
+
+@dataclass
+class DeviceStates:
+    """Every device's state for one mailbox, and the stored copies that could not be read."""
+
+    states: list[DeviceState] = field(default_factory=list)
+    unreadable: list[UnreadableState] = field(default_factory=list)
 
 
 def merge_by_device(mailbox: str, copies: Sequence[DeviceState]) -> list[DeviceState]:
@@ -318,33 +332,39 @@ class MailboxStore:
 
     async def states(
         self, account: ImapAccount, mailbox: str
-    ) -> tuple[list[DeviceState], list[int]]:
-        """Every state copy for ``mailbox`` and the UIDs to remove once they are carried over:
-        theirs, and those of our state messages nobody can read (the mailbox store would
-        replace those at the device's next login). Selects the state mailbox read-write;
-        empty when there is none. Read a batch at a time: memory stays bounded."""
+    ) -> tuple[list[DeviceState], list[int], list[UnreadableState]]:
+        """Every state copy for ``mailbox``, the UIDs to remove once they are carried over
+        (theirs, and those of our state messages nobody can read: the mailbox store would
+        replace those at the device's next login), and what those unreadable ones are.
+        Selects the state mailbox read-write; empty when there is none. Read a batch at a
+        time, each body cut after MAX_STATE_BYTES + 1: memory stays bounded."""
         try:
             await account.select(self.state_mailbox)
         except ImapCommandFailed:
-            return [], []
-        found, done = [], []
+            return [], [], []
+        found, done, unreadable = [], [], []
         uids = await self._find(account, STATE_KEY_PREFIX)
         for i in range(0, len(uids), MAX_COPIES):
             for uid, raw in (await self._bodies(account, uids[i : i + MAX_COPIES])).items():
                 try:
                     state = DeviceState.parse(raw)
-                except InvalidState:
+                except InvalidState as e:
                     done.append(uid)
+                    key = header_key(raw)
+                    # Without a well-formed key it is no device's state: no load reads it.
+                    # With one it may be this mailbox's (the key is a hash: it cannot tell).
+                    if key is not None:
+                        unreadable.append(unreadable_state(raw, mailbox, key, str(e)))
                     continue
                 if state.mailbox == mailbox:
                     found.append(state)
                     done.append(uid)
-        return found, done
+        return found, done, unreadable
 
-    async def load_all(self, account: ImapAccount, mailbox: str) -> list[DeviceState]:
-        """Every device's state for ``mailbox`` (for ``popgate device list``)."""
-        copies, _ = await self.states(account, mailbox)
-        return merge_by_device(mailbox, copies)
+    async def load_all(self, account: ImapAccount, mailbox: str) -> DeviceStates:
+        """Every device's state for ``mailbox``, and the copies that cannot be read."""
+        copies, _, unreadable = await self.states(account, mailbox)
+        return DeviceStates(merge_by_device(mailbox, copies), _one_per_key(unreadable))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +397,7 @@ class StoredCopies:
     whole: dict[str, bytes] = field(default_factory=dict)  # writer → the copy's bytes
     names: list[str] = field(default_factory=list)  # entries of whole and of stale partial copies
     partial: int = 0
+    oversized: int = 0  # entries over the chunk size: no copy popgate wrote
 
     def newest(self) -> list[bytes]:
         """At most ``MAX_COPIES`` whole copies, the newest writers'."""
@@ -454,7 +475,9 @@ class MetadataStore:
                         mailbox, self.chunk_size, found.long_entries)  # fmt: skip
             again = await account.get_metadata(mailbox, [prefix], depth="1")
             oversized = [n for n, v in again.values.items() if len(v) > self.chunk_size]
-            copies.names += [n for n in [*oversized, *again.streamed] if n.startswith(prefix)]
+            names = [n for n in [*oversized, *again.streamed] if n.startswith(prefix)]
+            copies.names += names
+            copies.oversized = len(names)
         return copies
 
     async def _write(self, account: ImapAccount, state: DeviceState, remove: Sequence[str]) -> None:
@@ -488,7 +511,7 @@ class MetadataStore:
         """
         if await account.mailbox_messages(self.legacy.state_mailbox) is None:
             return 0
-        copies, uids = await self.legacy.states(account, mailbox)
+        copies, uids, _ = await self.legacy.states(account, mailbox)
         for state in merge_by_device(mailbox, copies):
             await self._write(account, state, ())
         if uids:
@@ -508,6 +531,8 @@ class MetadataStore:
         problems = []
         if len(copies.whole) > MAX_COPIES:
             problems.append(f"{len(copies.whole)} copies, only the newest {MAX_COPIES} read")
+        if copies.oversized:
+            problems.append(f"{copies.oversized} entries over {self.chunk_size} octets")
         problems += merge_copies(state, copies.newest(), uidvalidity, uidnext)
         return copies, problems
 
@@ -549,33 +574,71 @@ class MetadataStore:
         key = DeviceState(mailbox, device).key
         prefix = f"{STATE_ROOT}/{key}"
         found = await account.get_metadata(mailbox, [prefix], depth="1")
-        names = [n for n in found.values if n.startswith(prefix + "/")]
+        names = [n for n in [*found.values, *found.streamed] if n.startswith(prefix + "/")]
         if names:
             await account.set_metadata(mailbox, dict.fromkeys(names))
-        copies = len(assemble(found.values, prefix, time.time()).whole)
+        # Entries of no whole copy (partial, oversized) count as one: something was removed.
+        copies = len(assemble(found.values, prefix, time.time()).whole) or int(bool(names))
         return copies + await self.legacy.reset(account, mailbox, device)
 
-    async def load_all(self, account: ImapAccount, mailbox: str) -> list[DeviceState]:
-        """Every device's state for ``mailbox``, also what still waits in the state mailbox."""
+    async def load_all(self, account: ImapAccount, mailbox: str) -> DeviceStates:
+        """Every device's state for ``mailbox``, also what still waits in the state mailbox,
+        and the copies that cannot be read (each repaired when its device next logs in)."""
         found = await account.get_metadata(
             mailbox, [STATE_ROOT], depth="infinity", max_size=self.chunk_size
         )
         by_key: dict[str, dict[str, bytes]] = {}
         for name, value in found.values.items():
-            key = name[len(STATE_ROOT) + 1 :].partition("/")[0]
-            if name.startswith(STATE_ROOT + "/") and key:
+            key = _entry_key(name)
+            if key:
                 by_key.setdefault(key, {})[name] = value
-        copies = []
+        copies, unreadable = [], []
+        if found.long_entries:
+            # popgate writes no entry over chunk_size: one is a forged or broken copy. Learn
+            # their names (values over 64 KiB are not kept) to say whose state it is.
+            again = await account.get_metadata(mailbox, [STATE_ROOT], depth="infinity")
+            names = [n for n, v in again.values.items() if len(v) > self.chunk_size]
+            for key in sorted({k for k in map(_entry_key, [*names, *again.streamed]) if k}):
+                reason = f"state entry over {self.chunk_size} octets"
+                unreadable.append(UnreadableState(key, None, reason))
         for key, values in by_key.items():
             for raw in assemble(values, f"{STATE_ROOT}/{key}", time.time()).newest():
                 try:
                     state = DeviceState.parse(raw)
-                except InvalidState:
-                    continue  # repaired when that device next logs in
+                except InvalidState as e:
+                    unreadable.append(unreadable_state(raw, mailbox, key, str(e)))
+                    continue
                 if state.mailbox == mailbox and state.key == key:
                     copies.append(state)
-        legacy, _ = await self.legacy.states(account, mailbox)
-        return merge_by_device(mailbox, [*copies, *legacy])
+                else:
+                    unreadable.append(UnreadableState(key, None, "state names another device"))
+        legacy, _, unreadable_legacy = await self.legacy.states(account, mailbox)
+        return DeviceStates(
+            merge_by_device(mailbox, [*copies, *legacy]),
+            _one_per_key([*unreadable, *unreadable_legacy]),
+        )
+
+
+def _entry_key(name: str) -> str | None:
+    """The state key of an entry ``STATE_ROOT/key/writer-i-n``; None for others (the probe).
+    Only a well-formed key can be a device's: no load reads any other."""
+    if not name.startswith(STATE_ROOT + "/"):
+        return None
+    key, sep, _ = name[len(STATE_ROOT) + 1 :].partition("/")
+    return key if sep and _WELL_FORMED_KEY.fullmatch(key) else None
+
+
+_WELL_FORMED_KEY = re.compile(rf"{STATE_KEY_PREFIX}[0-9a-f]{{32}}")
+
+
+def _one_per_key(unreadable: Sequence[UnreadableState]) -> list[UnreadableState]:
+    """One report per state key (several copies may be broken), naming the device if any
+    copy did."""
+    by_key: dict[str, UnreadableState] = {}
+    for u in unreadable:
+        if u.key not in by_key or (by_key[u.key].device is None and u.device is not None):
+            by_key[u.key] = u
+    return sorted(by_key.values(), key=lambda u: (u.device is None, u.device or "", u.key))
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +685,8 @@ async def reset(account: ImapAccount, settings: Pop3Settings, mailbox: str, devi
     return await store.reset(account, mailbox, device)
 
 
-async def load_all(account: ImapAccount, settings: Pop3Settings, mailbox: str) -> list[DeviceState]:
-    """Every device's state for ``mailbox`` (for ``popgate device list``)."""
+async def load_all(account: ImapAccount, settings: Pop3Settings, mailbox: str) -> DeviceStates:
+    """Every device's state for ``mailbox`` and the copies that cannot be read (for retention
+    and ``popgate device list``)."""
     store = await open_store(account, settings, mailbox)
     return await store.load_all(account, mailbox)

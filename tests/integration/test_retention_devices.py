@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.maildrop.device_state import DeviceState
-from tests.integration.pop3_helpers import wait_until
+from gateway.maildrop.device_state import DeviceState, state_key
+from tests.integration.pop3_helpers import upstream_view, wait_until
 from tests.integration.test_retention import seed_dated
 from tests.support.gateway import GatewayProcess
 from tests.support.upstreams import Upstream
@@ -296,3 +296,42 @@ def test_only_a_whole_retr_in_a_session_ended_by_quit_counts_as_downloaded(
         client.rset()
     listed = devices(gw, user)["phone"]
     assert listed[2:6] == ["1", "0", "0", "active"], listed
+
+
+def test_a_device_that_logged_in_but_never_quit_holds_mail_back(
+    mail_user: Any, upstream: Upstream, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """The login itself is recorded (the contract's "last login"): a laptop whose only
+    session dropped before QUIT is a known, active device that lacks everything."""
+    user, pw = mail_user.name, mail_user.password
+    gw = start_gateway(retention=RETENTION)
+    uid = seed_dated(upstream, mail_user, [("a", 10, 0), ("b", 9, 0)])
+    every = set(uid.values())
+    client = poplib.POP3("127.0.0.1", gw.pop3_port, timeout=30)
+    client.user(f"{user}#laptop")
+    client.pass_(pw)
+    assert client.stat()[0] == 2
+    client.close()  # dropped: no QUIT
+    wait_until(
+        lambda: re.search(r"disconnect .*device=laptop ", gw.log_text()) is not None,
+        what="the dropped session's disconnect logged",
+    )
+    assert session(gw, f"{user}#pc", pw, dele=every) == every
+    out = retention(gw, user)
+    assert out[:2] == [f"{user}: nothing to remove (expunge)",
+                       f"{user}: kept 2 messages active devices still need"], out  # fmt: skip
+    assert all("held back by laptop" in r for r in out[2:4]), out
+    assert upstream.list_uids(user, pw) == sorted(every)
+    listed = devices(gw, user)
+    assert listed["laptop"][0] != "unknown" and listed["laptop"][2:6] == ["0", "0", "2", "active"]
+    # Another login and QUIT within the hour writes no state (nothing else changed): the
+    # laptop's one state message upstream keeps its UID.
+    copies = laptop_state_uids(upstream, user)
+    assert len(copies) == 1, copies
+    assert session(gw, f"{user}#laptop", pw, retr=set()) == every
+    assert laptop_state_uids(upstream, user) == copies
+
+
+def laptop_state_uids(upstream: Upstream, user: str) -> set[int]:
+    key = state_key("INBOX", "laptop").encode()
+    return {uid for uid, raw in upstream_view(upstream, user).state_messages.items() if key in raw}

@@ -423,7 +423,7 @@ def test_forged_metadata_state_never_locks_a_device_out(
             )
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[2:]
         gw.wait_for_log(r"state entries of INBOX over 32768 octets ignored \(the largest: 50004")
-        gw.wait_for_log(r"ignored 2 unusable state copies in METADATA")
+        gw.wait_for_log(r"ignored 3 unusable state copies in METADATA in INBOX \(1 entries over")
         entries = state_entries(metadata_server, acct.name)
         assert len(entries) == 1  # rewritten once, from the usable copies; the rest removed
         assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[1]}}

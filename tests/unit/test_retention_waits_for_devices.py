@@ -13,16 +13,25 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
-from gateway.maildrop.device_state import DeviceState
+from gateway.maildrop.device_state import (
+    DeviceState,
+    InvalidState,
+    UnreadableState,
+    header_key,
+    state_key,
+    unreadable_state,
+)
 from gateway.maildrop.policy import expire_capability
 from gateway.maildrop.retention_plan import (
     Candidate,
     Quota,
+    Removal,
     device_views,
     held_back_counts,
     plan_retention,
 )
 from gateway.maildrop.uidl import IndexedMessage
+from gateway.retention import RetentionReport
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 UV = 7
@@ -172,6 +181,52 @@ def test_expire_says_the_shortest_stay_any_rule_allows(
 
 
 # --------------------------------------------------------------------- the state machine
+def test_an_unreadable_state_withholds_every_removal() -> None:
+    msgs = [Candidate(1, 100, ago(10)), Candidate(2, 100, ago(10), deleted=False)]
+    pc = state("pc", hidden={1}, got={1, 2})
+    result = plan(msgs, [pc], unreadable=1, after_all_devices_days=3)
+    assert result.removals == []
+    assert sorted(r.uid for r in result.withheld) == [1, 2]
+    # Quota pressure too: nothing goes.
+    full = plan(msgs, [pc], unreadable=1, quota=Quota(99, 100), quota_high_percent=80)
+    assert full.removals == [] and [r.uid for r in full.withheld] == [1]
+    assert [r.uid for r in plan(msgs, [pc]).removals] == [1]
+
+
+def test_an_unreadable_copy_names_its_device_only_when_the_name_hashes_to_its_key() -> None:
+    raw = DeviceState("INBOX", "laptop").to_message(date=0, message_id="<s@t>")
+    key = state_key("INBOX", "laptop")
+    assert header_key(raw) == key
+    broken = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n{not json"
+    found = unreadable_state(broken, "INBOX", key, "state is not JSON")
+    assert found == UnreadableState(key, "laptop", "state is not JSON")
+    assert found.label == f"laptop (state {key})"
+    # A copy filed under the phone's key whose Subject claims "laptop": the name is not shown.
+    phone = state_key("INBOX", "phone")
+    assert unreadable_state(broken, "INBOX", phone, "x").label == f"unknown device (state {phone})"
+    # No well-formed key: no device's state at all.
+    assert header_key(b"X-Popgate-State: pg1-zz\r\n\r\n{}") is None
+    assert header_key(b"Subject: x\r\n\r\nX-Popgate-State: " + key.encode() + b"\r\n") is None
+
+
+def test_the_dry_run_report_says_which_state_is_unreadable() -> None:
+    key = state_key("INBOX", "laptop")
+    report = RetentionReport("alice", "trash")
+    report.unreadable = [UnreadableState(key, "laptop", "state is not JSON")]
+    report.withheld = [Removal(7, 100, ago(10), "deleted by POP, arrived 10 days ago (> 3)")]
+    head, warning, row = report.lines()
+    assert head == (
+        "alice: nothing to remove (trash): a device state cannot be read; "
+        "1 messages would otherwise go"
+    )
+    assert warning == (
+        f"alice: WARNING state of device laptop (state {key}) unreadable (state is not JSON); "
+        "retention removes nothing for alice until that device logs in again or "
+        "`popgate device forget alice laptop`"
+    )
+    assert row.startswith("  UID 7  100 octets") and "kept (a device state is unreadable)" in row
+
+
 DEVICES = ["pc", "laptop", "phone"]
 INACTIVE_DAYS = 5
 
@@ -188,12 +243,20 @@ class Message:
     deleted: bool = False  # $POPDeleted
 
 
+# A state copy nobody can read (forged, corrupt, over the size limit).
+BROKEN = b"X-Popgate-State: forged\r\n\r\n{not json"
+LAST_SEEN_EVERY = 3600  # gateway/pop3/backend.py
+
+
 class NeverRemovesWhatAnActiveDeviceLacks(RuleBasedStateMachine):
     """Devices log in, RETR (whole), TOP, DELE, QUIT or drop, two sessions of a device at a
-    time, state copies from several replicas; IMAP clients append and expunge; days pass;
+    time, state copies from several replicas; IMAP clients append and expunge; someone
+    plants an unreadable copy of a device's state; the operator forgets a device; days pass;
     retention runs with any settings. Every message retention removes must have been
-    downloaded or deleted (in a session that ended in QUIT) by every device seen within
-    ``device_inactive_days``."""
+    downloaded or deleted (in a session that ended in QUIT) by every device that logged in
+    within ``device_inactive_days`` (a login is recorded at once, as the backend does, even
+    if its session then drops), and nothing is removed while any device state is
+    unreadable."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -203,15 +266,51 @@ class NeverRemovesWhatAnActiveDeviceLacks(RuleBasedStateMachine):
         self.copies: dict[str, list[bytes]] = {}  # device -> state copies (several replicas)
         self.sessions: dict[int, Session] = {}
         self.next_session = 0
-        # The model: what each device really completed, and when it last ended with QUIT.
+        # The model: what each device really completed, and when it last logged in.
         self.done: dict[str, set[int]] = {d: set() for d in DEVICES}
-        self.last_quit: dict[str, datetime] = {}
+        self.last_login: dict[str, datetime] = {}
 
     def load(self, device: str) -> DeviceState:
+        """The device's own read (device_store.merge_copies): unusable copies are skipped."""
         merged = DeviceState("INBOX", device)
         for raw in self.copies.get(device, []):
-            merged.merge(DeviceState.from_message(raw, "INBOX", device))
+            try:
+                merged.merge(DeviceState.from_message(raw, "INBOX", device))
+            except InvalidState:
+                continue
         return merged
+
+    def write(self, device: str, state: DeviceState, *, keep_others: bool = False) -> None:
+        raw = state.to_message(date=0, message_id="<s@test>")
+        self.copies[device] = [*self.copies.get(device, []), raw] if keep_others else [raw]
+
+    def readable(self, device: str) -> bool:
+        return any(raw != BROKEN for raw in self.copies.get(device, []))
+
+    @property
+    def unreadable(self) -> list[str]:
+        """What ``load_all`` reports: devices with a copy that does not parse."""
+        found = []
+        for device, copies in self.copies.items():
+            for raw in copies:
+                try:
+                    DeviceState.parse(raw)
+                except InvalidState:
+                    found.append(device)
+                    break
+        return found
+
+    @rule(device=st.sampled_from(DEVICES))
+    def someone_plants_an_unreadable_copy(self, device: str) -> None:
+        self.copies[device] = [*self.copies.get(device, []), BROKEN]
+
+    @rule(device=st.sampled_from(DEVICES))
+    def operator_forgets(self, device: str) -> None:
+        """``popgate device forget``: its copies go; it holds nothing back until it logs in
+        again, as a new device."""
+        self.copies.pop(device, None)
+        self.done[device] = set()
+        self.last_login.pop(device, None)
 
     @rule()
     def imap_append(self) -> None:
@@ -230,10 +329,21 @@ class NeverRemovesWhatAnActiveDeviceLacks(RuleBasedStateMachine):
     @rule(device=st.sampled_from(DEVICES))
     def login(self, device: str) -> None:
         """A session opens: its snapshot is what the device sees (at most 4 open at once,
-        two of one device included: there is no lock)."""
+        two of one device included: there is no lock). The load repairs unusable copies,
+        and the login is recorded at most once per LAST_SEEN_EVERY."""
         if len(self.sessions) >= 4:
             return
         hidden = self.load(device)
+        if device in self.unreadable:
+            self.write(device, hidden)
+        now = int(self.now.timestamp())
+        if now - hidden.last_seen >= LAST_SEEN_EVERY:
+            hidden.seen(now)
+            hidden.prune(
+                [IndexedMessage(u, 10, frozenset()) for u in self.mailbox], newer_from=self.next_uid
+            )
+            self.write(device, hidden)
+        self.last_login[device] = self.now
         snapshot = {
             uid: IndexedMessage(uid, 10, frozenset())
             for uid in self.mailbox
@@ -268,10 +378,8 @@ class NeverRemovesWhatAnActiveDeviceLacks(RuleBasedStateMachine):
         state.seen(int(self.now.timestamp()))
         present = [m for u, m in session.snapshot.items() if u in self.mailbox]
         state.prune(present, newer_from=max(session.snapshot, default=0) + 1)
-        raw = state.to_message(date=0, message_id="<s@test>")
-        self.copies[device] = [*self.copies.get(device, []), raw] if replica else [raw]
+        self.write(device, state, keep_others=replica)
         self.done[device] |= got | deleted
-        self.last_quit[device] = self.now
 
     @rule(
         delete_after=st.sampled_from([1, 0, 3]),
@@ -279,7 +387,9 @@ class NeverRemovesWhatAnActiveDeviceLacks(RuleBasedStateMachine):
         quota_full=st.booleans(),
     )
     def retention_runs(self, delete_after: int, after_all: int, quota_full: bool) -> None:
-        states = [self.load(d) for d in DEVICES if d in self.copies]
+        unreadable = self.unreadable
+        # As load_all reads them: only devices with a copy that parses have a state.
+        states = [self.load(d) for d in DEVICES if d in self.copies and self.readable(d)]
         views = device_views(states, now=self.now, inactive_days=INACTIVE_DAYS)
         candidates = [
             Candidate(uid, 10, m.arrived, m.deleted) for uid, m in sorted(self.mailbox.items())
@@ -295,9 +405,11 @@ class NeverRemovesWhatAnActiveDeviceLacks(RuleBasedStateMachine):
             uidvalidity=UV,
             wait_for_devices=True,
             after_all_devices_days=after_all,
+            unreadable=len(unreadable),
         )
+        assert not (unreadable and result.removals), (unreadable, result.removals)
         cutoff = self.now - timedelta(days=INACTIVE_DAYS)
-        active = [d for d, t in self.last_quit.items() if t >= cutoff]
+        active = [d for d, t in self.last_login.items() if t >= cutoff]
         for removal in result.removals:
             lacking = [d for d in active if removal.uid not in self.done[d]]
             assert not lacking, f"UID {removal.uid} removed, {lacking} never downloaded it"
