@@ -81,7 +81,8 @@ def test_google_preset_and_explicit_values_win(tmp_path: Path) -> None:
 def test_custom_needs_urls_and_client_id_when_used(tmp_path: Path) -> None:
     assert problems(tmp_path, OAUTH_IMAP) == [
         "[upstream.imap] host: required (the upstream IMAP server)",
-        '[oauth2] device_authorization_url: required with provider = "custom"',
+        '[oauth2] device_authorization_url: required with provider = "custom"'
+        " (or authorization_url, for the browser flow)",
         '[oauth2] token_url: required with provider = "custom"',
         "[oauth2] client_id: required (the application ID of the registration)",
     ]
