@@ -978,7 +978,8 @@ class _Loader:
                 "device_authorization_url",
                 'required with provider = "custom" (or authorization_url, for the browser flow)',
             )
-        if uses_oauth2 and not oauth2.get("token_url") and (section, "token_url") not in self.failed:
+        token_failed = (section, "token_url") in self.failed
+        if uses_oauth2 and not oauth2.get("token_url") and not token_failed:
             self.problem(section, "token_url", 'required with provider = "custom"')
         if not oauth2.get("scopes") and (section, "scopes") not in self.failed:
             if preset is not None:

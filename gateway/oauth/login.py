@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import CannotListenError
@@ -160,7 +161,9 @@ async def run_browser_login(
             f"cannot listen on 127.0.0.1:{port} for the redirect: {exc.socketError}"
         ) from None
     try:
-        redirect_uri = loopback_redirect_uri(listening.getHost().port)
+        address = listening.getHost()
+        assert isinstance(address, IPv4Address)
+        redirect_uri = loopback_redirect_uri(address.port)
         flow = catcher.flow = AuthorizationCodeFlow(settings, redirect_uri)
         out.write(
             f"To sign in {user}, open this address in a browser:\n\n"

@@ -18,8 +18,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from gateway.oauth.store import TokenStore
 from tests.support.oauth_provider import OAuthProvider
 
@@ -218,7 +216,7 @@ def test_access_denied_redirect_ends_the_login(
     url = login.authorization_url()
     status, _, page = browse(url, "session=dan; consent=deny", follow=True)
     assert status == 400 and "the sign-in was refused (access_denied)" in page
-    code, out, err = login.finish()
+    code, _, err = login.finish()
     assert code == 1
     assert err == (
         "popgate: login of dan failed: the sign-in was refused (access_denied): the user said no\n"
@@ -234,7 +232,7 @@ def test_invalid_code_is_refused_by_the_token_endpoint(
     url = login.authorization_url()
     _, location, _ = browse(url, "session=erin", follow=False)
     login.paste(replace_param(location, "code", "not-a-code-the-provider-issued"))
-    code, out, err = login.finish()
+    code, _, err = login.finish()
     assert code == 1
     assert err == (
         "popgate: login of erin failed: the provider refused the authorization code:"
@@ -254,7 +252,7 @@ def test_redirect_port_taken_is_a_clear_failure(
         taken.listen()
         port = taken.getsockname()[1]
         login = Login(tmp_path, oauth_provider, "fay", "--redirect-port", str(port))
-        code, out, err = login.finish()
+        code, _, err = login.finish()
     assert code == 1
     assert err.startswith(f"popgate: login of fay failed: cannot listen on 127.0.0.1:{port}")
     assert oauth_provider.count("authorize") == 0
