@@ -65,13 +65,23 @@ token_key_file = "token.key"
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.errors: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_errors, daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.put(line)
         self.lines.put(None)
+
+    def _read_errors(self) -> None:
+        assert self.process.stderr is not None
+        self.errors.extend(self.process.stderr)
 
     def wait_for(self, pattern: str) -> re.Match[str]:
         """The first output line matching ``pattern``, waiting at most DEADLINE seconds."""
@@ -96,16 +106,19 @@ token_key_file = "token.key"
         self.process.stdin.flush()
 
     def finish(self) -> tuple[int, str, str]:
+        """Exit status, all of stdout, all of stderr."""
         try:
-            _, err = self.process.communicate(timeout=DEADLINE)
+            self.process.wait(timeout=DEADLINE)
         finally:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
-        out = ""
+        for reader in self.readers:
+            reader.join(DEADLINE)
+        rest = []
         while (line := self.lines.get(timeout=DEADLINE)) is not None:
-            out += line
-        return self.process.returncode, "".join(self.seen) + out, err
+            rest.append(line)
+        return self.process.returncode, "".join(self.seen + rest), "".join(self.errors)
 
     def store(self) -> TokenStore:
         return TokenStore(self.token_dir, self.key)
