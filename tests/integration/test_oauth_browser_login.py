@@ -269,3 +269,39 @@ def test_redirect_port_taken_is_a_clear_failure(
     assert code == 1
     assert err.startswith(f"popgate: login of fay failed: cannot listen on 127.0.0.1:{port}")
     assert oauth_provider.count("authorize") == 0
+
+
+def test_browser_flow_needs_the_authorization_url(
+    tmp_path: Path, oauth_provider: OAuthProvider
+) -> None:
+    config = tmp_path / "popgate.toml"
+    config.write_text(
+        f"""[upstream.imap]
+host = "127.0.0.1"
+auth = "oauth2"
+
+[oauth2]
+device_authorization_url = "{oauth_provider.device_authorization_url}"
+token_url = "{oauth_provider.token_url}"
+client_id = "{oauth_provider.client_id}"
+token_dir = "tokens"
+"""
+    )
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    base = [sys.executable, "-m", "gateway", "oauth", "login", "-c", str(config), "gina"]
+    base += ["--device-password-file", str(tmp_path / "pw")]
+    for extra, message in [
+        (
+            ["--flow", "browser"],
+            f"{config}: [oauth2] authorization_url: required for popgate oauth login"
+            " --flow browser\n",
+        ),
+        (["--redirect-port", "70000"], "not a port number: '70000'"),
+    ]:
+        run = subprocess.run(
+            base + extra, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=DEADLINE, check=False,
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert message in run.stderr
+    assert oauth_provider.requests == {}
