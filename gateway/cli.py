@@ -326,7 +326,7 @@ def cmd_oauth_login(args: argparse.Namespace) -> int:
                     password,
                     sys.stdout,
                     port=args.redirect_port,
-                    paste=sys.stdin,
+                    paste=0,  # stdin; a closed one just leaves the listener
                 )
             else:
                 await run_login(reactor, settings, store, args.user, password, sys.stdout)

@@ -145,12 +145,13 @@ async def run_browser_login(
     *,
     poster: FormPoster | None = None,
     port: int = 0,
-    paste: TextIO | None = None,
+    paste: int | None = None,
     timeout: float = BROWSER_TIMEOUT,
 ) -> GrantRecord:
     """The authorization-code flow with PKCE: print the authorization URL, take the redirect
-    from the loopback listener on ``port`` or from a line pasted on ``paste``, exchange the
-    code, store the grant. Nothing secret (code, verifier, tokens) is printed."""
+    from the loopback listener on ``port`` or from a line pasted on file descriptor ``paste``
+    (stdin), exchange the code, store the grant. Nothing secret (code, verifier, tokens) is
+    printed."""
     post = (poster or FormPoster(reactor)).post
     password_hash = await deferToThread(PasswordHash.create, password)
     catcher = RedirectCatcher(reactor, out)

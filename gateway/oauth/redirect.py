@@ -11,6 +11,7 @@ logged or shown (twisted.web's access log is switched off: the request line carr
 from __future__ import annotations
 
 import html
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -20,7 +21,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from gateway.oauth.authcode import AuthorizationCodeFlow, AuthorizationFailed, NotARedirect
+from gateway.oauth.authcode import (
+    MAX_REDIRECT,
+    AuthorizationCodeFlow,
+    AuthorizationFailed,
+    NotARedirect,
+)
 
 __all__ = ["RedirectCatcher"]
 
@@ -60,9 +66,10 @@ class RedirectCatcher:
         return listening
 
     # ------------------------------------------------------------------ pasted lines
-    def read_pasted(self, stream: TextIO) -> None:
-        """Read lines from ``stream`` in a daemon thread (a blocking read: stdin is often the
-        terminal that stdout writes to, which must not become non-blocking)."""
+    def read_pasted(self, fd: int) -> None:
+        """Read lines from file descriptor ``fd`` (stdin) in a daemon thread. Blocking reads
+        (stdin is often the terminal stdout writes to, which must not become non-blocking)
+        with ``os.read``: no lock of ``sys.stdin`` is held when the process exits."""
 
         def pasted(line: str) -> None:
             if not line.strip() or self.code.called:
@@ -73,11 +80,21 @@ class RedirectCatcher:
                 self.out.flush()
 
         def read() -> None:
-            try:
-                for line in iter(stream.readline, ""):
-                    self.reactor.callFromThread(pasted, line)
-            except (OSError, ValueError):  # stdin closed under us: the listener still works
-                return
+            pending = b""
+            while True:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # stdin closed under us: the listener still works
+                    return
+                if not chunk:
+                    return
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if len(pending) > MAX_REDIRECT:  # no newline in sight: not a pasted address
+                    pending = b""
+                for line in lines:
+                    text = line.decode("utf-8", "replace")
+                    self.reactor.callFromThread(pasted, text)
 
         threading.Thread(target=read, name="oauth-paste", daemon=True).start()
 
