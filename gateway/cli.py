@@ -276,16 +276,27 @@ def _device_password(args: argparse.Namespace) -> str | None:
     return password
 
 
+def _port_number(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
+
+
 def cmd_oauth_login(args: argparse.Namespace) -> int:
-    """Run the RFC 8628 device flow for USER and store the grant with the device password."""
+    """Sign USER in (device flow, or the browser flow with PKCE) and store the grant with the
+    device password."""
     loaded = _oauth_store(args, create=True)
     if isinstance(loaded, int):
         return loaded
     config, store = loaded
     settings = config.oauth2
+    from gateway.oauth.authcode import default_flow
+
+    flow = args.flow or default_flow(settings)
+    endpoint = "authorization_url" if flow == "browser" else "device_authorization_url"
     problems = [
-        f"{config.source}: [oauth2] {key}: required for popgate oauth login"
-        for key in ("client_id", "device_authorization_url", "token_url")
+        f"{config.source}: [oauth2] {key}: required for popgate oauth login --flow {flow}"
+        for key in ("client_id", endpoint, "token_url")
         if not getattr(settings, key)
     ]
     problem = _oauth_user_problem(config, args.user)
@@ -300,13 +311,25 @@ def cmd_oauth_login(args: argparse.Namespace) -> int:
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from gateway.oauth.login import LoginFailed, run_login
+    from gateway.oauth.login import LoginFailed, run_browser_login, run_login
 
     outcome: list[int] = []
 
     async def login(reactor: Any) -> None:
         try:
-            await run_login(reactor, settings, store, args.user, password, sys.stdout)
+            if flow == "browser":
+                await run_browser_login(
+                    reactor,
+                    settings,
+                    store,
+                    args.user,
+                    password,
+                    sys.stdout,
+                    port=args.redirect_port,
+                    paste=0,  # stdin; a closed one just leaves the listener
+                )
+            else:
+                await run_login(reactor, settings, store, args.user, password, sys.stdout)
         except LoginFailed as exc:
             _error(f"login of {args.user} failed: {exc}")
             outcome.append(EXIT_FAILURE)
@@ -445,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     oauth_commands = oauth.add_subparsers(dest="oauth_command", metavar="ACTION")
     oauth_commands.required = True
     oauth_login = oauth_commands.add_parser(
-        "login", help="sign USER in with the device flow and set the device password"
+        "login", help="sign USER in (device or browser flow) and set the device password"
     )
     oauth_login.add_argument("-c", "--config", metavar="FILE", help=config_help)
     oauth_login.add_argument("user")
@@ -453,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--device-password-file",
         metavar="FILE",
         help="read the device password from FILE (first line) instead of asking",
+    )
+    oauth_login.add_argument(
+        "--flow",
+        choices=("device", "browser"),
+        help="device: RFC 8628 code to enter on any device; browser: authorization code with"
+        " PKCE and a loopback redirect (default: browser for google, else device)",
+    )
+    oauth_login.add_argument(
+        "--redirect-port",
+        type=_port_number,
+        default=0,
+        metavar="PORT",
+        help="browser flow: listen for the redirect on 127.0.0.1:PORT (default: any free port)",
     )
     oauth_login.set_defaults(handler=cmd_oauth_login)
     oauth_list = oauth_commands.add_parser("list", help="users with a grant (never a token)")

@@ -203,6 +203,7 @@ class OAuthPreset:
     scopes: tuple[str, ...]
     imap_host: str
     smtp_host: str
+    authorization_url: str  # the browser flow's (authorization code with PKCE)
 
 
 # Microsoft identity platform v2.0 endpoints ({tenant}: common, organizations, a domain or the
@@ -219,6 +220,7 @@ OAUTH_PRESETS: dict[str, OAuthPreset] = {
         ),
         "outlook.office365.com",
         "smtp.office365.com",
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
     ),
     "google": OAuthPreset(
         "https://oauth2.googleapis.com/device/code",
@@ -226,6 +228,7 @@ OAUTH_PRESETS: dict[str, OAuthPreset] = {
         ("https://mail.google.com/",),
         "imap.gmail.com",
         "smtp.gmail.com",
+        "https://accounts.google.com/o/oauth2/v2/auth",
     ),
 }
 
@@ -238,6 +241,8 @@ class OAuth2Settings:
     tenant: str = "common"
     device_authorization_url: str = ""
     token_url: str = ""
+    # RFC 6749 authorization endpoint, for `popgate oauth login --flow browser` (PKCE).
+    authorization_url: str = ""
     client_id: str = ""
     client_secret: str = field(default="", repr=False)
     scopes: tuple[str, ...] = ()
@@ -391,6 +396,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "provider": _Key("choice", ("microsoft", "google", "custom")),
         "tenant": _Key("str"),
         "device_authorization_url": _Key("str", optional=True),
+        "authorization_url": _Key("str", optional=True),
         "token_url": _Key("str", optional=True),
         "client_id": _Key("str", optional=True),
         "client_secret": _Key("str", optional=True, secret=True),
@@ -954,19 +960,27 @@ class _Loader:
                 + _quote(tenant),
             )
         preset = OAUTH_PRESETS.get(provider)
-        for key in ("device_authorization_url", "token_url"):
+        for key in ("device_authorization_url", "authorization_url", "token_url"):
             if (section, key) in self.failed:
                 continue
             if not oauth2.get(key) and preset is not None:
                 oauth2[key] = getattr(preset, key).format(tenant=tenant)
             url = oauth2.get(key, "")
-            if not url:
-                if uses_oauth2:
-                    self.problem(section, key, 'required with provider = "custom"')
-                continue
-            problem = _url_problem(url)
-            if problem:
-                self.problem(section, key, problem)
+            if url:
+                problem = _url_problem(url)
+                if problem:
+                    self.problem(section, key, problem)
+        # custom: the token endpoint, and the endpoint of at least one way to sign in.
+        sign_in = ("device_authorization_url", "authorization_url")
+        if uses_oauth2 and not any(oauth2.get(k) or (section, k) in self.failed for k in sign_in):
+            self.problem(
+                section,
+                "device_authorization_url",
+                'required with provider = "custom" (or authorization_url, for the browser flow)',
+            )
+        token_failed = (section, "token_url") in self.failed
+        if uses_oauth2 and not oauth2.get("token_url") and not token_failed:
+            self.problem(section, "token_url", 'required with provider = "custom"')
         if not oauth2.get("scopes") and (section, "scopes") not in self.failed:
             if preset is not None:
                 oauth2["scopes"] = preset.scopes

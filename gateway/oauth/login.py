@@ -2,8 +2,10 @@
 
 ``login`` runs the RFC 8628 device flow (:class:`~gateway.oauth.protocol.DeviceFlow`) on a
 reactor: it asks for a device code, prints where to sign in, polls at the provider's interval
-and stores the grant with the device password's scrypt hash under the user's lock. A running
-``serve`` sees the new file at the user's next login.
+and stores the grant with the device password's scrypt hash under the user's lock. With
+``--flow browser`` it runs the authorization-code flow with PKCE instead
+(:class:`~gateway.oauth.authcode.AuthorizationCodeFlow`; Google's device flow refuses the Gmail
+scope). A running ``serve`` sees the new file at the user's next login.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from gateway.config import OAuth2Settings
+from gateway.oauth.authcode import (
+    AuthorizationCodeFlow,
+    AuthorizationFailed,
+    loopback_redirect_uri,
+)
 from gateway.oauth.http import FormPoster
 from gateway.oauth.protocol import (
     DeviceAuthorization,
@@ -30,11 +40,15 @@ from gateway.oauth.protocol import (
     device_token_request,
     parse_device_authorization,
 )
+from gateway.oauth.redirect import RedirectCatcher
 from gateway.oauth.store import GrantRecord, PasswordHash, TokenStore
 
-__all__ = ["LoginFailed", "format_listing", "run_device_flow", "run_login"]
+__all__ = ["LoginFailed", "format_listing", "run_browser_login", "run_device_flow", "run_login"]
 
 LOCK_TIMEOUT = 60.0
+# How long the browser flow waits for the redirect: a sign-in with MFA takes a few minutes,
+# and the operator may have to copy an address between machines.
+BROWSER_TIMEOUT = 900.0
 
 
 class LoginFailed(Exception):
@@ -118,6 +132,75 @@ async def run_login(
         tokens, _ = await run_device_flow(reactor, post, settings, authorization, slowed)
     except DeviceFlowFailed as failed:
         raise LoginFailed(str(failed)) from None
+    return await _save_grant(store, user, password_hash, tokens)
+
+
+async def run_browser_login(
+    reactor: Any,
+    settings: OAuth2Settings,
+    store: TokenStore,
+    user: str,
+    password: str,
+    out: TextIO,
+    *,
+    poster: FormPoster | None = None,
+    port: int = 0,
+    paste: int | None = None,
+    timeout: float = BROWSER_TIMEOUT,
+) -> GrantRecord:
+    """The authorization-code flow with PKCE: print the authorization URL, take the redirect
+    from the loopback listener on ``port`` or from a line pasted on file descriptor ``paste``
+    (stdin), exchange the code, store the grant. Nothing secret (code, verifier, tokens) is
+    printed."""
+    post = (poster or FormPoster(reactor)).post
+    password_hash = await deferToThread(PasswordHash.create, password)
+    catcher = RedirectCatcher(reactor, out)
+    try:
+        listening = catcher.listen(port)
+    except CannotListenError as exc:
+        raise LoginFailed(
+            f"cannot listen on 127.0.0.1:{port} for the redirect: {exc.socketError}"
+        ) from None
+    try:
+        address = listening.getHost()
+        assert isinstance(address, IPv4Address)
+        redirect_uri = loopback_redirect_uri(address.port)
+        flow = catcher.flow = AuthorizationCodeFlow(settings, redirect_uri)
+        out.write(
+            f"To sign in {user}, open this address in a browser:\n\n"
+            f"  {flow.authorization_url}\n\n"
+            f"After the sign-in the browser is sent to {redirect_uri}, where popgate listens.\n"
+            "If the browser runs on another machine, that page does not load: copy the address\n"
+            "it ended on (from the address bar) and paste it here.\n"
+            f"Waiting for the sign-in (at most {_minutes(timeout)}).\n"
+        )
+        out.flush()
+        if paste is not None:
+            catcher.read_pasted(paste)
+        try:
+            code = await catcher.code.addTimeout(timeout, reactor)
+        except AuthorizationFailed as failed:
+            raise LoginFailed(str(failed)) from None
+        except DeferredTimeoutError:
+            raise LoginFailed(
+                f"no sign-in within {_minutes(timeout)}; run the command again"
+            ) from None
+    finally:
+        await maybeDeferred(listening.stopListening)
+    try:
+        status, answer = await post(settings.token_url, flow.token_request(code))
+        tokens = flow.token_received(status, answer)
+    except ProviderDown as exc:
+        raise LoginFailed(f"the provider's token endpoint: {exc}") from None
+    except ProviderRefused as refused:
+        raise LoginFailed(f"the provider refused the authorization code: {refused}") from None
+    return await _save_grant(store, user, password_hash, tokens)
+
+
+async def _save_grant(
+    store: TokenStore, user: str, password_hash: PasswordHash, tokens: TokenResponse
+) -> GrantRecord:
+    """Store the grant with the device password's hash, under the user's lock."""
     if not tokens.refresh_token:
         raise LoginFailed(
             "the provider gave no refresh token: popgate needs offline access"

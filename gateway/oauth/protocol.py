@@ -24,6 +24,7 @@ __all__ = [
     "ProviderDown",
     "ProviderRefused",
     "TokenResponse",
+    "client_fields",
     "device_authorization_request",
     "device_token_request",
     "parse_device_authorization",
@@ -71,7 +72,8 @@ class DeviceFlowFailed(Exception):
 
 
 # ------------------------------------------------------------------------------- requests
-def _client_fields(settings: OAuth2Settings) -> dict[str, str]:
+def client_fields(settings: OAuth2Settings) -> dict[str, str]:
+    """``client_id`` and, for a confidential client, ``client_secret``."""
     # client_secret_post: both Microsoft and Google take the secret in the form body.
     fields = {"client_id": settings.client_id}
     if settings.client_secret:
@@ -80,20 +82,20 @@ def _client_fields(settings: OAuth2Settings) -> dict[str, str]:
 
 
 def device_authorization_request(settings: OAuth2Settings) -> bytes:
-    fields = _client_fields(settings)
+    fields = client_fields(settings)
     if settings.scopes:
         fields["scope"] = " ".join(settings.scopes)
     return urlencode(fields).encode()
 
 
 def device_token_request(settings: OAuth2Settings, device_code: str) -> bytes:
-    fields = {"grant_type": DEVICE_GRANT, "device_code": device_code, **_client_fields(settings)}
+    fields = {"grant_type": DEVICE_GRANT, "device_code": device_code, **client_fields(settings)}
     return urlencode(fields).encode()
 
 
 def refresh_request(settings: OAuth2Settings, refresh_token: str) -> bytes:
     fields = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-    fields.update(_client_fields(settings))
+    fields.update(client_fields(settings))
     if settings.scopes:
         fields["scope"] = " ".join(settings.scopes)
     return urlencode(fields).encode()

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,7 @@ def start_gateway(fresh: Stack, tmp_path: Path) -> Iterator[Callable[..., Gatewa
             "oauth2": {
                 "provider": "custom",
                 "device_authorization_url": provider_url + "/device_authorization",
+                "authorization_url": provider_url + "/authorize",
                 "token_url": provider_url + "/token",
                 "client_id": fresh.provider.client_id,
                 "scopes": ["mail"],
@@ -192,6 +194,38 @@ def oauth_login(
     assert proc.returncode == 0, out + err
     assert code in out + err  # the user code was shown to the operator
     return out + err
+
+
+def oauth_login_in_browser(gw: GatewayProcess, user: str) -> str:
+    """``popgate oauth login USER --flow browser``: the test is the browser, signed in at the
+    provider as USER, following the redirect to popgate's loopback listener."""
+    password_file = gw.config_path.parent / f"{user}.device-password"
+    password_file.write_text(DEVICE_PASSWORD + "\n")
+    argv = [sys.executable, "-m", "gateway", "oauth", "login", user, "--flow", "browser"]
+    argv += ["--device-password-file", str(password_file), "-c", str(gw.config_path)]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        printed = ""
+        for line in proc.stdout:  # ends at EOF if the command dies: no endless wait
+            printed += line
+            if line.startswith("  http://"):
+                break
+        url = printed.splitlines()[-1].strip()
+        assert url.startswith("http://"), printed
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(url, headers={"Cookie": f"session={user}"})
+        with opener.open(request, timeout=60) as page:  # follows the 302 to 127.0.0.1:PORT
+            assert b"popgate received the sign-in" in page.read()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, printed + out + err
+    return printed + out + err
 
 
 def pop_download(gw: GatewayProcess, login: str, password: str = DEVICE_PASSWORD) -> list[bytes]:
@@ -285,6 +319,26 @@ def test_two_devices_download_byte_exact(
     assert mailbox_count(fresh.dovecot, user) == 3  # nothing left the mailbox
     assert f"user=<{user}>, method={mechanism.upper()}" in fresh.dovecot.log_text()
     assert_no_secrets(gw, fresh, user)
+
+
+def test_browser_login_grant_downloads_byte_exact(
+    fresh: Stack, user: str, start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """The grant from the authorization-code flow (PKCE, loopback redirect) is as good as the
+    device flow's: a real POP download through Dovecot's oauth2 passdb."""
+    bodies = [messages.plain(f"page {i}", f"line {i}\n" * (i * 50)) for i in range(1, 3)]
+    seed(fresh.dovecot, user, bodies)
+    gw = start_gateway()
+    printed = oauth_login_in_browser(gw, user)
+    assert f"Stored the grant of {user}" in printed
+    assert fresh.provider.count("authorization_code") >= 1
+    on_the_wire = [b if b.endswith(b"\r\n") else b + b"\r\n" for b in bodies]
+    assert pop_download(gw, f"{user}#scanner") == on_the_wire
+    assert mailbox_count(fresh.dovecot, user) == 2
+    assert f"user=<{user}>, method=XOAUTH2" in fresh.dovecot.log_text()
+    assert_no_secrets(gw, fresh, user, *fresh.provider.issued_codes())
+    for secret in [*secrets_of(fresh.provider, user), *fresh.provider.code_verifiers]:
+        assert secret not in printed
 
 
 def test_wrong_device_password_never_reaches_the_provider(

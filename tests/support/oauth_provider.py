@@ -15,6 +15,16 @@ It speaks what popgate and Dovecot's ``oauth2`` passdb use, over real sockets (s
     old one is dead at once (``invalid_grant``). With ``rotation_grace`` > 0 s the previous
     refresh token keeps working for that long after it was rotated (Microsoft and Google both
     tolerate a little overlap in practice); the default is 0, the strict case.
+``GET /authorize``  RFC 6749 4.1.1 with RFC 7636 (PKCE ``S256`` required): the browser's
+    side of the authorization-code flow. The "browser" (a test's HTTP request) carries a
+    session cookie ``session=USER`` (signed in as USER; without it: 401, no redirect) and
+    ``consent=deny`` to refuse. A bad ``client_id`` or ``redirect_uri`` (only
+    ``http://127.0.0.1:PORT/...`` is registered, RFC 8252 7.3) gets a 400 page, never a
+    redirect (RFC 6749 4.1.2.1); otherwise a 302 to ``redirect_uri?code=..&state=..`` or
+    ``?error=access_denied&state=..``.
+``POST /token`` ``grant_type=authorization_code``: the code (single use, 10 minutes), the same
+    ``redirect_uri`` and a ``code_verifier`` whose S256 is the challenge, else
+    ``invalid_grant``.
 ``POST /introspect`` (also ``GET ?token=`` and ``GET`` with ``Authorization: Bearer``): RFC 7662
     ``{"active": true, "username": USER, ...}`` for a live access token, ``{"active": false}``
     otherwise. That is what Dovecot's ``passdb { driver = oauth2 }`` asks with
@@ -41,6 +51,8 @@ Test controls (thread-safe; all waits have deadlines, none sleeps)::
         idp.expire_access_tokens("alice")        # introspection says inactive; refresh works
         idp.outage("503")  /  idp.outage("refused")  /  idp.outage(None)
         idp.count("refresh_token"), idp.count("introspect"), idp.requests  # what was asked
+        idp.authorization_url                    # GET it as a browser would (cookie above)
+        idp.authorization_requests[-1]           # the parameters the last /authorize had
 
 ``outage("refused")`` closes the listening socket (connections are refused, the port stays
 reserved by nobody but is rebound on ``outage(None)``); ``outage("503")`` answers every request
@@ -51,6 +63,8 @@ from __future__ import annotations
 
 import base64
 import collections
+import hashlib
+import hmac
 import json
 import secrets
 import socket
@@ -87,6 +101,17 @@ class _DeviceAuthorization:
 
 
 @dataclass
+class _AuthorizationCode:
+    user: str
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    scope: str
+    expires_at: float
+    used: bool = False
+
+
+@dataclass
 class _AccessToken:
     user: str
     scope: str
@@ -107,6 +132,7 @@ class _RefreshToken:
 @dataclass
 class _State:
     devices: dict[str, _DeviceAuthorization] = field(default_factory=dict)  # by device_code
+    codes: dict[str, _AuthorizationCode] = field(default_factory=dict)
     access: dict[str, _AccessToken] = field(default_factory=dict)
     refresh: dict[str, _RefreshToken] = field(default_factory=dict)
 
@@ -142,6 +168,19 @@ class _Handler(BaseHTTPRequestHandler):
                     for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()
                 }
             )
+        if url.path == "/authorize" and method == "GET":
+            status, location, text = self.server.provider._authorize(
+                form, self.headers.get("Cookie", "")
+            )
+            page = text.encode()
+            self.send_response(status)
+            if location:
+                self.send_header("Location", location)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+            return
         status, answer = self.server.provider._handle(
             method, url.path, form, self.headers.get("Authorization", "")
         )
@@ -186,6 +225,10 @@ class OAuthProvider:
         self._lock = threading.Condition()
         self._state = _State()
         self._counts: collections.Counter[str] = collections.Counter()
+        #: the query parameters of every GET /authorize, in order
+        self.authorization_requests: list[dict[str, str]] = []
+        #: the code_verifier of every authorization_code token request (to look for in logs)
+        self.code_verifiers: list[str] = []
         self._outage: str | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -229,6 +272,10 @@ class OAuthProvider:
     @property
     def device_authorization_url(self) -> str:
         return self.base_url + "/device_authorization"
+
+    @property
+    def authorization_url(self) -> str:
+        return self.base_url + "/authorize"
 
     @property
     def token_url(self) -> str:
@@ -305,7 +352,8 @@ class OAuthProvider:
 
     def count(self, name: str) -> int:
         """Requests seen: ``"device_authorization"``, ``"token"`` (every token request),
-        ``"device_code"`` and ``"refresh_token"`` (by grant type), ``"introspect"``,
+        ``"device_code"``, ``"authorization_code"`` and ``"refresh_token"`` (by grant type),
+        ``"authorize"`` (browser requests), ``"introspect"``,
         ``"refused_503"`` (answered during a 503 outage)."""
         with self._lock:
             return self._counts[name]
@@ -314,6 +362,11 @@ class OAuthProvider:
     def requests(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def issued_codes(self) -> list[str]:
+        """Every authorization code handed out (to look for in logs and output)."""
+        with self._lock:
+            return list(self._state.codes)
 
     def live_refresh_tokens(self, user: str) -> list[str]:
         now = time.monotonic()
@@ -406,7 +459,69 @@ class OAuthProvider:
             return self._device_token(form)
         if grant_type == "refresh_token":
             return self._refresh(form)
+        if grant_type == "authorization_code":
+            return self._code_token(form)
         return 400, {"error": "unsupported_grant_type"}
+
+    def _authorize(self, query: dict[str, str], cookie: str) -> tuple[int, str, str]:
+        """GET /authorize: (status, Location, page text)."""
+        with self._lock:
+            self._counts["authorize"] += 1
+            self.authorization_requests.append(dict(query))
+            self._lock.notify_all()
+            if self._outage == "503":
+                return 503, "", "temporarily unavailable"
+            redirect_uri = query.get("redirect_uri", "")
+            target = urllib.parse.urlsplit(redirect_uri)
+            if query.get("client_id") != self.client_id:
+                return 400, "", "unknown client_id"
+            if target.scheme != "http" or target.hostname != HOST or not target.port:
+                return 400, "", "redirect_uri is not a registered loopback URI"
+
+            def back(**params: str) -> tuple[int, str, str]:
+                params["state"] = query.get("state", "")
+                sep = "&" if target.query else "?"
+                return 302, redirect_uri + sep + urllib.parse.urlencode(params), ""
+
+            if query.get("response_type") != "code":
+                return back(error="unsupported_response_type")
+            challenge = query.get("code_challenge", "")
+            if query.get("code_challenge_method") != "S256" or not challenge:
+                return back(error="invalid_request", error_description="PKCE S256 required")
+            session = {
+                k.strip(): v.strip()
+                for k, _, v in (p.partition("=") for p in cookie.split(";"))
+                if k.strip()
+            }
+            user = session.get("session")
+            if not user:
+                return 401, "", "sign in first"
+            if session.get("consent") == "deny":
+                return back(error="access_denied", error_description="the user said no")
+            code = secrets.token_urlsafe(24)
+            self._state.codes[code] = _AuthorizationCode(
+                user,
+                self.client_id,
+                redirect_uri,
+                challenge,
+                query.get("scope", ""),
+                time.monotonic() + 600,
+            )
+            return back(code=code)
+
+    def _code_token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        grant = self._state.codes.get(form.get("code", ""))
+        if grant is None or grant.used or time.monotonic() >= grant.expires_at:
+            return 400, {"error": "invalid_grant", "error_description": "unknown or spent code"}
+        grant.used = True  # single use, whatever follows (RFC 6749 4.1.2)
+        self.code_verifiers.append(form.get("code_verifier", ""))
+        if form.get("redirect_uri") != grant.redirect_uri:
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri differs"}
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        computed = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        if not hmac.compare_digest(computed, grant.challenge):
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+        return 200, self._issue(grant.user, grant.scope, grant.client_id)
 
     def _device_token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         device = self._state.devices.get(form.get("device_code", ""))
@@ -494,6 +609,7 @@ def oauth2_section(
     section: dict[str, Any] = {
         "provider": "custom",
         "device_authorization_url": provider.device_authorization_url,
+        "authorization_url": provider.authorization_url,
         "token_url": provider.token_url,
         "client_id": provider.client_id,
         "scopes": ["mail", "offline_access"],

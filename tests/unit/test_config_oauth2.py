@@ -76,12 +76,44 @@ def test_google_preset_and_explicit_values_win(tmp_path: Path) -> None:
     assert config.oauth2.token_url == "https://oauth2.googleapis.com/token"
     assert config.oauth2.device_authorization_url == "https://oauth2.googleapis.com/device/code"
     assert config.oauth2.scopes == ("https://mail.google.com/", "email")
+    assert config.oauth2.authorization_url == "https://accounts.google.com/o/oauth2/v2/auth"
+
+
+def test_microsoft_preset_fills_the_authorization_url_with_the_tenant(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        OAUTH_IMAP
+        + '[oauth2]\nprovider = "microsoft"\ntenant = "organizations"\nclient_id = "c"\n',
+    )
+    assert config.oauth2.authorization_url == (
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/authorize"
+    )
+
+
+def test_custom_with_only_the_browser_flow(tmp_path: Path) -> None:
+    base = OAUTH_IMAP.replace("\n", '\nhost = "h"\n', 1) + '[oauth2]\nclient_id = "c"\n'
+    config = load(
+        tmp_path,
+        base + 'authorization_url = "https://idp.example.org/authorize"\n'
+        'token_url = "https://idp.example.org/token"\n',
+    )
+    assert config.oauth2.authorization_url == "https://idp.example.org/authorize"
+    assert config.oauth2.device_authorization_url == ""
+    assert problems(
+        tmp_path,
+        base + 'authorization_url = "http://idp.example.org/authorize"\n'
+        'token_url = "https://idp.example.org/token"\n',
+    ) == [
+        "[oauth2] authorization_url: must be https:// (client secrets and refresh tokens travel"
+        ' in it): "http://idp.example.org/authorize"',
+    ]
 
 
 def test_custom_needs_urls_and_client_id_when_used(tmp_path: Path) -> None:
     assert problems(tmp_path, OAUTH_IMAP) == [
         "[upstream.imap] host: required (the upstream IMAP server)",
-        '[oauth2] device_authorization_url: required with provider = "custom"',
+        '[oauth2] device_authorization_url: required with provider = "custom"'
+        " (or authorization_url, for the browser flow)",
         '[oauth2] token_url: required with provider = "custom"',
         "[oauth2] client_id: required (the application ID of the registration)",
     ]

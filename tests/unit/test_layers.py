@@ -20,6 +20,7 @@ PURE_MODULES = [
     "gateway.addresses",
     "gateway.oauth.protocol",
     "gateway.oauth.errors",
+    "gateway.oauth.authcode",
 ]
 
 # Modules a pure layer must not import at all (nor anything from them).
