@@ -13,7 +13,9 @@ least as new as its own login:
    (:func:`same_mailbox`): same UIDVALIDITY, UIDNEXT and EXISTS (and HIGHESTMODSEQ when both
    have one). Otherwise mail came or went between the two, and the session fetches its own.
 
-A flight is forgotten when it lands: a login that starts later never sees its result.
+A landed flight stays joinable while logins of its key that started before it are still on
+their way (their upstream login can take longer than the fetch); once none is, it is forgotten.
+Only those logins can take it, so it is never a cache: a login that starts later never sees it.
 Logical time is a counter (one tick per login and per fetch sent) rather than a clock: on one
 reactor thread the order of events is exact, whatever the clock's resolution.
 """
@@ -49,23 +51,22 @@ def same_mailbox(leader: MailboxVersion, joiner: MailboxVersion) -> bool:
 
 @dataclass(eq=False)
 class Flight:
-    """One index fetch under way; sessions that join it wait for :meth:`land` or :meth:`fail`."""
+    """One index fetch; sessions that join it wait for :meth:`land` or :meth:`fail`."""
 
     key: Key
     started: int
     _owner: IndexFlights
     _waiters: list[Waiter] = field(default_factory=list)
     done: bool = False
-
-    @property
-    def joined(self) -> int:
-        return len(self._waiters)
+    result: Landed | None = None
 
     def wait(self, waiter: Waiter) -> None:
-        """Call ``waiter`` with (leader's version, index) when the fetch lands, or None."""
+        """Call ``waiter`` with (leader's version, index) when the fetch lands (at once if it
+        has), or with None if it failed."""
         if self.done:
-            raise RuntimeError("a landed flight takes no more waiters")
-        self._waiters.append(waiter)
+            waiter(self.result)
+        else:
+            self._waiters.append(waiter)
 
     def land(self, version: MailboxVersion, index: Sequence[IndexedMessage]) -> None:
         self._finish((version, tuple(index)))  # shared by sessions: never mutated
@@ -77,30 +78,47 @@ class Flight:
     def _finish(self, result: Landed | None) -> None:
         if self.done:
             return
-        self.done = True
-        self._owner._forget(self)
+        self.done, self.result = True, result
+        self._owner._landed(self)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter(result)
 
 
 class IndexFlights:
-    """The index fetches in flight, at most one joinable per (user, mailbox)."""
+    """The index fetches that logins may still join, at most one per (user, mailbox)."""
 
     def __init__(self) -> None:
         self._now = 0
         self._flights: dict[Key, Flight] = {}
+        self._logging_in: dict[Key, int] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
 
     def tick(self) -> int:
-        """A logical time after every earlier tick: taken when a login starts."""
+        """A logical time after every earlier tick."""
         self._now += 1
         return self._now
 
+    def login(self, key: Key) -> int:
+        """A login of ``key`` starts; its tick. Pair with :meth:`logged_in`."""
+        self._logging_in[key] = self._logging_in.get(key, 0) + 1
+        return self.tick()
+
+    def logged_in(self, key: Key) -> None:
+        """A login of ``key`` has its snapshot (or failed): it joins nothing any more."""
+        left = self._logging_in.get(key, 0) - 1
+        if left > 0:
+            self._logging_in[key] = left
+            return
+        self._logging_in.pop(key, None)
+        flight = self._flights.get(key)
+        if flight is not None and flight.done:
+            del self._flights[key]
+
     def joinable(self, key: Key, since: int) -> Flight | None:
-        """The fetch of ``key`` in flight that was sent after ``since`` (a login's tick)."""
+        """The fetch of ``key`` sent after ``since`` (a login's tick), in flight or landed."""
         flight = self._flights.get(key)
         if flight is None or flight.started <= since:
             return None
@@ -113,6 +131,8 @@ class IndexFlights:
         self._flights[key] = flight
         return flight
 
-    def _forget(self, flight: Flight) -> None:
-        if self._flights.get(flight.key) is flight:
+    def _landed(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is not flight:
+            return
+        if flight.result is None or not self._logging_in.get(flight.key):
             del self._flights[flight.key]

@@ -87,13 +87,17 @@ class MaildropService:
     async def open(self, login: Login, password: str, peer_ip: str | None) -> Pop3Mailbox:
         """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable
         and, with OAuth, gateway.oauth.errors.OAuthError."""
-        since = self.index_flights.tick()  # the login starts: only later index fetches serve it
-        account = await self.logins.device(login.user, password, peer_ip)
+        key = (login.user, self.config.pop3.mailbox)
+        since = self.index_flights.login(key)  # only index fetches sent after this serve it
         try:
-            return await self._snapshot(account, login, since)
-        except BaseException:
-            account.abort()
-            raise
+            account = await self.logins.device(login.user, password, peer_ip)
+            try:
+                return await self._snapshot(account, login, since)
+            except BaseException:
+                account.abort()
+                raise
+        finally:
+            self.index_flights.logged_in(key)
 
     async def _snapshot(self, account: ImapAccount, login: Login, since: int) -> Pop3Mailbox:
         mailbox = self.config.pop3.mailbox

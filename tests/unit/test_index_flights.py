@@ -42,6 +42,25 @@ def test_a_landed_flight_is_forgotten_and_its_waiters_get_the_index() -> None:
     assert flights.joinable(KEY, since) is None and len(flights) == 0
 
 
+def test_a_landed_flight_serves_only_the_logins_still_on_their_way_that_began_before_it() -> None:
+    flights = IndexFlights()
+    slow = flights.login(KEY)  # its upstream login takes longer than the whole fetch
+    leader = flights.login(KEY)
+    flight = flights.start(KEY)
+    flight.land(V, INDEX)
+    flights.logged_in(KEY)  # the leader has its snapshot
+    late = flights.login(KEY)  # began after the fetch was sent: never served by it
+    assert flights.joinable(KEY, late) is None
+    got: list[Landed | None] = []
+    joined = flights.joinable(KEY, slow)
+    assert joined is flight and leader < flight.started
+    joined.wait(got.append)  # landed already: answered at once
+    assert got == [(V, tuple(INDEX))]
+    flights.logged_in(KEY)  # the slow one
+    flights.logged_in(KEY)  # the late one: nobody that began before it is left
+    assert len(flights) == 0 and flights.joinable(KEY, slow) is None
+
+
 def test_a_failed_flight_tells_its_waiters_to_fetch_their_own() -> None:
     flights = IndexFlights()
     flight = flights.start(KEY)
