@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectError, TimeoutError
@@ -44,6 +45,9 @@ from gateway.upstream.imap_client import (
     Response,
 )
 
+# TCP connect only. The TLS handshake and the greeting that follows are an IMAP response like
+# any other and wait up to [upstream.imap] timeout: a server forking a login process per
+# connection can take longer than this to greet a burst of a thousand logins.
 CONNECT_TIMEOUT = 15.0
 # Login may involve a slow password backend upstream, but a device should not hang for ever.
 LOGIN_TIMEOUT = 60.0
@@ -100,7 +104,13 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     proto = ImapClientProtocol(reactor, settings.timeout)
     try:
         await connectProtocol(endpoint, proto)
-        await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)
+        greeting_timeout = settings.timeout or CONNECT_TIMEOUT
+        try:
+            await _with_timeout(proto.greeting, reactor, greeting_timeout)
+        except defer.TimeoutError as e:
+            raise UpstreamUnavailable(
+                f"no greeting from IMAP server {settings.host} within {greeting_timeout:g}s"
+            ) from e
         if tls is not None and settings.security == "starttls":
             if not proto.capabilities:
                 await proto.command(Atom("CAPABILITY"))
