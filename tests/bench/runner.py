@@ -202,7 +202,7 @@ class Bench:
                 # One process per core behind a TCP balancer, as docs/operations.md describes.
                 route = Route("pop3", [(g.host, self.pop3_port(g)) for g in self.replicas], None)
                 self.balancer = HAProxy(
-                    self.args.work_dir / "haproxy", [route], maxconn=20000, balance="leastconn"
+                    self.args.work_dir / "haproxy", [route], maxconn=9000, balance="leastconn"
                 )
                 self.balancer.directory.mkdir(parents=True, exist_ok=True)
                 self.balancer.start()
