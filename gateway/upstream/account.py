@@ -105,12 +105,9 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     try:
         await connectProtocol(endpoint, proto)
         greeting_timeout = settings.timeout or CONNECT_TIMEOUT
-        try:
-            await _with_timeout(proto.greeting, reactor, greeting_timeout)
-        except defer.TimeoutError as e:
-            raise UpstreamUnavailable(
-                f"no greeting from IMAP server {settings.host} within {greeting_timeout:g}s"
-            ) from e
+        await _with_timeout(
+            proto.greeting, reactor, greeting_timeout, f"greeting from IMAP server {settings.host}"
+        )
         if tls is not None and settings.security == "starttls":
             if not proto.capabilities:
                 await proto.command(Atom("CAPABILITY"))
@@ -137,9 +134,13 @@ def _abort(proto: ImapClientProtocol) -> None:
         proto.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-async def _with_timeout(d: Deferred, reactor: IReactorTime, seconds: float) -> object:
+async def _with_timeout(d: Deferred, reactor: IReactorTime, seconds: float, what: str) -> object:
+    """``d``'s result, or UpstreamUnavailable naming ``what`` did not come in time."""
     d.addTimeout(seconds, reactor)
-    return await d
+    try:
+        return await d
+    except defer.TimeoutError as e:
+        raise UpstreamUnavailable(f"no {what} within {seconds:g}s") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +206,9 @@ class ImapAccount:
         account = cls(proto)
         try:
             login = account._login_oauth(username, token, mechanism, settings, client_ip)
-            await _with_timeout(Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT)
+            await _with_timeout(
+                Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT, "login answer"
+            )
         except BaseException:
             _abort(proto)
             raise
@@ -280,7 +283,9 @@ class ImapAccount:
         account = cls(proto)
         try:
             login = account._login(authzid, username, password, client_ip)
-            await _with_timeout(Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT)
+            await _with_timeout(
+                Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT, "login answer"
+            )
         except BaseException:
             _abort(proto)
             raise
