@@ -233,3 +233,27 @@ def test_when_the_leader_times_out_the_joiners_fetch_their_own() -> None:
     _, index = joined.result  # type: ignore[misc]
     assert [m.uid for m in index] == [1, 2]
     assert joiner.account.index_source == "fetched" and len(flights) == 0
+
+
+def test_a_joiner_that_gives_up_does_not_disturb_the_others() -> None:
+    """A device that hangs up while it waits cancels its login; the flight still lands for
+    the leader and for the other joiners."""
+    flights = IndexFlights()
+    leader, quitter, joiner = AccountPlaybook(), AccountPlaybook(), AccountPlaybook()
+    logins = [flights.tick() for _ in range(3)]
+    led = snapshot(leader, flights, logins[0])
+    leader.play(
+        """
+        C: G1 EXAMINE "INBOX"
+        C: G2 UID FETCH 1:* (UID RFC822.SIZE FLAGS)
+        """
+    )
+    gave_up = snapshot(quitter, flights, logins[1])
+    joined = snapshot(joiner, flights, logins[2])
+    for pb in (quitter, joiner):
+        pb.play('C: G1 EXAMINE "INBOX"\n' + EXAMINED.format(exists=2, uidnext=3, tag="G1"))
+    gave_up.cancel()
+    gave_up.addErrback(lambda f: None)
+    leader.play(EXAMINED.format(exists=2, uidnext=3, tag="G1") + FETCHED.format(tag="G2"))
+    assert [m.uid for m in led.result[1]] == [1, 2]  # type: ignore[index]
+    assert [m.uid for m in joined.result[1]] == [1, 2]  # type: ignore[index]
