@@ -44,7 +44,9 @@ REDACTED = "<redacted>"
 # Pending connections the kernel queues for accept() on every listener. Twisted's default of 50
 # overflows when a few hundred devices poll at the same moment (measured with 200: sessions lost,
 # the client's final handshake packet dropped, and POP3 clients wait for the greeting for ever).
-LISTEN_BACKLOG = 1024
+# 2,000 devices at once overflow 1,024 too (SYN retransmits: seconds of latency); the kernel caps
+# the value at net.core.somaxconn (4,096 by default since Linux 5.4).
+LISTEN_BACKLOG = 4096
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.pop3_indexes = Counter(
+            "popgate_pop3_indexes",
+            "Mailbox indexes taken at POP logins, by source: fetched on the session's own "
+            "connection, shared (another login's fetch in flight) or cached (unchanged mailbox).",
+            ["source"],
+            registry=r,
+        )
         self.pop3_retrieved_messages = Counter(
             "popgate_pop3_retrieved_messages", "Messages downloaded whole (RETR).", registry=r
         )

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 
 from gateway.config import Config
 from gateway.maildrop.device_state import DeviceState
+from gateway.maildrop.index_flights import IndexFlights
 from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import Maildrop, MessageInfo
 from gateway.maildrop.policy import DeletePolicy, expire_capability, policy_for
@@ -83,6 +84,8 @@ class MaildropService:
         )
         limit = config.pop3.snapshot_cache_messages
         self.snapshots = SnapshotCache(limit) if limit else None
+        # Index fetches under way, shared with logins of the same mailbox that wait for one.
+        self.index_flights = IndexFlights()
 
     def parse_login(self, name: str) -> Login:
         return Login.parse(name, self.config.pop3.device_separator)
@@ -90,21 +93,32 @@ class MaildropService:
     async def open(self, login: Login, password: str, peer_ip: str | None) -> Pop3Mailbox:
         """Log in upstream and take the snapshot; raises LoginRejected, UpstreamUnavailable
         and, with OAuth, gateway.oauth.errors.OAuthError."""
-        account = await self.logins.device(login.user, password, peer_ip)
+        key = (login.user, self.config.pop3.mailbox)
+        since = self.index_flights.login(key)  # only index fetches sent after this serve it
         try:
-            return await self._snapshot(account, login)
-        except BaseException:
-            account.abort()
-            raise
+            account = await self.logins.device(login.user, password, peer_ip)
+            try:
+                return await self._snapshot(account, login, since)
+            except BaseException:
+                account.abort()
+                raise
+        finally:
+            self.index_flights.logged_in(key)
 
-    async def _snapshot(self, account: ImapAccount, login: Login) -> Pop3Mailbox:
+    async def _snapshot(self, account: ImapAccount, login: Login, since: int) -> Pop3Mailbox:
         mailbox = self.config.pop3.mailbox
         # Read-only unless RETR must set \Seen: nothing can change upstream by accident.
         readonly = self.config.pop3.on_retrieve == "keep"
         try:
             info, index = await account.snapshot(
-                mailbox, readonly=readonly, cache=self.snapshots, cache_key=(login.user, mailbox)
+                mailbox,
+                readonly=readonly,
+                cache=self.snapshots,
+                cache_key=(login.user, mailbox),
+                flights=self.index_flights,
+                since=since,
             )
+            self.metrics.pop3_indexes.labels(account.index_source).inc()
             state = None
             hides = needs_state(index, info.keywords_allowed)
             if hides or self.tracks_devices:

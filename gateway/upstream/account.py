@@ -13,12 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from gateway.config import ImapUpstream
+from gateway.maildrop.index_flights import IndexFlights, Landed, same_mailbox
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
 from gateway.maildrop.uidl import IndexedMessage
 from gateway.maildrop.uidset import format_uid_set
@@ -43,6 +45,9 @@ from gateway.upstream.imap_client import (
     Response,
 )
 
+# TCP connect only. The TLS handshake and the greeting that follows are an IMAP response like
+# any other and wait up to [upstream.imap] timeout: a server forking a login process per
+# connection can take longer than this to greet a burst of a thousand logins.
 CONNECT_TIMEOUT = 15.0
 # Login may involve a slow password backend upstream, but a device should not hang for ever.
 LOGIN_TIMEOUT = 60.0
@@ -99,7 +104,10 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     proto = ImapClientProtocol(reactor, settings.timeout)
     try:
         await connectProtocol(endpoint, proto)
-        await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)
+        greeting_timeout = settings.timeout or CONNECT_TIMEOUT
+        await _with_timeout(
+            proto.greeting, reactor, greeting_timeout, f"greeting from IMAP server {settings.host}"
+        )
         if tls is not None and settings.security == "starttls":
             if not proto.capabilities:
                 await proto.command(Atom("CAPABILITY"))
@@ -126,9 +134,13 @@ def _abort(proto: ImapClientProtocol) -> None:
         proto.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-async def _with_timeout(d: Deferred, reactor: IReactorTime, seconds: float) -> object:
+async def _with_timeout(d: Deferred, reactor: IReactorTime, seconds: float, what: str) -> object:
+    """``d``'s result, or UpstreamUnavailable naming ``what`` did not come in time."""
     d.addTimeout(seconds, reactor)
-    return await d
+    try:
+        return await d
+    except defer.TimeoutError as e:
+        raise UpstreamUnavailable(f"no {what} within {seconds:g}s") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +155,9 @@ class ImapAccount:
 
     def __init__(self, proto: ImapClientProtocol) -> None:
         self.proto = proto
+        # Where the last snapshot's index came from: "fetched" on this connection, "shared"
+        # (another session's fetch, index_flights.py) or "cached" (snapshot_cache.py).
+        self.index_source = ""
         self.selected: Selected | None = None  # the mailbox the last EXAMINE/SELECT opened
 
     @classmethod
@@ -191,7 +206,9 @@ class ImapAccount:
         account = cls(proto)
         try:
             login = account._login_oauth(username, token, mechanism, settings, client_ip)
-            await _with_timeout(Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT)
+            await _with_timeout(
+                Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT, "login answer"
+            )
         except BaseException:
             _abort(proto)
             raise
@@ -266,7 +283,9 @@ class ImapAccount:
         account = cls(proto)
         try:
             login = account._login(authzid, username, password, client_ip)
-            await _with_timeout(Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT)
+            await _with_timeout(
+                Deferred.fromCoroutine(login), reactor, LOGIN_TIMEOUT, "login answer"
+            )
         except BaseException:
             _abort(proto)
             raise
@@ -340,6 +359,8 @@ class ImapAccount:
         readonly: bool = True,
         cache: SnapshotCache | None = None,
         cache_key: tuple[str, str] = ("", ""),
+        flights: IndexFlights | None = None,
+        since: int = 0,
     ) -> tuple[MailboxInfo, Sequence[IndexedMessage]]:
         """Open ``mailbox`` and index it.
 
@@ -347,27 +368,74 @@ class ImapAccount:
         1:*`` on an empty mailbox is simply answered OK; if the open fails, the FETCH fails
         with it and the open's error is reported). With one, the open is awaited first: if the
         mailbox is unchanged the FETCH is not needed at all.
+
+        ``flights``: index fetches of other sessions in flight (index_flights.py). One of
+        ``cache_key`` sent after ``since`` (this login's tick) is joined instead of sending
+        another: this session's own open runs meanwhile, and if it saw the mailbox the
+        leader saw, the leader's index is this session's too.
         """
+        flight = flights.joinable(cache_key, since) if flights is not None else None
+        if flight is not None:
+            landed: Deferred[Landed | None] = Deferred()
+            flight.wait(landed.callback)
+            info = await self.open_mailbox(mailbox, readonly=readonly)
+            shared = await landed
+            if shared is not None and same_mailbox(shared[0], info.version):
+                self.index_source = "shared"
+                return info, shared[1]
+            return info, await self._own_index(info, cache, cache_key, flights)
         if cache is not None and cache.known(cache_key) and self.proto.has("CONDSTORE"):
             info = await self.open_mailbox(mailbox, readonly=readonly)
             index = cache.get(cache_key, info.version)
+            self.index_source = "cached"
             if index is None:
-                index = self._index_entries(await self._fetch_index())
-                cache.put(cache_key, info.version, index)
+                index = await self._own_index(info, cache, cache_key, flights)
             return info, index
         opened = Deferred.fromCoroutine(self.open_mailbox(mailbox, readonly=readonly))
         indexed = self._fetch_index()
+        started = flights.start(cache_key) if flights is not None else None
         try:
-            info = await opened
+            try:
+                info = await opened
+            except BaseException:
+                indexed.addErrback(lambda failure: failure.trap(ImapError))
+                raise
+            entries = tuple(self._index_entries(await indexed))
         except BaseException:
-            indexed.addErrback(lambda failure: failure.trap(ImapError))
+            if started is not None:
+                started.fail()
             raise
-        entries = self._index_entries(await indexed)
+        if started is not None:
+            started.land(info.version, entries)
         if cache is not None:
             cache.put(cache_key, info.version, entries)
         return info, entries
 
+    async def _own_index(
+        self,
+        info: MailboxInfo,
+        cache: SnapshotCache | None,
+        cache_key: tuple[str, str],
+        flights: IndexFlights | None,
+    ) -> Sequence[IndexedMessage]:
+        """The index fetched on this connection, the mailbox being open at ``info``; shared
+        with the logins that join it meanwhile."""
+        indexed = self._fetch_index()
+        started = flights.start(cache_key) if flights is not None else None
+        try:
+            entries = tuple(self._index_entries(await indexed))
+        except BaseException:
+            if started is not None:
+                started.fail()
+            raise
+        if started is not None:
+            started.land(info.version, entries)
+        if cache is not None:
+            cache.put(cache_key, info.version, entries)
+        return entries
+
     def _fetch_index(self) -> Deferred[Response]:
+        self.index_source = "fetched"
         items = [Atom("UID"), Atom("RFC822.SIZE"), Atom("FLAGS")]
         if self.proto.has("OBJECTID"):
             items.append(Atom("EMAILID"))

@@ -88,7 +88,13 @@ class PopClient:
         try:
             _, reader = await asyncio.wait_for(
                 loop.create_connection(
-                    _Reader, host, port, ssl=tls, server_hostname=host if tls else None
+                    _Reader,
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                    # asyncio's own 60 s would end a handshake before ``timeout`` does
+                    ssl_handshake_timeout=timeout if tls else None,
                 ),
                 timeout,
             )

@@ -51,6 +51,7 @@ from tests.bench.workloads import (
 )
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.haproxy import HAProxy, Route
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = Sizes(full=20, poll=20, big=2 * 1024 * 1024)
@@ -99,6 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "against Dovecot POP3S and popgate",
     )
     p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="popgate processes behind a private HAProxy (TCP mode, leastconn); 1: no HAProxy",
+    )
+    p.add_argument(
         "--scale-users",
         default="one,many",
         help="with --scale: 'one' (one user, #device logins), 'many' (a user per device), or both",
@@ -145,6 +152,8 @@ class Bench:
         self.failures: list[str] = []
         self.targets: dict[str, Target] = {}
         self.gateway: GatewayProcess | None = None
+        self.replicas: list[GatewayProcess] = []  # --gateways N > 1: all of them
+        self.balancer: HAProxy | None = None
         self.peer: Dovecot | None = None
         self.profiles: dict[str, Any] = {}
         self.scale_users: list[str] = []
@@ -180,16 +189,32 @@ class Bench:
                 "imapc", self.peer.host, self.pop3_port(self.peer), self.peer.pid, tls
             )
         if "popgate" in self.args.systems:
-            self.gateway = start_gateway(dc, self.args.work_dir / "popgate", self.args.tls)
+            self.replicas = [
+                start_gateway(
+                    dc, self.args.work_dir / f"popgate{'' if i == 0 else i}", self.args.tls
+                )
+                for i in range(max(1, self.args.gateways))
+            ]
+            self.gateway = self.replicas[0]
             assert self.gateway.pid is not None
-            self.targets["popgate"] = gateway_target(
-                "popgate", self.gateway.host, self.pop3_port(self.gateway), self.gateway.pid, tls
-            )
+            host, port = self.gateway.host, self.pop3_port(self.gateway)
+            if len(self.replicas) > 1:
+                # One process per core behind a TCP balancer, as docs/operations.md describes.
+                route = Route("pop3", [(g.host, self.pop3_port(g)) for g in self.replicas], None)
+                self.balancer = HAProxy(
+                    self.args.work_dir / "haproxy", [route], maxconn=9000, balance="leastconn"
+                )
+                self.balancer.directory.mkdir(parents=True, exist_ok=True)
+                self.balancer.start()
+                host, port = "127.0.0.1", self.balancer.port("pop3")
+            self.targets["popgate"] = gateway_target("popgate", host, port, self.gateway.pid, tls)
 
     def stop(self, out: Path) -> None:
-        if self.gateway is not None:
-            self.gateway.stop()
-            (out / "popgate.log").write_text(self.gateway.log_text())
+        if self.balancer is not None:
+            self.balancer.stop()
+        for i, gw in enumerate(self.replicas):
+            gw.stop()
+            (out / f"popgate{'' if i == 0 else i}.log").write_text(gw.log_text())
         if self.peer is not None:
             self.peer.stop()
 
@@ -214,6 +239,10 @@ class Bench:
             trees["peer"] = self.peer.pid
         if t.name == "popgate":
             trees["gateway"] = gateway_pid
+            for i, gw in enumerate(self.replicas[1:], 1):  # --gateways N
+                trees[f"gateway{i}"] = gw.pid
+            if self.balancer is not None:
+                trees["balancer"] = self.balancer.pid
         before = {k: tree_cpu(pid) for k, pid in trees.items() if pid}
         client_before = time.process_time()
         result = await self._run(workload, t)
@@ -246,8 +275,8 @@ class Bench:
         if workload.startswith("scale-"):
             _, count, mode = workload.split("-")
             users = self.scale_users[: int(count)] if mode == "many" else None
-            gw_pid = self.gateway.pid if t.name == "popgate" and self.gateway else None
-            return await scale(t, exp, chk, int(count), users, gw_pid)
+            pids = [g.pid for g in self.replicas if g.pid] if t.name == "popgate" else []
+            return await scale(t, exp, chk, int(count), users, pids)
         raise ValueError(workload)
 
     async def rounds(self) -> dict[str, dict[str, list[Result]]]:

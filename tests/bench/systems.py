@@ -47,6 +47,36 @@ DOVECOT_EXTRA = """
 pop3_no_flag_updates = yes
 default_process_limit = 2500
 default_client_limit = 5000
+# --scale: up to 2,000 sessions of one user from 127.0.0.1, POP3S (direct) and IMAPS (popgate's
+# upstream) alike. Dovecot's own defaults would refuse or queue them: 10 connections per user
+# and IP (the test instance says 1,000), and `service imap|pop3 { process_limit = 1024 }`, which
+# default_process_limit does not raise.
+protocol imap {
+  mail_max_userip_connections = 10000
+}
+protocol pop3 {
+  mail_max_userip_connections = 10000
+}
+service imap {
+  process_limit = 5000
+}
+service pop3 {
+  process_limit = 5000
+}
+# Login processes in Dovecot's high-performance mode (its documented setting for many
+# connections): each serves many clients and their TLS, instead of a fork per connection.
+service imap-login {
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 4
+  client_limit = 5000
+}
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 4
+  client_limit = 5000
+}
 """
 
 _UID_RE = re.compile(rb"\bUID (\d+)")

@@ -252,19 +252,24 @@ async def scale(
     chk: Checker,
     count: int,
     users: list[str] | None,
-    rss_pid: int | None,
+    rss_pids: list[int],
 ) -> Result:
     """``count`` devices poll the 1,000-message mailbox at once: as ``#device`` logins of one
-    user (``users`` None), or each as a user of its own. popgate's RSS is sampled meanwhile:
-    its growth over the sessions open at the peak is the memory per session."""
-    before = proc_status(rss_pid).get("VmRSS", 0) if rss_pid else 0
+    user (``users`` None), or each as a user of its own. popgate's RSS (the sum over its
+    processes, ``rss_pids``) is sampled meanwhile: its growth over the sessions open at the
+    peak is the memory per session."""
+
+    def rss() -> int:
+        return sum(proc_status(pid).get("VmRSS", 0) for pid in rss_pids)
+
+    before = rss()
     peak = before
     done = asyncio.Event()
 
     async def sample() -> None:
         nonlocal peak
-        while not done.is_set() and rss_pid:
-            peak = max(peak, proc_status(rss_pid).get("VmRSS", 0))
+        while not done.is_set() and rss_pids:
+            peak = max(peak, rss())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.05)
 

@@ -147,7 +147,14 @@ def test_metrics_move_by_exactly_the_known_workload(
     assert value(after, "popgate_build_info", version=gateway.__version__) == 1
     # No series is labelled by user or device.
     for (_name, labels), _value in after.items():
-        assert {key for key, _ in labels} <= {"protocol", "result", "upstream", "version", "le"}
+        assert {key for key, _ in labels} <= {
+            "protocol",
+            "result",
+            "upstream",
+            "version",
+            "le",
+            "source",
+        }
         assert not any(seeded.name in text for _, text in labels)
 
 

@@ -4,6 +4,7 @@
         ...point popgate's [upstream.imap] at proxy.port...
         proxy.refuse = True          # new connections are closed at once (server down)
         proxy.freeze_after = b"APPEND"  # the server's replies stop once the client said this
+        proxy.hold_until(4)          # nothing is forwarded until 4 connections have arrived
 
 Threads and blocking sockets only; every thread ends when the proxy is closed.
 """
@@ -28,6 +29,16 @@ class TcpProxy(LoopbackForwarder):
         self.connections = 0
         self.client_closed = 0  # connections whose client (popgate) closed its side
         self._sockets: list[socket.socket] = []
+        self._release_at = 0
+        self._released = threading.Event()
+        self._released.set()
+
+    def hold_until(self, connections: int) -> None:
+        """Forward nothing, either way, until ``connections`` connections have arrived (from
+        now on): every client has begun before any server has said a word."""
+        with self._lock:
+            self._release_at = self.connections + connections
+            self._released.clear()
 
     def drop_all(self) -> None:
         """Close every forwarded connection now (the server "crashed")."""
@@ -48,6 +59,8 @@ class TcpProxy(LoopbackForwarder):
         with self._lock:
             self._sockets += [client, upstream]
             self.connections += 1
+            if self.connections >= self._release_at:
+                self._released.set()
         frozen = threading.Event()
         threading.Thread(
             target=self._pump, args=(client, upstream, frozen, True), daemon=True
@@ -60,6 +73,8 @@ class TcpProxy(LoopbackForwarder):
         self, source: socket.socket, sink: socket.socket, frozen: threading.Event, from_client: bool
     ) -> None:
         seen = b""
+        if not self._released.wait(60):
+            return  # the other connections never came: the test fails on what it awaits
         try:
             while True:
                 data = source.recv(65536)

@@ -107,14 +107,16 @@ class AccountPlaybook:
     """The same transcripts for an ``ImapAccount`` on a StringTransport: ``C:`` lines are what
     the account's operations wrote, ``S:`` lines the server's answers."""
 
-    def __init__(self, capabilities: str = "IMAP4rev1") -> None:
+    def __init__(
+        self, capabilities: str = "IMAP4rev1", clock: object = None, timeout: float = 0
+    ) -> None:
         # Imported here: the connection's own transcripts need no Twisted.
         from twisted.internet.testing import StringTransport
 
         from gateway.upstream.account import ImapAccount
         from gateway.upstream.imap_client import ImapClientProtocol
 
-        self.protocol = ImapClientProtocol()
+        self.protocol = ImapClientProtocol(clock, timeout)  # type: ignore[arg-type]
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
         self.protocol.dataReceived(f"* OK [CAPABILITY {capabilities}] ready\r\n".encode())

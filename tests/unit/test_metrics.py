@@ -74,7 +74,14 @@ def test_names_follow_the_prometheus_conventions_and_no_label_names_a_person() -
         if family.type == "histogram":
             assert family.name.endswith("_seconds"), family.name
         for sample in family.samples:
-            assert set(sample.labels) <= {"protocol", "result", "upstream", "version", "le"}
+            assert set(sample.labels) <= {
+                "protocol",
+                "result",
+                "upstream",
+                "version",
+                "le",
+                "source",
+            }
     # No _created series: they double the output and mean nothing to an operator.
     assert b"_created" not in metrics.render()
 
