@@ -31,7 +31,7 @@ from gateway.proto.imap import (
     encode_mailbox,
 )
 from gateway.proto.imap_responses import MailboxEntry, Metadata
-from gateway.tls import client_context_factory
+from gateway.tls import ResumingClientTLS, upstream_tls
 from gateway.upstream.imap_client import (
     BodyCollector,
     BodySink,
@@ -88,9 +88,11 @@ class MailboxInfo:
 
 async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientProtocol:
     """Connect and, for STARTTLS, secure the connection; fails with UpstreamUnavailable."""
-    tls = None
+    tls: ResumingClientTLS | None = None
     if settings.security != "none":
-        tls = client_context_factory(settings.host, settings.verify_certificate, settings.ca_file)
+        tls = upstream_tls(
+            settings.host, settings.port, settings.verify_certificate, settings.ca_file
+        )
     endpoint: IStreamClientEndpoint = HostnameEndpoint(
         reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT
     )
@@ -109,6 +111,8 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
             proto.start_tls(tls)
         if not proto.capabilities or settings.security == "starttls":
             await proto.command(Atom("CAPABILITY"))
+        if tls is not None:  # the server has answered over TLS: its session is good to resume
+            tls.remember(proto.transport)
     except UpstreamUnavailable:
         _abort(proto)
         raise
