@@ -23,6 +23,7 @@ import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
+from OpenSSL._util import lib as openssl_lib
 from service_identity import VerificationError
 from twisted.internet import reactor, utils
 from twisted.internet.address import IPv4Address
@@ -36,6 +37,7 @@ from twisted.python.failure import Failure
 
 from gateway.config import TLSSettings
 from gateway.tls import (
+    ResumingClientTLS,
     TLSSetupError,
     _WithSecurityLevel,
     certificate_fingerprint,
@@ -571,3 +573,74 @@ async def test_starttls_client_verifies_the_hostname(pair: TLSSettings) -> None:
 
     assert client.lines == [b"+OK ready", b"+OK begin TLS"]
     assert reason.check(SSL.Error, VerificationError) is not None
+
+
+# --------------------------------------------------------------------------- upstream resumption
+
+
+class SessionProbe(Collector):
+    """Client side, as gateway.upstream.account.connect does: once the server has spoken,
+    note whether the handshake resumed a session and hand the session to the creator."""
+
+    def __init__(self, creator: ResumingClientTLS) -> None:
+        super().__init__()
+        self.creator = creator
+        self.resumed: bool | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.resumed is None and GREETING in self.data:
+            connection = self.transport.getHandle()  # type: ignore[union-attr]
+            self.resumed = bool(openssl_lib.SSL_session_reused(connection._ssl))
+            self.creator.remember(self.transport)
+
+
+async def probe(port: int, creator: ResumingClientTLS) -> SessionProbe:
+    endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+    connecting = endpoint.connect(factory_of(lambda: SessionProbe(creator)))
+    connecting.addTimeout(HANDSHAKE_GUARD, reactor)
+    protocol = await connecting
+    assert isinstance(protocol, SessionProbe)
+    protocol.lost.addTimeout(HANDSHAKE_GUARD, reactor)
+    await protocol.lost
+    return protocol
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+@pytest_twisted.ensureDeferred
+async def test_upstream_connections_resume_the_last_session(
+    pair: TLSSettings, version: str
+) -> None:
+    """The second login's handshake to the same upstream resumes the first one's session
+    (TLS 1.3 ticket after the handshake; TLS 1.2 ticket), verified as before."""
+    highest = {"TLSv1.3": TLSVersion.TLSv1_3, "TLSv1.2": TLSVersion.TLSv1_2}[version]
+    leaf, _chain, key = load_server_certificate(pair)
+    server = CertificateOptions(
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        lowerMaximumSecurityTo=highest,
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+    creator = ResumingClientTLS(client_context_factory("localhost", ca_file=pair.cert_file))
+    async with listening(server) as port:
+        first = await probe(port, creator)
+        second = await probe(port, creator)
+        creator.forget()
+        third = await probe(port, creator)
+
+    assert [p.data for p in (first, second, third)] == [GREETING] * 3
+    assert (first.resumed, second.resumed, third.resumed) == (False, True, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_session_is_not_offered_to_another_creator(
+    pair: TLSSettings, tls_port: int
+) -> None:
+    """Sessions stay with the creator (one per upstream and set of checks) that made them."""
+    verified = ResumingClientTLS(client_context_factory("localhost", ca_file=pair.cert_file))
+    other = ResumingClientTLS(client_context_factory("localhost", verify=False))
+    await probe(tls_port, verified)
+    elsewhere = await probe(tls_port, other)
+
+    assert (elsewhere.data, elsewhere.resumed) == (GREETING, False)
