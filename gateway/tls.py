@@ -222,6 +222,12 @@ def ensure_server_certificate(settings: TLSSettings, hostname: str) -> bool:
     second = _pair_exists(
         second_cert, second_key, "Provide both files of the second pair, or remove both."
     )
+    if second and not first:
+        raise TLSSetupError(
+            f"{second_cert} exists but {settings.cert_file} does not; the second pair is only "
+            "served next to a first one. Provide the first pair, or remove both pairs to have "
+            "self-signed ones generated."
+        )
     if first or second:
         return False
     generate_self_signed(hostname, settings.cert_file, settings.key_file, "rsa")
