@@ -84,8 +84,8 @@ def _certificate_problems(config: Config, *, note_missing: bool) -> list[str]:
         if not note_missing:
             return []
         print(
-            f"note: {cert} and {key} do not exist; self-signed pairs are generated at start "
-            f"(RSA there, ECDSA in {second_cert} and {second_key})",
+            f"note: {cert} and {key} do not exist; a self-signed pair is generated at start "
+            f"(RSA there, and an ECDSA one in {second_cert} and {second_key})",
             file=sys.stderr,
         )
         return []
@@ -165,10 +165,10 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot write to {out}: {exc.strerror or exc}")
         return EXIT_FAILURE
-    for cert, key, key_type in pairs:
+    for cert, key, _key_type in pairs:
         print(f"wrote {cert}")
         print(f"wrote {key}")
-        print(f"SHA-256 fingerprint ({key_type.upper()}): {certificate_fingerprint(cert)}")
+        print(f"SHA-256 fingerprint: {certificate_fingerprint(cert)}")
     return EXIT_OK
 
 
