@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
@@ -42,6 +42,7 @@ from gateway.upstream.imap_client import (
     ReadObserver,
     Response,
 )
+from gateway.upstream.tls_transport import connect_tls
 
 CONNECT_TIMEOUT = 15.0
 # Login may involve a slow password backend upstream, but a device should not hang for ever.
@@ -96,11 +97,12 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     endpoint: IStreamClientEndpoint = HostnameEndpoint(
         reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT
     )
-    if tls is not None and settings.security == "tls":
-        endpoint = wrapClientTLS(tls, endpoint)
     proto = ImapClientProtocol(reactor, settings.timeout)
     try:
-        await connectProtocol(endpoint, proto)
+        if tls is not None and settings.security == "tls":
+            await connect_tls(endpoint, tls, proto)  # whole reads, not records, to the parser
+        else:
+            await connectProtocol(endpoint, proto)
         await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)
         if tls is not None and settings.security == "starttls":
             if not proto.capabilities:
