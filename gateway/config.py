@@ -1071,6 +1071,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_oauth2(converted["oauth2"], sections["oauth2"], uses_oauth2)
     for key in ("cert_file", "key_file"):
         converted["tls"].setdefault(key, loader.file_dir / getattr(TLSSettings, key))
+    for key, first in (("second_cert_file", "cert_file"), ("second_key_file", "key_file")):
+        if converted["tls"].get(key) is None:  # shown as the file it is in check-config
+            converted["tls"][key] = _beside(converted["tls"][first])
     if loader.problems:
         raise ConfigError(loader.problems)
 
