@@ -451,28 +451,39 @@ class ServerTLS:
     ) -> None:
         self.settings = settings
         self._versions = (pop3_min, submission_min)
-        self.certificate, self._twisted, self._asyncio = self._load()
+        self.certificate, self.second_certificate, self._twisted, self._asyncio = self._load()
         # The context the submission listeners are created with; it only dispatches.
         self.asyncio_context = asyncio_server_context(settings, submission_min)
         self.asyncio_context.sni_callback = self._switch
 
-    def _load(self) -> tuple[x509.Certificate, CertificateOptions, ssl.SSLContext]:
+    def _load(
+        self,
+    ) -> tuple[x509.Certificate, x509.Certificate | None, CertificateOptions, ssl.SSLContext]:
         pop3_min, smtp_min = self._versions
-        leaf = load_server_certificate(self.settings)[0]
+        first = load_server_certificate(self.settings)
+        second = load_second_certificate(self.settings, first)
         return (
-            leaf,
+            first[0],
+            second[0] if second is not None else None,
             server_context_factory(self.settings, pop3_min),
             asyncio_server_context(self.settings, smtp_min),
         )
 
     def reload(self) -> x509.Certificate:
-        """Read the files again and use them for new handshakes; the new leaf certificate.
+        """Read the files (both pairs) again and use them for new handshakes; the new leaf
+        certificate of the first pair (:attr:`second_certificate` has the second's).
 
-        Raises TLSSetupError (nothing replaced) when the new pair cannot be used.
+        Raises TLSSetupError (nothing replaced) when a new pair cannot be used.
         """
         loaded = self._load()
-        self.certificate, self._twisted, self._asyncio = loaded
+        self.certificate, self.second_certificate, self._twisted, self._asyncio = loaded
         return self.certificate
+
+    @property
+    def expires(self) -> datetime.datetime:
+        """When the first of the certificates in use expires (the one to renew first)."""
+        leaves = [self.certificate, self.second_certificate]
+        return min(leaf.not_valid_after_utc for leaf in leaves if leaf is not None)
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._twisted.getContext(), None)

@@ -244,7 +244,12 @@ def test_the_default_pairs_rsa_and_ecdsa_are_both_served_and_both_reloaded(
     assert gw.pid is not None
     os.kill(gw.pid, signal.SIGHUP)
     serial = format(x509.load_pem_x509_certificate(rsa_pair[0].read_bytes()).serial_number, "x")
-    gw.wait_for_log(f"certificate reloaded: serial {serial}, sha256 ")
+    ecdsa_serial = format(
+        x509.load_pem_x509_certificate(ecdsa_pair[0].read_bytes()).serial_number, "x"
+    )
+    gw.wait_for_log(
+        f"certificate reloaded: serial {serial}, sha256 .*; second pair: serial {ecdsa_serial}, "
+    )
 
     assert served_by_key_type(gw) == {
         "pop3s aRSA": rsa_new,
