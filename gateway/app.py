@@ -17,7 +17,6 @@ import signal
 import sys
 from typing import Any
 
-from cryptography import x509
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -85,7 +84,7 @@ class Gateway:
         self.server_tls = tls.ServerTLS(
             config.tls, config.tls_min_version_for("pop3"), config.tls_min_version_for("submission")
         )
-        self._certificate_in_use(self.server_tls.certificate)
+        self._certificate_in_use(self.server_tls)
         pop3_tls = self.server_tls
         networks = config.security.insecure_auth
         proxies = self._pop3_proxy_headers if config.pop3.proxy_protocol else None
@@ -117,13 +116,15 @@ class Gateway:
             log.error("certificate not reloaded, still using the previous one: %s", e)
             return False
         self.metrics.tls_reloads.labels("ok").inc()
-        self._certificate_in_use(certificate)
-        log.info("certificate reloaded: %s", tls.describe_certificate(certificate))
+        self._certificate_in_use(self.server_tls)
+        second = self.server_tls.second_certificate
+        also = f"; second pair: {tls.describe_certificate(second)}" if second is not None else ""
+        log.info("certificate reloaded: %s%s", tls.describe_certificate(certificate), also)
         return True
 
-    def _certificate_in_use(self, certificate: x509.Certificate) -> None:
-        expiry = certificate.not_valid_after_utc.timestamp()
-        self.metrics.tls_certificate_expiry.set(expiry)
+    def _certificate_in_use(self, server_tls: tls.ServerTLS) -> None:
+        """The expiry metric follows the certificate that expires first (with two pairs)."""
+        self.metrics.tls_certificate_expiry.set(server_tls.expires.timestamp())
 
     def _pop3_proxy_headers(self, factory: Any, implicit_tls: bool) -> ProxyHeaderFactory:
         # A TLS client waits for the handshake: a plain-text -ERR would only confuse it.

@@ -23,6 +23,9 @@ EXIT_CONFIG = 2
 
 CERT_NAME = "popgate.crt"
 KEY_NAME = "popgate.key"
+# The second pair's names, as [tls] derives them from the first's (TLSSettings.second_pair).
+SECOND_CERT_NAME = "popgate-ecdsa.crt"
+SECOND_KEY_NAME = "popgate-ecdsa.key"
 
 
 def _error(message: str) -> None:
@@ -60,25 +63,40 @@ def _certificate_problems(config: Config, *, note_missing: bool) -> list[str]:
 
     A missing pair is fine (serve generates one); ``note_missing`` says so on stderr.
     """
-    from gateway.tls import TLSSetupError, load_server_certificate
+    from gateway.tls import TLSSetupError, load_second_certificate, load_server_certificate
 
     name = str(config.source)
     cert, key = config.tls.cert_file, config.tls.key_file
-    if cert.exists() != key.exists():
-        present, missing = (cert, key) if cert.exists() else (key, cert)
-        return [f"{name}: [tls] cert_file, key_file: {present} exists but {missing} does not"]
+    second_cert, second_key = config.tls.second_pair
+    second_keys = "[tls] second_cert_file, second_key_file"
+    for pair_cert, pair_key, keys in (
+        (cert, key, "[tls] cert_file, key_file"),
+        (second_cert, second_key, second_keys),
+    ):
+        if pair_cert.exists() != pair_key.exists():
+            present, missing = (
+                (pair_cert, pair_key) if pair_cert.exists() else (pair_key, pair_cert)
+            )
+            return [f"{name}: {keys}: {present} exists but {missing} does not"]
     if not cert.exists():
+        if second_cert.exists():
+            return [f"{name}: {second_keys}: {second_cert} exists but {cert} does not"]
         if not note_missing:
             return []
         print(
-            f"note: {cert} and {key} do not exist; a self-signed pair is generated at start",
+            f"note: {cert} and {key} do not exist; a self-signed pair is generated at start "
+            f"(RSA there, and an ECDSA one in {second_cert} and {second_key})",
             file=sys.stderr,
         )
         return []
     try:
-        load_server_certificate(config.tls)
+        first = load_server_certificate(config.tls)
     except TLSSetupError as exc:
         return [f"{name}: [tls] cert_file, key_file: {exc}"]
+    try:
+        load_second_certificate(config.tls, first)
+    except TLSSetupError as exc:
+        return [f"{name}: {second_keys}: {exc}"]
     return []
 
 
@@ -125,26 +143,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gen_cert(args: argparse.Namespace) -> int:
-    """Write DIR/popgate.crt and DIR/popgate.key; refuse to replace a key unless --force."""
-    from gateway.tls import TLSSetupError, certificate_fingerprint, generate_self_signed
+    """Write the RSA pair DIR/popgate.crt, DIR/popgate.key and the ECDSA pair
+    DIR/popgate-ecdsa.crt, DIR/popgate-ecdsa.key; refuse to replace any unless --force."""
+    from gateway.tls import KeyType, TLSSetupError, certificate_fingerprint, generate_self_signed
 
     out = Path(args.out)
-    cert, key = out / CERT_NAME, out / KEY_NAME
-    existing = [p for p in (cert, key) if p.exists()]
+    pairs: tuple[tuple[Path, Path, KeyType], ...] = (
+        (out / CERT_NAME, out / KEY_NAME, "rsa"),
+        (out / SECOND_CERT_NAME, out / SECOND_KEY_NAME, "ecdsa"),
+    )
+    existing = [p for cert, key, _type in pairs for p in (cert, key) if p.exists()]
     if existing and not args.force:
         _error(f"{existing[0]} already exists; pass --force to replace it")
         return EXIT_FAILURE
     try:
-        generate_self_signed(args.hostname, cert, key)
+        for cert, key, key_type in pairs:
+            generate_self_signed(args.hostname, cert, key, key_type)
     except TLSSetupError as exc:
         _error(str(exc))
         return EXIT_CONFIG
     except OSError as exc:
         _error(f"cannot write to {out}: {exc.strerror or exc}")
         return EXIT_FAILURE
-    print(f"wrote {cert}")
-    print(f"wrote {key}")
-    print(f"SHA-256 fingerprint: {certificate_fingerprint(cert)}")
+    for cert, key, _key_type in pairs:
+        print(f"wrote {cert}")
+        print(f"wrote {key}")
+        print(f"SHA-256 fingerprint: {certificate_fingerprint(cert)}")
     return EXIT_OK
 
 
@@ -413,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config)
 
     gen_cert = commands.add_parser(
-        "gen-cert", help=f"write a self-signed DIR/{CERT_NAME} and DIR/{KEY_NAME}"
+        "gen-cert",
+        help=f"write self-signed pairs: RSA DIR/{CERT_NAME}, DIR/{KEY_NAME} and ECDSA "
+        f"DIR/{SECOND_CERT_NAME}, DIR/{SECOND_KEY_NAME}",
     )
     gen_cert.add_argument(
         "--hostname", required=True, metavar="NAME", help="name (or IP) to certify"

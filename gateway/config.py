@@ -129,7 +129,25 @@ class SubmissionSettings:
 class TLSSettings:
     cert_file: Path = Path("certs/popgate.crt")
     key_file: Path = Path("certs/popgate.key")
+    # A second pair of another key type, served next to the first (OpenSSL picks per client:
+    # ECDSA where the client can, RSA for old RSA-only devices), used when both files exist.
+    # None: beside the first pair, "-ecdsa" before the suffix (certs/popgate-ecdsa.crt).
+    second_cert_file: Path | None = None
+    second_key_file: Path | None = None
     min_version: TLSVersion = "TLSv1.2"
+
+    @property
+    def second_pair(self) -> tuple[Path, Path]:
+        """The second pair's (certificate, key) files, named or derived from the first's."""
+        return (
+            self.second_cert_file or _beside(self.cert_file),
+            self.second_key_file or _beside(self.key_file),
+        )
+
+
+def _beside(path: Path) -> Path:
+    """``certs/popgate.crt`` -> ``certs/popgate-ecdsa.crt``: the second pair's default name."""
+    return path.with_name(f"{path.stem}-ecdsa{path.suffix}")
 
 
 @dataclass(frozen=True)
@@ -366,6 +384,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "tls": {
         "cert_file": _Key("path"),
         "key_file": _Key("path"),
+        "second_cert_file": _Key("path", optional=True),
+        "second_key_file": _Key("path", optional=True),
         "min_version": _Key("choice", TLS_VERSIONS),
     },
     "security": {
@@ -1067,6 +1087,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     loader.check_oauth2(converted["oauth2"], sections["oauth2"], uses_oauth2)
     for key in ("cert_file", "key_file"):
         converted["tls"].setdefault(key, loader.file_dir / getattr(TLSSettings, key))
+    for key, first in (("second_cert_file", "cert_file"), ("second_key_file", "key_file")):
+        if converted["tls"].get(key) is None:  # shown as the file it is in check-config
+            converted["tls"][key] = _beside(converted["tls"][first])
     if loader.problems:
         raise ConfigError(loader.problems)
 

@@ -17,11 +17,11 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
@@ -42,6 +42,7 @@ from gateway.config import TLS_VERSIONS, TLSSettings
 from gateway.config import TLSVersion as TLSVersionName
 
 __all__ = [
+    "ResumingClientTLS",
     "ServerTLS",
     "TLSSetupError",
     "asyncio_server_context",
@@ -50,8 +51,10 @@ __all__ = [
     "describe_certificate",
     "ensure_server_certificate",
     "generate_self_signed",
+    "load_second_certificate",
     "load_server_certificate",
     "server_context_factory",
+    "upstream_tls",
 ]
 
 # Ten years, yet still short of 2038: devices with a 32-bit time_t reject later dates.
@@ -120,11 +123,18 @@ def _subject_alt_names(hostname: str) -> list[x509.GeneralName]:
     return names
 
 
-def generate_self_signed(hostname: str, cert_file: Path, key_file: Path) -> None:
+KeyType = Literal["rsa", "ecdsa"]
+
+
+def generate_self_signed(
+    hostname: str, cert_file: Path, key_file: Path, key_type: KeyType = "rsa"
+) -> None:
     """Write a self-signed certificate for ``hostname`` and its private key (mode 0600).
 
-    RSA 2048 rather than EC: TLS 1.0-era devices often cannot do ECDSA at all. The signature is
-    SHA-256; SHA-1 certificates are refused by every current client.
+    RSA 2048 for the first pair: TLS 1.0-era devices often cannot do ECDSA at all. ECDSA P-256
+    for the second: its signature costs the server ~0.03 ms against RSA's ~0.8 ms per full
+    handshake (docs/benchmark.md). The signature is SHA-256; SHA-1 certificates are refused by
+    every current client.
     """
     hostname = hostname.strip()
     if not hostname or any(c.isspace() for c in hostname):
@@ -133,7 +143,11 @@ def generate_self_signed(hostname: str, cert_file: Path, key_file: Path) -> None
         alt_names = _subject_alt_names(hostname)
     except UnicodeError:
         raise TLSSetupError(f"not a usable host name: {hostname!r}") from None
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if key_type == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
     # The CN is limited to 64 characters; the SAN carries the name that clients check anyway.
     subject = x509.Name(
         [x509.NameAttribute(NameOID.COMMON_NAME, hostname)] if len(hostname) <= 64 else []
@@ -153,7 +167,7 @@ def generate_self_signed(hostname: str, cert_file: Path, key_file: Path) -> None
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
-                key_encipherment=True,  # TLS 1.0 RSA key exchange
+                key_encipherment=key_type == "rsa",  # TLS 1.0 RSA key exchange
                 content_commitment=False,
                 data_encipherment=False,
                 key_agreement=False,
@@ -180,27 +194,44 @@ def generate_self_signed(hostname: str, cert_file: Path, key_file: Path) -> None
     _write_file(cert_file, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def ensure_server_certificate(settings: TLSSettings, hostname: str) -> bool:
-    """Generate a self-signed pair if neither file exists; return whether one was generated.
+_GENERATE_HINT = "Provide both files, or remove both to have a self-signed pair generated."
 
-    Exactly one existing file means something is wrong (a copied cert without its key, a
+
+def _pair_exists(cert_file: Path, key_file: Path, hint: str = _GENERATE_HINT) -> bool:
+    """Whether the pair is there; half a pair is an error, never something to overwrite."""
+    cert_exists, key_exists = cert_file.exists(), key_file.exists()
+    if cert_exists != key_exists:
+        present, missing = (cert_file, key_file) if cert_exists else (key_file, cert_file)
+        raise TLSSetupError(
+            f"{present} exists but {missing} does not; not generating a new pair over it. {hint}"
+        )
+    return cert_exists
+
+
+def ensure_server_certificate(settings: TLSSettings, hostname: str) -> bool:
+    """Generate the self-signed pairs if no file exists; return whether they were generated.
+
+    That is the first pair (RSA) and the second (ECDSA), and only when none of the four files
+    exists: an operator's own first pair never gets a generated second one beside it. Exactly
+    one existing file of a pair means something is wrong (a copied cert without its key, a
     half-finished deployment); overwriting it could destroy the operator's real certificate,
     so that is an error instead.
     """
-    cert_exists, key_exists = settings.cert_file.exists(), settings.key_file.exists()
-    if cert_exists and key_exists:
-        return False
-    if cert_exists or key_exists:
-        present, missing = (
-            (settings.cert_file, settings.key_file)
-            if cert_exists
-            else (settings.key_file, settings.cert_file)
-        )
+    first = _pair_exists(settings.cert_file, settings.key_file)
+    second_cert, second_key = settings.second_pair
+    second = _pair_exists(
+        second_cert, second_key, "Provide both files of the second pair, or remove both."
+    )
+    if second and not first:
         raise TLSSetupError(
-            f"{present} exists but {missing} does not; not generating a new pair over it. "
-            "Provide both files, or remove both to have a self-signed pair generated."
+            f"{second_cert} exists but {settings.cert_file} does not; the second pair is only "
+            "served next to a first one. Provide the first pair, or remove both pairs to have "
+            "self-signed ones generated."
         )
-    generate_self_signed(hostname, settings.cert_file, settings.key_file)
+    if first or second:
+        return False
+    generate_self_signed(hostname, settings.cert_file, settings.key_file, "rsa")
+    generate_self_signed(hostname, second_cert, second_key, "ecdsa")
     return True
 
 
@@ -211,34 +242,80 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSSetupError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def load_server_certificate(
-    settings: TLSSettings,
-) -> tuple[x509.Certificate, list[x509.Certificate], PrivateKeyTypes]:
-    """Load and cross-check the pair: (leaf, intermediates, key).
+ServerPair = tuple[x509.Certificate, list[x509.Certificate], PrivateKeyTypes]
+
+
+def load_server_certificate(settings: TLSSettings) -> ServerPair:
+    """Load and cross-check the first pair: (leaf, intermediates, key).
 
     ``cert_file`` may hold a full chain (leaf first, as ACME clients write it). Checked here,
     once, so a wrong pair fails at start with both file names instead of at the first client.
     """
-    cert_data = _read(settings.cert_file, "certificate")
+    return _load_pair(settings.cert_file, settings.key_file)
+
+
+def load_second_certificate(settings: TLSSettings, first: ServerPair) -> ServerPair | None:
+    """Load the second pair if both its files exist (None if neither), checked against the
+    first: another key type (OpenSSL keeps one certificate per key type, so a second RSA pair
+    would silently replace the first), and self-signed only if the first is too (a generated
+    ECDSA pair left next to an operator's real certificate would be shown to every modern
+    client)."""
+    hint = "Provide both files of the second pair, or remove both to serve the first alone."
+    second_cert, second_key = settings.second_pair
+    if not _pair_exists(second_cert, second_key, hint):
+        return None
+    second = _load_pair(second_cert, second_key)
+    first_type, second_type = _key_type(first[2]), _key_type(second[2])
+    if first_type == second_type:
+        raise TLSSetupError(
+            f"{second_key} and {settings.key_file} are both {first_type} keys; "
+            "the second pair must have another key type (e.g. ECDSA next to RSA)"
+        )
+    if _self_signed(first[0]) != _self_signed(second[0]):
+        signed, self_signed = (
+            (settings.cert_file, second_cert)
+            if _self_signed(second[0])
+            else (second_cert, settings.cert_file)
+        )
+        raise TLSSetupError(
+            f"{self_signed} is self-signed but {signed} is not: clients would see one or the "
+            f"other depending on their key type. Replace {self_signed} too, or remove it and "
+            "its key to serve one pair"
+        )
+    return second
+
+
+def _key_type(key: PrivateKeyTypes) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RSA"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ECDSA"
+    return type(key).__name__
+
+
+def _self_signed(certificate: x509.Certificate) -> bool:
+    return certificate.issuer == certificate.subject
+
+
+def _load_pair(cert_file: Path, key_file: Path) -> ServerPair:
+    cert_data = _read(cert_file, "certificate")
     try:
         chain = x509.load_pem_x509_certificates(cert_data)
     except ValueError:
-        raise TLSSetupError(f"{settings.cert_file}: no PEM certificate in it") from None
-    key_data = _read(settings.key_file, "private key")
+        raise TLSSetupError(f"{cert_file}: no PEM certificate in it") from None
+    key_data = _read(key_file, "private key")
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
     except TypeError:
         raise TLSSetupError(
-            f"{settings.key_file}: the key is encrypted; provide it without a passphrase"
+            f"{key_file}: the key is encrypted; provide it without a passphrase"
         ) from None
     except ValueError:
-        raise TLSSetupError(f"{settings.key_file}: no PEM private key in it") from None
+        raise TLSSetupError(f"{key_file}: no PEM private key in it") from None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if chain[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
-        raise TLSSetupError(
-            f"{settings.key_file} is not the key of the certificate in {settings.cert_file}"
-        )
+        raise TLSSetupError(f"{key_file} is not the key of the certificate in {cert_file}")
     return chain[0], chain[1:], key
 
 
@@ -289,7 +366,9 @@ def server_context_factory(
     if min_version not in _VERSIONS:
         raise ValueError(f"unknown TLS version {min_version!r}")
     floor = _VERSIONS[min_version][0]
-    leaf, intermediates, key = load_server_certificate(settings)
+    first = load_server_certificate(settings)
+    second = load_second_certificate(settings, first)
+    leaf, intermediates, key = first
     options: dict[str, object] = {}
     if _is_legacy(min_version):
         options["insecurelyLowerMinimumTo"] = floor
@@ -311,27 +390,42 @@ def server_context_factory(
         **options,  # type: ignore[arg-type]
     )
     try:
-        factory.getContext()  # build now: a bad pair or cipher string fails at start, not later
+        context = factory.getContext()  # build now: a bad pair or cipher string fails at start
     except SSL.Error as exc:
         raise TLSSetupError(
             f"cannot use {settings.cert_file} / {settings.key_file}: {exc}"
         ) from None
+    if second is not None:
+        # The factory keeps this context (getContext caches it), so every connection gets both.
+        # OpenSSL holds one certificate per key type; the chain file gives the second pair its
+        # own intermediates (the first pair's are the context's extra chain).
+        second_cert, second_key = settings.second_pair
+        try:
+            context.use_certificate_chain_file(str(second_cert))
+            context.use_privatekey(second[2])  # type: ignore[arg-type]
+            context.check_privatekey()
+        except SSL.Error as exc:
+            raise TLSSetupError(f"cannot use {second_cert} / {second_key}: {exc}") from None
     return factory
 
 
 def asyncio_server_context(settings: TLSSettings, min_version: TLSVersionName) -> ssl.SSLContext:
     """The same listener TLS as :func:`server_context_factory`, for asyncio servers (aiosmtpd):
     same certificate checks, same floor, the legacy security level only below TLS 1.2."""
-    load_server_certificate(settings)  # the same checks and messages as for POP3
+    # The same checks and messages as for POP3.
+    second = load_second_certificate(settings, load_server_certificate(settings))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[min_version][1]
     if _is_legacy(min_version):
         context.set_ciphers(f"DEFAULT:@SECLEVEL={LEGACY_SECURITY_LEVEL}")
-    try:
-        context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-    except (OSError, ssl.SSLError) as exc:  # replaced between the check above and here
-        pair = f"{settings.cert_file} / {settings.key_file}"
-        raise TLSSetupError(f"cannot use {pair}: {exc}") from None
+    pairs = [(settings.cert_file, settings.key_file)]
+    if second is not None:
+        pairs.append(settings.second_pair)
+    for cert_file, key_file in pairs:  # one certificate per key type: both are kept
+        try:
+            context.load_cert_chain(str(cert_file), str(key_file))
+        except (OSError, ssl.SSLError) as exc:  # replaced between the check above and here
+            raise TLSSetupError(f"cannot use {cert_file} / {key_file}: {exc}") from None
     return context
 
 
@@ -357,28 +451,39 @@ class ServerTLS:
     ) -> None:
         self.settings = settings
         self._versions = (pop3_min, submission_min)
-        self.certificate, self._twisted, self._asyncio = self._load()
+        self.certificate, self.second_certificate, self._twisted, self._asyncio = self._load()
         # The context the submission listeners are created with; it only dispatches.
         self.asyncio_context = asyncio_server_context(settings, submission_min)
         self.asyncio_context.sni_callback = self._switch
 
-    def _load(self) -> tuple[x509.Certificate, CertificateOptions, ssl.SSLContext]:
+    def _load(
+        self,
+    ) -> tuple[x509.Certificate, x509.Certificate | None, CertificateOptions, ssl.SSLContext]:
         pop3_min, smtp_min = self._versions
-        leaf = load_server_certificate(self.settings)[0]
+        first = load_server_certificate(self.settings)
+        second = load_second_certificate(self.settings, first)
         return (
-            leaf,
+            first[0],
+            second[0] if second is not None else None,
             server_context_factory(self.settings, pop3_min),
             asyncio_server_context(self.settings, smtp_min),
         )
 
     def reload(self) -> x509.Certificate:
-        """Read the files again and use them for new handshakes; the new leaf certificate.
+        """Read the files (both pairs) again and use them for new handshakes; the new leaf
+        certificate of the first pair (:attr:`second_certificate` has the second's).
 
-        Raises TLSSetupError (nothing replaced) when the new pair cannot be used.
+        Raises TLSSetupError (nothing replaced) when a new pair cannot be used.
         """
         loaded = self._load()
-        self.certificate, self._twisted, self._asyncio = loaded
+        self.certificate, self.second_certificate, self._twisted, self._asyncio = loaded
         return self.certificate
+
+    @property
+    def expires(self) -> datetime.datetime:
+        """When the first of the certificates in use expires (the one to renew first)."""
+        leaves = [self.certificate, self.second_certificate]
+        return min(leaf.not_valid_after_utc for leaf in leaves if leaf is not None)
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._twisted.getContext(), None)
@@ -420,7 +525,9 @@ class _UnverifiedClientTLS:
     """TLS 1.2+ without certificate checks, still sending SNI (verify_certificate = false)."""
 
     def __init__(self, hostname: str) -> None:
-        self._options = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
+        self._options = CertificateOptions(
+            raiseMinimumTo=TLSVersion.TLSv1_2, enableSessionTickets=True
+        )
         try:
             ipaddress.ip_address(hostname)
             self._server_name: bytes | None = None  # RFC 6066: no IP literals in SNI
@@ -441,6 +548,93 @@ _CLIENT_CREATORS: dict[
 _MAX_CLIENT_CREATORS = 16
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingClientTLS:
+    """One upstream's TLS, offering the last session it established on each new connection.
+
+    Every POP login opens its own IMAP connection; without resumption each one pays a full
+    handshake (certificate chain, signature check, key exchange) on both ends. The session is
+    kept in memory only, per upstream (host, port, verification, CA file: one creator each, see
+    :func:`upstream_tls`), and offered again only to that upstream; a session is recorded
+    (:meth:`remember`) after the server has spoken over it, i.e. after the handshake and its
+    certificate check succeeded. Resuming a session skips the certificate check, which is the
+    point: the session's keys are bound to the peer that was verified when it was made.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator) -> None:
+        self._inner = inner
+        self._session: SSL.Session | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        if self._session is not None:
+            connection.set_session(self._session)
+        return connection
+
+    def remember(self, transport: object) -> None:
+        """Keep the session of ``transport`` (a TLS transport past its handshake) for the next
+        connection. TLS 1.3 sends its tickets after the handshake: call this once the server's
+        first answer has been read, so the ticket came in before it."""
+        connection = _tls_connection(transport)
+        if connection is None:
+            return
+        session = connection.get_session()
+        if session is not None:
+            self._session = session
+
+    def forget(self) -> None:
+        """Drop the kept session (a connection failed: do not offer it again)."""
+        self._session = None
+
+
+def _tls_connection(transport: object) -> SSL.Connection | None:
+    """The OpenSSL connection under ``transport``: a TLSMemoryBIOProtocol's own handle
+    (implicit TLS), or that of the one a TCP connection put in front of its protocol when it
+    started TLS (STARTTLS)."""
+    for candidate in (transport, getattr(transport, "protocol", None)):
+        handle = getattr(candidate, "getHandle", lambda: None)()
+        if isinstance(handle, SSL.Connection):
+            return handle
+    return None
+
+
+# Upstream key (host, port, verification, CA file and its version) -> its creator.
+_UpstreamKey = tuple[str, int, bool, Path | None, tuple[int, int]]
+_upstream_tls: dict[_UpstreamKey, ResumingClientTLS] = {}
+
+
+def upstream_tls(
+    hostname: str, port: int, verify: bool = True, ca_file: Path | None = None
+) -> ResumingClientTLS:
+    """The process's :class:`ResumingClientTLS` for this upstream (made on first use).
+
+    Reusing it also reuses its OpenSSL context: the trust store and the CA file are loaded
+    once, not at every login. Keyed by everything that decides how the peer is checked, so a
+    session made under one set of checks is never offered under another; the CA file's size
+    and modification time are part of the key, so a changed file is read again, as before.
+    """
+    key = (hostname, port, verify, ca_file, _file_version(ca_file))
+    creator = _upstream_tls.get(key)
+    if creator is None:
+        creator = ResumingClientTLS(client_context_factory(hostname, verify, ca_file))
+        if len(_upstream_tls) >= 64:  # CA file rewritten again and again: keep it bounded
+            _upstream_tls.clear()
+        _upstream_tls[key] = creator
+    return creator
+
+
+def _file_version(path: Path | None) -> tuple[int, int]:
+    """(mtime, size) of ``path``, so a file replaced on disk gets a fresh context; (0, 0) for no
+    file or one that cannot be read (building the context reports that)."""
+    if path is None:
+        return (0, 0)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 def client_context_factory(
     hostname: str, verify: bool = True, ca_file: Path | None = None
 ) -> IOpenSSLClientConnectionCreator:
@@ -456,14 +650,7 @@ def client_context_factory(
     when every upstream login built its own (docs/benchmark.md, "Submission"). A ``ca_file``
     replaced on disk (another mtime or size) gets a fresh one.
     """
-    version = (0, 0)
-    if ca_file is not None:
-        try:
-            stat = os.stat(ca_file)
-            version = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            pass  # _new_client_creator reports the missing file
-    key = (hostname, verify, ca_file, version)
+    key = (hostname, verify, ca_file, _file_version(ca_file))
     creator = _CLIENT_CREATORS.get(key)
     if creator is None:
         creator = _new_client_creator(hostname, verify, ca_file)
@@ -486,5 +673,9 @@ def _new_client_creator(
     return optionsForClientTLS(
         hostname,
         trustRoot=_SystemTrustPlus(ca_file),
-        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+        # Tickets: TLS 1.2 servers then hand out sessions to resume (ResumingClientTLS).
+        extraCertificateOptions={
+            "raiseMinimumTo": TLSVersion.TLSv1_2,
+            "enableSessionTickets": True,
+        },
     )

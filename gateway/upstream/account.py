@@ -15,7 +15,7 @@ from datetime import datetime
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
@@ -33,7 +33,7 @@ from gateway.proto.imap import (
     encode_mailbox,
 )
 from gateway.proto.imap_responses import MailboxEntry, Metadata
-from gateway.tls import client_context_factory
+from gateway.tls import ResumingClientTLS, upstream_tls
 from gateway.upstream.imap_client import (
     BodyCollector,
     BodySink,
@@ -44,6 +44,7 @@ from gateway.upstream.imap_client import (
     ReadObserver,
     Response,
 )
+from gateway.upstream.tls_transport import connect_tls
 
 # TCP connect only. The TLS handshake and the greeting that follows are an IMAP response like
 # any other and wait up to [upstream.imap] timeout: a server forking a login process per
@@ -93,17 +94,20 @@ class MailboxInfo:
 
 async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientProtocol:
     """Connect and, for STARTTLS, secure the connection; fails with UpstreamUnavailable."""
-    tls = None
+    tls: ResumingClientTLS | None = None
     if settings.security != "none":
-        tls = client_context_factory(settings.host, settings.verify_certificate, settings.ca_file)
+        tls = upstream_tls(
+            settings.host, settings.port, settings.verify_certificate, settings.ca_file
+        )
     endpoint: IStreamClientEndpoint = HostnameEndpoint(
         reactor, settings.host, settings.port, timeout=CONNECT_TIMEOUT
     )
-    if tls is not None and settings.security == "tls":
-        endpoint = wrapClientTLS(tls, endpoint)
     proto = ImapClientProtocol(reactor, settings.timeout)
     try:
-        await connectProtocol(endpoint, proto)
+        if tls is not None and settings.security == "tls":
+            await connect_tls(endpoint, tls, proto)  # whole reads, not records, to the parser
+        else:
+            await connectProtocol(endpoint, proto)
         greeting_timeout = settings.timeout or CONNECT_TIMEOUT
         await _with_timeout(
             proto.greeting, reactor, greeting_timeout, f"greeting from IMAP server {settings.host}"
@@ -117,6 +121,8 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
             proto.start_tls(tls)
         if not proto.capabilities or settings.security == "starttls":
             await proto.command(Atom("CAPABILITY"))
+        if tls is not None:  # the server has answered over TLS: its session is good to resume
+            tls.remember(proto.transport)
     except UpstreamUnavailable:
         _abort(proto)
         raise

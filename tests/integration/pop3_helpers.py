@@ -390,9 +390,10 @@ def wait_until(condition: Any, timeout: float = TIMEOUT, what: str = "condition"
 
 
 def trust_gateway_cert(gw: GatewayProcess) -> tuple[ssl.SSLContext, str]:
-    """A client context that trusts the gateway's self-signed certificate (the file named in
-    its config) as the only anchor, and the host name to check it against (the name the
-    gateway generated it for)."""
+    """A client context that trusts the gateway's self-signed certificates (the file named in
+    its config, and the ECDSA one generated beside it, which is what this client is shown)
+    as the only anchors, and the host name to check them against (the name the gateway
+    generated them for)."""
     from cryptography import x509
 
     cert_file = Path(gw.config["tls"]["cert_file"])
@@ -400,4 +401,8 @@ def trust_gateway_cert(gw: GatewayProcess) -> tuple[ssl.SSLContext, str]:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = san.get_values_for_type(x509.DNSName)
     assert names, f"no DNS name in {cert_file}"
-    return ssl.create_default_context(cafile=str(cert_file)), names[0]
+    context = ssl.create_default_context(cafile=str(cert_file))
+    second = cert_file.with_name(f"{cert_file.stem}-ecdsa{cert_file.suffix}")
+    if second.exists():
+        context.load_verify_locations(cafile=str(second))
+    return context, names[0]

@@ -403,7 +403,12 @@ def test_certificates_and_spool_survive_recreating_the_container(
         assert first.stop() == 0
     first.podman.remove([first.name])
     assert _pending(spool) == [pending]
-    assert {p.name for p in certs.iterdir()} == {"popgate.crt", "popgate.key"}
+    assert {p.name for p in certs.iterdir()} == {
+        "popgate.crt",
+        "popgate.key",
+        "popgate-ecdsa.crt",
+        "popgate-ecdsa.key",
+    }
     assert sent_mailbox(dovecot, mail_user) == {}
 
     second = run_container(mounts)  # a new container from the volumes; IMAP is back

@@ -11,6 +11,7 @@ import poplib
 import shutil
 import signal
 import smtplib
+import ssl
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.tls import generate_self_signed
 from tests.conftest import MailUser
 from tests.support.dovecot import issue_server_cert
 from tests.support.gateway import GatewayProcess
+from tests.support.smtp_sink import SmtpSink
 from tests.support.submission import client_context
 from tests.support.upstreams import Upstream
 
@@ -182,3 +185,75 @@ def test_a_broken_new_pair_is_logged_and_the_old_one_kept(
         shutil.copy2(good / "key", key_file)
     assert metric(gw, "popgate_tls_reloads_total", result="ok") == 0
     assert gw.returncode is None  # still serving
+
+
+# --------------------------------------------------------------- two pairs: RSA and ECDSA
+
+
+def served_by_key_type(gw: GatewayProcess) -> dict[str, str]:
+    """The certificate a TLS 1.2 client offering only RSA (``aRSA``), or only ECDSA
+    (``aECDSA``), cipher suites gets from POP3S and from submission 465."""
+    seen: dict[str, str] = {}
+    for suites in ("aRSA", "aECDSA"):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the self-signed default pairs
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(suites)
+        pop = poplib.POP3_SSL(gw.host, gw.pop3s_port, context=context, timeout=TIMEOUT)
+        seen[f"pop3s {suites}"] = fingerprint(pop.sock.getpeercert(binary_form=True))
+        pop.quit()
+        smtp = smtplib.SMTP_SSL(gw.host, gw.submissions_port, context=context, timeout=TIMEOUT)
+        assert smtp.sock is not None
+        seen[f"smtps {suites}"] = fingerprint(smtp.sock.getpeercert(binary_form=True))  # type: ignore[attr-defined]
+        smtp.quit()
+    return seen
+
+
+def test_the_default_pairs_rsa_and_ecdsa_are_both_served_and_both_reloaded(
+    start_gateway: Callable[..., GatewayProcess], smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    """No certificate configured: popgate generates an RSA pair and an ECDSA one beside it,
+    serves each to the clients that ask for its key type (POP3 and submission alike), and a
+    SIGHUP re-reads both pairs."""
+    gw = start_gateway(
+        submission={"listen": [], "listen_tls": ["127.0.0.1:0"], "spool_dir": "spool"},
+        upstream_smtp={"host": smtp_sink.host, "port": smtp_sink.port, "security": "none"},
+    )
+    cert_file, key_file = Path(gw.config["tls"]["cert_file"]), Path(gw.config["tls"]["key_file"])
+    rsa_pair = (cert_file, key_file)
+    # [tls] second_cert_file/second_key_file unset: beside the first, "-ecdsa" in the name.
+    ecdsa_pair = (
+        cert_file.with_name(cert_file.stem + "-ecdsa.crt"),
+        key_file.with_name(key_file.stem + "-ecdsa.key"),
+    )
+    rsa_old, ecdsa_old = file_fingerprint(rsa_pair[0]), file_fingerprint(ecdsa_pair[0])
+    assert served_by_key_type(gw) == {
+        "pop3s aRSA": rsa_old,
+        "smtps aRSA": rsa_old,
+        "pop3s aECDSA": ecdsa_old,
+        "smtps aECDSA": ecdsa_old,
+    }
+
+    scratch = tmp_path / "rotation"
+    for (cert, key), key_type in ((rsa_pair, "rsa"), (ecdsa_pair, "ecdsa")):
+        generate_self_signed("localhost", scratch / cert.name, scratch / key.name, key_type)  # type: ignore[arg-type]
+        os.replace(scratch / key.name, key)
+        os.replace(scratch / cert.name, cert)
+    rsa_new, ecdsa_new = file_fingerprint(rsa_pair[0]), file_fingerprint(ecdsa_pair[0])
+    assert gw.pid is not None
+    os.kill(gw.pid, signal.SIGHUP)
+    serial = format(x509.load_pem_x509_certificate(rsa_pair[0].read_bytes()).serial_number, "x")
+    ecdsa_serial = format(
+        x509.load_pem_x509_certificate(ecdsa_pair[0].read_bytes()).serial_number, "x"
+    )
+    gw.wait_for_log(
+        f"certificate reloaded: serial {serial}, sha256 .*; second pair: serial {ecdsa_serial}, "
+    )
+
+    assert served_by_key_type(gw) == {
+        "pop3s aRSA": rsa_new,
+        "smtps aRSA": rsa_new,
+        "pop3s aECDSA": ecdsa_new,
+        "smtps aECDSA": ecdsa_new,
+    }

@@ -11,8 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from OpenSSL._util import lib as openssl_lib
 
+from gateway.config import ImapUpstream
+from gateway.tls import _tls_connection
+from gateway.upstream.account import connect
 from tests.integration.pop3_helpers import report_logs, running_gateway
+from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
 from tests.support.upstreams import Upstream
 
@@ -68,3 +74,48 @@ def test_second_connection_resumes_the_session(
     assert session.stat().st_size > 0
     second = _s_client(gateway, VERSIONS[version], "-sess_in", str(session))
     assert "\nReused, " in second, second
+
+
+# ------------------------------------------------- the gateway's own upstream connections
+
+
+# Dovecot's "high-performance" login mode: one imap-login process serves every connection, so
+# its session tickets outlive a connection. The default (service_count = 1, a process per
+# connection, each with its own ticket keys) resumes nothing, for any client.
+_LONG_LIVED_LOGIN = (
+    "service imap-login {\n  service_count = 0\n  process_min_avail = 1\n  process_limit = 1\n}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def long_lived_dovecot() -> Iterator[Dovecot]:
+    with Dovecot(extra_config=_LONG_LIVED_LOGIN) as dc:
+        yield dc
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+@pytest_twisted.ensureDeferred
+async def test_upstream_logins_resume_the_previous_session(
+    long_lived_dovecot: Dovecot, security: str
+) -> None:
+    """Each POP login opens its own IMAP connection; from the second on, the handshake to the
+    same upstream resumes the session of the one before (verified by the CA file first)."""
+    from twisted.internet import reactor
+
+    port = long_lived_dovecot.imaps_port if security == "tls" else long_lived_dovecot.imap_port
+    settings = ImapUpstream(
+        host="localhost",
+        port=port,
+        security=security,  # type: ignore[arg-type]
+        ca_file=Path(long_lived_dovecot.ca_file),
+    )
+    resumed = []
+    for _ in range(3):
+        protocol = await connect(reactor, settings)
+        connection = _tls_connection(protocol.transport)
+        assert connection is not None
+        resumed.append(bool(openssl_lib.SSL_session_reused(connection._ssl)))
+        assert protocol.has("IMAP4REV1")
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+    assert resumed == [False, True, True]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.logger import Logger
 
 import gateway
@@ -257,11 +258,19 @@ def test_gen_cert_writes_a_private_key_and_certificate(tmp_path: Path) -> None:
     san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["printer-gw.lan"]
     assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----")
-    assert result.stdout.splitlines()[:2] == [
-        "wrote out/certs/popgate.crt",
-        "wrote out/certs/popgate.key",
-    ]
-    assert result.stdout.splitlines()[2].startswith("SHA-256 fingerprint: ")
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["wrote out/certs/popgate.crt", "wrote out/certs/popgate.key"]
+    assert lines[3:5] == ["wrote out/certs/popgate-ecdsa.crt", "wrote out/certs/popgate-ecdsa.key"]
+    assert lines[2].startswith("SHA-256 fingerprint: ")
+    assert lines[5].startswith("SHA-256 fingerprint: ")
+    # The second pair: ECDSA P-256, for every client that can use it (cheaper handshakes).
+    ecdsa_key = tmp_path / "out" / "certs" / "popgate-ecdsa.key"
+    assert stat.S_IMODE(ecdsa_key.stat().st_mode) == 0o600
+    ecdsa = x509.load_pem_x509_certificate((tmp_path / "out/certs/popgate-ecdsa.crt").read_bytes())
+    assert isinstance(ecdsa.public_key(), ec.EllipticCurvePublicKey)
+    assert isinstance(certificate.public_key(), rsa.RSAPublicKey)
+    ecdsa_san = ecdsa.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ecdsa_san.get_values_for_type(x509.DNSName) == ["printer-gw.lan"]
 
 
 def test_gen_cert_does_not_replace_a_key_without_force(tmp_path: Path) -> None:
@@ -278,7 +287,12 @@ def test_gen_cert_does_not_replace_a_key_without_force(tmp_path: Path) -> None:
     assert forced.returncode == 0
     assert (tmp_path / "popgate.key").read_bytes() != key_before
     assert stat.S_IMODE((tmp_path / "popgate.key").stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["popgate.crt", "popgate.key"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "popgate-ecdsa.crt",
+        "popgate-ecdsa.key",
+        "popgate.crt",
+        "popgate.key",
+    ]
 
 
 def test_gen_cert_rejects_an_unusable_hostname(tmp_path: Path) -> None:

@@ -85,6 +85,17 @@ def test_default_certificate_paths_are_next_to_the_file(conf_dir: Path) -> None:
 
     assert config.tls.cert_file == conf_dir / "certs" / "popgate.crt"
     assert config.tls.key_file == conf_dir / "certs" / "popgate.key"
+    assert config.tls.second_cert_file == conf_dir / "certs" / "popgate-ecdsa.crt"
+    assert config.tls.second_key_file == conf_dir / "certs" / "popgate-ecdsa.key"
+
+
+def test_second_pair_follows_the_first_unless_named(conf_dir: Path) -> None:
+    config = load(
+        conf_dir,
+        MINIMAL + '[tls]\ncert_file = "/etc/ssl/gw/rsa.pem"\nsecond_key_file = "ec.key"\n',
+    )
+
+    assert config.tls.second_pair == (Path("/etc/ssl/gw/rsa-ecdsa.pem"), conf_dir / "ec.key")
 
 
 @pytest.mark.parametrize(("security", "port"), [("tls", 993), ("starttls", 143), ("none", 143)])

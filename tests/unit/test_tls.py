@@ -23,6 +23,7 @@ import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
+from OpenSSL._util import lib as openssl_lib
 from service_identity import VerificationError
 from twisted.internet import reactor, utils
 from twisted.internet.address import IPv4Address
@@ -36,8 +37,10 @@ from twisted.python.failure import Failure
 
 from gateway.config import TLSSettings
 from gateway.tls import (
+    ResumingClientTLS,
     TLSSetupError,
     _WithSecurityLevel,
+    asyncio_server_context,
     certificate_fingerprint,
     client_context_factory,
     ensure_server_certificate,
@@ -604,3 +607,242 @@ async def test_starttls_client_verifies_the_hostname(pair: TLSSettings) -> None:
 
     assert client.lines == [b"+OK ready", b"+OK begin TLS"]
     assert reason.check(SSL.Error, VerificationError) is not None
+
+
+# --------------------------------------------------------------------------- upstream resumption
+
+
+class SessionProbe(Collector):
+    """Client side, as gateway.upstream.account.connect does: once the server has spoken,
+    note whether the handshake resumed a session and hand the session to the creator."""
+
+    def __init__(self, creator: ResumingClientTLS) -> None:
+        super().__init__()
+        self.creator = creator
+        self.resumed: bool | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.resumed is None and GREETING in self.data:
+            connection = self.transport.getHandle()  # type: ignore[union-attr]
+            self.resumed = bool(openssl_lib.SSL_session_reused(connection._ssl))
+            self.creator.remember(self.transport)
+
+
+async def probe(port: int, creator: ResumingClientTLS) -> SessionProbe:
+    endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+    connecting = endpoint.connect(factory_of(lambda: SessionProbe(creator)))
+    connecting.addTimeout(HANDSHAKE_GUARD, reactor)
+    protocol = await connecting
+    assert isinstance(protocol, SessionProbe)
+    protocol.lost.addTimeout(HANDSHAKE_GUARD, reactor)
+    await protocol.lost
+    return protocol
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+@pytest_twisted.ensureDeferred
+async def test_upstream_connections_resume_the_last_session(
+    pair: TLSSettings, version: str
+) -> None:
+    """The second login's handshake to the same upstream resumes the first one's session
+    (TLS 1.3 ticket after the handshake; TLS 1.2 ticket), verified as before."""
+    highest = {"TLSv1.3": TLSVersion.TLSv1_3, "TLSv1.2": TLSVersion.TLSv1_2}[version]
+    leaf, _chain, key = load_server_certificate(pair)
+    server = CertificateOptions(
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        lowerMaximumSecurityTo=highest,
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+    creator = ResumingClientTLS(client_context_factory("localhost", ca_file=pair.cert_file))
+    async with listening(server) as port:
+        first = await probe(port, creator)
+        second = await probe(port, creator)
+        creator.forget()
+        third = await probe(port, creator)
+
+    assert [p.data for p in (first, second, third)] == [GREETING] * 3
+    assert (first.resumed, second.resumed, third.resumed) == (False, True, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_session_is_not_offered_to_another_creator(
+    pair: TLSSettings, tls_port: int
+) -> None:
+    """Sessions stay with the creator (one per upstream and set of checks) that made them."""
+    verified = ResumingClientTLS(client_context_factory("localhost", ca_file=pair.cert_file))
+    other = ResumingClientTLS(client_context_factory("localhost", verify=False))
+    await probe(tls_port, verified)
+    elsewhere = await probe(tls_port, other)
+
+    assert (elsewhere.data, elsewhere.resumed) == (GREETING, False)
+
+
+# --------------------------------------------------------------------------- two pairs
+
+
+@pytest.fixture(scope="module")
+def dual(tmp_path_factory: pytest.TempPathFactory) -> TLSSettings:
+    """The self-signed default: RSA in popgate.crt/.key, ECDSA beside it (-ecdsa)."""
+    directory = tmp_path_factory.mktemp("dual")
+    settings = TLSSettings(cert_file=directory / "popgate.crt", key_file=directory / "popgate.key")
+    assert ensure_server_certificate(settings, "localhost") is True
+    return settings
+
+
+def key_type_of(cert_file: Path) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key = x509.load_pem_x509_certificate(cert_file.read_bytes()).public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return f"ECDSA {key.curve.name}"
+
+
+async def served_key_bits(port: int, *flags: str) -> tuple[int, str]:
+    """``openssl s_client``'s exit status and the server key it reports ("2048" for RSA-2048,
+    "256" for ECDSA P-256)."""
+    args = ["s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *flags]
+    result = utils.getProcessOutputAndValue(OPENSSL, args, env=dict(os.environ))
+    result.addTimeout(HANDSHAKE_GUARD, reactor)
+    raw, _err, status = await result
+    bits = re.search(r"^Server public key is (\d+) bit", raw.decode("utf-8", "replace"), re.M)
+    return status, bits[1] if bits else ""
+
+
+def test_the_default_is_an_rsa_pair_and_an_ecdsa_pair_beside_it(dual: TLSSettings) -> None:
+    second_cert, second_key = dual.second_pair
+
+    assert (second_cert.name, second_key.name) == ("popgate-ecdsa.crt", "popgate-ecdsa.key")
+    assert key_type_of(dual.cert_file) == "RSA-2048"
+    assert key_type_of(second_cert) == "ECDSA secp256r1"
+    assert stat.S_IMODE(second_key.stat().st_mode) == 0o600
+
+
+# Each client gets the pair it can use: ECDSA wherever ECDSA is possible (cheaper for the
+# gateway), RSA for clients that offer only RSA suites or RSA signatures (old devices).
+DUAL_CASES = [
+    ((), "256"),  # TLS 1.3, everything offered
+    (("-tls1_2",), "256"),
+    (("-tls1_2", "-cipher", "aECDSA"), "256"),
+    (("-tls1_2", "-cipher", "aRSA"), "2048"),
+    (("-tls1_2", "-sigalgs", "ECDSA+SHA256"), "256"),
+    (("-tls1_2", "-sigalgs", "RSA+SHA256"), "2048"),
+    (("-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256"), "2048"),
+    (("-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256"), "256"),
+    (("-tls1", "-cipher", "aRSA@SECLEVEL=0"), "2048"),
+    (("-tls1", "-cipher", "AES128-SHA@SECLEVEL=0"), "2048"),  # RSA key exchange
+    (("-tls1", "-cipher", "aECDSA@SECLEVEL=0"), "256"),
+]
+
+
+@pytest.mark.parametrize(("flags", "bits"), DUAL_CASES)
+@pytest_twisted.ensureDeferred
+async def test_dual_pair_serves_each_client_the_key_it_asks_for(
+    dual: TLSSettings, flags: tuple[str, ...], bits: str
+) -> None:
+    async with listening(server_context_factory(dual, "TLSv1")) as port:
+        status, served = await served_key_bits(port, *flags)
+
+    assert (status, served) == (0, bits)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_pair_alone_still_serves_everyone(pair: TLSSettings) -> None:
+    """An operator's single pair (no -ecdsa files beside it) keeps working unchanged."""
+    async with listening(server_context_factory(pair, "TLSv1")) as port:
+        modern = await served_key_bits(port)
+        ecdsa_only = await served_key_bits(port, "-tls1_2", "-cipher", "aECDSA")
+
+    assert modern == (0, "2048")
+    assert ecdsa_only[0] != 0  # no ECDSA key to offer: the handshake fails, as before
+
+
+def test_second_pair_of_the_same_key_type_is_refused(tmp_path: Path) -> None:
+    settings = TLSSettings(cert_file=tmp_path / "a.crt", key_file=tmp_path / "a.key")
+    second_cert, second_key = settings.second_pair
+    generate_self_signed("localhost", settings.cert_file, settings.key_file, "rsa")
+    generate_self_signed("localhost", second_cert, second_key, "rsa")
+
+    with pytest.raises(TLSSetupError, match="both RSA keys"):
+        server_context_factory(settings, "TLSv1.2")
+
+
+def test_self_signed_second_pair_beside_a_ca_signed_first_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The trap: an operator puts a real certificate over the generated popgate.crt and
+    forgets the generated popgate-ecdsa.crt; modern clients would still get the self-signed
+    one."""
+    settings = TLSSettings(cert_file=tmp_path / "popgate.crt", key_file=tmp_path / "popgate.key")
+    assert ensure_server_certificate(settings, "localhost") is True
+    issue_server_cert_rsa(settings.cert_file, settings.key_file, tmp_path)
+
+    with pytest.raises(TLSSetupError, match=r"popgate-ecdsa\.crt is self-signed but"):
+        server_context_factory(settings, "TLSv1.2")
+    with pytest.raises(TLSSetupError, match=r"popgate-ecdsa\.crt is self-signed but"):
+        asyncio_server_context(settings, "TLSv1.2")
+
+
+def issue_server_cert_rsa(cert_file: Path, key_file: Path, scratch: Path) -> None:
+    """An RSA leaf signed by a throwaway CA (i.e. not self-signed), over the given files."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+
+
+def test_ensure_refuses_a_second_pair_without_a_first(tmp_path: Path) -> None:
+    settings = TLSSettings(cert_file=tmp_path / "popgate.crt", key_file=tmp_path / "popgate.key")
+    second_cert, second_key = settings.second_pair
+    generate_self_signed("localhost", second_cert, second_key, "ecdsa")
+
+    with pytest.raises(
+        TLSSetupError, match=r"popgate-ecdsa\.crt exists but .*popgate\.crt does not"
+    ):
+        ensure_server_certificate(settings, "localhost")
+    assert not settings.cert_file.exists()
+
+
+def test_ensure_keeps_an_operator_pair_alone(pair: TLSSettings) -> None:
+    """An existing first pair never gets a generated second pair beside it."""
+    assert ensure_server_certificate(pair, "localhost") is False
+    assert not any(p.exists() for p in pair.second_pair)
+
+
+def test_explicit_second_pair_paths(tmp_path: Path, dual: TLSSettings) -> None:
+    moved = TLSSettings(
+        cert_file=dual.cert_file,
+        key_file=dual.key_file,
+        second_cert_file=tmp_path / "ec.pem",
+        second_key_file=tmp_path / "ec.key",
+    )
+    assert moved.second_pair == (tmp_path / "ec.pem", tmp_path / "ec.key")
+    shutil.copy2(dual.second_pair[0], tmp_path / "ec.pem")
+
+    with pytest.raises(TLSSetupError, match=r"ec\.pem exists but .*ec\.key does not"):
+        server_context_factory(moved, "TLSv1.2")
