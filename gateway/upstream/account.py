@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, TimeoutError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 
 from gateway.config import ImapUpstream
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
@@ -86,6 +87,24 @@ class MailboxInfo:
         return MailboxVersion(self.uidvalidity, self.uidnext, self.exists, self.highestmodseq)
 
 
+class _OneConnection(Factory):
+    """Hands one protocol instance to the endpoint, once.
+
+    Twisted's ``connectProtocol`` does the same with a class made per call, and a class is a
+    reference cycle: the protocol in its closure, and so the whole session, would then wait for
+    the cyclic collector instead of going when its connection closes.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: ImapClientProtocol) -> None:
+        self._protocol: ImapClientProtocol | None = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> ImapClientProtocol | None:
+        protocol, self._protocol = self._protocol, None
+        return protocol
+
+
 async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientProtocol:
     """Connect and, for STARTTLS, secure the connection; fails with UpstreamUnavailable."""
     tls = None
@@ -98,7 +117,7 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
         endpoint = wrapClientTLS(tls, endpoint)
     proto = ImapClientProtocol(reactor, settings.timeout)
     try:
-        await connectProtocol(endpoint, proto)
+        await endpoint.connect(_OneConnection(proto))
         await _with_timeout(proto.greeting, reactor, CONNECT_TIMEOUT)
         if tls is not None and settings.security == "starttls":
             if not proto.capabilities:
