@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
+    ISSLTransport,
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol
@@ -105,6 +106,11 @@ class _Call:
 # Bytes read from the socket at once: message bodies are the bulk of the traffic, and every read
 # costs a round through parser, sinks and writes (Twisted's default is 64 KiB).
 READ_SIZE = 256 * 1024
+# Over TLS, Twisted hands the plaintext over in 32 KiB pieces whatever the read, so a larger read
+# saves only recv calls; but each read goes whole into the connection's receive BIO, whose buffer
+# OpenSSL keeps at its largest size for the life of the connection (docs/benchmark.md, "Memory
+# per session": a 256 KiB read cost every session mid-RETR another ~470 KiB).
+TLS_READ_SIZE = 64 * 1024
 
 
 class ImapClientProtocol(Protocol):
@@ -168,6 +174,7 @@ class ImapClientProtocol(Protocol):
         """Switch to TLS after a successful STARTTLS; forget what was said in the clear."""
         self.connection.forget_capabilities()
         ITLSTransport(self.transport).startTLS(context)
+        set_buffer_size(self.transport, TLS_READ_SIZE)
 
     def pauseProducing(self) -> None:
         """Stop reading (the POP client is slow); the server is not waited for meanwhile."""
@@ -183,7 +190,8 @@ class ImapClientProtocol(Protocol):
     # -- Twisted ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        set_buffer_size(self.transport, READ_SIZE)
+        tls = ISSLTransport.providedBy(self.transport)  # implicit TLS: a TLS wrapper
+        set_buffer_size(self.transport, TLS_READ_SIZE if tls else READ_SIZE)
 
     def dataReceived(self, data: bytes) -> None:
         connection = self.connection
