@@ -32,6 +32,7 @@ from tests.support.gateway import GatewayProcess, merge_config
 
 BIG = 8 * 2**20
 CONCURRENT_LOGINS = 20
+USERS = 10  # sessions spread over them: Dovecot limits connections per user and address
 # One imap process per session would measure Dovecot's process table, not the gateway.
 DOVECOT_EXTRA = """default_process_limit = 2500
 default_client_limit = 5000
@@ -84,7 +85,7 @@ async def open_session(
 
 
 async def measure(
-    gw: GatewayProcess, user: str, password: str, count: int, tls: bool, trace: Path | None
+    gw: GatewayProcess, users: list[tuple[str, str]], count: int, tls: bool, trace: Path | None
 ) -> dict[str, object]:
     assert gw.pid is not None
     client_tls = None
@@ -110,11 +111,13 @@ async def measure(
     async def one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         nonlocal retries
         async with limit:
-            for _attempt in range(10):
+            for _attempt in range(30):
                 try:
+                    user, password = users[i % len(users)]
                     return await open_session(gw.host, port, user, password, f"m{i}", client_tls)
                 except UpstreamBusy:  # a loaded machine: its upstream login timed out
                     retries += 1
+                    await asyncio.sleep(1)
             raise RuntimeError("the gateway's upstream logins keep failing")
 
     started = time.monotonic()
@@ -160,11 +163,12 @@ def main() -> int:
     dovecot.start()
     results = []
     try:
-        user, password = "mem", "mem-secret"
-        dovecot.add_user(user, password)
-        dovecot.append_many(
-            user, password, [messages.plain("small"), messages.with_attachment(BIG, seed=1)]
-        )
+        users = [(f"mem{u}", f"mem-secret-{u}") for u in range(USERS)]
+        for user, password in users:
+            dovecot.add_user(user, password)
+            dovecot.append_many(
+                user, password, [messages.plain("small"), messages.with_attachment(BIG, seed=1)]
+            )
         room = max(counts) + 100
         for tls in modes:
             for count in counts:
@@ -187,7 +191,7 @@ def main() -> int:
                 gw = cls(config, work / "popgate.toml", env=env)
                 gw.start(180 if args.memtrace else 30)
                 try:
-                    r = asyncio.run(measure(gw, user, password, count, tls, args.memtrace))
+                    r = asyncio.run(measure(gw, users, count, tls, args.memtrace))
                 finally:
                     gw.stop()
                 print(json.dumps(r), flush=True)
