@@ -106,10 +106,12 @@ class _Call:
 # Bytes read from the socket at once: message bodies are the bulk of the traffic, and every read
 # costs a round through parser, sinks and writes (Twisted's default is 64 KiB).
 READ_SIZE = 256 * 1024
-# Over TLS, Twisted hands the plaintext over in 32 KiB pieces whatever the read, so a larger read
-# saves only recv calls; but each read goes whole into the connection's receive BIO, whose buffer
-# OpenSSL keeps at its largest size for the life of the connection (docs/benchmark.md, "Memory
-# per session": a 256 KiB read cost every session mid-RETR another ~470 KiB).
+# Over TLS each socket read goes whole into the connection's receive BIO, and OpenSSL keeps that
+# buffer at its largest size for the life of the connection (SSL_MODE_RELEASE_BUFFERS, which
+# Twisted sets, frees the record buffers, not the BIO's): a 256 KiB read left every TLS session
+# holding a quarter MiB after its first download. Twisted hands the plaintext over in 32 KiB
+# pieces anyway, so the larger read would only save recv calls (docs/benchmark.md, "Memory per
+# session").
 TLS_READ_SIZE = 64 * 1024
 
 
