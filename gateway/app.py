@@ -238,12 +238,13 @@ def collect_garbage_periodically(
 ) -> task.LoopingCall:
     """Run a full collection every ``interval`` seconds.
 
-    A POP3 session is a web of reference cycles (the protocol and its pace producer, the IMAP
-    client and its account, Deferreds and coroutines), so only the cyclic collector frees it and
-    the buffers it holds. Under the thresholds above, a session that outlived a young collection
-    sits in an older generation, and the oldest is collected only after 5,000 young ones: in a
-    10-minute soak with 2,000 connections never, so RSS grew with every closed session
-    (docs/security.md, "Soak"). A timer bounds how long that garbage lives without bringing
+    A POP3 session frees itself when its connections close (the protocol and its pace
+    producer, the IMAP client and its account let go of each other then: see
+    tests/integration/test_session_freed.py). What still forms cycles per connection is
+    Twisted's own plumbing (a client connection and its connector, the TLS wrapper and its
+    transport, the client TLS options of each upstream connection). Under the thresholds above
+    the oldest generation is collected only after 5,000 young collections, in a 10-minute soak
+    with 2,000 connections never: a timer bounds how long that garbage lives without bringing
     back the frequent young collections that slowed large polls down.
     """
     call = task.LoopingCall(gc.collect)

@@ -102,6 +102,10 @@ class _BodyFeed:
         protocol._pump()
 
 
+def _nothing() -> None:
+    pass
+
+
 class _ClientPace:
     """Everything that produces what the POP client receives, paused while it does not take it.
 
@@ -142,6 +146,13 @@ class _ClientPace:
 
     def stopProducing(self) -> None:
         pass
+
+    def close(self) -> None:
+        """The client is gone: let go of the IMAP transport and of the session (whose bound
+        method ``on_resume`` is, a reference cycle that would keep the session for the cyclic
+        collector)."""
+        self.detach()
+        self._on_resume = _nothing
 
 
 @dataclass(frozen=True)
@@ -255,6 +266,7 @@ class Pop3Protocol(Protocol):
         if self.session is not None:
             self.session.connection_lost()
         self._release_upstream()
+        self._pace.close()
         if self.maildrop is not None and not self.busy_with_update:
             # Dropped before or during TRANSACTION: the deletes are forgotten (RFC 1939).
             Deferred.fromCoroutine(self.maildrop.close())

@@ -15,9 +15,10 @@ from datetime import datetime
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 
 from gateway.config import ImapUpstream
 from gateway.maildrop.index_flights import IndexFlights, Landed, same_mailbox
@@ -92,6 +93,24 @@ class MailboxInfo:
         return MailboxVersion(self.uidvalidity, self.uidnext, self.exists, self.highestmodseq)
 
 
+class _OneConnection(Factory):
+    """Hands one protocol instance to the endpoint, once.
+
+    Twisted's ``connectProtocol`` does the same with a class made per call, and a class is a
+    reference cycle: the protocol in its closure, and so the whole session, would then wait for
+    the cyclic collector instead of going when its connection closes.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: ImapClientProtocol) -> None:
+        self._protocol: ImapClientProtocol | None = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> ImapClientProtocol | None:
+        protocol, self._protocol = self._protocol, None
+        return protocol
+
+
 async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientProtocol:
     """Connect and, for STARTTLS, secure the connection; fails with UpstreamUnavailable."""
     tls: ResumingClientTLS | None = None
@@ -104,10 +123,11 @@ async def connect(reactor: IReactorTime, settings: ImapUpstream) -> ImapClientPr
     )
     proto = ImapClientProtocol(reactor, settings.timeout)
     try:
+        factory = _OneConnection(proto)
         if tls is not None and settings.security == "tls":
-            await connect_tls(endpoint, tls, proto)  # whole reads, not records, to the parser
+            await connect_tls(endpoint, tls, factory)  # whole reads, not records, to the parser
         else:
-            await connectProtocol(endpoint, proto)
+            await endpoint.connect(factory)
         greeting_timeout = settings.timeout or CONNECT_TIMEOUT
         await _with_timeout(
             proto.greeting, reactor, greeting_timeout, f"greeting from IMAP server {settings.host}"

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
+    ISSLTransport,
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol
@@ -105,6 +106,13 @@ class _Call:
 # Bytes read from the socket at once: message bodies are the bulk of the traffic, and every read
 # costs a round through parser, sinks and writes (Twisted's default is 64 KiB).
 READ_SIZE = 256 * 1024
+# Over TLS each socket read goes whole into the connection's receive BIO, and OpenSSL keeps that
+# buffer at its largest size for the life of the connection (SSL_MODE_RELEASE_BUFFERS, which
+# Twisted sets, frees the record buffers, not the BIO's): a 256 KiB read left every TLS session
+# holding a quarter MiB after its first download. Twisted hands the plaintext over in 32 KiB
+# pieces anyway, so the larger read would only save recv calls (docs/benchmark.md, "Memory per
+# session").
+TLS_READ_SIZE = 64 * 1024
 
 
 class ImapClientProtocol(Protocol):
@@ -168,6 +176,7 @@ class ImapClientProtocol(Protocol):
         """Switch to TLS after a successful STARTTLS; forget what was said in the clear."""
         self.connection.forget_capabilities()
         ITLSTransport(self.transport).startTLS(context)
+        set_buffer_size(self.transport, TLS_READ_SIZE)
 
     def pauseProducing(self) -> None:
         """Stop reading (the POP client is slow); the server is not waited for meanwhile."""
@@ -183,7 +192,8 @@ class ImapClientProtocol(Protocol):
     # -- Twisted ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        set_buffer_size(self.transport, READ_SIZE)
+        tls = ISSLTransport.providedBy(self.transport)  # implicit TLS: a TLS wrapper
+        set_buffer_size(self.transport, TLS_READ_SIZE if tls else READ_SIZE)
 
     def dataReceived(self, data: bytes) -> None:
         connection = self.connection

@@ -13,8 +13,11 @@ are Twisted's.
 from __future__ import annotations
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -60,12 +63,11 @@ class _WholeReadTLSFactory(TLSMemoryBIOFactory):
 
 
 async def connect_tls(
-    endpoint: IStreamClientEndpoint, creator: IOpenSSLClientConnectionCreator, proto: Protocol
+    endpoint: IStreamClientEndpoint,
+    creator: IOpenSSLClientConnectionCreator,
+    factory: IProtocolFactory,
 ) -> None:
-    """``connectProtocol(wrapClientTLS(creator, endpoint), proto)`` with the transport above."""
-
-    class _OneShot(Factory):
-        def buildProtocol(self, addr: object) -> Protocol:
-            return proto
-
-    await endpoint.connect(_WholeReadTLSFactory(creator, True, _OneShot()))
+    """``endpoint.connect(factory)`` through ``wrapClientTLS(creator, ...)``, with the transport
+    above. ``factory`` should let go of its protocol once built (account's ``_OneConnection``):
+    anything else that holds it would keep the session alive after its connection closed."""
+    await endpoint.connect(_WholeReadTLSFactory(creator, True, factory))

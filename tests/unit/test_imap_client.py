@@ -6,12 +6,16 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway.proto.imap import Atom
 from gateway.upstream.imap_client import (
+    READ_SIZE,
+    TLS_READ_SIZE,
     ImapClientProtocol,
     ImapCommandFailed,
     ImapConnectionLost,
@@ -235,3 +239,37 @@ def test_no_timer_runs_while_nothing_is_awaited_or_reading_is_paused() -> None:
     assert not waiting.called
     clock.advance(1)
     assert isinstance(failure_of(waiting), ImapTimeout)
+
+
+@implementer(ITLSTransport)
+class _SocketTransport(StringTransport):
+    """Has the read size Twisted's TCP transports have."""
+
+    bufferSize = 65536
+    TLS = False
+
+    def startTLS(self, context: object) -> None:
+        self.TLS = True
+
+
+@implementer(ISSLTransport)
+class _TLSWrapper(_SocketTransport):
+    """Stands for implicit TLS: the protocol sits on a TLS transport from the start."""
+
+
+def test_reads_are_large_in_the_clear_and_smaller_over_tls() -> None:
+    """Over TLS each read goes whole into OpenSSL's receive buffer, kept at its largest for the
+    connection's life; Twisted hands the plaintext over in 32 KiB pieces anyway."""
+    plain = _SocketTransport()
+    ImapClientProtocol().makeConnection(plain)
+    assert plain.bufferSize == READ_SIZE
+
+    implicit = _TLSWrapper()
+    ImapClientProtocol().makeConnection(implicit)
+    assert implicit.bufferSize == TLS_READ_SIZE < READ_SIZE
+
+    upgraded = _SocketTransport()
+    proto = ImapClientProtocol()
+    proto.makeConnection(upgraded)
+    proto.start_tls(object())  # type: ignore[arg-type]
+    assert upgraded.TLS and upgraded.bufferSize == TLS_READ_SIZE
