@@ -89,18 +89,26 @@ def _when_lost(protocol: Any) -> Deferred[None]:
     return d
 
 
+@pytest.mark.parametrize("upstream_security", ["starttls", "tls"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "pop3s"])
 @pytest_twisted.ensureDeferred
 async def test_a_finished_session_is_freed_without_the_cyclic_collector(
-    upstream: Upstream, tmp_path: Path, no_cyclic_collection: None, tls: bool
+    upstream: Upstream,
+    tmp_path: Path,
+    no_cyclic_collection: None,
+    tls: bool,
+    upstream_security: str,
 ) -> None:
     body = messages.plain("freed", "a body to download\n" * 50)
-    user = f"freed{tls:d}"
+    user = f"freed{tls:d}{upstream_security}"
     password = "pw-freed-secret"
     upstream.add_user(user, password)
     upstream.append_many(user, password, [body], "INBOX")
     config_file = tmp_path / "popgate.toml"
-    config_file.write_text(dump_toml(base_gateway_config(upstream, tmp_path)))
+    config = base_gateway_config(upstream, tmp_path)
+    if upstream_security == "tls":  # implicit TLS: the whole-read transport (tls_transport.py)
+        config["upstream.imap"].update(security="tls", port=upstream.imaps_port)
+    config_file.write_text(dump_toml(config))
     gateway = Gateway(reactor, load_config(config_file))
     await gateway.start()
     try:
