@@ -33,6 +33,9 @@ from tests.support.upstreams import Upstream
 
 pytestmark = pytest.mark.integration
 
+#: How long any step may take before the test fails instead of hanging.
+DEADLINE = 30.0
+
 
 @pytest.fixture
 def no_cyclic_collection() -> Iterator[None]:
@@ -119,7 +122,7 @@ async def test_a_finished_session_is_freed_without_the_cyclic_collector(
         client = _PopClient(f"USER {user}\r\nPASS {password}\r\n".encode())
         await connectProtocol(endpoint, client)
         assert client.logged_in is not None
-        await client.logged_in
+        await client.logged_in.addTimeout(DEADLINE, reactor)
         (protocol,) = gateway.pop3_sessions
         maildrop = protocol.maildrop
         assert maildrop is not None
@@ -138,10 +141,12 @@ async def test_a_finished_session_is_freed_without_the_cyclic_collector(
         assert client.transport is not None
         client.transport.write(b"RETR 1\r\nQUIT\r\n")
 
-        answer = await client.closed
+        answer = await client.closed.addTimeout(DEADLINE, reactor)
         assert b"\r\n" + body.replace(b"\r\n.", b"\r\n..") + b".\r\n+OK" in answer
-        await pop_lost
-        await imap_lost  # the LOGOUT after QUIT, then the server closed
+        await pop_lost.addTimeout(DEADLINE, reactor)
+        await imap_lost.addTimeout(
+            DEADLINE, reactor
+        )  # the LOGOUT after QUIT, then the server closed
         # The transports finish their own clean-up after connectionLost returns.
         await deferLater(reactor, 0)
         assert [name for name, ref in refs.items() if ref() is not None] == []
