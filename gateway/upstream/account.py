@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEnd
 from twisted.internet.protocol import Factory
 
 from gateway.config import ImapUpstream
-from gateway.maildrop.index_flights import IndexFlights, Landed, same_mailbox
+from gateway.maildrop.index_flights import Flight, IndexFlights, Landed, same_mailbox
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
 from gateway.maildrop.uidl import IndexedMessage
 from gateway.maildrop.uidset import format_uid_set
@@ -431,10 +431,7 @@ class ImapAccount:
             if started is not None:
                 started.fail()
             raise
-        if started is not None:
-            started.land(info.version, entries)
-        if cache is not None:
-            cache.put(cache_key, info.version, entries)
+        _publish_index(started, cache, cache_key, info.version, entries)
         return info, entries
 
     async def _own_index(
@@ -454,10 +451,7 @@ class ImapAccount:
             if started is not None:
                 started.fail()
             raise
-        if started is not None:
-            started.land(info.version, entries)
-        if cache is not None:
-            cache.put(cache_key, info.version, entries)
+        _publish_index(started, cache, cache_key, info.version, entries)
         return entries
 
     def _fetch_index(self) -> Deferred[Response]:
@@ -825,3 +819,17 @@ def message_id(header: bytes) -> str:
         if sep and name.strip().lower() == "message-id":
             return value.strip()
     return ""
+
+
+def _publish_index(
+    started: Flight | None,
+    cache: SnapshotCache | None,
+    cache_key: tuple[str, str],
+    version: MailboxVersion,
+    entries: tuple[IndexedMessage, ...],
+) -> None:
+    """Hand a fetched index to the logins waiting on its flight and to the snapshot cache."""
+    if started is not None:
+        started.land(version, entries)
+    if cache is not None:
+        cache.put(cache_key, version, entries)
