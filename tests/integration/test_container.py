@@ -392,7 +392,8 @@ def test_certificates_and_spool_survive_recreating_the_container(
         message = make_message(f"{mail_user.name}@example.org", ["bob@example.org"], "spooled")
         with smtplib.SMTP_SSL("127.0.0.1", first.ports.submissions, context=_unverified()) as c:
             c.login(mail_user.name, mail_user.password)  # AUTH asks IMAP: still up
-            imap.refuse = True
+            imap.refuse = True  # IMAP goes down: new connections refused, open ones dropped
+            imap.drop_all()  # (the login AUTH made would otherwise file the Sent copy)
             assert c.sendmail(f"{mail_user.name}@example.org", ["bob@example.org"], message) == {}
         [received] = smtp_sink.wait_for(1)
         assert received.data == message
