@@ -88,6 +88,11 @@ class DeviceState:
             return msg.uid in self.uids
         return msg.emailid is not None and msg.emailid in self.emailids
 
+    def hides_none(self, uidvalidity: int) -> bool:
+        """Whether ``hides`` is false for every message of a mailbox at ``uidvalidity``: such
+        a device sees what a device without state sees, and shares its view."""
+        return not (self.uids if uidvalidity == self.uidvalidity else self.emailids)
+
     def merge(self, other: DeviceState) -> None:
         """Union with another copy (two replicas may each have written one): hidden and
         downloaded sets alike, and the later of the two last logins."""

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.maildrop.snapshot_cache import MailboxVersion
-from gateway.maildrop.uidl import IndexedMessage
+from gateway.maildrop.uidl import IndexedMessage, MailboxIndex
 
 Key = tuple[str, str]  # (upstream user, mailbox)
 Landed = tuple[MailboxVersion, Sequence[IndexedMessage]]
@@ -69,7 +69,7 @@ class Flight:
             self._waiters.append(waiter)
 
     def land(self, version: MailboxVersion, index: Sequence[IndexedMessage]) -> None:
-        self._finish((version, tuple(index)))  # shared by sessions: never mutated
+        self._finish((version, MailboxIndex.of(index)))  # shared by sessions
 
     def fail(self) -> None:
         """The leader's fetch failed: every waiter fetches its own."""

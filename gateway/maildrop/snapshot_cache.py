@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.maildrop.uidl import IndexedMessage
+from gateway.maildrop.uidl import IndexedMessage, MailboxIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ class SnapshotCache:
         self.discard(key)
         if not version.trustworthy or len(index) > self.max_messages:
             return
-        self._entries[key] = (version, tuple(index))  # shared by sessions: never mutated
+        self._entries[key] = (version, MailboxIndex.of(index))  # shared by sessions
         self._messages += len(index)
         while self._messages > self.max_messages:
             _, (_, evicted) = self._entries.popitem(last=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from gateway.maildrop.numbering import Maildrop, MessageInfo
+from gateway.maildrop.numbering import Maildrop, Messages
 
 if TYPE_CHECKING:
     from gateway.maildrop.device_state import DeviceState
@@ -48,21 +48,54 @@ def uidl_for(msg: IndexedMessage, uidvalidity: int) -> str:
     return f"{msg.uid:08x}{uidvalidity:08x}"
 
 
+class MailboxIndex(tuple[IndexedMessage, ...]):
+    """An upstream mailbox's index as a login saw it, in UID order.
+
+    Logins share one (the snapshot cache, a shared index fetch), so what it shows a device that
+    hides nothing is worked out once and kept with it: a poll of an unchanged 10,000-message
+    mailbox then builds no per-message objects at all.
+    """
+
+    _visible: tuple[int, Messages] | None = None
+
+    @classmethod
+    def of(cls, index: Sequence[IndexedMessage]) -> MailboxIndex:
+        """``index`` as a MailboxIndex: itself if it is one (keeping its view), else a copy."""
+        return index if isinstance(index, MailboxIndex) else cls(index)
+
+    def visible(self, uidvalidity: int) -> Messages:
+        """The messages not ``\\Deleted`` upstream, numbered, under ``uidvalidity``."""
+        memo = self._visible
+        if memo is None or memo[0] != uidvalidity:
+            memo = (uidvalidity, _numbered(self, uidvalidity, None))
+            self._visible = memo
+        return memo[1]
+
+
 def build_maildrop(
     index: Sequence[IndexedMessage], uidvalidity: int, state: DeviceState | None
 ) -> Maildrop:
     """The session's maildrop: everything not ``\\Deleted`` upstream nor hidden for the device."""
-    # uidl_for, inlined: this runs once per message and a call was 15 % of a poll's time
-    # (docs/benchmark.md); tests/unit/test_views.py holds the two to the same result.
+    if state is not None and not state.hides_none(uidvalidity):
+        return Maildrop(_numbered(index, uidvalidity, state))
+    if isinstance(index, MailboxIndex):
+        return Maildrop(index.visible(uidvalidity))
+    return Maildrop(_numbered(index, uidvalidity, None))
+
+
+def _numbered(
+    index: Sequence[IndexedMessage], uidvalidity: int, state: DeviceState | None
+) -> Messages:
+    kept = [
+        m
+        for m in index
+        if "\\Deleted" not in m.flags and not (state is not None and state.hides(m, uidvalidity))
+    ]
+    uids = [m.uid for m in kept]
+    # uidl_for, inlined: this runs once per message (tests/unit/test_views.py holds the two to
+    # the same result).
     suffix = f"{uidvalidity:08x}"
-    return Maildrop(
-        [
-            MessageInfo(m.uid, m.size, f"{m.uid:08x}{suffix}")
-            for m in index
-            if "\\Deleted" not in m.flags
-            and not (state is not None and state.hides(m, uidvalidity))
-        ]
-    )
+    return Messages(uids, [m.size for m in kept], [f"{u:08x}{suffix}" for u in uids])
 
 
 def needs_state(index: Sequence[IndexedMessage], keywords_allowed: bool) -> bool:

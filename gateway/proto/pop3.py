@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.limits import MAX_AUTH_FAILURES
-from gateway.maildrop.numbering import Maildrop, MaildropError, MessageInfo
+from gateway.maildrop.numbering import Column, Maildrop, MaildropError, MessageInfo
 from gateway.proto import sasl
 from gateway.proto.dotstuff import DotStuffer, TopFilter
 
@@ -549,12 +549,12 @@ class Pop3Session:
         self._reply_ok(f"{count} {octets}")
 
     def _list(self, arg: str) -> None:
-        self._scan_listing(arg, lambda info: str(info.size), "scan listing")
+        self._scan_listing(arg, "size", "scan listing")
 
     def _uidl(self, arg: str) -> None:
-        self._scan_listing(arg, lambda info: info.uidl, "unique-id listing")
+        self._scan_listing(arg, "uidl", "unique-id listing")
 
-    def _scan_listing(self, arg: str, column: Callable[[MessageInfo], str], what: str) -> None:
+    def _scan_listing(self, arg: str, column: Column, what: str) -> None:
         drop = self._drop
         if arg:
             number = self._number(arg)
@@ -565,10 +565,10 @@ class Pop3Session:
             except MaildropError as e:
                 self._reply_err(str(e))
                 return
-            self._reply_ok(f"{number} {column(info)}")
+            self._reply_ok(f"{number} {info.size if column == 'size' else info.uidl}")
             return
-        lines = [f"{n} {column(info)}" for n, info in drop.listing()]
-        self._reply_multiline(f"{len(lines)} messages, {what} follows", lines)
+        count, _ = drop.stat()
+        self._reply_listing(f"{count} messages, {what} follows", drop.listing_lines(column))
 
     def _retr(self, arg: str) -> None:
         number = self._number(arg)
@@ -651,8 +651,11 @@ class Pop3Session:
         self._actions.append(Send(f"{prefix}{text}\r\n".encode()))
 
     def _reply_multiline(self, first: str, lines: list[str]) -> None:
-        # List contents never start with "." (numbers, UIDLs, capability names): no stuffing.
-        body = "".join(f"{line}\r\n" for line in lines)
+        self._reply_listing(first, "".join(f"{line}\r\n" for line in lines))
+
+    def _reply_listing(self, first: str, body: str) -> None:
+        """``body``: CRLF-terminated lines that never start with "." (message numbers,
+        capability names, mechanisms), so they need no dot-stuffing."""
         self._actions.append(Send(f"+OK {first}\r\n{body}.\r\n".encode()))
 
     def _close(self) -> None:

@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory
 from gateway.config import ImapUpstream
 from gateway.maildrop.index_flights import Flight, IndexFlights, Landed, same_mailbox
 from gateway.maildrop.snapshot_cache import MailboxVersion, SnapshotCache
-from gateway.maildrop.uidl import IndexedMessage
+from gateway.maildrop.uidl import IndexedMessage, MailboxIndex
 from gateway.maildrop.uidset import format_uid_set
 from gateway.proto import imap_responses as decode
 from gateway.proto import sasl
@@ -426,7 +426,7 @@ class ImapAccount:
             except BaseException:
                 indexed.addErrback(lambda failure: failure.trap(ImapError))
                 raise
-            entries = tuple(self._index_entries(await indexed))
+            entries = self._index_entries(await indexed)
         except BaseException:
             if started is not None:
                 started.fail()
@@ -446,7 +446,7 @@ class ImapAccount:
         indexed = self._fetch_index()
         started = flights.start(cache_key) if flights is not None else None
         try:
-            entries = tuple(self._index_entries(await indexed))
+            entries = self._index_entries(await indexed)
         except BaseException:
             if started is not None:
                 started.fail()
@@ -462,10 +462,10 @@ class ImapAccount:
         return self.proto.command(Atom("UID"), Atom("FETCH"), Atom("1:*"), items)
 
     @staticmethod
-    def _index_entries(response: Response) -> list[IndexedMessage]:
+    def _index_entries(response: Response) -> MailboxIndex:
         entries = decode.index_rows(response, IndexedMessage)
         entries.sort(key=lambda e: e.uid)
-        return entries
+        return MailboxIndex(entries)
 
     @property
     def producer(self) -> ImapClientProtocol:
@@ -826,7 +826,7 @@ def _publish_index(
     cache: SnapshotCache | None,
     cache_key: tuple[str, str],
     version: MailboxVersion,
-    entries: tuple[IndexedMessage, ...],
+    entries: MailboxIndex,
 ) -> None:
     """Hand a fetched index to the logins waiting on its flight and to the snapshot cache."""
     if started is not None:

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 from gateway.maildrop.device_state import DeviceState, InvalidState, state_key
 from gateway.maildrop.login import Login
 from gateway.maildrop.numbering import MessageDeleted, NoSuchMessage
-from gateway.maildrop.uidl import POP_DELETED, IndexedMessage, build_maildrop, needs_state, uidl_for
+from gateway.maildrop.uidl import (
+    POP_DELETED,
+    IndexedMessage,
+    MailboxIndex,
+    build_maildrop,
+    needs_state,
+    uidl_for,
+)
 from gateway.maildrop.uidset import format_uid_set, parse_uid_set
 
 
@@ -93,6 +100,45 @@ def test_maildrop_deletes_and_reset() -> None:
     assert [m.uid for m in drop.deleted()] == [2]
     drop.reset()
     assert drop.stat() == (2, 15) and drop.deleted() == []
+
+
+def test_listings_match_the_numbered_messages_before_and_after_dele() -> None:
+    index = MailboxIndex(
+        IndexedMessage(uid, uid * 10, frozenset({"\\Deleted"} if uid == 3 else ()))
+        for uid in range(1, 6)
+    )
+    drop = build_maildrop(index, 0x2A, None)
+    assert drop.listing_lines("uidl") == "".join(
+        f"{n} {uidl_for(m, 0x2A)}\r\n" for n, m in enumerate([index[0], index[1], *index[3:]], 1)
+    )
+    assert drop.listing_lines("size") == "1 10\r\n2 20\r\n3 40\r\n4 50\r\n"
+    drop.delete(2)
+    assert drop.listing_lines("size") == "1 10\r\n3 40\r\n4 50\r\n"
+    assert drop.listing_lines("uidl") == "".join(
+        f"{n} {info.uidl}\r\n" for n, info in drop.listing()
+    )
+    drop.reset()
+    assert drop.listing_lines("size") == "1 10\r\n2 20\r\n3 40\r\n4 50\r\n"
+
+
+def test_devices_that_hide_nothing_share_one_rendered_view_of_an_index() -> None:
+    index = MailboxIndex(IndexedMessage(uid, 100, frozenset()) for uid in range(1, 1001))
+    empty = DeviceState("INBOX", "laptop", 7)
+    other_validity = DeviceState("INBOX", "pc", 6, {5})  # UIDs of an older UIDVALIDITY
+    drops = [build_maildrop(index, 7, s) for s in (None, empty, other_validity)]
+    listings = [d.listing_lines("uidl") for d in drops]
+    assert all(text is listings[0] for text in listings)  # rendered once, shared
+    assert listings[0].count("\r\n") == 1000
+    # A device that hid UID 5 gets its own numbering; the shared view is untouched.
+    phone = build_maildrop(index, 7, DeviceState("INBOX", "phone", 7, {5}))
+    assert len(phone) == 999 and phone.message(5).uid == 6
+    assert drops[0].message(5).uid == 5 and build_maildrop(index, 7, None).stat() == (1000, 100_000)
+    # A DELE in one session is that session's: the others' listing stays whole.
+    drops[0].delete(1)
+    assert drops[1].listing_lines("uidl") is listings[0]
+    assert not drops[0].listing_lines("uidl").startswith("1 ")
+    # Under another UIDVALIDITY the UIDLs change: a new view, not the memo of the old one.
+    assert build_maildrop(index, 8, None).message(1).uidl == "0000000100000008"
 
 
 def test_state_is_read_only_when_a_message_could_be_hidden() -> None:

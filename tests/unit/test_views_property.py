@@ -9,6 +9,7 @@ any order, IMAP clients appending and expunging meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hypothesis import settings
@@ -18,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from gateway.maildrop.device_state import DeviceState
 from gateway.maildrop.numbering import Maildrop
 from gateway.maildrop.policy import policy_for
-from gateway.maildrop.uidl import IndexedMessage, build_maildrop, needs_state
+from gateway.maildrop.uidl import IndexedMessage, MailboxIndex, build_maildrop, needs_state
 
 UIDVALIDITY = 77
 DEVICES = ["default", "phone", "office"]
@@ -28,7 +29,7 @@ SLOTS = [0, 1]  # two sessions of one device may be open at once
 @dataclass
 class Session:
     maildrop: Maildrop
-    index: list[IndexedMessage]
+    index: Sequence[IndexedMessage]
     state: DeviceState | None
     uidnext: int  # the mailbox's UIDNEXT when the snapshot was taken
 
@@ -38,11 +39,17 @@ class Upstream:
     flags: dict[int, set[str]] = field(default_factory=dict)  # the mailbox: UID -> flags
     stored_state: dict[str, list[bytes]] = field(default_factory=dict)  # device -> messages
     next_uid: int = 1
+    _index: MailboxIndex | None = None
 
-    def index(self) -> list[IndexedMessage]:
-        return [
+    def index(self) -> MailboxIndex:
+        """One MailboxIndex per upstream state, like the snapshot cache hands logins of an
+        unchanged mailbox: sessions share its view."""
+        rows = tuple(
             IndexedMessage(uid, 100 + uid, frozenset(f)) for uid, f in sorted(self.flags.items())
-        ]
+        )
+        if self._index is None or tuple(self._index) != rows:
+            self._index = MailboxIndex(rows)
+        return self._index
 
     def load_state(self, device: str) -> DeviceState:
         state = DeviceState("INBOX", device)
@@ -144,6 +151,17 @@ class NeverLoses(RuleBasedStateMachine):
             state = self.upstream.load_state(device) if needs_state(index, True) else None
             seen = {info.uid for _, info in build_maildrop(index, UIDVALIDITY, state).listing()}
             assert seen == self.alive - self.hidden[device]
+
+    @invariant()
+    def listings_show_each_session_its_own_numbering(self) -> None:
+        for session in self.sessions.values():
+            drop = session.maildrop
+            assert drop.listing_lines("uidl") == "".join(
+                f"{n} {info.uidl}\r\n" for n, info in drop.listing()
+            )
+            assert drop.listing_lines("size") == "".join(
+                f"{n} {info.size}\r\n" for n, info in drop.listing()
+            )
 
     @invariant()
     def a_new_device_sees_everything(self) -> None:
