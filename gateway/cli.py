@@ -12,10 +12,13 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.config import CONFIG_ENV, Config, ConfigError, load_config, render_effective
+
+if TYPE_CHECKING:  # imported at run time only by the commands that use it
+    from gateway.oauth.store import TokenStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -244,11 +247,19 @@ def cmd_spool_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _oauth_store(args: argparse.Namespace, *, create: bool) -> tuple[Config, Any] | int:
-    """The configuration and the token store for ``popgate oauth``, or an exit status."""
+def _oauth_store(args: argparse.Namespace) -> tuple[Config, TokenStore] | int:
+    """The configuration and the token store for ``popgate oauth list|remove``, or an exit
+    status; nothing is created."""
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
+    store = _token_store(config, create=False)
+    return store if isinstance(store, int) else (config, store)
+
+
+def _token_store(config: Config, *, create: bool) -> TokenStore | int:
+    """The token store, or an exit status. ``create`` may write ``token_dir/token.key``, so
+    ``oauth login`` asks for it only once every check of its input has passed."""
     from gateway.oauth.store import StoreError, TokenStore, load_token_key
 
     settings = config.oauth2
@@ -259,7 +270,7 @@ def _oauth_store(args: argparse.Namespace, *, create: bool) -> tuple[Config, Any
         return EXIT_FAILURE
     if key is None:  # nothing was ever stored: an empty store under a throw-away key
         key = bytes(32)
-    return config, TokenStore(settings.token_dir, key)
+    return TokenStore(settings.token_dir, key)
 
 
 def _oauth_user_problem(config: Config, user: str) -> str:
@@ -309,10 +320,9 @@ def _port_number(text: str) -> int:
 def cmd_oauth_login(args: argparse.Namespace) -> int:
     """Sign USER in (device flow, or the browser flow with PKCE) and store the grant with the
     device password."""
-    loaded = _oauth_store(args, create=True)
-    if isinstance(loaded, int):
-        return loaded
-    config, store = loaded
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
     settings = config.oauth2
     from gateway.oauth.authcode import default_flow
 
@@ -331,6 +341,9 @@ def cmd_oauth_login(args: argparse.Namespace) -> int:
     password = _device_password(args)
     if password is None:
         return EXIT_CONFIG
+    store = _token_store(config, create=True)  # the first thing written to disk
+    if isinstance(store, int):
+        return store
 
     from twisted.internet import task
     from twisted.internet.defer import Deferred
@@ -375,7 +388,7 @@ def cmd_oauth_login(args: argparse.Namespace) -> int:
 
 def cmd_oauth_list(args: argparse.Namespace) -> int:
     """Users with a stored grant and the grant's state; never a token."""
-    loaded = _oauth_store(args, create=False)
+    loaded = _oauth_store(args)
     if isinstance(loaded, int):
         return loaded
     config, store = loaded
@@ -393,7 +406,7 @@ def cmd_oauth_list(args: argparse.Namespace) -> int:
 
 def cmd_oauth_remove(args: argparse.Namespace) -> int:
     """Forget USER's grant (the provider's grant itself is revoked at the provider)."""
-    loaded = _oauth_store(args, create=False)
+    loaded = _oauth_store(args)
     if isinstance(loaded, int):
         return loaded
     config, store = loaded

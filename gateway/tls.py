@@ -541,13 +541,6 @@ class _UnverifiedClientTLS:
         return connection
 
 
-#: Creators made by client_context_factory, by their arguments and the CA file's version.
-_CLIENT_CREATORS: dict[
-    tuple[str, bool, Path | None, tuple[int, int]], IOpenSSLClientConnectionCreator
-] = {}
-_MAX_CLIENT_CREATORS = 16
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class ResumingClientTLS:
     """One upstream's TLS, offering the last session it established on each new connection.
@@ -598,28 +591,33 @@ def _tls_connection(transport: object) -> SSL.Connection | None:
     return None
 
 
-# Upstream key (host, port, verification, CA file and its version) -> its creator.
+# The one cache of upstream client TLS: (host, port, verification, CA file and its version) ->
+# its creator. Bounded: a CA file rewritten again and again leaves old keys behind.
 _UpstreamKey = tuple[str, int, bool, Path | None, tuple[int, int]]
-_upstream_tls: dict[_UpstreamKey, ResumingClientTLS] = {}
+_UPSTREAM_TLS: dict[_UpstreamKey, ResumingClientTLS] = {}
+_MAX_UPSTREAM_TLS = 64
 
 
 def upstream_tls(
     hostname: str, port: int, verify: bool = True, ca_file: Path | None = None
 ) -> ResumingClientTLS:
-    """The process's :class:`ResumingClientTLS` for this upstream (made on first use).
+    """The process's :class:`ResumingClientTLS` for this upstream (made on first use); every
+    upstream TLS connection of the gateway gets its creator here.
 
-    Reusing it also reuses its OpenSSL context: the trust store and the CA file are loaded
-    once, not at every login. Keyed by everything that decides how the peer is checked, so a
-    session made under one set of checks is never offered under another; the CA file's size
-    and modification time are part of the key, so a changed file is read again, as before.
+    One creator, and so one OpenSSL context, serves every connection to the upstream: building
+    a context loads the system trust store and the CA file, which took a quarter of the
+    gateway's CPU when every upstream login built its own (docs/benchmark.md, "Submission").
+    Keyed by everything that decides how the peer is checked, so a session made under one set
+    of checks is never offered under another; the CA file's size and modification time are
+    part of the key, so a file replaced on disk is read again.
     """
     key = (hostname, port, verify, ca_file, _file_version(ca_file))
-    creator = _upstream_tls.get(key)
+    creator = _UPSTREAM_TLS.get(key)
     if creator is None:
         creator = ResumingClientTLS(client_context_factory(hostname, verify, ca_file))
-        if len(_upstream_tls) >= 64:  # CA file rewritten again and again: keep it bounded
-            _upstream_tls.clear()
-        _upstream_tls[key] = creator
+        if len(_UPSTREAM_TLS) >= _MAX_UPSTREAM_TLS:
+            _UPSTREAM_TLS.clear()
+        _UPSTREAM_TLS[key] = creator
     return creator
 
 
@@ -638,31 +636,16 @@ def _file_version(path: Path | None) -> tuple[int, int]:
 def client_context_factory(
     hostname: str, verify: bool = True, ca_file: Path | None = None
 ) -> IOpenSSLClientConnectionCreator:
-    """Connection creator for upstream IMAP/SMTP: TLS 1.2 or newer, verified unless told not.
+    """A new connection creator for an upstream: TLS 1.2 or newer, verified unless told not.
 
     Verification checks the chain against the system store (plus ``ca_file``) and the
     ``hostname`` against the certificate via service_identity. Use the result with
     ``endpoints.wrapClientTLS(creator, endpoint)`` for implicit TLS or
     ``transport.startTLS(creator)`` after STARTTLS.
 
-    One creator (and so one OpenSSL context) serves every connection with the same arguments:
-    building a context loads the system trust store, which took a quarter of the gateway's CPU
-    when every upstream login built its own (docs/benchmark.md, "Submission"). A ``ca_file``
-    replaced on disk (another mtime or size) gets a fresh one.
+    Each call builds a new OpenSSL context (the trust store loaded again): connections take
+    theirs from :func:`upstream_tls`, which keeps one per upstream.
     """
-    key = (hostname, verify, ca_file, _file_version(ca_file))
-    creator = _CLIENT_CREATORS.get(key)
-    if creator is None:
-        creator = _new_client_creator(hostname, verify, ca_file)
-        if len(_CLIENT_CREATORS) >= _MAX_CLIENT_CREATORS:
-            _CLIENT_CREATORS.clear()
-        _CLIENT_CREATORS[key] = creator
-    return creator
-
-
-def _new_client_creator(
-    hostname: str, verify: bool, ca_file: Path | None
-) -> IOpenSSLClientConnectionCreator:
     if not verify:
         return _UnverifiedClientTLS(hostname)
     if ca_file is not None:

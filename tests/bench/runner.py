@@ -107,8 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scale-users",
-        default="one,many",
-        help="with --scale: 'one' (one user, #device logins), 'many' (a user per device), or both",
+        metavar="MODES",
+        help="with --scale: 'one' (one user, #device logins), 'many' (a user per device) or "
+        "'one,many' (both, in that order; the default)",
     )
     p.add_argument(
         "--submission",
@@ -122,14 +123,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.systems = [s for s in args.systems.split(",") if s]
     for w in args.workloads:
-        if w not in WORKLOADS and not w.startswith("scale-"):
+        if w not in WORKLOADS:  # scale-N-MODE workloads come only from --scale
             p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
-    if args.scale:
-        args.scale = [int(n) for n in args.scale.split(",") if n]
-        args.scale_users = [m for m in args.scale_users.split(",") if m]
+    if args.scale_users is not None and args.scale is None:
+        p.error("--scale-users applies only with --scale")
+    if args.scale is not None:
+        args.scale = _scale_steps(p, args.scale)
+        modes = "one,many" if args.scale_users is None else args.scale_users
+        args.scale_users = _scale_users(p, modes)
         if args.tls == "none" and "--tls" not in (argv if argv is not None else sys.argv):
             args.tls = "both"
         if "--systems" not in (argv if argv is not None else sys.argv):
@@ -141,6 +145,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.devices = args.devices or (10 if args.quick else 200)
     args.poll_repeats = args.poll_repeats or (2 if args.quick else 10)
     return args
+
+
+def _scale_steps(p: argparse.ArgumentParser, value: str) -> list[int]:
+    steps = value.split(",")
+    if not all(n.isdigit() and int(n) > 0 for n in steps):
+        p.error(f"--scale: {value!r} is not a comma-separated list of device counts (e.g. 50,200)")
+    return [int(n) for n in steps]
+
+
+def _scale_users(p: argparse.ArgumentParser, value: str) -> list[str]:
+    modes = value.split(",")
+    if not modes or any(m not in ("one", "many") for m in modes) or len(set(modes)) < len(modes):
+        p.error(f"--scale-users: {value!r} is not 'one', 'many' or 'one,many'")
+    return modes
 
 
 class Bench:

@@ -311,6 +311,46 @@ def test_gen_cert_requires_its_options(capsys: pytest.CaptureFixture[str]) -> No
     assert "--out" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------- oauth login
+
+
+@pytest.mark.parametrize(
+    ("oauth2", "user", "password", "message"),
+    [
+        # No [oauth2] section at all (token_dir from the environment, kept inside tmp_path).
+        ("", "alice", "long-enough-1", "[oauth2] client_id: required for popgate oauth login"),
+        (
+            '[oauth2]\nprovider = "microsoft"\n',
+            "alice",
+            "long-enough-1",
+            "[oauth2] client_id: required for popgate oauth login",
+        ),
+        ('[oauth2]\nprovider = "bogus"\n', "alice", "long-enough-1", "[oauth2] provider:"),
+        ('[oauth2]\nclient_id = "c"\n', "alice", "long-enough-1", "device_authorization_url"),
+        ('[oauth2]\nprovider = "google"\nclient_id = "c"\n', "a#b", "long-enough-1", "device"),
+        ('[oauth2]\nprovider = "google"\nclient_id = "c"\n', "alice", "short", "at least 8"),
+    ],
+)
+def test_oauth_login_that_fails_its_checks_leaves_nothing_on_disk(
+    tmp_path: Path, oauth2: str, user: str, password: str, message: str
+) -> None:
+    # Without auth = "oauth2" yet: an operator signs in before switching the upstream over.
+    (tmp_path / "popgate.toml").write_text(MINIMAL + oauth2)
+    (tmp_path / "password").write_text(password + "\n")
+    before = sorted(tmp_path.iterdir())
+    result = popgate(
+        *("oauth", "login", "-c", "popgate.toml", user),
+        *("--device-password-file", "password"),
+        cwd=tmp_path,
+        env={"POPGATE_OAUTH2_TOKEN_DIR": str(tmp_path / "tokens")},
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+    assert sorted(tmp_path.iterdir()) == before  # no tokens/, no tokens/token.key
+
+
 # --------------------------------------------------------------------------- logging (serve)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from pathlib import Path
@@ -802,6 +803,61 @@ def test_imap_timeout_defaults_to_60_and_must_be_positive(conf_dir: Path) -> Non
     assert "[upstream.imap] timeout: must be greater than 0" in problem
     [problem] = problems(conf_dir, MINIMAL + 'timeout = "soon"\n')
     assert "[upstream.imap] timeout:" in problem
+
+
+# Every key that is a wait or an age: the ones a 0 would break (every upstream command failing at
+# once, a busy retry loop) refuse 0 and below; the ones where 0 means "off" say so in
+# docs/configuration.md and refuse only negatives.
+_WAITS_ZERO_BREAKS = [
+    ("upstream.imap", "timeout"),
+    ("upstream.smtp", "timeout"),
+    ("pop3", "idle_timeout"),
+    ("submission", "retry_initial_delay"),
+    ("submission", "retry_max_delay"),
+    ("retention", "time_limit"),
+    ("retention", "device_inactive_days"),
+]
+_WAITS_ZERO_IS_OFF = [
+    ("security", "auth_failure_delay"),
+    ("security", "auth_failure_max_delay"),
+    ("retention", "delete_after_days"),
+    ("retention", "after_all_devices_days"),
+    ("retention", "sweep_interval"),
+]
+
+
+def _in_section(section: str, line: str) -> str:
+    if section == "upstream.imap":
+        return MINIMAL + line + "\n"
+    return MINIMAL + f"[{section}]\n{line}\n"
+
+
+def test_every_wait_key_is_classified() -> None:
+    timing = re.compile(r"timeout|delay|interval|time_limit|_days$")
+    found = {(s, k) for s, keys in _SCHEMA.items() for k in keys if timing.search(k)}
+    assert found == set(_WAITS_ZERO_BREAKS) | set(_WAITS_ZERO_IS_OFF)
+
+
+@pytest.mark.parametrize(("section", "key"), _WAITS_ZERO_BREAKS)
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_wait_that_zero_would_break_refuses_zero_and_below(
+    conf_dir: Path, section: str, key: str, value: str
+) -> None:
+    [problem] = problems(conf_dir, _in_section(section, f"{key} = {value}"))
+    assert f"[{section}] {key}: must be " in problem
+    assert problem.endswith(f", got {value}")
+
+
+@pytest.mark.parametrize(("section", "key"), _WAITS_ZERO_IS_OFF)
+def test_a_wait_where_zero_means_off_takes_zero_but_not_below(
+    conf_dir: Path, section: str, key: str
+) -> None:
+    # The cap may only be 0 with the delay it caps (checked elsewhere).
+    first = "auth_failure_delay = 0\n" if key == "auth_failure_max_delay" else ""
+    config = load(conf_dir, _in_section(section, f"{first}{key} = 0"))
+    assert getattr(functools.reduce(getattr, section.split("."), config), key) == 0
+    [problem] = problems(conf_dir, _in_section(section, f"{first}{key} = -1"))
+    assert f"[{section}] {key}: must " in problem
 
 
 # --------------------------------------------------------------------------- throttling and limits

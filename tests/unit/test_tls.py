@@ -35,6 +35,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+import gateway.tls
 from gateway.config import TLSSettings
 from gateway.tls import (
     ResumingClientTLS,
@@ -47,6 +48,7 @@ from gateway.tls import (
     generate_self_signed,
     load_server_certificate,
     server_context_factory,
+    upstream_tls,
 )
 
 GREETING = b"+OK popgate ready\r\n"
@@ -485,34 +487,66 @@ async def test_client_never_goes_below_tls12(pair: TLSSettings) -> None:
     assert refused(verified)
 
 
-def test_client_creator_is_shared_by_connections_with_the_same_settings(
-    tmp_path: Path, pair: TLSSettings
+@pytest.fixture
+def upstream_cache(monkeypatch: pytest.MonkeyPatch) -> dict[object, ResumingClientTLS]:
+    """An empty upstream TLS cache for this test (ports are reused between tests)."""
+    cache: dict[object, ResumingClientTLS] = {}
+    monkeypatch.setattr(gateway.tls, "_UPSTREAM_TLS", cache)
+    return cache
+
+
+def test_upstream_tls_is_the_one_cache_of_client_creators(
+    tmp_path: Path, pair: TLSSettings, upstream_cache: dict[object, ResumingClientTLS]
 ) -> None:
-    """Building an OpenSSL client context loads the system trust store: once per settings, not
-    once per upstream login."""
+    """Building an OpenSSL client context loads the system trust store: once per upstream (host,
+    port, verification, CA file), not once per login; client_context_factory only builds."""
     ca_file = tmp_path / "ca.pem"
     shutil.copyfile(pair.cert_file, ca_file)
 
-    first = client_context_factory("localhost", ca_file=ca_file)
+    first = upstream_tls("localhost", 993, ca_file=ca_file)
+    others = [
+        upstream_tls("imap.example.com", 993, ca_file=ca_file),
+        upstream_tls("localhost", 143, ca_file=ca_file),
+        upstream_tls("localhost", 993, verify=False),
+        upstream_tls("localhost", 993),
+    ]
 
-    assert client_context_factory("localhost", ca_file=ca_file) is first
-    assert client_context_factory("imap.example.com", ca_file=ca_file) is not first
-    assert client_context_factory("localhost", verify=False) is not first
+    assert upstream_tls("localhost", 993, ca_file=ca_file) is first
+    assert len({id(c) for c in [first, *others]}) == 5
+    assert len(upstream_cache) == 5
+    # Each upstream its own OpenSSL context: nothing shared behind upstream_tls's back.
+    assert len({id(c._inner) for c in [first, *others]}) == 5
+    assert client_context_factory("localhost", ca_file=ca_file) is not client_context_factory(
+        "localhost", ca_file=ca_file
+    )
+
+
+def test_upstream_tls_cache_is_bounded(upstream_cache: dict[object, ResumingClientTLS]) -> None:
+    for port in range(1, gateway.tls._MAX_UPSTREAM_TLS + 10):
+        upstream_tls("localhost", port, verify=False)
+
+    assert 0 < len(upstream_cache) <= gateway.tls._MAX_UPSTREAM_TLS
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_creator_follows_a_replaced_ca_file(
-    tls_port: int, pair: TLSSettings, tmp_path: Path
+async def test_upstream_tls_follows_a_replaced_ca_file(
+    tls_port: int,
+    pair: TLSSettings,
+    tmp_path: Path,
+    upstream_cache: dict[object, ResumingClientTLS],
 ) -> None:
     ca_file = tmp_path / "ca.pem"
     shutil.copyfile(pair.cert_file, ca_file)
-    trusted = await connect(tls_port, client_context_factory("localhost", ca_file=ca_file))
+    before = upstream_tls("localhost", tls_port, ca_file=ca_file)
+    trusted = await connect(tls_port, before)
     generate_self_signed("localhost", tmp_path / "other.crt", tmp_path / "other.key")
     replacement = (tmp_path / "other.crt").read_bytes() + b"\n"  # another size, surely
     ca_file.write_bytes(replacement)
 
-    distrusted = await connect(tls_port, client_context_factory("localhost", ca_file=ca_file))
+    after = upstream_tls("localhost", tls_port, ca_file=ca_file)
+    distrusted = await connect(tls_port, after)
 
+    assert after is not before
     assert trusted.data == GREETING
     assert distrusted.data == b""
     assert refused(distrusted)
