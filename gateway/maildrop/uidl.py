@@ -86,16 +86,15 @@ def build_maildrop(
 def _numbered(
     index: Sequence[IndexedMessage], uidvalidity: int, state: DeviceState | None
 ) -> Messages:
-    kept = [
-        m
-        for m in index
-        if "\\Deleted" not in m.flags and not (state is not None and state.hides(m, uidvalidity))
-    ]
+    if state is None:
+        kept = [m for m in index if "\\Deleted" not in m.flags]
+    else:
+        kept = [m for m in index if "\\Deleted" not in m.flags and not state.hides(m, uidvalidity)]
     uids = [m.uid for m in kept]
-    # uidl_for, inlined: this runs once per message (tests/unit/test_views.py holds the two to
-    # the same result).
-    suffix = f"{uidvalidity:08x}"
-    return Messages(uids, [m.size for m in kept], [f"{u:08x}{suffix}" for u in uids])
+    # uidl_for, inlined ("%" is the quickest of Python's formatters here): this runs once per
+    # message of a fresh index (tests/unit/test_views.py holds the two to the same result).
+    uidls = ["%08x%08x" % (u, uidvalidity) for u in uids]  # noqa: UP031
+    return Messages(uids, [m.size for m in kept], uidls)
 
 
 def needs_state(index: Sequence[IndexedMessage], keywords_allowed: bool) -> bool:

@@ -8,6 +8,7 @@ types below, so the POP3 layer can turn each into the right response code in one
 from __future__ import annotations
 
 import base64
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ LOGIN_TIMEOUT = 60.0
 # Sent once per downloaded message, so built once. UID first in the request: servers that
 # answer in request order (Dovecot, Cyrus) then name the message before its literal begins, so
 # pipelined bodies go to the right sink and stream without being collected first.
+_BY_UID = operator.attrgetter("uid")
 _UID, _FETCH, _BODY_ITEMS = Atom("UID"), Atom("FETCH"), Atom("(UID BODY.PEEK[])")
 # Set on messages just before they are moved; the copies carry it. A later move that finds it
 # on its sources knows an earlier one may have been cut off half way (see ImapAccount.move).
@@ -464,7 +466,7 @@ class ImapAccount:
     @staticmethod
     def _index_entries(response: Response) -> MailboxIndex:
         entries = decode.index_rows(response, IndexedMessage)
-        entries.sort(key=lambda e: e.uid)
+        entries.sort(key=_BY_UID)  # servers answer in UID order: one pass, no Python calls
         return MailboxIndex(entries)
 
     @property

@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured first pass")
     p.add_argument(
+        "--no-snapshot-cache",
+        action="store_true",
+        help="popgate fetches the index at every login ([pop3] snapshot_cache_messages = 0),"
+        " as against a server without CONDSTORE or after new mail",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="afterwards, run each workload once more on popgate under py-spy",
@@ -209,7 +215,10 @@ class Bench:
         if "popgate" in self.args.systems:
             self.replicas = [
                 start_gateway(
-                    dc, self.args.work_dir / f"popgate{'' if i == 0 else i}", self.args.tls
+                    dc,
+                    self.args.work_dir / f"popgate{'' if i == 0 else i}",
+                    self.args.tls,
+                    not self.args.no_snapshot_cache,
                 )
                 for i in range(max(1, self.args.gateways))
             ]
@@ -241,7 +250,10 @@ class Bench:
         if workload == "big" and system == "popgate":
             # A fresh gateway, so its peak RSS (VmHWM) is this download's and nothing older.
             with fresh_gateway(
-                self.dovecot, self.args.work_dir / "popgate-big", self.args.tls
+                self.dovecot,
+                self.args.work_dir / "popgate-big",
+                self.args.tls,
+                not self.args.no_snapshot_cache,
             ) as gw:
                 assert gw.pid is not None
                 t = gateway_target("popgate", gw.host, self.pop3_port(gw), gw.pid, self.tls)
@@ -327,7 +339,10 @@ class Bench:
             path = out / f"profile-{workload}.txt"
             if workload == "big":
                 with fresh_gateway(
-                    self.dovecot, self.args.work_dir / "popgate-big", self.args.tls
+                    self.dovecot,
+                    self.args.work_dir / "popgate-big",
+                    self.args.tls,
+                    not self.args.no_snapshot_cache,
                 ) as gw:
                     assert gw.pid is not None
                     t = gateway_target("popgate", gw.host, self.pop3_port(gw), gw.pid, self.tls)
@@ -425,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "rounds": args.rounds,
             "warmup": not args.no_warmup,
+            "snapshot_cache": not args.no_snapshot_cache,
             "devices": args.devices,
             "poll_repeats": args.poll_repeats,
             "systems": {s: SYSTEM_LABELS[s] for s in args.systems},

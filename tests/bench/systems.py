@@ -330,16 +330,24 @@ def start_peer(work_dir: Path, store: Dovecot, key: str, tls_upstream: bool = Fa
 
 
 def gateway_config(
-    store: Dovecot, workdir: Path, tls: str = "none"
+    store: Dovecot, workdir: Path, tls: str = "none", snapshot_cache: bool = True
 ) -> dict[str, dict[str, object]]:
     """``tls``: "none" (plain POP3, plain IMAP upstream), "client" (POP3S towards the client,
-    plain upstream, as on a private network), "both" (POP3S and IMAPS upstream, verified)."""
+    plain upstream, as on a private network), "both" (POP3S and IMAPS upstream, verified).
+    ``snapshot_cache`` False: every login fetches the index, as against a server without
+    CONDSTORE or after new mail."""
+    pop3: dict[str, object] = {
+        "listen": ["127.0.0.1:0"],
+        "listen_tls": ["127.0.0.1:0"] if tls != "none" else [],
+    }
+    if not snapshot_cache:
+        pop3["snapshot_cache_messages"] = 0
     upstream: dict[str, object] = {"host": store.host, "port": store.imap_port, "security": "none"}
     if tls == "both":
         upstream |= {"port": store.imaps_port, "security": "tls", "ca_file": str(store.ca_file)}
     return {
         "upstream.imap": upstream,
-        "pop3": {"listen": ["127.0.0.1:0"], "listen_tls": ["127.0.0.1:0"] if tls != "none" else []},
+        "pop3": pop3,
         "tls": {
             "cert_file": str(workdir / "popgate.crt"),
             "key_file": str(workdir / "popgate.key"),
@@ -350,15 +358,20 @@ def gateway_config(
     }
 
 
-def start_gateway(store: Dovecot, workdir: Path, tls: str = "none") -> GatewayProcess:
+def start_gateway(
+    store: Dovecot, workdir: Path, tls: str = "none", snapshot_cache: bool = True
+) -> GatewayProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    gw = GatewayProcess(gateway_config(store, workdir, tls), workdir / "popgate.toml")
+    config = gateway_config(store, workdir, tls, snapshot_cache)
+    gw = GatewayProcess(config, workdir / "popgate.toml")
     return gw.start()
 
 
 @contextlib.contextmanager
-def fresh_gateway(store: Dovecot, workdir: Path, tls: str = "none") -> Iterator[GatewayProcess]:
-    gw = start_gateway(store, workdir, tls)
+def fresh_gateway(
+    store: Dovecot, workdir: Path, tls: str = "none", snapshot_cache: bool = True
+) -> Iterator[GatewayProcess]:
+    gw = start_gateway(store, workdir, tls, snapshot_cache)
     try:
         yield gw
     finally:
