@@ -348,11 +348,9 @@ def recorded_poll(
 ) -> tuple[list[int], list[str]]:
     """A poll (login, UIDL, QUIT): the UIDs offered, and the commands of its IMAP connection,
     once popgate has closed it (after QUIT's LOGOUT)."""
-    with recorder._lock:
-        first = max((n for n, _ in recorder.sent), default=0) + 1
+    before = recorder.connections()
     uids = visible(gw, login, password)
-    with recorder._lock:
-        numbers = sorted({n for n, _ in recorder.sent if n >= first})
+    numbers = [n for n in recorder.connections() if n not in before]
     assert len(numbers) == 1, f"one IMAP connection per POP session: {recorder.sent}"
     wait_until(lambda: numbers[0] in recorder.closed, what="popgate's LOGOUT")
     return uids, recorder.sent_on(numbers[0])

@@ -253,6 +253,11 @@ class ImapFaults(LoopbackForwarder):
         self._connections: list[_Connection] = []
         self._numbers = itertools.count(1)
 
+    def connections(self) -> list[int]:
+        """The numbers of the connections that sent a command so far, in order."""
+        with self._lock:
+            return sorted({number for number, _ in self.sent})
+
     def sent_on(self, connection: int) -> list[str]:
         """The command lines the client sent on connection number ``connection``."""
         with self._lock:
