@@ -132,14 +132,28 @@ class MaildropService:
                 )
                 if self.tracks_devices:
                     await self._record_login(account, state, info, index)
-                again = await account.open_mailbox(mailbox, readonly=readonly)
-                if again.uidvalidity != info.uidvalidity:
-                    raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")
+                await self._reopen(account, mailbox, readonly, info)
         except UpstreamUnavailable:
             raise
         except ImapError as e:
             raise UpstreamUnavailable(f"cannot open {mailbox}: {e}") from e
         return Pop3Mailbox(self, account, login, info, index, state, hides=hides)
+
+    @staticmethod
+    async def _reopen(
+        account: ImapAccount, mailbox: str, readonly: bool, info: MailboxInfo
+    ) -> None:
+        """Open ``mailbox`` again if reading or writing the device state left another one
+        selected (the state mailbox), or none (a failed EXAMINE closes the open mailbox).
+        METADATA and a STATUS leave it open: then nothing is sent. The snapshot stays valid
+        only while the UIDVALIDITY is the one it was taken under."""
+        now = account.selected
+        if now is not None and now.name == mailbox and now.readonly == readonly:
+            opened = now.info
+        else:
+            opened = await account.open_mailbox(mailbox, readonly=readonly)
+        if opened.uidvalidity != info.uidvalidity:
+            raise UpstreamUnavailable(f"{mailbox} changed its UIDVALIDITY during login")
 
     async def _record_login(
         self,

@@ -186,7 +186,9 @@ class ImapAccount:
         # Where the last snapshot's index came from: "fetched" on this connection, "shared"
         # (another session's fetch, index_flights.py) or "cached" (snapshot_cache.py).
         self.index_source = ""
-        self.selected: Selected | None = None  # the mailbox the last EXAMINE/SELECT opened
+        # The mailbox open now, as the server sees it: None before the first EXAMINE/SELECT,
+        # while one runs, after one failed (which closes the old one) and after UNSELECT.
+        self.selected: Selected | None = None
 
     @classmethod
     async def open(
@@ -369,8 +371,14 @@ class ImapAccount:
         return await self.open_mailbox(mailbox, readonly=False)
 
     async def open_mailbox(self, mailbox: str, *, readonly: bool) -> MailboxInfo:
-        """EXAMINE (``readonly``) or SELECT ``mailbox``; remembered as ``selected``."""
+        """EXAMINE (``readonly``) or SELECT ``mailbox``; remembered as ``selected``.
+
+        ``selected`` is None while the command runs and stays None if it fails: a failed
+        EXAMINE or SELECT closes the mailbox that was open before (RFC 3501 6.3.1, ``[CLOSED]``
+        in RFC 7162), so nothing is selected any more.
+        """
         verb = Atom("EXAMINE" if readonly else "SELECT")
+        self.selected = None
         if self.proto.has("CONDSTORE"):
             # Reports HIGHESTMODSEQ: what lets a poll of an unchanged mailbox skip its FETCH.
             response = await self.proto.command(verb, encode_mailbox(mailbox), [Atom("CONDSTORE")])
@@ -767,11 +775,17 @@ class ImapAccount:
     async def mailbox_messages(self, mailbox: str) -> int | None:
         """STATUS MESSAGES of ``mailbox``; None when it does not exist (or cannot be read)."""
         try:
-            response = await self.proto.command(
-                Atom("STATUS"), encode_mailbox(mailbox), [Atom("MESSAGES")]
-            )
+            return await self.count_messages(mailbox)
         except ImapCommandFailed:
             return None
+
+    async def count_messages(self, mailbox: str) -> int | None:
+        """STATUS MESSAGES of ``mailbox`` (None if the answer lacks it), without opening it:
+        the selected mailbox stays selected. Fails with ImapCommandFailed when the server
+        refuses (no such mailbox)."""
+        response = await self.proto.command(
+            Atom("STATUS"), encode_mailbox(mailbox), [Atom("MESSAGES")]
+        )
         return decode.status_messages(response)
 
     async def delete_mailbox(self, name: str) -> None:
@@ -782,6 +796,7 @@ class ImapAccount:
         INBOX read-only, which has the same effect on the selection."""
         if self.proto.has("UNSELECT"):
             await self.proto.command(Atom("UNSELECT"))
+            self.selected = None
         else:
             await self.examine("INBOX")
 

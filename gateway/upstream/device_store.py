@@ -265,16 +265,26 @@ class MailboxStore:
         uidvalidity: int = 0,
         uidnext: int = 0,
     ) -> DeviceState:
-        """The device's state; empty when it has none yet. Leaves ``state_mailbox`` selected.
+        """The device's state; empty when it has none yet.
+
+        A STATUS first: while no device has hidden anything there is no state mailbox (or an
+        empty one), and the served mailbox stays selected, so the login does not open it again.
+        Only a state mailbox holding messages is opened (EXAMINE: it then stays selected).
 
         ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs
         not given out yet be caught and repaired.
         """
         state = DeviceState(mailbox, device)
         try:
-            await account.examine(self.state_mailbox)
+            stored = await account.count_messages(self.state_mailbox)
         except ImapCommandFailed:
             return state  # no state mailbox: nothing hidden anywhere yet
+        if stored == 0:
+            return state  # an empty state mailbox: no device has state either
+        try:
+            await account.examine(self.state_mailbox)
+        except ImapCommandFailed:
+            return state  # gone since the STATUS
         found = await self._find(account, state.key)
         problems = await self._read(account, state, found, uidvalidity, uidnext)
         if problems:
@@ -654,7 +664,8 @@ async def load(
     uidvalidity: int = 0,
     uidnext: int = 0,
 ) -> DeviceState:
-    """The device's state; empty when it has none yet. May change the selected mailbox.
+    """The device's state; empty when it has none yet. May change the selected mailbox
+    (``account.selected`` says which is open afterwards).
 
     ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs not
     given out yet be caught and repaired.

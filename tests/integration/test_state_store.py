@@ -10,9 +10,10 @@ popgate's client).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from gateway.maildrop.uidl import IndexedMessage
 from gateway.upstream import device_store
 from gateway.upstream.account import ImapAccount
 from gateway.upstream.device_store import CHUNK_SIZE, MARKER, STATE_ROOT, MetadataStore
+from gateway.upstream.imap_client import ImapCommandFailed
 from tests.conftest import selected_upstreams
 from tests.integration.pop3_helpers import (
     STATE_MAILBOX,
@@ -35,11 +37,13 @@ from tests.integration.pop3_helpers import (
     report_logs,
     running_gateway,
     upstream_view,
+    wait_until,
 )
 from tests.support import messages
 from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.gateway import GatewayProcess
+from tests.support.imap_faults import ImapFaults
 from tests.support.metadata import get_metadata, set_metadata
 from tests.support.upstreams import Upstream
 
@@ -322,6 +326,126 @@ def test_device_list_and_reset_with_either_store(
 def hidden_column(listing: str) -> dict[str, str]:
     """``popgate device list``: DEVICE, LAST SEEN (date, time), DOWNLOADED, HIDDEN, ..."""
     return {line.split()[0]: line.split()[4] for line in listing.splitlines()[1:-1]}
+
+
+# --------------------------------------------------------------------- what a login sends
+# popgate reaches the server through tests/support/imap_faults.py used as a recorder (in the
+# clear): each POP session is one IMAP connection, and its command lines are what is checked.
+
+
+@contextlib.contextmanager
+def recorded_gateway(
+    server: Upstream, directory: Path, overrides: Mapping[str, Mapping[str, Any]] = {}
+) -> Iterator[tuple[GatewayProcess, ImapFaults]]:
+    with ImapFaults(server.host, server.imap_port) as recorder:
+        towards = {"upstream.imap": {"port": recorder.port, "security": "none"}}
+        with running_gateway(server, directory, {**overrides, **towards}) as gw:
+            yield gw, recorder
+
+
+def recorded_poll(
+    gw: GatewayProcess, recorder: ImapFaults, login: str, password: str
+) -> tuple[list[int], list[str]]:
+    """A poll (login, UIDL, QUIT): the UIDs offered, and the commands of its IMAP connection,
+    once popgate has closed it (after QUIT's LOGOUT)."""
+    before = recorder.connections()
+    uids = visible(gw, login, password)
+    numbers = [n for n in recorder.connections() if n not in before]
+    assert len(numbers) == 1, f"one IMAP connection per POP session: {recorder.sent}"
+    wait_until(lambda: numbers[0] in recorder.closed, what="popgate's LOGOUT")
+    return uids, recorder.sent_on(numbers[0])
+
+
+def opened(commands: list[str]) -> list[str]:
+    """The mailboxes EXAMINEd or SELECTed, in order (names unquoted)."""
+    found = []
+    for line in commands:
+        verb, _, rest = line.partition(" ")
+        if verb.upper() in ("EXAMINE", "SELECT"):
+            found.append(rest.rsplit(" (", 1)[0].strip('"'))
+    return found
+
+
+def test_a_poll_without_state_opens_inbox_once(
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """No device has hidden anything, so there is no state mailbox: a STATUS says so and INBOX,
+    never closed, is not opened a second time (it used to be EXAMINE INBOX, EXAMINE of the
+    missing state mailbox, EXAMINE INBOX again)."""
+    acct = four_messages(upstream, "poll")
+    with recorded_gateway(upstream, tmp_path / "gw") as (gw, recorder):
+        report_logs(request, gw)
+        uids, commands = recorded_poll(gw, recorder, f"{acct.name}#phone", acct.password)
+    assert uids == acct.uids
+    assert opened(commands) == ["INBOX"], commands
+    assert f'STATUS "{STATE_MAILBOX}" (MESSAGES)' in commands
+    assert commands[-1] == "LOGOUT"
+
+
+def test_a_device_with_state_still_has_its_deletes_hidden(
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Once the state mailbox holds messages it is read (and INBOX opened again after it); a
+    reset device's empty state mailbox is not opened at all."""
+    acct = four_messages(upstream, "held")
+    with recorded_gateway(upstream, tmp_path / "gw") as (gw, recorder):
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1, 3])
+        uids, commands = recorded_poll(gw, recorder, f"{acct.name}#phone", acct.password)
+        assert uids == [acct.uids[1], acct.uids[3]]
+        assert opened(commands) == ["INBOX", STATE_MAILBOX, "INBOX"], commands
+        uids, commands = recorded_poll(gw, recorder, f"{acct.name}#pc", acct.password)
+        assert uids == acct.uids
+        assert opened(commands) == ["INBOX", STATE_MAILBOX, "INBOX"], commands
+        reset = admin(gw, "reset", acct.name, "phone")
+        assert reset.returncode == 0, reset.stderr
+        assert upstream_view(upstream, acct.name).state_messages == {}
+        assert STATE_MAILBOX in upstream_view(upstream, acct.name).mailboxes
+        uids, commands = recorded_poll(gw, recorder, f"{acct.name}#phone", acct.password)
+        assert uids == acct.uids
+        assert opened(commands) == ["INBOX"], commands
+
+
+@pytest.mark.parametrize("deleted", [False, True], ids=["no-state", "with-state"])
+def test_a_poll_with_the_metadata_store_opens_inbox_once(
+    metadata_server: Upstream, tmp_path: Path, request: pytest.FixtureRequest, deleted: bool
+) -> None:
+    """GETMETADATA reads the state without leaving INBOX: nothing is opened again."""
+    acct = four_messages(metadata_server, "mdpoll")
+    with recorded_gateway(metadata_server, tmp_path / "gw") as (gw, recorder):
+        report_logs(request, gw)
+        if deleted:
+            delete(gw, f"{acct.name}#phone", acct.password, [2])
+        uids, commands = recorded_poll(gw, recorder, f"{acct.name}#phone", acct.password)
+        assert uids == ([acct.uids[0], *acct.uids[2:]] if deleted else acct.uids)
+        assert opened(commands) == ["INBOX"], commands
+        assert any(c.startswith("GETMETADATA") for c in commands), commands
+        uids, commands = recorded_poll(gw, recorder, f"{acct.name}#pc", acct.password)
+        assert uids == acct.uids
+        assert opened(commands) == ["INBOX"], commands
+    assert STATE_MAILBOX not in imap_client_view(metadata_server, acct.name)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_examine_leaves_nothing_selected(upstream: Upstream) -> None:
+    """RFC 3501 6.3.1: a failed EXAMINE closes the mailbox that was open. ``selected`` used to
+    keep naming it; the server agrees it is gone (a FETCH is refused)."""
+    acct = four_messages(upstream, "closed")
+    account = await ImapAccount.open_as_master(reactor, imap_settings(upstream), acct.name)
+    try:
+        await account.examine("INBOX")
+        assert account.selected is not None and account.selected.name == "INBOX"
+        with pytest.raises(ImapCommandFailed):
+            await account.examine(STATE_MAILBOX)  # no such mailbox
+        assert account.selected is None
+        with pytest.raises(ImapCommandFailed):
+            await account.fetch_sizes(acct.uids)
+        await account.examine("INBOX")
+        assert [uid for uid, _ in await account.fetch_sizes(acct.uids)] == acct.uids
+        await account.unselect()
+        assert account.selected is None
+    finally:
+        await account.logout()
 
 
 # --------------------------------------------------------------------- the store itself

@@ -23,12 +23,18 @@ A fault fires once, then the forwarder is transparent again:
 
 Every fault has a ``happened`` event and ``wait(timeout)``; no test needs a sleep. Commands are
 seen only in the clear: give popgate ``security = "none"`` towards the forwarder.
+
+Without any fault it is a recorder: ``sent`` lists every command line a client sent, as
+(connection number, the line without its tag and CRLF), ``sent_on(n)`` one connection's lines,
+``closed`` the numbers of the connections the client has closed. Credentials are left out
+(``LOGIN`` and ``AUTHENTICATE`` keep only their first word after the command name).
 Threads and blocking sockets, like tests/support/tcp_proxy.py; all end when it is closed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import socket
 import threading
@@ -62,8 +68,11 @@ class Fault:
 
 
 class _Connection:
-    def __init__(self, owner: ImapFaults, client: socket.socket, server: socket.socket) -> None:
+    def __init__(
+        self, owner: ImapFaults, client: socket.socket, server: socket.socket, number: int
+    ) -> None:
         self.owner = owner
+        self.number = number
         self.client = client
         self.server = server
         self.lock = threading.Lock()
@@ -88,6 +97,7 @@ class _Connection:
             while True:
                 data = self.client.recv(65536)
                 if not data:
+                    self.owner._client_closed(self.number)
                     break
                 out = b""
                 pos = 0
@@ -109,7 +119,7 @@ class _Connection:
                     literal = int(m.group(1)) if m else 0
                     starts = first_line
                     first_line = literal == 0
-                    fault = self.owner._match(line) if starts else None
+                    fault = self.owner._match(line, self.number) if starts else None
                     if fault is None:
                         out += line
                         continue
@@ -237,8 +247,25 @@ class ImapFaults(LoopbackForwarder):
     def __init__(self, target_host: str, target_port: int) -> None:
         super().__init__(target_host, target_port)
         self.commands: Counter[str] = Counter()  # command name → times seen (all connections)
+        self.sent: list[tuple[int, str]] = []  # (connection number, command line), in order
+        self.closed: set[int] = set()  # connections whose client closed its side
         self._faults: list[Fault] = []
         self._connections: list[_Connection] = []
+        self._numbers = itertools.count(1)
+
+    def connections(self) -> list[int]:
+        """The numbers of the connections that sent a command so far, in order."""
+        with self._lock:
+            return sorted({number for number, _ in self.sent})
+
+    def sent_on(self, connection: int) -> list[str]:
+        """The command lines the client sent on connection number ``connection``."""
+        with self._lock:
+            return [line for number, line in self.sent if number == connection]
+
+    def _client_closed(self, connection: int) -> None:
+        with self._lock:
+            self.closed.add(connection)
 
     def _drop_connections(self) -> None:
         with self._lock:
@@ -274,16 +301,20 @@ class ImapFaults(LoopbackForwarder):
             self._faults.append(fault)
         return fault
 
-    def _match(self, line: bytes) -> Fault | None:
-        """Count the command starting on ``line``; the fault it triggers, if any."""
+    def _match(self, line: bytes, connection: int) -> Fault | None:
+        """Count and record the command starting on ``line``; the fault it triggers, if any."""
         words = line.split(b" ", 3)
         if len(words) < 2:
             return None
         name = words[1].rstrip(b"\r\n").upper().decode("ascii", "replace")
         if name == "UID" and len(words) > 2:
             name += " " + words[2].rstrip(b"\r\n").upper().decode("ascii", "replace")
+        shown = line.split(b" ", 1)[1].rstrip(b"\r\n")
+        if name in ("LOGIN", "AUTHENTICATE"):
+            shown = b" ".join(shown.split(b" ")[:2])  # never the credentials
         with self._lock:
             self.commands[name] += 1
+            self.sent.append((connection, shown.decode("utf-8", "replace")))
             for fault in self._faults:
                 if fault.command == name and fault.contains in line:
                     if self.commands[name] >= fault.nth:
@@ -293,8 +324,8 @@ class ImapFaults(LoopbackForwarder):
 
     # -- plumbing -------------------------------------------------------------------------
     def _forward(self, client: socket.socket, server: socket.socket) -> None:
-        connection = _Connection(self, client, server)
         with self._lock:
+            connection = _Connection(self, client, server, next(self._numbers))
             self._connections.append(connection)
         threading.Thread(target=connection.client_to_server, daemon=True).start()
         threading.Thread(target=connection.server_to_client, daemon=True).start()
