@@ -181,8 +181,9 @@ class Selected:
 class ImapAccount:
     """A logged-in connection; each POP session owns one."""
 
-    def __init__(self, proto: ImapClientProtocol) -> None:
+    def __init__(self, proto: ImapClientProtocol, user: str = "") -> None:
         self.proto = proto
+        self.user = user  # whose mailboxes these are (the authorization identity, if any)
         # Where the last snapshot's index came from: "fetched" on this connection, "shared"
         # (another session's fetch, index_flights.py) or "cached" (snapshot_cache.py).
         self.index_source = ""
@@ -233,7 +234,7 @@ class ImapAccount:
         Raises TokenRejected when the server refuses the token itself.
         """
         proto = await connect(reactor, settings)
-        account = cls(proto)
+        account = cls(proto, username)
         try:
             login = account._login_oauth(username, token, mechanism, settings, client_ip)
             await _with_timeout(
@@ -310,7 +311,7 @@ class ImapAccount:
         client_ip: str | None,
     ) -> ImapAccount:
         proto = await connect(reactor, settings)
-        account = cls(proto)
+        account = cls(proto, authzid or username)
         try:
             login = account._login(authzid, username, password, client_ip)
             await _with_timeout(

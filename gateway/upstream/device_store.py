@@ -38,7 +38,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import make_msgid
 from typing import Protocol
@@ -116,11 +117,45 @@ class StateStore(Protocol):
     async def load_all(self, account: ImapAccount, mailbox: str) -> DeviceStates: ...
 
 
+# How long ``auto`` trusts a refusal of popgate's METADATA entries (Cyrus without
+# annotation_allow_undefined refuses them for good): meanwhile a login only reads the marker,
+# instead of probing with two writes and logging the refusal again at every poll.
+PROBE_AGAIN_AFTER = 3600.0
+_MAX_REFUSALS = 10_000
+
+
+class RecentRefusals:
+    """(user, mailbox) pairs whose server refused popgate's METADATA entries lately."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._until[key]
+            return False
+        return True
+
+    def add(self, key: tuple[str, str]) -> None:
+        self._until[key] = self._clock() + PROBE_AGAIN_AFTER
+        self._until.move_to_end(key)
+        while len(self._until) > _MAX_REFUSALS:
+            self._until.popitem(last=False)
+
+
+_RECENT_REFUSALS = RecentRefusals()
+
+
 async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str) -> StateStore:
     """The store ``[pop3] state_store`` names for this account and served mailbox.
 
     ``auto`` tries: METADATA is used when the server offers it *and* takes our private entry
-    on ``mailbox``; the outcome is kept in that entry, so later logins only read it.
+    on ``mailbox``; the outcome is kept in that entry, so later logins only read it. A refusal
+    is remembered (RecentRefusals) for PROBE_AGAIN_AFTER.
     """
     legacy = MailboxStore(settings.state_mailbox)
     if settings.state_store == "mailbox":
@@ -136,7 +171,7 @@ async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str)
                 f"METADATA entries on {mailbox} ({refused})"
             )
         return metadata
-    if _offers_metadata(account) and await metadata.usable(account, mailbox):
+    if _offers_metadata(account) and await metadata.usable(account, mailbox, _RECENT_REFUSALS):
         return metadata
     return legacy
 
@@ -451,13 +486,17 @@ class MetadataStore:
     name: str = "metadata"
     chunk_size: int = CHUNK_SIZE
 
+    async def marked(self, account: ImapAccount, mailbox: str) -> bool:
+        """Whether our marker entry is on ``mailbox``: a gateway took METADATA for it."""
+        found = await account.get_metadata(mailbox, [MARKER])
+        return found.values.get(MARKER) == MARKER_VALUE
+
     async def refusal(self, account: ImapAccount, mailbox: str) -> str | None:
         """None when the server keeps our private entry on ``mailbox`` (read it, else try it);
         else the server's answer. Offering METADATA is not enough: Cyrus offers it but refuses
         entries it does not define unless ``annotation_allow_undefined`` is set."""
         try:
-            found = await account.get_metadata(mailbox, [MARKER])
-            if found.values.get(MARKER) == MARKER_VALUE:
+            if await self.marked(account, mailbox):
                 return None
             # A state-shaped entry first: a Cyrus whose annotation_definitions name only some
             # of our entries takes the marker but refuses every state entry.
@@ -467,10 +506,24 @@ class MetadataStore:
             return str(e)
         return None
 
-    async def usable(self, account: ImapAccount, mailbox: str) -> bool:
+    async def usable(self, account: ImapAccount, mailbox: str, refusals: RecentRefusals) -> bool:
+        """For ``auto``. After a refusal, only the marker is read until PROBE_AGAIN_AFTER:
+        another gateway may have taken METADATA meanwhile (its state is then there)."""
+        key = (account.user, mailbox)
+        if key in refusals:
+            try:
+                return await self.marked(account, mailbox)
+            except ImapCommandFailed:
+                return False
         refused = await self.refusal(account, mailbox)
         if refused is not None:
-            log.info("METADATA not usable on %s (%s); using the state mailbox", mailbox, refused)
+            refusals.add(key)
+            log.info(
+                "METADATA not usable on %s (%s); using the state mailbox, asking again in %d s",
+                mailbox,
+                refused,
+                PROBE_AGAIN_AFTER,
+            )
         return refused is None
 
     async def _copies(self, account: ImapAccount, mailbox: str, key: str) -> StoredCopies:

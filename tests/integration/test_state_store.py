@@ -551,3 +551,36 @@ def test_forged_metadata_state_never_locks_a_device_out(
         entries = state_entries(metadata_server, acct.name)
         assert len(entries) == 1  # rewritten once, from the usable copies; the rest removed
         assert states_in(entries) == {"phone": {acct.uids[0], acct.uids[1]}}
+
+
+def metadata_commands(commands: list[str]) -> list[str]:
+    return [
+        c.split(" ", 1)[0].upper() for c in commands if "METADATA" in c.split(" ", 1)[0].upper()
+    ]
+
+
+def test_a_refused_metadata_probe_is_not_repeated_at_every_login(
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``auto`` on a server that offers METADATA but refuses popgate's entries (Cyrus without
+    ``annotation_allow_undefined``, this suite's default Cyrus): the first login probes with a
+    write and logs the refusal; the next ones only read the marker (another gateway may have
+    taken METADATA since), for PROBE_AGAIN_AFTER. A server without METADATA (Dovecot here) is
+    never asked. Deletes keep working through the state mailbox either way."""
+    acct = four_messages(upstream, "probe")
+    with recorded_gateway(upstream, tmp_path / "gw") as (gw, recorder):
+        report_logs(request, gw)
+        polls = [recorded_poll(gw, recorder, f"{acct.name}#phone", acct.password) for _ in range(3)]
+        delete(gw, f"{acct.name}#phone", acct.password, [2])
+        after_delete = recorded_poll(gw, recorder, f"{acct.name}#phone", acct.password)
+        refusals = gw.log_text().count("METADATA not usable on INBOX")
+    assert all(uids == acct.uids for uids, _ in polls)
+    assert after_delete[0] == [acct.uids[0], *acct.uids[2:]]
+    asked = [metadata_commands(commands) for _, commands in [*polls, after_delete]]
+    if upstream.kind == "dovecot":
+        assert asked == [[], [], [], []] and refusals == 0
+    else:
+        assert asked[0] == ["GETMETADATA", "SETMETADATA"], asked
+        assert asked[1:] == [["GETMETADATA"]] * 3, asked
+        assert refusals == 1, gw.log_text()
+    assert len(upstream_view(upstream, acct.name).state_messages) == 1

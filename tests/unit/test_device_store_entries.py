@@ -11,8 +11,10 @@ import pytest
 from gateway.host import host_name
 from gateway.maildrop.device_state import DeviceState
 from gateway.upstream.device_store import (
+    PROBE_AGAIN_AFTER,
     STALE_PARTIAL_SECONDS,
     STATE_ROOT,
+    RecentRefusals,
     _state_message,
     assemble,
     chunk_entries,
@@ -105,3 +107,24 @@ def test_a_state_message_is_dated_and_named_without_a_dns_lookup_per_save(
     ids = [re.findall(rb"\r\nMessage-ID: (<[^\r\n]*>)\r\n", m) for m in (first, second)]
     assert len(ids[0]) == len(ids[1]) == 1 and ids[0] != ids[1]
     assert all(i[0].endswith(f".popgate-state@{host_name()}>".encode()) for i in ids)
+
+
+def test_a_refusal_is_trusted_for_probe_again_after_then_forgotten() -> None:
+    now = [1000.0]
+    refusals = RecentRefusals(clock=lambda: now[0])
+    key = ("alice", "INBOX")
+    assert key not in refusals
+    refusals.add(key)
+    assert key in refusals and ("bob", "INBOX") not in refusals
+    now[0] += PROBE_AGAIN_AFTER - 1
+    assert key in refusals
+    now[0] += 1
+    assert key not in refusals  # asked again (with the probe) from now on
+
+
+def test_remembered_refusals_are_bounded() -> None:
+    refusals = RecentRefusals(clock=lambda: 0.0)
+    for i in range(10_001):
+        refusals.add((f"user{i}", "INBOX"))
+    assert ("user0", "INBOX") not in refusals  # the oldest went first
+    assert ("user1", "INBOX") in refusals and ("user10000", "INBOX") in refusals
