@@ -109,6 +109,13 @@ class MaildropService:
         mailbox = self.config.pop3.mailbox
         # Read-only unless RETR must set \Seen: nothing can change upstream by accident.
         readonly = self.config.pop3.on_retrieve == "keep"
+        # An EXAMINE reports no PERMANENTFLAGS, so after one the state is always read
+        # (needs_state): its first command can go out with the EXAMINE and the index FETCH.
+        ahead = (
+            device_store.ask_ahead(account, self.config.pop3)
+            if readonly or self.tracks_devices
+            else None
+        )
         try:
             info, index = await account.snapshot(
                 mailbox,
@@ -129,6 +136,7 @@ class MaildropService:
                     login.device,
                     uidvalidity=info.uidvalidity,
                     uidnext=info.uidnext,
+                    ahead=ahead,
                 )
                 if self.tracks_devices:
                     await self._record_login(account, state, info, index)

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from email.utils import make_msgid
 from typing import Protocol
 
+from twisted.internet.defer import Deferred
+
 from gateway.config import Pop3Settings
 from gateway.host import host_name
 from gateway.maildrop.device_state import (
@@ -286,6 +288,14 @@ class MailboxStore:
         bodies = await self._bodies(account, uids)
         return problems + merge_copies(state, list(bodies.values()), uidvalidity, uidnext)
 
+    async def count(self, account: ImapAccount) -> int | None:
+        """Messages in the state mailbox (STATUS: the selection stays); 0 when there is no
+        such mailbox, None when the server did not say."""
+        try:
+            return await account.count_messages(self.state_mailbox)
+        except ImapCommandFailed:
+            return 0
+
     async def remove(self, account: ImapAccount, uids: list[int]) -> None:
         if uids and not await account.expunge(uids):
             # No UIDPLUS: only the gateway's own state messages live here, all marked for removal.
@@ -299,23 +309,22 @@ class MailboxStore:
         *,
         uidvalidity: int = 0,
         uidnext: int = 0,
+        counted: int | None = None,
     ) -> DeviceState:
         """The device's state; empty when it has none yet.
 
-        A STATUS first: while no device has hidden anything there is no state mailbox (or an
-        empty one), and the served mailbox stays selected, so the login does not open it again.
-        Only a state mailbox holding messages is opened (EXAMINE: it then stays selected).
+        A STATUS first (``counted``: its answer, if the login asked ahead): while no device has
+        hidden anything there is no state mailbox (or an empty one), and the served mailbox
+        stays selected, so the login does not open it again. Only a state mailbox holding
+        messages is opened (EXAMINE: it then stays selected).
 
         ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs
         not given out yet be caught and repaired.
         """
         state = DeviceState(mailbox, device)
-        try:
-            stored = await account.count_messages(self.state_mailbox)
-        except ImapCommandFailed:
-            return state  # no state mailbox: nothing hidden anywhere yet
+        stored = counted if counted is not None else await self.count(account)
         if stored == 0:
-            return state  # an empty state mailbox: no device has state either
+            return state  # no state mailbox, or an empty one: nothing hidden anywhere yet
         try:
             await account.examine(self.state_mailbox)
         except ImapCommandFailed:
@@ -708,6 +717,27 @@ def _one_per_key(unreadable: Sequence[UnreadableState]) -> list[UnreadableState]
 # The module's face for the POP3 backend and the admin commands
 
 
+def ask_ahead(account: ImapAccount, settings: Pop3Settings) -> Deferred[int | None] | None:
+    """For a login that will read the device state: the first command of that read, sent now,
+    so that it travels with the login's EXAMINE and index FETCH (a round trip less; with a
+    distant upstream that is a good part of a poll). Only where the store is surely the state
+    mailbox (no METADATA offered, or ``state_store = "mailbox"``): its STATUS. Never fails:
+    an error leaves it to ``load`` to ask again, and to report."""
+    if settings.state_store == "metadata" or (
+        settings.state_store == "auto" and _offers_metadata(account)
+    ):
+        return None
+    store = MailboxStore(settings.state_mailbox)
+
+    async def count() -> int | None:
+        try:
+            return await store.count(account)
+        except ImapError:
+            return None
+
+    return Deferred.fromCoroutine(count())
+
+
 async def load(
     account: ImapAccount,
     settings: Pop3Settings,
@@ -716,14 +746,20 @@ async def load(
     *,
     uidvalidity: int = 0,
     uidnext: int = 0,
+    ahead: Deferred[int | None] | None = None,
 ) -> DeviceState:
     """The device's state; empty when it has none yet. May change the selected mailbox
     (``account.selected`` says which is open afterwards).
 
     ``uidvalidity`` and ``uidnext`` of ``mailbox`` (if known) let a state that names UIDs not
-    given out yet be caught and repaired.
+    given out yet be caught and repaired. ``ahead``: what ``ask_ahead`` sent.
     """
     store = await open_store(account, settings, mailbox)
+    if isinstance(store, MailboxStore):
+        counted = await ahead if ahead is not None else None
+        return await store.load(
+            account, mailbox, device, uidvalidity=uidvalidity, uidnext=uidnext, counted=counted
+        )
     return await store.load(account, mailbox, device, uidvalidity=uidvalidity, uidnext=uidnext)
 
 

@@ -584,3 +584,30 @@ def test_a_refused_metadata_probe_is_not_repeated_at_every_login(
         assert asked[1:] == [["GETMETADATA"]] * 3, asked
         assert refusals == 1, gw.log_text()
     assert len(upstream_view(upstream, acct.name).state_messages) == 1
+
+
+def test_the_state_mailbox_is_asked_about_without_waiting_for_inbox(
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A read-only login always reads the device state (EXAMINE reports no PERMANENTFLAGS),
+    so the state mailbox's STATUS goes out with the EXAMINE and the index FETCH instead of a
+    round trip later: with the upstream hanging right after the EXAMINE, the STATUS has been
+    sent all the same."""
+    acct = four_messages(upstream, "ahead")
+    with recorded_gateway(upstream, tmp_path / "gw", {"pop3": {"state_store": "mailbox"}}) as (
+        gw,
+        recorder,
+    ):
+        report_logs(request, gw)
+        before = recorder.connections()
+        stall = recorder.stall_at("EXAMINE")
+        with PopWire.connect(gw.host, gw.pop3_port) as client:
+            assert client.command(f"USER {acct.name}#phone").startswith(b"+OK")
+            client.send(f"PASS {acct.password}\r\n".encode())
+            stall.wait(10)
+            [number] = [n for n in recorder.connections() if n not in before]
+            commands = recorder.sent_on(number)
+        assert f'STATUS "{STATE_MAILBOX}" (MESSAGES)' in commands, commands
+        assert opened(commands) == ["INBOX"], commands
+        # The device's next login, with the upstream answering again, is served as usual.
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids
