@@ -49,6 +49,22 @@ def enable_keepalive(transport: object) -> None:
         return
 
 
+def send_at_once(transport: object) -> None:
+    """Turn Nagle's algorithm off (TCP_NODELAY) where the socket can be reached.
+
+    Both sides write whole commands and answers. With Nagle on, a small write waits while an
+    earlier one is unacknowledged: pipelined IMAP commands written one by one (STATUS, EXAMINE,
+    FETCH) would leave a round trip apart, and a short POP reply could wait for a delayed ACK.
+    """
+    sock = _socket_of(transport)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # already closed by the peer
+        return
+
+
 def _socket_of(transport: object) -> socket.socket | None:
     for _ in range(_MAX_WRAPPERS):
         handle = getattr(transport, "getHandle", lambda: None)()

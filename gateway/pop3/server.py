@@ -31,7 +31,13 @@ from gateway.oauth.errors import GrantUnusable, ProviderUnavailable
 from gateway.pop3.backend import MaildropService, Pop3Mailbox, UpdateFailed
 from gateway.pop3.prefetch import Prefetcher
 from gateway.proto import pop3
-from gateway.transports import enable_keepalive, set_buffer_size, unsent_octets, write_through
+from gateway.transports import (
+    enable_keepalive,
+    send_at_once,
+    set_buffer_size,
+    unsent_octets,
+    write_through,
+)
 from gateway.upstream.account import LoginRejected, UpstreamUnavailable
 from gateway.upstream.imap_client import READ_SIZE, ImapError
 from gateway.upstream.logins import grant_problem
@@ -227,9 +233,7 @@ class Pop3Protocol(Protocol):
         self.peer_ip = getattr(peer, "host", None)
         self.peer = format_peer(self.peer_ip, getattr(peer, "port", None))
         # Replies are small and answered one by one: waiting for Nagle would add latency.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
+        send_at_once(self.transport)
         # A device that vanished without a FIN (NAT drop, pulled cable) is noticed and its
         # session freed in minutes rather than at the idle timeout or never.
         enable_keepalive(self.transport)

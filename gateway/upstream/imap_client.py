@@ -35,7 +35,7 @@ from gateway.proto.imap_connection import (
     ImapConnection,
 )
 from gateway.proto.imap_connection import Response as Response
-from gateway.transports import set_buffer_size, write_through
+from gateway.transports import send_at_once, set_buffer_size, write_through
 
 
 class ImapError(Exception):
@@ -194,6 +194,7 @@ class ImapClientProtocol(Protocol):
     def connectionMade(self) -> None:
         tls = ISSLTransport.providedBy(self.transport)  # implicit TLS: a TLS wrapper
         set_buffer_size(self.transport, TLS_READ_SIZE if tls else READ_SIZE)
+        send_at_once(self.transport)  # pipelined commands leave together, not an RTT apart
 
     def dataReceived(self, data: bytes) -> None:
         connection = self.connection

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from gateway.config import ImapUpstream
+from gateway.config import ImapUpstream, TLSSettings
+from gateway.tls import generate_self_signed, server_context_factory
 from gateway.upstream.account import ImapAccount, UpstreamUnavailable, connect
 
 
@@ -47,3 +55,48 @@ def test_a_login_without_an_answer_is_an_unavailable_upstream() -> None:
     opening.addErrback(lambda f: None)
     assert isinstance(failure.value, UpstreamUnavailable)
     assert str(failure.value) == "no login answer within 60s"
+
+
+class _Greeter(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+
+
+@pytest.mark.parametrize("security", ["none", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_pipelined_commands_are_not_held_back_by_nagle(security: str, tmp_path: Path) -> None:
+    """The gateway pipelines commands written one by one (STATUS, EXAMINE, FETCH at a login).
+    With Nagle's algorithm each would wait for the ACK of the one before: a round trip apart
+    over a real network. The upstream socket has TCP_NODELAY, in clear and over TLS."""
+    factory = ServerFactory.forProtocol(_Greeter)
+    if security == "tls":
+        pair = TLSSettings(cert_file=tmp_path / "c.crt", key_file=tmp_path / "c.key")
+        generate_self_signed("localhost", pair.cert_file, pair.key_file)
+        contexts = server_context_factory(pair, "TLSv1.2")
+        port = reactor.listenSSL(0, factory, contexts, interface="127.0.0.1")
+        settings = ImapUpstream(
+            host="127.0.0.1",
+            port=port.getHost().port,
+            security="tls",
+            verify_certificate=False,
+            timeout=10,
+        )
+    else:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        settings = ImapUpstream(
+            host="127.0.0.1", port=port.getHost().port, security="none", timeout=10
+        )
+    try:
+        proto = await connect(reactor, settings)
+        sock = _tcp_socket(proto.transport)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        proto.transport.abortConnection()  # type: ignore[union-attr]
+    finally:
+        await port.stopListening()
+
+
+def _tcp_socket(transport: object) -> socket.socket:
+    while not isinstance(handle := getattr(transport, "getHandle", lambda: None)(), socket.socket):
+        transport = transport.transport  # type: ignore[attr-defined]
+    return handle
