@@ -325,11 +325,19 @@ class MailboxStore:
         stored = counted if counted is not None else await self.count(account)
         if stored == 0:
             return state  # no state mailbox, or an empty one: nothing hidden anywhere yet
+        # The SEARCH goes out with the EXAMINE (one round trip): it runs in whatever the
+        # EXAMINE leaves selected, and is dropped unread if the EXAMINE failed.
+        opened = Deferred.fromCoroutine(account.examine(self.state_mailbox))
+        searched = Deferred.fromCoroutine(self._find(account, state.key))
         try:
-            await account.examine(self.state_mailbox)
+            await opened
         except ImapCommandFailed:
+            searched.addErrback(lambda failure: failure.trap(ImapError))
             return state  # gone since the STATUS
-        found = await self._find(account, state.key)
+        except BaseException:
+            searched.addErrback(lambda failure: failure.trap(ImapError))
+            raise
+        found = await searched
         problems = await self._read(account, state, found, uidvalidity, uidnext)
         if problems:
             _report(state, problems)

@@ -611,3 +611,26 @@ def test_the_state_mailbox_is_asked_about_without_waiting_for_inbox(
         assert opened(commands) == ["INBOX"], commands
         # The device's next login, with the upstream answering again, is served as usual.
         assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids
+
+
+def test_the_state_is_searched_for_without_waiting_for_its_mailbox_to_open(
+    upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A device with state: the SEARCH for its state copies goes out with the EXAMINE of the
+    state mailbox, a round trip less for every poll of a device that deletes (hide)."""
+    acct = four_messages(upstream, "searched")
+    with recorded_gateway(upstream, tmp_path / "gw") as (gw, recorder):
+        report_logs(request, gw)
+        delete(gw, f"{acct.name}#phone", acct.password, [1])
+        before = recorder.connections()
+        stall = recorder.stall_at("EXAMINE", contains=STATE_MAILBOX.encode())
+        with PopWire.connect(gw.host, gw.pop3_port) as client:
+            assert client.command(f"USER {acct.name}#phone").startswith(b"+OK")
+            client.send(f"PASS {acct.password}\r\n".encode())
+            stall.wait(10)
+            [number] = [n for n in recorder.connections() if n not in before]
+            wait_until(
+                lambda: any(c.startswith("UID SEARCH") for c in recorder.sent_on(number)),
+                what="the state SEARCH, sent without waiting for the EXAMINE's answer",
+            )
+        assert visible(gw, f"{acct.name}#phone", acct.password) == acct.uids[1:]
