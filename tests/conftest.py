@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.support import reaper
 from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot, issue_server_cert
 from tests.support.gateway import GatewayProcess, merge_config
@@ -121,6 +122,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "upstreams(*names): run the test against these upstream servers only (say why)",
     )
+    # Stops the servers the fixtures started if this process dies before they could
+    # (SIGKILL, a CI timeout): tests/support/reaper.py. One per pytest process.
+    reaper.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    reaper.stop()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.support import reaper
+
 __all__ = [
     "OFFICIAL_BASE",
     "STANDIN_BASE",
@@ -218,6 +220,8 @@ class Podman:
         self.env = {**os.environ, "CONTAINERS_CONF": str(_containers_conf(self.cache))}
         #: seconds spent per slow step ("base", "build"); absent when it was cached
         self.timings: dict[str, float] = {}
+        #: reaper tokens of the containers and volumes made here and not removed yet
+        self._reaper_tokens: dict[tuple[str, str], int | None] = {}
 
     # ----------------------------------------------------------------- plumbing
     def run(
@@ -238,6 +242,9 @@ class Podman:
             )
         except subprocess.TimeoutExpired as exc:
             raise PodmanError(f"podman {' '.join(args[:3])} ... took over {timeout}s") from exc
+        finally:
+            if args[:1] == ("run",) and "--name" in args:  # removed by remove(), or the reaper
+                self._watch("container", args[args.index("--name") + 1])
         if check and result.returncode != 0:
             raise PodmanError(
                 f"podman {' '.join(args)} exited {result.returncode}:\n"
@@ -396,8 +403,17 @@ class Podman:
                     self.run("rmi", name, check=False)
 
     # ----------------------------------------------------------------- containers
+    def _watch(self, kind: str, name: str) -> None:
+        """Have the reaper remove the container or volume if this pytest run dies first."""
+        if (kind, name) not in self._reaper_tokens:
+            argv = ["podman", "rm", "-f", "-v", "-t", "0", name]
+            if kind == "volume":
+                argv = ["podman", "volume", "rm", "-f", name]
+            self._reaper_tokens[kind, name] = reaper.watch_command(argv, self.env)
+
     def volume(self, name: str) -> Path:
         """Create a named volume; its directory on the host (rootful podman: readable)."""
+        self._watch("volume", name)
         self.run("volume", "create", name)
         return Path(
             self.run("volume", "inspect", name, "--format", "{{.Mountpoint}}").stdout.strip()
@@ -406,5 +422,7 @@ class Podman:
     def remove(self, containers: Sequence[str] = (), volumes: Sequence[str] = ()) -> None:
         for name in containers:
             self.run("rm", "-f", "-v", "-t", "0", name, check=False)  # -v: anonymous volumes too
+            reaper.unwatch(self._reaper_tokens.pop(("container", name), None))
         for name in volumes:
             self.run("volume", "rm", "-f", name, check=False)
+            reaper.unwatch(self._reaper_tokens.pop(("volume", name), None))

@@ -60,6 +60,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support import reaper
 from tests.support.dovecot import (
     _alive,
     _children,
@@ -179,6 +180,10 @@ class Cyrus(ImapAccess):
         if base_dir is None:
             base_dir = tempfile.mkdtemp(prefix="popgate-cyrus-")
         self._base = Path(base_dir).absolute()
+        # removed by stop(); by the reaper if this pytest run dies first
+        self._reaper_dir = reaper.watch_directory(self._base) if self._owns_base_dir else None
+        self._reaper_master: int | None = None
+        self._reaper_sink: int | None = None
         self._base.mkdir(parents=True, exist_ok=True)
         os.chmod(self._base, 0o755)
         self._host = host
@@ -319,6 +324,7 @@ class Cyrus(ImapAccess):
                     start_new_session=True,
                 )
             self._pid = self._proc.pid
+            self._reaper_master = reaper.watch_process(self._pid, group=True)
             try:
                 self._wait_ready(timeout)
             except CyrusError as e:
@@ -424,6 +430,8 @@ class Cyrus(ImapAccess):
         self._stop_sink()
         if self._owns_base_dir:
             shutil.rmtree(self._base, ignore_errors=True)
+            reaper.unwatch(self._reaper_dir)
+            self._reaper_dir = None
 
     def _stop_master(self, timeout: float = 20.0) -> None:
         pid, self._pid = self._pid, None
@@ -433,6 +441,8 @@ class Cyrus(ImapAccess):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(5)
             self._proc = None
+        reaper.unwatch(self._reaper_master)
+        self._reaper_master = None
 
     def _stop_sink(self) -> None:
         pid, self._sink_pid = self._sink_pid, None
@@ -442,6 +452,8 @@ class Cyrus(ImapAccess):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._sink.wait(5)
             self._sink = None
+        reaper.unwatch(self._reaper_sink)
+        self._reaper_sink = None
         self._leave_shared_dev_log()
 
     def _is_ours(self, pid: int, marker: bytes) -> bool:
@@ -469,6 +481,7 @@ class Cyrus(ImapAccess):
             cwd=Path(__file__).resolve().parents[2],
         )
         self._sink_pid = self._sink.pid
+        self._reaper_sink = reaper.watch_process(self._sink_pid, group=True)
         deadline = time.monotonic() + timeout
         while not (self._base / "syslog.ready").exists():
             if self._sink.poll() is not None or time.monotonic() > deadline:

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support import reaper
 from tests.support.imap_access import (
     ImapAccess,
     ImapCommandError,
@@ -271,6 +272,9 @@ class Dovecot(ImapAccess):
         if base_dir is None:
             base_dir = tempfile.mkdtemp(prefix="popgate-dovecot-")
         self._base = Path(base_dir).absolute()
+        # removed by stop(); by the reaper if this pytest run dies first
+        self._reaper_dir = reaper.watch_directory(self._base) if self._owns_base_dir else None
+        self._reaper_pid: int | None = None
         self._base.mkdir(parents=True, exist_ok=True)
         # mail processes (uid 65534) and Dovecot's own users must reach homes and files
         os.chmod(self._base, 0o755)
@@ -451,6 +455,8 @@ class Dovecot(ImapAccess):
                 raise DovecotError(f"dovecot failed to start:\n{last_error}\n{self.log_text()}")
             try:
                 self._pid = self._wait_pid_file(timeout)
+                if not daemonize:  # a daemonized one is meant to outlive this process
+                    self._reaper_pid = reaper.watch_process(self._pid, group=True)
                 self._wait_ready(timeout)
             except DovecotError as e:
                 tail = self.log_text()[log_mark:] + out_path.read_text(errors="replace")
@@ -469,6 +475,8 @@ class Dovecot(ImapAccess):
         self._kill_leftovers(timeout)
         if self._owns_base_dir:
             shutil.rmtree(self._base, ignore_errors=True)
+            reaper.unwatch(self._reaper_dir)
+            self._reaper_dir = None
 
     def _kill_leftovers(self, timeout: float = 20.0) -> None:
         """Stop the master by pid and wait until it and its children are gone. Only
@@ -500,6 +508,8 @@ class Dovecot(ImapAccess):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(5)
             self._proc = None
+        reaper.unwatch(self._reaper_pid)
+        self._reaper_pid = None
 
     def _is_our_master(self, pid: int) -> bool:
         try:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tests.support import reaper
+
 __all__ = [
     "GatewayError",
     "GatewayProcess",
@@ -132,6 +134,7 @@ class GatewayProcess:
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._runs = 0
+        self._reaper_token: int | None = None
 
     # ----------------------------------------------------------------- ports
     def port(self, protocol: str = "pop3", kind: str = "plain") -> int:
@@ -236,6 +239,7 @@ class GatewayProcess:
             cwd=self.config_path.parent,
             env=env,
         )
+        self._reaper_token = reaper.watch_process(self._proc.pid)
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._threads = [
             threading.Thread(target=self._drain, args=(self._proc.stderr, self._stderr)),
@@ -306,6 +310,8 @@ class GatewayProcess:
                 proc.wait(10)
         for t in self._threads:
             t.join(10)
+        reaper.unwatch(self._reaper_token)
+        self._reaper_token = None
         return proc.returncode
 
     def restart(self, *, keep_ports: bool = True, timeout: float = 30.0) -> GatewayProcess:

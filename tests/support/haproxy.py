@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tests.support import reaper
 from tests.support.dovecot import free_port
 
 HOST = "127.0.0.1"
@@ -57,6 +58,7 @@ class HAProxy:
         self.config_file = directory / "haproxy.cfg"
         self.output_file = directory / "haproxy.out"
         self._process: subprocess.Popen[bytes] | None = None
+        self._reaper_token: int | None = None
 
     def port(self, name: str) -> int:
         return self.routes[name].port
@@ -105,6 +107,7 @@ class HAProxy:
             self._process = subprocess.Popen(
                 [binary, "-db", "-f", str(self.config_file)], stdout=out, stderr=out
             )
+        self._reaper_token = reaper.watch_process(self._process.pid)
         self._wait_listening(timeout)
         return self
 
@@ -125,14 +128,15 @@ class HAProxy:
 
     def stop(self, timeout: float = 15.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        reaper.unwatch(self._reaper_token)
+        self._reaper_token = None
 
     def __enter__(self) -> HAProxy:
         return self.start()

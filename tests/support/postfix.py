@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.support import reaper
 from tests.support.dovecot import HOST, free_port
 
 __all__ = ["Postfix", "PostfixError"]
@@ -96,6 +97,9 @@ class Postfix:
             raise PostfixError("the private Postfix needs root (its master runs as root)")
         self._owns_base_dir = base_dir is None
         self._base = Path(base_dir or tempfile.mkdtemp(prefix="popgate-postfix-")).absolute()
+        # removed on leaving the with block; by the reaper if this pytest run dies first
+        self._reaper_dir = reaper.watch_directory(self._base) if self._owns_base_dir else None
+        self._reaper_master: int | None = None
         self.lmtp = lmtp
         self.domains = tuple(domains)
         self.sasl = sasl
@@ -103,6 +107,10 @@ class Postfix:
         self.port = port or free_port(host)
         self.tls = tls
         self._postfix = _find_postfix()
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base
 
     @property
     def config_dir(self) -> Path:
@@ -211,6 +219,7 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
         os.chown(self.log_file, *_ids("postfix"))
         self._postfix_cmd("check")
         self._postfix_cmd("start")
+        self._watch_master()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -231,8 +240,23 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
         )  # fmt: skip
         return self
 
+    def _watch_master(self) -> None:
+        """Announce the master (its own session, setsid) to the reaper."""
+        try:
+            pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return  # `postfix start` returned: a master that wrote no pid file is gone again
+        self._reaper_master = reaper.watch_process(pid, group=True)
+
     def stop(self) -> None:
         """``postfix stop``, then wait until its master is gone (bounded)."""
+        try:
+            self._stop()
+        finally:
+            reaper.unwatch(self._reaper_master)
+            self._reaper_master = None
+
+    def _stop(self) -> None:
         if self._postfix_cmd("status", check=False).returncode != 0:
             return
         self._postfix_cmd("stop", check=False)
@@ -250,6 +274,8 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
         self.stop()
         if self._owns_base_dir:
             shutil.rmtree(self._base, ignore_errors=True)
+            reaper.unwatch(self._reaper_dir)
+            self._reaper_dir = None
 
     @classmethod
     def attach(cls, base_dir: str | os.PathLike[str]) -> Postfix:
