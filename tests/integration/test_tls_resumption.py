@@ -9,10 +9,13 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from OpenSSL._util import lib as openssl_lib
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from gateway.config import ImapUpstream
 from gateway.tls import _tls_connection
@@ -87,6 +90,20 @@ _LONG_LIVED_LOGIN = (
 )
 
 
+def _when_lost(protocol: Any) -> Deferred[None]:
+    """Fires after ``protocol.connectionLost`` has run (the hook removes itself)."""
+    done: Deferred[None] = Deferred()
+    original = type(protocol).connectionLost
+
+    def lost(reason: Failure | None = None) -> None:
+        del protocol.__dict__["connectionLost"]
+        original(protocol, reason)
+        done.callback(None)
+
+    protocol.connectionLost = lost
+    return done
+
+
 @pytest.fixture(scope="module")
 def long_lived_dovecot() -> Iterator[Dovecot]:
     with Dovecot(extra_config=_LONG_LIVED_LOGIN) as dc:
@@ -116,6 +133,11 @@ async def test_upstream_logins_resume_the_previous_session(
         assert connection is not None
         resumed.append(bool(openssl_lib.SSL_session_reused(connection._ssl)))
         assert protocol.has("IMAP4REV1")
+        lost = _when_lost(protocol)
         protocol.transport.loseConnection()  # type: ignore[union-attr]
+        # Closed before the test ends: the reactor does not run between tests, and a client
+        # connection left open keeps the module's Dovecot (its one imap-login) from stopping
+        # for the whole stop timeout.
+        await lost.addTimeout(30, reactor)
 
     assert resumed == [False, True, True]
