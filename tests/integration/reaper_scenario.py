@@ -48,10 +48,20 @@ def test_start_servers_then_wait_to_be_killed(
     tmp_path: Path,
 ) -> None:
     gateway = start_gateway()
-    hap = HAProxy(tmp_path, [Route("pop3", [(gateway.host, gateway.pop3_port)], None)]).start()
-    # never stopped: the pytest process is killed with it running
-    mta = Postfix(lmtp=(dovecot.host, free_port()))
-    mta.start()
+    route = Route("pop3", [(gateway.host, gateway.pop3_port)], None)
+    # with blocks: a failing scenario stops them; the SIGKILL it waits for skips that
+    with HAProxy(tmp_path, [route]) as hap, Postfix(lmtp=(dovecot.host, free_port())) as mta:
+        _report_and_wait(dovecot, cyrus, gateway, hap, mta, tmp_path)
+
+
+def _report_and_wait(
+    dovecot: Dovecot,
+    cyrus: Cyrus,
+    gateway: GatewayProcess,
+    hap: HAProxy,
+    mta: Postfix,
+    tmp_path: Path,
+) -> None:
     postfix_master = int((mta.queue_dir / "pid" / "master.pid").read_text().split()[0])
     marker = tmp_path / "command-ran"
     reaper.watch_command(["sh", "-c", f"echo reaped > {marker}"])
