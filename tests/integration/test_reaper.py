@@ -33,7 +33,8 @@ def test_servers_of_a_sigkilled_pytest_run_are_stopped_and_their_directories_rem
     env = {**os.environ, "POPGATE_REAPER_SCENARIO": str(report)}
     env["POPGATE_TEST_UPSTREAMS"] = "dovecot"  # the gateway's upstream; Cyrus starts anyway
     argv = [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider"]
-    argv += ["-p", "no:xdist", str(SCENARIO)]  # in this very process, even with -n in PYTEST_ADDOPTS
+    # in this very process (the one killed below), even with -n in PYTEST_ADDOPTS
+    argv += ["-p", "no:xdist", str(SCENARIO)]
     identities: list[tuple[int, str]] = []
     with output.open("wb") as out:
         inner = subprocess.Popen(
