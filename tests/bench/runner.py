@@ -27,6 +27,7 @@ from tests.bench.systems import (
     Store,
     add_scale_users,
     fresh_gateway,
+    quiesce,
     settle,
     start_gateway,
     start_peer,
@@ -281,6 +282,7 @@ class Bench:
             pid = trees.get(name)
             if pid:
                 settle(pid)
+        quiesce([pid for pid in trees.values() if pid])
         server = 0.0
         for k, pid in trees.items():
             if pid:

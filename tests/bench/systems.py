@@ -448,6 +448,21 @@ def tree_cpu(pid: int) -> float:
 _SESSION_PROCESSES = ("pop3", "imap")
 
 
+def quiesce(pids: list[int], quiet: float = 0.3, timeout: float = 3.0) -> None:
+    """Wait until these process trees have used no CPU for ``quiet`` seconds (at most
+    ``timeout``): what a workload leaves behind (Dovecot updating its indexes after LOGOUT, the
+    gateway's last writes) counts to it and does not run into the next measurement."""
+    deadline = time.monotonic() + timeout
+    last, since = sum(tree_cpu(p) for p in pids), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = sum(tree_cpu(p) for p in pids)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
 def settle(master_pid: int, timeout: float = 3.0) -> None:
     """Wait until a Dovecot's session processes of the last workload have exited and been
     reaped: only then is their CPU time in the master's cutime/cstime."""
