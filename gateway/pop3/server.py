@@ -300,7 +300,15 @@ class Pop3Protocol(Protocol):
         if self._out and not self._closed:
             out, self._out, self._out_size = self._out, [], 0
             self._reset_timer()  # writes count as activity: a slow download is not idle
-            write_through(self.transport, out)
+            try:
+                write_through(self.transport, out)
+            except RuntimeError as e:
+                # uvloop refuses to watch a socket whose poll handle it has closed: seen when
+                # the client went away while its reading was paused (a flood), so Twisted never
+                # learnt it. The connection is dead; left to Twisted it stays registered for
+                # ever, and a shutdown waiting for it never ends.
+                self._log(logging.INFO, "client gone (%s); dropping the session", e)
+                self.abort()
 
     def _release_upstream(self) -> None:
         """Stop tying the IMAP reads to this client's pace (QUIT, or the client is gone)."""

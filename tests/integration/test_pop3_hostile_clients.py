@@ -135,6 +135,8 @@ def test_an_unauthenticated_flood_during_a_pending_login_cannot_grow_the_gateway
             flood.stop()
         finally:
             wire.close()
+    # The upstream connection is gone now too: a SIGTERM still ends the gateway.
+    assert gw.stop(timeout=40) == 0, gw.log_text()
     with capsys.disabled():
         print(
             f"\n[unauthenticated flood, login pending] sent {flood.sent / MiB:.1f} MiB of"
