@@ -160,7 +160,7 @@ async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str)
     is remembered (RecentRefusals) for PROBE_AGAIN_AFTER.
     """
     legacy = MailboxStore(settings.state_mailbox)
-    if settings.state_store == "mailbox":
+    if _surely_mailbox_store(account, settings):
         return legacy
     metadata = MetadataStore(legacy)
     if settings.state_store == "metadata":
@@ -173,13 +173,21 @@ async def open_store(account: ImapAccount, settings: Pop3Settings, mailbox: str)
                 f"METADATA entries on {mailbox} ({refused})"
             )
         return metadata
-    if _offers_metadata(account) and await metadata.usable(account, mailbox, _RECENT_REFUSALS):
+    if await metadata.usable(account, mailbox, _RECENT_REFUSALS):
         return metadata
     return legacy
 
 
 def _offers_metadata(account: ImapAccount) -> bool:
     return account.offers("METADATA")
+
+
+def _surely_mailbox_store(account: ImapAccount, settings: Pop3Settings) -> bool:
+    """Whether the store is the state mailbox without asking the server anything: so
+    configured, or ``auto`` on a server that does not offer METADATA."""
+    return settings.state_store == "mailbox" or (
+        settings.state_store == "auto" and not _offers_metadata(account)
+    )
 
 
 def merge_copies(
@@ -731,9 +739,7 @@ def ask_ahead(account: ImapAccount, settings: Pop3Settings) -> Deferred[int | No
     distant upstream that is a good part of a poll). Only where the store is surely the state
     mailbox (no METADATA offered, or ``state_store = "mailbox"``): its STATUS. Never fails:
     an error leaves it to ``load`` to ask again, and to report."""
-    if settings.state_store == "metadata" or (
-        settings.state_store == "auto" and _offers_metadata(account)
-    ):
+    if not _surely_mailbox_store(account, settings):
         return None
     store = MailboxStore(settings.state_mailbox)
 

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.config import ImapUpstream, TLSSettings
 from gateway.tls import generate_self_signed, server_context_factory
+from gateway.transports import _socket_of
 from gateway.upstream.account import ImapAccount, UpstreamUnavailable, connect
 
 
@@ -89,14 +90,9 @@ async def test_pipelined_commands_are_not_held_back_by_nagle(security: str, tmp_
         )
     try:
         proto = await connect(reactor, settings)
-        sock = _tcp_socket(proto.transport)
+        sock = _socket_of(proto.transport)
+        assert sock is not None
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         proto.transport.abortConnection()  # type: ignore[union-attr]
     finally:
         await port.stopListening()
-
-
-def _tcp_socket(transport: object) -> socket.socket:
-    while not isinstance(handle := getattr(transport, "getHandle", lambda: None)(), socket.socket):
-        transport = transport.transport  # type: ignore[attr-defined]
-    return handle
